@@ -1,0 +1,91 @@
+"""The steps shared by the training and forget flows, as Prefect tasks over `sisaflow.pipeline`."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from sisaflow import pipeline
+from sisaflow.paths import Workspace
+
+
+def _say(message: str) -> None:
+    get_run_logger().info(message)
+
+
+@task(name="prepare")
+def prepare(root: str) -> dict:
+    ws = Workspace(root)
+    return pipeline.prepare(ws, pipeline.load(ws))
+
+
+@task(name="shard")
+def shard(root: str) -> dict:
+    ws = Workspace(root)
+    rep = pipeline.shard(ws, pipeline.load(ws))
+    return {"shards": rep.shards_written, "slices": [list(x) for x in rep.slices_written], "records": rep.records}
+
+
+@task(name="find-stale-shards")
+def stale(root: str) -> dict[int, int]:
+    ws = Workspace(root)
+    return pipeline.stale_shards(ws, pipeline.load(ws))
+
+
+# Training resumes from the last complete checkpoint, so a retry continues where the failure stopped.
+@task(name="train-shards", retries=2, retry_delay_seconds=5)
+def train(root: str, shards: list[int], in_process: bool = False):
+    ws = Workspace(root)
+    return pipeline.train(ws, pipeline.load(ws), shards, progress=_say, in_process=in_process)
+
+
+@task(name="ensemble")
+def ensemble(root: str) -> dict:
+    ws = Workspace(root)
+    return pipeline.ensemble(ws, pipeline.load(ws))
+
+
+@task(name="record-in-dvc")
+def record(root: str) -> dict:
+    ws = Workspace(root)
+    return pipeline.record(ws, pipeline.load(ws))
+
+
+def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str] | None = None) -> dict:
+    """prepare -> shard -> train stale shards -> ensemble -> dvc commit; returns the run report as a dict."""
+    ws = Workspace(root)
+    params = pipeline.load(ws)
+    report = pipeline.RunReport(kind=kind, requests=requests or [])
+    logger = get_run_logger()
+    with pipeline.workspace_lock(ws):
+        report.full_training_tokens = pipeline.full_training_tokens(ws, params)
+        before = pipeline.checkpoint_hashes(ws, params)
+        with pipeline.timed(report, "prepare"):
+            report.imported = prepare(root)
+        with pipeline.timed(report, "shard"):
+            sharded = shard(root)
+        report.shards_rewritten = sharded["shards"]
+        report.slices_rewritten = sharded["slices"]
+        todo = stale(root)
+        if todo:
+            logger.info(
+                "stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in sorted(todo.items()))
+            )
+            with pipeline.timed(report, "train"):
+                trained = train(root, sorted(todo), in_process=in_process)
+            report.seconds["ray_start"] = trained.ray_start_seconds
+            for r in trained.shards:
+                report.trained[r.shard] = {"from_slice": r.start_slice, "tokens": r.tokens, "seconds": r.seconds}
+            report.training_tokens = sum(r.tokens for r in trained.shards)
+        else:
+            logger.info("every shard is up to date: nothing to train")
+        with pipeline.timed(report, "ensemble"):
+            report.ensemble_version = ensemble(root)["version"]
+        with pipeline.timed(report, "dvc"):
+            report.dvc_clean = not record(root)
+        after = pipeline.checkpoint_hashes(ws, params)
+        if not report.full_training_tokens or kind == "run" and set(todo) == set(params.sharding.shard_ids):
+            report.full_training_tokens = pipeline.full_training_tokens(ws, params)
+        report.save(ws)
+    out = {"report": report.__dict__, "checkpoints_before": before, "checkpoints_after": after}
+    out["cost_model"] = pipeline.cost_model(params.sharding.shards, params.sharding.slices, params.train.schedule)
+    return out

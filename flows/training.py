@@ -1,0 +1,16 @@
+"""The training flow: bring every shard's constituent up to date with the corpus, then publish the ensemble.
+
+Idempotent: with nothing changed it trains nothing. Deployed on a schedule by prefect.yaml.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from sisaflow_flows.steps import run_steps
+
+
+@flow(name="sisaflow-train", log_prints=True)
+def training_flow(workspace: str = ".", in_process: bool = False) -> dict:
+    """prepare -> shard -> train stale shards (Ray) -> ensemble -> record in DVC."""
+    return run_steps(workspace, "run", in_process=in_process)

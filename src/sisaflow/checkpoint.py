@@ -1,0 +1,96 @@
+"""A checkpoint is the whole training state after a slice: weights, optimizer moments, counters, RNG.
+
+Layout of models/shard-<n>/slice-<k>/ (safetensors only, never pickle):
+  model.safetensors      the weights (the constituent served after slice k)
+  optimizer.safetensors  AdamW moments and step per parameter, and the torch RNG state
+  meta.json              counters and the chain hash that says which data and settings produced it
+  lineage.json           content hashes of the records of slice k (hashes only, never text)
+Files carry no timestamps, so the same training gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from sisaflow.fsio import atomic_dir, read_json, sha256_file, write_json
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+LINEAGE_FILE = "lineage.json"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    shard: int
+    slice: int
+    chain: str
+    """Hash over the training identity and the data digests of slices 0..slice."""
+    global_step: int
+    tokens_seen: int
+    examples_seen: int
+    last_loss: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: CheckpointMeta,
+    lineage: list[str],
+) -> None:
+    """Write a complete checkpoint atomically (a crash leaves the previous state or this one)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"param.{i}.{key}"] = t.detach().to("cpu").contiguous()
+    with atomic_dir(directory) as tmp:
+        save_model(model, str(tmp / MODEL_FILE))
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        write_json(tmp / META_FILE, meta.to_dict())
+        write_json(tmp / LINEAGE_FILE, sorted(lineage))
+
+
+def read_meta(directory: Path) -> CheckpointMeta | None:
+    """The meta of a complete checkpoint, or None if there is none."""
+    path = Path(directory) / META_FILE
+    if not path.is_file() or not (Path(directory) / MODEL_FILE).is_file():
+        return None
+    return CheckpointMeta(**read_json(path))
+
+
+def load_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into `model`."""
+    load_model(model, str(Path(directory) / MODEL_FILE), device=str(next(model.parameters()).device))
+
+
+def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore weights, optimizer moments and RNG so training continues exactly as if never stopped."""
+    load_weights(directory, model)
+    tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        state = {
+            key.split(".", 2)[2]: value.to(p.device) if key.split(".", 2)[2] != "step" else value
+            for key, value in tensors.items()
+            if key.startswith(f"param.{i}.")
+        }
+        if state:
+            optimizer.state[p] = state
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def weights_hash(directory: Path) -> str:
+    """sha256 of a checkpoint's weight file (what certificates and status show)."""
+    return sha256_file(Path(directory) / MODEL_FILE)

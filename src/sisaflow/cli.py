@@ -1,0 +1,312 @@
+"""The `sisaflow` command line: a thin adapter over the library (and, for run/forget, the Prefect flows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sisaflow.errors import SisaflowError
+from sisaflow.paths import Workspace
+
+
+def _ws(args: argparse.Namespace) -> Workspace:
+    ws = Workspace(Path(args.workspace))
+    if args.command != "init" and not ws.params_file.is_file():
+        raise SisaflowError(f"{ws.root} is not a sisaflow workspace (no params.yaml); run `sisaflow init` first")
+    return ws
+
+
+def _prefect_env(ws: Workspace) -> None:
+    """Local defaults for Prefect: a workspace-local home, no analytics; a configured server wins."""
+    os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def cmd_init(args) -> int:
+    from sisaflow.config import CorpusParams, ShardingParams
+    from sisaflow.workspace import init_workspace
+
+    template = args.text_template
+    if args.text_field is None and template is None and args.format != "txt":
+        template = None
+        text_field = "text"
+    else:
+        text_field = args.text_field
+    cp = CorpusParams(
+        path=str(Path(args.corpus).resolve()),
+        format=args.format,
+        id_field=args.id_field or None,
+        owner_field=args.owner_field or None,
+        text_field=text_field,
+        text_template=template,
+    )
+    ws = init_workspace(Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices))
+    print(f"workspace ready in {ws.root}\nnext: cd {ws.root} && sisaflow run")
+    return 0
+
+
+def _print_run(result: dict, kind: str) -> None:
+    rep = result["report"]
+    imp = rep["imported"]
+    print(f"\n== {kind} ==")
+    print(f"corpus: {imp.get('records')} records ({imp.get('excluded', 0)} left out by deletion requests)")
+    if rep["slices_rewritten"]:
+        print("slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep["slices_rewritten"]))
+    if not rep["trained"]:
+        print("nothing to train: every constituent is up to date")
+    for shard, t in sorted(rep["trained"].items(), key=lambda x: int(x[0])):
+        print(f"trained shard {shard} from slice {t['from_slice']}: {t['tokens']} tokens in {t['seconds']:.1f}s")
+    before, after = result["checkpoints_before"], result["checkpoints_after"]
+    if kind == "forget":
+        print("checkpoint hashes (weights, after the last slice):")
+        for shard in sorted(after, key=int):
+            b = before.get(shard, {})
+            a = after[shard]
+            last = max(a) if a else None
+            same = b == a
+            tag = "unchanged" if same else "retrained"
+            print(f"  shard {shard}: {tag:9s} {(b.get(last) or '-')[:16]} -> {(a.get(last) or '-')[:16]}")
+        full = rep["full_training_tokens"] or 1
+        print(
+            f"cost: forget trained {rep['training_tokens']} tokens; full training {full} tokens; "
+            f"ratio {rep['training_tokens'] / full:.3f}; cost model (1/S)(R+1)/(2R) = {result['cost_model']:.3f}"
+        )
+    secs = rep["seconds"]
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
+    print(f"ensemble version {rep['ensemble_version']}; dvc status {'clean' if rep['dvc_clean'] else 'NOT clean'}")
+
+
+def cmd_run(args) -> int:
+    ws = _ws(args)
+    _prefect_env(ws)
+    from sisaflow_flows.training import training_flow
+
+    result = training_flow(workspace=str(ws.root), in_process=args.in_process)
+    _print_run(result, "run")
+    return 0
+
+
+def cmd_forget(args) -> int:
+    from sisaflow import pipeline
+
+    ws = _ws(args)
+    owners, records = list(args.owner or []), list(args.record or [])
+    if args.file:
+        from sisaflow.requests import read_request_file
+
+        o, r = read_request_file(Path(args.file))
+        owners += o
+        records += r
+    req, new = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
+    print(
+        f"request {req.request_id} {'recorded' if new else 'already recorded'}: "
+        f"{len(req.content_hashes)} record(s) of {len(req.owners)} owner(s), {len(req.records)} named record(s)"
+    )
+    if args.no_run:
+        print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
+        return 0
+    _prefect_env(ws)
+    from sisaflow_flows.forget import forget_flow
+
+    result = forget_flow(workspace=str(ws.root), request_id=req.request_id, in_process=args.in_process)
+    _print_run(result, "forget")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from sisaflow import pipeline
+
+    ws = _ws(args)
+    info = pipeline.prepare(ws, pipeline.load(ws))
+    print(f"imported {info['records']} records ({info['excluded']} left out by deletion requests)")
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from sisaflow import pipeline
+
+    ws = _ws(args)
+    rep = pipeline.shard(ws, pipeline.load(ws))
+    print(f"{rep.records} records placed; rewrote {len(rep.slices_written)} slice file(s) in shard(s) "
+          f"{', '.join(map(str, rep.shards_written)) or 'none'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from sisaflow import pipeline
+
+    ws = _ws(args)
+    params = pipeline.load(ws)
+    shards = args.shard if args.shard else params.sharding.shard_ids
+    bad = [s for s in shards if s not in params.sharding.shard_ids]
+    if bad:
+        raise SisaflowError(f"unknown shard(s) {bad}; this workspace has shards 0..{params.sharding.shards - 1}")
+    stale = pipeline.stale_shards(ws, params)
+    todo = [s for s in shards if s in stale]
+    if not todo:
+        print("every requested shard is up to date: nothing to train")
+        return 0
+    rep = pipeline.train(ws, params, todo, progress=print, in_process=args.in_process)
+    for r in rep.shards:
+        print(f"shard {r.shard}: trained from slice {r.start_slice}, {r.tokens} tokens, {r.seconds:.1f}s")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from sisaflow import pipeline
+
+    ws = _ws(args)
+    reg = pipeline.ensemble(ws, pipeline.load(ws))
+    print(f"ensemble version {reg['version']}: shards {', '.join(str(c['shard']) for c in reg['constituents'])}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from sisaflow.ensemble import Ensemble
+
+    ens = Ensemble.load(_ws(args))
+    prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
+    print(prompt + ens.generate(prompt, args.max_new_tokens, args.temperature, args.seed))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.config import CorpusParams
+    from sisaflow.corpus import read_records
+    from sisaflow.ensemble import Ensemble
+
+    ws = _ws(args)
+    cp = pipeline.load(ws).corpus
+    if args.text_field:
+        cp = CorpusParams(path=cp.path, format=cp.format, id_field=cp.id_field, owner_field=None,
+                          text_field=args.text_field, text_template=None)
+    records = read_records(Path(args.file), cp)
+    ens = Ensemble.load(ws)
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for r in records:
+            s = ens.score(r.text)
+            out.write(json.dumps({"id": r.record_id, "content_hash": r.content_hash, **s}) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from sisaflow.status import workspace_status
+
+    st = workspace_status(_ws(args))
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    from sisaflow.status import format_status
+
+    print(format_status(st))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from sisaflow import versioning
+
+    versioning.push(_ws(args))
+    print("pushed shards and checkpoints to the DVC remote")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workspace", default=os.environ.get("SISAFLOW_WORKSPACE", "."),
+                        help="workspace directory (default: current directory)")
+    p = argparse.ArgumentParser(prog="sisaflow", parents=[common],
+                                description="Exact unlearning for generative LMs: SISA on Prefect, Ray and DVC")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", parents=[common], help="create a workspace for a corpus")
+    s.add_argument("directory")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--format", choices=["jsonl", "parquet", "csv", "txt"], default="jsonl")
+    s.add_argument("--id-field", default="id")
+    s.add_argument("--owner-field", default=None)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--text-field", default=None)
+    g.add_argument("--text-template", default=None, help="e.g. 'Question: {question}\\nAnswer: {answer}'")
+    s.add_argument("--shards", type=int, default=4)
+    s.add_argument("--slices", type=int, default=4)
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("run", parents=[common], help="the whole pipeline (Prefect training flow)")
+    s.add_argument("--in-process", action="store_true", help="train in this process instead of on Ray")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("prepare", parents=[common], help="import the corpus minus deletions (DVC stage)")
+    s.set_defaults(func=cmd_prepare)
+    s = sub.add_parser("shard", parents=[common], help="write shard and slice files (DVC stage)")
+    s.set_defaults(func=cmd_shard)
+    s = sub.add_parser("train", parents=[common], help="train stale shards (DVC stage)")
+    s.add_argument("--shard", type=int, action="append")
+    s.add_argument("--in-process", action="store_true")
+    s.set_defaults(func=cmd_train)
+    s = sub.add_parser("ensemble", parents=[common], help="register the served ensemble (DVC stage)")
+    s.set_defaults(func=cmd_ensemble)
+
+    s = sub.add_parser("forget", parents=[common], help="delete owners or records, exactly")
+    g = s.add_argument_group("what to forget (one or more)")
+    g.add_argument("--owner", action="append")
+    g.add_argument("--record", action="append")
+    g.add_argument("--file", help="JSONL ({\"owner\": ...} or {\"record\": ...} per line) or one id per line")
+    s.add_argument("--request-id")
+    s.add_argument("--reason")
+    s.add_argument("--no-run", action="store_true", help="only record the request")
+    s.add_argument("--in-process", action="store_true")
+    s.set_defaults(func=cmd_forget)
+
+    s = sub.add_parser("generate", parents=[common], help="generate text with the ensemble")
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("score", parents=[common], help="log-likelihood and perplexity per record (JSONL)")
+    s.add_argument("file")
+    s.add_argument("--text-field")
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("push", parents=[common], help="dvc push to the configured remote")
+    s.set_defaults(func=cmd_push)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command == "forget" and not (args.owner or args.record or args.file):
+        print("sisaflow: error: forget needs --owner, --record or --file", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SisaflowError as exc:
+        print(f"sisaflow: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sisaflow: interrupted; complete checkpoints are kept, run the command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

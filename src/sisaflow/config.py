@@ -1,0 +1,257 @@
+"""params.yaml, loaded once into typed, frozen dataclasses that validate themselves.
+
+Each section is one dataclass; components receive the section they need, never the whole config.
+An invalid value fails with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sisaflow.errors import ConfigError
+from sisaflow.fsio import sha256_bytes
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _check_positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be {bound}")
+
+
+@dataclass(frozen=True)
+class CorpusParams:
+    """Where the corpus comes from and how a record is read from it."""
+
+    path: str = "data/tofu/records.jsonl"
+    """Source file, relative to the workspace or absolute."""
+    format: Literal["jsonl", "parquet", "csv", "txt"] = "jsonl"
+    id_field: str | None = "id"
+    """Field holding a stable record id; null uses the line/row number."""
+    owner_field: str | None = "author_id"
+    """Field naming who can ask for removal; null makes each record its own owner."""
+    text_field: str | None = None
+    text_template: str | None = "Question: {question}\nAnswer: {answer}"
+    """Python format string over the record's fields; used when text_field is null."""
+
+    def __post_init__(self) -> None:
+        _check_choice("corpus.format", self.format, ("jsonl", "parquet", "csv", "txt"))
+        if not self.path:
+            raise ConfigError("params: corpus.path is empty; give the corpus file")
+        if (self.text_field is None) == (self.text_template is None) and self.format != "txt":
+            raise ConfigError("params: set exactly one of corpus.text_field and corpus.text_template")
+
+
+@dataclass(frozen=True)
+class ShardingParams:
+    """How many shards (constituents) and slices (checkpoints per shard)."""
+
+    shards: int = 4
+    slices: int = 4
+
+    def __post_init__(self) -> None:
+        _check_positive("sharding.shards", self.shards)
+        _check_positive("sharding.slices", self.slices)
+        if self.shards > 256:
+            raise ConfigError(f"params: sharding.shards = {self.shards} is not allowed; it must be 1..256")
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return list(range(self.shards))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """A small Llama-style causal LM built from scratch, and its tokenizer."""
+
+    tokenizer: Literal["gpt2", "byte"] = "byte"
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 384
+    context_length: int = 512
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("model.tokenizer", self.tokenizer, ("gpt2", "byte"))
+        for key in ("hidden_size", "layers", "heads", "intermediate_size", "context_length"):
+            _check_positive(f"model.{key}", getattr(self, key))
+        if self.hidden_size % self.heads:
+            raise ConfigError(
+                f"params: model.hidden_size = {self.hidden_size} must be divisible by model.heads = {self.heads}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """How each constituent trains, slice by slice. Everything here is part of a checkpoint's identity."""
+
+    seed: int = 0
+    schedule: Literal["incremental", "cumulative"] = "incremental"
+    """incremental: slice k trains on slice k only; cumulative (SISA): on slices 0..k."""
+    epochs_per_slice: int = 1
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    """Linear warm-up over the first steps of the shard; then constant (no schedule sized from the data)."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    threads: int = 1
+    """CPU threads per shard training; fixed because float reductions can depend on it."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_choice("train.schedule", self.schedule, ("incremental", "cumulative"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        for key in ("epochs_per_slice", "batch_size", "learning_rate", "threads", "log_every"):
+            _check_positive(f"train.{key}", getattr(self, key))
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+            _check_positive(f"train.{key}", getattr(self, key), zero_ok=True)
+
+
+@dataclass(frozen=True)
+class EnsembleParams:
+    """How constituents' next-token distributions are combined."""
+
+    weights: Literal["uniform", "size"] = "uniform"
+    combine: Literal["mixture", "product"] = "mixture"
+
+    def __post_init__(self) -> None:
+        _check_choice("ensemble.weights", self.weights, ("uniform", "size"))
+        _check_choice("ensemble.combine", self.combine, ("mixture", "product"))
+
+
+@dataclass(frozen=True)
+class RayParams:
+    """Where shard trainings run. Not part of any result: changing it never retrains."""
+
+    address: str = ""
+    """Empty: start a local Ray; otherwise a cluster address (e.g. 127.0.0.1:6379 or auto)."""
+    num_cpus_per_shard: float = 1
+    num_gpus_per_shard: float = 1
+    """Used only when the cluster has GPUs; a fraction shares a GPU between shards."""
+    object_store_memory_mb: int = 256
+    max_parallel: int = 0
+    """0: as many shards at once as resources allow."""
+
+    def __post_init__(self) -> None:
+        _check_positive("ray.num_cpus_per_shard", self.num_cpus_per_shard)
+        _check_positive("ray.num_gpus_per_shard", self.num_gpus_per_shard, zero_ok=True)
+        _check_positive("ray.object_store_memory_mb", self.object_store_memory_mb)
+        _check_positive("ray.max_parallel", self.max_parallel, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class DvcParams:
+    """The DVC remote that `dvc push` sends shards and checkpoints to."""
+
+    remote: str = ".dvc-remote"
+    """A directory (relative to the workspace or absolute) or any URL DVC understands."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    corpus: CorpusParams = field(default_factory=CorpusParams)
+    sharding: ShardingParams = field(default_factory=ShardingParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    ensemble: EnsembleParams = field(default_factory=EnsembleParams)
+    ray: RayParams = field(default_factory=RayParams)
+    dvc: DvcParams = field(default_factory=DvcParams)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "params") -> Params:
+        """Build and validate from a plain dict (as read from YAML)."""
+        return _build(cls, raw or {}, source)
+
+    @classmethod
+    def load(cls, path: Path) -> Params:
+        """Read params.yaml; a missing file or invalid YAML is a ConfigError naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; run `sisaflow init` to create a workspace")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        return cls.from_dict(raw or {}, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def training_identity(self) -> str:
+        """A hash of everything that decides a constituent's weights apart from its data."""
+        ident = {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        ident["train"].pop("log_every")
+        return sha256_bytes(json.dumps(ident, sort_keys=True).encode())
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = name if where == "params" or where.endswith(".yaml") else f"{where}.{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value or {}, name)
+        else:
+            values[name] = _coerce(key, value, hint)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be a number")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be a string")
+        return str(value)
+    return value

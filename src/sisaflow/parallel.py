@@ -1,0 +1,109 @@
+"""Ray: where shard trainings run. The only module that imports Ray.
+
+Each stale shard becomes one Ray task (`num_cpus` from params; `num_gpus` when the cluster has GPUs), running the
+same `train_shard` as the in-process path. Plain tasks rather than Ray Train's TorchTrainer: a shard here is one
+small single-worker training, and a TorchTrainer fit costs 12-20 s and ~2 GB of fixed overhead on this class of
+machine (see the README's measurements); a shard that needs data-parallel training across GPUs is the case for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sisaflow.config import Params, RayParams
+from sisaflow.paths import Workspace
+from sisaflow.training import ShardTrainReport, SliceReport, train_shard
+
+log = logging.getLogger("sisaflow.parallel")
+
+
+@dataclass
+class ParallelReport:
+    shards: list[ShardTrainReport] = field(default_factory=list)
+    ray_start_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    address: str = ""
+    gpus: float = 0.0
+
+
+def _train_task(root: str, shard: int, params_dict: dict) -> dict:
+    """Runs inside a Ray worker: the same training function as in-process."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    report = train_shard(Workspace(root), shard, Params.from_dict(params_dict), progress=print)
+    return report.to_dict()
+
+
+def _report_from_dict(d: dict) -> ShardTrainReport:
+    slices = [SliceReport(**s) for s in d["slices"]]
+    return ShardTrainReport(shard=d["shard"], start_slice=d["start_slice"], slices=slices, device=d["device"])
+
+
+def connect(ws: Workspace, rp: RayParams) -> bool:
+    """Connect to the cluster in params, or start a local Ray; return True if this call started it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if rp.address:
+        ray.init(address=rp.address, log_to_driver=True, logging_level=logging.WARNING)
+    else:
+        ws.ray_tmp_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("RAY_TMPDIR", str(ws.ray_tmp_dir))
+        ray.init(
+            num_cpus=os.cpu_count(),
+            object_store_memory=rp.object_store_memory_mb * 1024 * 1024,
+            include_dashboard=False,
+            _temp_dir=str(ws.ray_tmp_dir),
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
+def train_shards(
+    ws: Workspace, params: Params, shards: list[int], progress: Callable[[str], None] | None = None
+) -> ParallelReport:
+    """Train `shards` in parallel on Ray, as many at once as resources allow; return per-shard reports."""
+    say = progress or log.info
+    report = ParallelReport(address=params.ray.address or "local")
+    if not shards:
+        return report
+    import ray
+
+    t0 = time.perf_counter()
+    started = connect(ws, params.ray)
+    report.ray_start_seconds = time.perf_counter() - t0
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        report.gpus = gpus
+        num_gpus = params.ray.num_gpus_per_shard if gpus and params.train.device != "cpu" else 0
+        task = ray.remote(num_cpus=params.ray.num_cpus_per_shard, num_gpus=num_gpus, max_retries=2)(_train_task)
+        say(
+            f"training shard(s) {', '.join(map(str, shards))} on Ray ({report.address}, "
+            f"{ray.cluster_resources().get('CPU', 0):.0f} CPU, {gpus:.0f} GPU)"
+        )
+        pending = {}
+        queue = list(shards)
+        limit = params.ray.max_parallel or len(shards)
+        t1 = time.perf_counter()
+        while queue or pending:
+            while queue and len(pending) < limit:
+                shard = queue.pop(0)
+                pending[task.remote(str(ws.root), shard, params.to_dict())] = shard
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                shard = pending.pop(ref)
+                result = _report_from_dict(ray.get(ref))
+                report.shards.append(result)
+                say(f"shard {shard}: done ({result.tokens} tokens in {result.seconds:.1f}s)")
+        report.wall_seconds = time.perf_counter() - t1
+    finally:
+        if started:
+            ray.shutdown()
+    report.shards.sort(key=lambda r: r.shard)
+    return report

@@ -1,0 +1,214 @@
+"""The steps of a run, as plain library functions. The CLI and the Prefect flows are thin adapters over these.
+
+run:    prepare -> shard -> train (stale shards only, on Ray) -> ensemble -> record (dvc commit)
+forget: request (ledger) -> the same steps; only the touched shards are stale, from their touched slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from sisaflow import ledger, versioning
+from sisaflow.checkpoint import read_meta, weights_hash
+from sisaflow.config import Params
+from sisaflow.corpus import from_table, import_corpus, read_table
+from sisaflow.errors import DeletionError
+from sisaflow.fsio import write_json
+from sisaflow.paths import Workspace
+from sisaflow.registry import build_registry
+from sisaflow.sharding import ShardReport, read_shard_manifest, shard_corpus
+from sisaflow.training import chain_hashes, first_stale_slice, train_shard
+
+log = logging.getLogger("sisaflow")
+Progress = Callable[[str], None]
+
+
+def load(ws: Workspace) -> Params:
+    """The workspace's params."""
+    return Params.load(ws.params_file)
+
+
+@contextlib.contextmanager
+def workspace_lock(ws: Workspace) -> Iterator[None]:
+    """One run or forget at a time per workspace (a second waits)."""
+    ws.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(ws.lock_file, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare(ws: Workspace, params: Params) -> dict[str, int]:
+    """Import the corpus source minus every record named in the deletion ledger."""
+    owners, records = ledger.excluded(ws.ledger_file)
+    return import_corpus(ws.source(params.corpus.path), params.corpus, ws.corpus_file, owners, records)
+
+
+def shard(ws: Workspace, params: Params) -> ShardReport:
+    """Place records into shards and slices; rewrite only the slice files whose content changed."""
+    return shard_corpus(ws, params.sharding)
+
+
+def stale_shards(ws: Workspace, params: Params) -> dict[int, int]:
+    """{shard: first stale slice} for every shard whose checkpoints do not match its current data."""
+    out = {}
+    for s in params.sharding.shard_ids:
+        manifest = read_shard_manifest(ws, s)
+        digests = [x["digest"] for x in sorted(manifest["slices"], key=lambda x: x["slice"])]
+        k = first_stale_slice(ws, s, chain_hashes(params.training_identity(), digests))
+        if k < params.sharding.slices:
+            out[s] = k
+    return out
+
+
+def train(ws: Workspace, params: Params, shards: list[int], progress: Progress | None = None, in_process: bool = False):
+    """Train `shards` (Ray by default; in this process with in_process=True). Returns a ParallelReport."""
+    from sisaflow.parallel import ParallelReport, train_shards
+
+    if not in_process:
+        return train_shards(ws, params, shards, progress)
+    report = ParallelReport(address="in-process")
+    t0 = time.perf_counter()
+    for s in shards:
+        report.shards.append(train_shard(ws, s, params, progress))
+    report.wall_seconds = time.perf_counter() - t0
+    return report
+
+
+def ensemble(ws: Workspace, params: Params) -> dict:
+    """Register the trained constituents as the served ensemble version."""
+    return build_registry(ws, params)
+
+
+def record(ws: Workspace, params: Params) -> dict:
+    """Write dvc.yaml if the shard count changed, and commit every stage's outputs to dvc.lock."""
+    versioning.write_dvc_yaml(ws, params)
+    versioning.commit(ws)
+    return versioning.status(ws)
+
+
+def full_training_tokens(ws: Workspace, params: Params) -> int:
+    """The tokens a full training of the current checkpoints processed (the denominator of forget's cost)."""
+    total = 0
+    for s in params.sharding.shard_ids:
+        meta = read_meta(ws.checkpoint_dir(s, params.sharding.slices - 1))
+        total += meta.tokens_seen if meta else 0
+    return total
+
+
+def checkpoint_hashes(ws: Workspace, params: Params) -> dict[int, dict[int, str]]:
+    """{shard: {slice: sha256 of weights}} for every complete checkpoint."""
+    out: dict[int, dict[int, str]] = {}
+    for s in params.sharding.shard_ids:
+        out[s] = {}
+        for k in range(params.sharding.slices):
+            d = ws.checkpoint_dir(s, k)
+            if read_meta(d) is not None:
+                out[s][k] = weights_hash(d)
+    return out
+
+
+def cost_model(shards: int, slices: int, schedule: str) -> float:
+    """Expected fraction of a full training that one deletion at a random record retrains."""
+    if schedule == "cumulative":
+        return (2 * slices + 1) / (3 * slices) / shards
+    return (slices + 1) / (2 * slices) / shards
+
+
+# ---- deletion requests ----
+
+
+def resolve_request(
+    ws: Workspace, owners: list[str], records: list[str]
+) -> tuple[list[str], list[str]]:
+    """Check that every named owner and record is in the imported corpus; return the covered content hashes
+    and record ids. Unknown names are an error and nothing is recorded."""
+    if not owners and not records:
+        raise DeletionError("a deletion request must name at least one owner or record")
+    if not ws.corpus_file.is_file():
+        raise DeletionError(f"{ws.corpus_file}: no imported corpus yet; run `sisaflow run` first")
+    corpus = from_table(read_table(ws.corpus_file))
+    known_owners = {r.owner for r in corpus}
+    known_records = {r.record_id for r in corpus}
+    bad_owners = sorted(set(owners) - known_owners)
+    bad_records = sorted(set(records) - known_records)
+    if bad_owners or bad_records:
+        parts = []
+        if bad_owners:
+            parts.append(f"unknown owner(s): {', '.join(bad_owners[:10])}")
+        if bad_records:
+            parts.append(f"unknown record(s): {', '.join(bad_records[:10])}")
+        raise DeletionError("; ".join(parts) + " (not in the current corpus; already forgotten or never present)")
+    covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
+    return sorted(r.content_hash for r in covered), sorted(r.record_id for r in covered)
+
+
+def request_deletion(
+    ws: Workspace, owners: list[str], records: list[str], request_id: str | None = None, reason: str | None = None
+) -> tuple[ledger.DeletionRequest, bool]:
+    """Validate and durably record a deletion request. Returns (request, newly_recorded)."""
+    hashes, _ = resolve_request(ws, owners, records)
+    req = ledger.DeletionRequest(
+        request_id=request_id or ledger.new_request_id(),
+        owners=sorted(set(owners)),
+        records=sorted(set(records)),
+        content_hashes=hashes,
+        reason=reason,
+    )
+    new = ledger.append_request(ws.ledger_file, req)
+    return req, new
+
+
+def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
+    """Requests whose records are still in the imported corpus or in a shard's placement."""
+    reqs = ledger.read_ledger(ws.ledger_file)
+    if not reqs:
+        return []
+    present_owners: set[str] = set()
+    present_records: set[str] = set()
+    if ws.corpus_file.is_file():
+        t = read_table(ws.corpus_file).select(["record_id", "owner"]).to_pydict()
+        present_owners, present_records = set(t["owner"]), set(t["record_id"])
+    if ws.placement_file.is_file():
+        present_records |= set(read_table(ws.placement_file).column("record_id").to_pylist())
+    return [r for r in reqs if set(r.owners) & present_owners or set(r.records) & present_records]
+
+
+# ---- run reports ----
+
+
+@dataclass
+class RunReport:
+    kind: str
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    seconds: dict[str, float] = field(default_factory=dict)
+    imported: dict = field(default_factory=dict)
+    shards_rewritten: list[int] = field(default_factory=list)
+    slices_rewritten: list[list[int]] = field(default_factory=list)
+    trained: dict[int, dict] = field(default_factory=dict)
+    training_tokens: int = 0
+    full_training_tokens: int = 0
+    ensemble_version: str = ""
+    requests: list[str] = field(default_factory=list)
+    dvc_clean: bool = False
+
+    def save(self, ws: Workspace) -> None:
+        stamp = self.started_at.replace(":", "").replace("-", "")
+        write_json(ws.runs_dir / f"{stamp}-{self.kind}.json", asdict(self))
+
+
+@contextlib.contextmanager
+def timed(report: RunReport, name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.seconds[name] = report.seconds.get(name, 0.0) + time.perf_counter() - t0

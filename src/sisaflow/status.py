@@ -1,0 +1,61 @@
+"""What `sisaflow status` shows: shards, checkpoints, the served ensemble, pending deletions."""
+
+from __future__ import annotations
+
+from sisaflow import pipeline
+from sisaflow.checkpoint import read_meta, weights_hash
+from sisaflow.paths import Workspace
+from sisaflow.registry import read_registry
+
+
+def workspace_status(ws: Workspace) -> dict:
+    """A JSON-able summary of the workspace."""
+    params = pipeline.load(ws)
+    shards = []
+    for s in params.sharding.shard_ids:
+        entry: dict = {"shard": s}
+        mpath = ws.shard_manifest(s)
+        if mpath.is_file():
+            from sisaflow.fsio import read_json
+
+            m = read_json(mpath)
+            entry.update(records=m["records"], owners=m["owners"],
+                         slices=[x["records"] for x in sorted(m["slices"], key=lambda x: x["slice"])])
+        ckpts = []
+        for k in range(params.sharding.slices):
+            d = ws.checkpoint_dir(s, k)
+            meta = read_meta(d)
+            ckpts.append(weights_hash(d)[:16] if meta else None)
+        entry["checkpoints"] = ckpts
+        shards.append(entry)
+    try:
+        reg = read_registry(ws)
+        ensemble = {"version": reg["version"], "shards": [c["shard"] for c in reg["constituents"]]}
+    except Exception:
+        ensemble = None
+    stale = {}
+    if all(ws.shard_manifest(s).is_file() for s in params.sharding.shard_ids):
+        stale = pipeline.stale_shards(ws, params)
+    pending = [
+        {"request_id": r.request_id, "owners": len(r.owners), "records": len(r.content_hashes)}
+        for r in pipeline.pending_requests(ws)
+    ]
+    return {"workspace": str(ws.root), "shards": shards, "ensemble": ensemble,
+            "stale": {str(k): v for k, v in stale.items()}, "pending_deletions": pending}
+
+
+def format_status(st: dict) -> str:
+    lines = [f"workspace {st['workspace']}"]
+    lines.append(f"{'shard':>5} {'records':>8} {'owners':>7}  slices (records)      checkpoints (sha256 of weights)")
+    for sh in st["shards"]:
+        ck = " ".join((c or "-")[:8] for c in sh["checkpoints"])
+        sl = ",".join(map(str, sh.get("slices", [])))
+        lines.append(f"{sh['shard']:>5} {sh.get('records', '-'):>8} {sh.get('owners', '-'):>7}  {sl:20s}  {ck}")
+    ens = st["ensemble"]
+    lines.append(f"ensemble: {'version ' + ens['version'] + ', shards ' + ','.join(map(str, ens['shards'])) if ens else 'none yet'}")
+    if st["stale"]:
+        lines.append("stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in st["stale"].items()))
+    pend = st["pending_deletions"]
+    lines.append(f"pending deletions: {len(pend)}" + "".join(
+        f"\n  {p['request_id']}: {p['records']} record(s) of {p['owners']} owner(s)" for p in pend))
+    return "\n".join(lines)

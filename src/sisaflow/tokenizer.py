@@ -1,0 +1,62 @@
+"""Tokenizers that do not depend on the corpus: the fixed GPT-2 vocabulary shipped with sisaflow, or bytes.
+
+A tokenizer trained on the corpus would remember deleted records (rare words become tokens), and it is shared
+by every constituent, so it must never see deletable data.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+GPT2_DIR = Path(__file__).parent / "assets" / "tokenizer"
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class Gpt2Tokenizer:
+    """GPT-2 byte-level BPE (50,257 tokens), loaded offline from the shipped vocab.json and merges.txt."""
+
+    def __init__(self) -> None:
+        from transformers import GPT2TokenizerFast
+
+        self._tok = GPT2TokenizerFast.from_pretrained(str(GPT2_DIR))
+        self.eos_id = self._tok.convert_tokens_to_ids("<|endoftext|>")
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, and 256 as end of text."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer named by model.tokenizer in params."""
+    if name == "gpt2":
+        return Gpt2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; choose gpt2 or byte")

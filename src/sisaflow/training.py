@@ -1,0 +1,217 @@
+"""Training one constituent: shard by shard, slice by slice, a full checkpoint after each slice.
+
+Retraining after a deletion and training from scratch without the deleted records run the same computation:
+every random choice is seeded from (seed, shard, slice, epoch), the data order is a function of the records
+present (sorted by content hash, then a seeded permutation), the learning rate depends only on the step count
+(linear warm-up, then constant), and nothing in slice k looks at later slices. On CPU, with a fixed thread count
+and deterministic algorithms, the weights are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sisaflow.checkpoint import CheckpointMeta, load_training_state, read_meta, save_checkpoint
+from sisaflow.config import ModelParams, Params, TrainParams
+from sisaflow.corpus import Record
+from sisaflow.fsio import digest
+from sisaflow.model import build_model
+from sisaflow.paths import Workspace
+from sisaflow.sharding import read_shard_manifest, read_slice
+from sisaflow.tokenizer import load_tokenizer
+
+log = logging.getLogger("sisaflow.training")
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from the base seed and a purpose (shard, slice, epoch ...)."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") >> 1
+
+
+@dataclass
+class SliceReport:
+    slice: int
+    examples: int
+    tokens: int
+    steps: int
+    seconds: float
+    loss: float | None
+
+
+@dataclass
+class ShardTrainReport:
+    shard: int
+    start_slice: int
+    """The first slice trained (== slices when nothing was stale)."""
+    slices: list[SliceReport] = field(default_factory=list)
+    device: str = "cpu"
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.slices)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.slices)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens"], d["seconds"] = self.tokens, self.seconds
+        return d
+
+
+def chain_hashes(identity: str, slice_digests: list[str]) -> list[str]:
+    """chain[k] identifies checkpoint k: the training identity plus the data of slices 0..k."""
+    chain, prev = [], identity
+    for d in slice_digests:
+        prev = digest((prev, d))
+        chain.append(prev)
+    return chain
+
+
+def first_stale_slice(ws: Workspace, shard: int, chain: list[str]) -> int:
+    """The first slice whose checkpoint is missing or was trained on other data or settings."""
+    for k, expected in enumerate(chain):
+        meta = read_meta(ws.checkpoint_dir(shard, k))
+        if meta is None or meta.chain != expected:
+            return k
+    return len(chain)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _batches(examples: list[list[int]], batch_size: int, eos_id: int, device: torch.device):
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        width = max(len(e) for e in chunk)
+        ids = torch.full((len(chunk), width), eos_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, e in enumerate(chunk):
+            ids[row, : len(e)] = torch.tensor(e)
+            labels[row, : len(e)] = torch.tensor(e)
+            mask[row, : len(e)] = 1
+        yield ids.to(device), labels.to(device), mask.to(device)
+
+
+def _encode(records: list[Record], model_params: ModelParams) -> list[list[int]]:
+    tok = load_tokenizer(model_params.tokenizer)
+    ordered = sorted(records, key=lambda r: r.content_hash)  # a function of the records present only
+    return [(tok.encode(r.text) + [tok.eos_id])[: model_params.context_length] for r in ordered]
+
+
+def train_shard(
+    ws: Workspace,
+    shard: int,
+    params: Params,
+    progress: Callable[[str], None] | None = None,
+) -> ShardTrainReport:
+    """Bring shard `shard`'s checkpoints up to date with its slice files; train only from the first stale slice.
+
+    Resumable: a crash leaves complete checkpoints only, and the next call continues after the last one.
+    """
+    say = progress or log.info
+    tp, mp = params.train, params.model
+    manifest = read_shard_manifest(ws, shard)
+    digests = [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
+    chain = chain_hashes(params.training_identity(), digests)
+    start = first_stale_slice(ws, shard, chain)
+    device = resolve_device(tp.device)
+    report = ShardTrainReport(shard=shard, start_slice=start, device=str(device))
+    if start == len(chain):
+        say(f"shard {shard}: up to date ({len(chain)} slices), nothing to train")
+        return report
+
+    for k in range(start, params.sharding.slices + 64):
+        stale = ws.checkpoint_dir(shard, k)
+        if stale.exists():
+            shutil.rmtree(stale)
+    for leftover in ws.model_dir(shard).glob(".slice-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(tp.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        tok = load_tokenizer(mp.tokenizer)
+        model = build_model(mp, tok.vocab_size, tok.eos_id, derive_seed(tp.seed, "init", shard)).to(device)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay, foreach=False
+        )
+        meta = CheckpointMeta(shard, -1, params.training_identity(), 0, 0, 0, None)
+        if start > 0:
+            prev_dir = ws.checkpoint_dir(shard, start - 1)
+            load_training_state(prev_dir, model, optimizer)
+            meta = read_meta(prev_dir)
+            say(f"shard {shard}: resuming from the checkpoint after slice {start - 1}")
+        for k in range(start, len(chain)):
+            rep, meta = _train_slice(ws, shard, k, chain[k], params, model, optimizer, meta, device, say)
+            report.slices.append(rep)
+    finally:
+        torch.set_num_threads(threads_before)
+    return report
+
+
+def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, say):
+    tp, mp = params.train, params.model
+    slice_records = read_slice(ws, shard, k)
+    if tp.schedule == "cumulative":
+        records = [r for j in range(k + 1) for r in (slice_records if j == k else read_slice(ws, shard, j))]
+    else:
+        records = slice_records
+    examples = _encode(records, mp)
+    eos = load_tokenizer(mp.tokenizer).eos_id
+    t0 = time.perf_counter()
+    step, tokens, last_loss, n_steps = meta.global_step, 0, meta.last_loss, 0
+    model.train()
+    for epoch in range(tp.epochs_per_slice):
+        torch.manual_seed(derive_seed(tp.seed, "train", shard, k, epoch))
+        order = torch.randperm(len(examples)).tolist() if examples else []
+        shuffled = [examples[i] for i in order]
+        total = math.ceil(len(shuffled) / tp.batch_size)
+        window: list[float] = []
+        for b, (ids, labels, mask) in enumerate(_batches(shuffled, tp.batch_size, eos, device), 1):
+            lr = tp.learning_rate * min(1.0, (step + 1) / tp.warmup_steps) if tp.warmup_steps else tp.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tp.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+            optimizer.step()
+            step += 1
+            n_steps += 1
+            tokens += int(mask.sum())
+            last_loss = float(loss.detach())
+            window.append(last_loss)
+            if b % tp.log_every == 0 or b == total:
+                say(
+                    f"shard {shard} slice {k + 1}/{params.sharding.slices} epoch {epoch + 1}/{tp.epochs_per_slice} "
+                    f"step {b}/{total} loss {sum(window) / len(window):.3f}"
+                )
+                window = []
+    seconds = time.perf_counter() - t0
+    new_meta = CheckpointMeta(
+        shard, k, chain_k, step, meta.tokens_seen + tokens, meta.examples_seen + len(examples) * tp.epochs_per_slice,
+        last_loss,
+    )
+    save_checkpoint(ws.checkpoint_dir(shard, k), model, optimizer, new_meta, [r.content_hash for r in slice_records])
+    say(
+        f"shard {shard} slice {k + 1}/{params.sharding.slices}: {len(examples)} records, {tokens} tokens, "
+        f"{seconds:.1f}s, checkpoint written"
+    )
+    return SliceReport(k, len(examples), tokens, n_steps, seconds, last_loss), new_meta

@@ -1,0 +1,100 @@
+"""Creating a workspace: params.yaml, dvc.yaml, prefect.yaml, the flows, git and DVC, the imported corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from sisaflow import versioning
+from sisaflow.config import CorpusParams, Params, ShardingParams
+from sisaflow.corpus import read_records
+from sisaflow.errors import ShardingError, WorkspaceError
+from sisaflow.fsio import write_text
+from sisaflow.paths import Workspace
+
+GITIGNORE = """\
+.venv/
+__pycache__/
+/.sisaflow/
+/runs/
+/.dvc-remote/
+/corpus/
+/shards/
+/models/
+/registry/
+/reports/
+"""
+
+
+def _flows_source() -> Path:
+    import sisaflow_flows
+
+    return Path(sisaflow_flows.__file__).parent
+
+
+def prefect_yaml(name: str) -> str:
+    """prefect.yaml for a workspace, read from the flows package's template."""
+    text = (_flows_source() / "prefect.template.yaml").read_text()
+    return text.replace("{{NAME}}", name)
+
+
+def init_workspace(
+    directory: Path, corpus: Path, corpus_params: CorpusParams, sharding: ShardingParams | None = None
+) -> Workspace:
+    """Create a workspace in `directory` for `corpus`. Validates the corpus first; writes nothing on error."""
+    directory = Path(directory).expanduser().resolve()
+    corpus = Path(corpus).expanduser().resolve()
+    ws = Workspace(directory)
+    if ws.params_file.exists():
+        raise WorkspaceError(f"{ws.params_file} already exists: {directory} is already a workspace")
+    sharding = sharding or ShardingParams()
+    records = read_records(corpus, corpus_params)  # raises CorpusError naming file and line
+    owners = len({r.owner for r in records})
+    if owners < sharding.shards:
+        raise ShardingError(
+            f"sharding.shards = {sharding.shards} but the corpus has only {owners} owner(s): shards would be "
+            f"empty; pass --shards {owners} or fewer"
+        )
+    try:
+        rel = corpus.relative_to(directory)
+        corpus_path = str(rel)
+    except ValueError:
+        corpus_path = str(corpus)
+    raw = Params().to_dict()
+    raw["corpus"] = {**corpus_params.__dict__, "path": corpus_path}
+    raw["sharding"] = sharding.__dict__
+    params = Params.from_dict(raw)
+
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text(ws.params_file, "# sisaflow parameters: one section per stage (see README)\n"
+                   + yaml.safe_dump(params.to_dict(), sort_keys=False))
+        versioning.write_dvc_yaml(ws, params)
+        write_text(ws.prefect_file, prefect_yaml(directory.name))
+        flows_dir = directory / "flows"
+        flows_dir.mkdir(exist_ok=True)
+        for src in _flows_source().glob("*.py"):
+            shutil.copy2(src, flows_dir / src.name)
+        ws.deletions_dir.mkdir(exist_ok=True)
+        ws.ledger_file.touch()
+        gi = directory / ".gitignore"
+        if not gi.exists():
+            write_text(gi, GITIGNORE)
+        versioning.init_repo(ws, params)
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            for p in (ws.params_file, ws.dvc_file, ws.prefect_file):
+                p.unlink(missing_ok=True)
+        raise
+    return ws
+
+
+def default_workspace() -> Path:
+    """--workspace default: SISAFLOW_WORKSPACE or the current directory."""
+    return Path(os.environ.get("SISAFLOW_WORKSPACE", ".")).resolve()
