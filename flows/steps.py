@@ -80,8 +80,10 @@ def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str
             logger.info("every shard is up to date: nothing to train")
         with pipeline.timed(report, "ensemble"):
             report.ensemble_version = ensemble(root)["version"]
+        lock_before = pipeline.lock_entries(ws)
         with pipeline.timed(report, "dvc"):
             report.dvc_clean = not record(root)
+        report.lock_changed = pipeline.changed_lock_entries(lock_before, pipeline.lock_entries(ws))
         after = pipeline.checkpoint_hashes(ws, params)
         if not report.full_training_tokens or kind == "run" and set(todo) == set(params.sharding.shard_ids):
             report.full_training_tokens = pipeline.full_training_tokens(ws, params)

@@ -22,7 +22,9 @@ def _ws(args: argparse.Namespace) -> Workspace:
 
 def _prefect_env(ws: Workspace) -> None:
     """Local defaults for Prefect: a workspace-local home, no analytics; a configured server wins."""
-    os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
+    if "PREFECT_HOME" not in os.environ:
+        ws.prefect_home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(ws.prefect_home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,7 +34,8 @@ def cmd_init(args) -> int:
     from sisaflow.config import CorpusParams, ShardingParams
     from sisaflow.workspace import init_workspace
 
-    template = args.text_template
+    # a template typed in a shell carries "\n" literally: read the common escapes
+    template = args.text_template.replace("\\n", "\n").replace("\\t", "\t") if args.text_template else None
     if args.text_field is None and template is None and args.format != "txt":
         template = None
         text_field = "text"
@@ -79,6 +82,7 @@ def _print_run(result: dict, kind: str) -> None:
         )
     secs = rep["seconds"]
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
+    print(f"dvc.lock entries changed: {', '.join(rep['lock_changed']) or 'none'}")
     print(f"ensemble version {rep['ensemble_version']}; dvc status {'clean' if rep['dvc_clean'] else 'NOT clean'}")
 
 
@@ -222,11 +226,15 @@ def cmd_push(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --workspace is accepted before or after the subcommand; SUPPRESS keeps the subparser from
+    # overwriting a value given before it with its default
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workspace", default=os.environ.get("SISAFLOW_WORKSPACE", "."),
-                        help="workspace directory (default: current directory)")
-    p = argparse.ArgumentParser(prog="sisaflow", parents=[common],
-                                description="Exact unlearning for generative LMs: SISA on Prefect, Ray and DVC")
+    common.add_argument("--workspace", default=argparse.SUPPRESS,
+                        help="workspace directory (default: $SISAFLOW_WORKSPACE or the current directory)")
+    p = argparse.ArgumentParser(prog="sisaflow", description="Exact unlearning for generative LMs: SISA on "
+                                "Prefect, Ray and DVC")
+    p.add_argument("--workspace", default=os.environ.get("SISAFLOW_WORKSPACE", "."),
+                   help="workspace directory (default: $SISAFLOW_WORKSPACE or the current directory)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 

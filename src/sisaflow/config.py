@@ -101,9 +101,9 @@ class TrainParams:
     seed: int = 0
     schedule: Literal["incremental", "cumulative"] = "incremental"
     """incremental: slice k trains on slice k only; cumulative (SISA): on slices 0..k."""
-    epochs_per_slice: int = 1
-    batch_size: int = 16
-    learning_rate: float = 3e-3
+    epochs_per_slice: int = 3
+    batch_size: int = 8
+    learning_rate: float = 1.5e-3
     warmup_steps: int = 20
     """Linear warm-up over the first steps of the shard; then constant (no schedule sized from the data)."""
     weight_decay: float = 0.0

@@ -7,6 +7,7 @@ evaluation harnesses use it unchanged. Generation keeps one KV cache per constit
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,15 @@ from sisaflow.model import build_model
 from sisaflow.paths import Workspace
 from sisaflow.registry import read_registry
 from sisaflow.tokenizer import Tokenizer, load_tokenizer
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.2x renamed past_key_values to cache; accept either version
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output) -> object:
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
 
 
 @dataclass
@@ -69,18 +79,18 @@ class Ensemble(torch.nn.Module):
         ens = cls(models, weights, reg["combine"], tok)
         ens.version = reg["version"]
         ens.shards = [c["shard"] for c in reg["constituents"]]
-        return ens
+        return ens.to(device)
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False) -> EnsembleOutput:
         caches = past_key_values or [None] * len(self.constituents)
         outs = [
-            m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=c, use_cache=use_cache)
+            m(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **{_cache_kwarg(m): c})
             for m, c in zip(self.constituents, caches)
         ]
         log_probs = torch.stack([torch.log_softmax(o.logits.double(), dim=-1) for o in outs])
         combined = combine_log_probs(log_probs, self.weights, self.combine)
-        return EnsembleOutput(combined, [o.past_key_values for o in outs] if use_cache else None)
+        return EnsembleOutput(combined, [_cache_of(o) for o in outs] if use_cache else None)
 
     @torch.no_grad()
     def score(self, text: str) -> dict[str, float]:

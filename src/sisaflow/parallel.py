@@ -45,6 +45,7 @@ def _report_from_dict(d: dict) -> ShardTrainReport:
 def connect(ws: Workspace, rp: RayParams) -> bool:
     """Connect to the cluster in params, or start a local Ray; return True if this call started it."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-shard progress lines look alike; show them all
     import ray
 
     if ray.is_initialized():

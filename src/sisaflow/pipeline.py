@@ -95,6 +95,20 @@ def record(ws: Workspace, params: Params) -> dict:
     return versioning.status(ws)
 
 
+def lock_entries(ws: Workspace) -> dict:
+    """The stages recorded in dvc.lock (empty before the first run)."""
+    import yaml
+
+    if not ws.dvc_lock.is_file():
+        return {}
+    return (yaml.safe_load(ws.dvc_lock.read_text()) or {}).get("stages", {})
+
+
+def changed_lock_entries(before: dict, after: dict) -> list[str]:
+    """Names of the dvc.lock stages whose recorded hashes differ."""
+    return sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+
+
 def full_training_tokens(ws: Workspace, params: Params) -> int:
     """The tokens a full training of the current checkpoints processed (the denominator of forget's cost)."""
     total = 0
@@ -199,6 +213,7 @@ class RunReport:
     ensemble_version: str = ""
     requests: list[str] = field(default_factory=list)
     dvc_clean: bool = False
+    lock_changed: list[str] = field(default_factory=list)
 
     def save(self, ws: Workspace) -> None:
         stamp = self.started_at.replace(":", "").replace("-", "")

@@ -115,6 +115,14 @@ def init_repo(ws: Workspace, params: Params) -> None:
     configure_remote(ws, params)
 
 
+def git_commit(ws: Workspace, message: str, paths: list[str]) -> None:
+    """Commit `paths` (configuration, never data) to the workspace's git repository."""
+    existing = [p for p in paths if (ws.root / p).exists()]
+    _run(ws, "git", "add", "--", *existing)
+    if _run(ws, "git", "diff", "--cached", "--quiet", check=False).returncode != 0:
+        _run(ws, "git", "commit", "-q", "-m", message)
+
+
 def _git_root(ws: Workspace) -> Path:
     return Path(_run(ws, "git", "rev-parse", "--show-toplevel").stdout.strip()).resolve()
 
@@ -122,9 +130,8 @@ def _git_root(ws: Workspace) -> Path:
 def configure_remote(ws: Workspace, params: Params) -> None:
     """Point the default DVC remote `storage` at params' dvc.remote (a local directory by default)."""
     url = params.dvc.remote
-    if "://" not in url and not Path(url).is_absolute():
-        # DVC reads a relative remote path relative to the config file (.dvc/config)
-        url = os.path.relpath(ws.root / url, ws.root / ".dvc")
+    # `dvc remote add` reads a relative path from the working directory (the workspace) and stores it
+    # relative to .dvc/config, so the workspace can move and clones keep working.
     _run(ws, "dvc", "remote", "add", "-f", "-d", "storage", url)
 
 

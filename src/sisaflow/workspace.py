@@ -85,6 +85,12 @@ def init_workspace(
         if not gi.exists():
             write_text(gi, GITIGNORE)
         versioning.init_repo(ws, params)
+        from sisaflow import pipeline
+
+        pipeline.prepare(ws, params)
+        versioning.git_commit(ws, "sisaflow init: workspace configuration",
+                              ["params.yaml", "dvc.yaml", "prefect.yaml", "flows", "deletions", ".gitignore",
+                               ".dvc/config", ".dvc/.gitignore", ".dvcignore"])
     except BaseException:
         if created:
             shutil.rmtree(directory, ignore_errors=True)

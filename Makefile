@@ -1,0 +1,45 @@
+# Everything a person runs daily. `make demo` and `make test` work on a fresh clone: they set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export RAY_USAGE_STATS_ENABLED := 0
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup demo test test-fast bench lint format serve clean-workspace
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip -c constraints.txt 2>/dev/null || true
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with pinned dependencies (CPU torch)
+
+demo: setup  ## the whole pipeline on the shipped TOFU corpus: shard, train, generate, forget, verify
+	bash scripts/demo.sh
+
+test: setup  ## the test suite (unit + integration; CPU, offline)
+	$(BIN)/pytest -q
+
+test-fast: setup  ## unit tests only
+	$(BIN)/pytest -q tests/unit
+
+bench: setup  ## full training vs forget of one owner, next to the cost model
+	$(PY) bench/forget_cost.py
+
+lint: setup
+	$(BIN)/ruff check src flows tests bench
+	$(BIN)/ruff format --check src flows tests bench
+
+format: setup
+	$(BIN)/ruff format src flows tests bench
+
+serve: setup  ## a local Prefect server + process worker with this workspace's deployments
+	bash scripts/serve.sh
+
+clean-workspace:  ## remove everything the demo produced in this repository (keeps the code)
+	rm -rf corpus shards models registry runs .sisaflow .dvc-remote .dvc/cache .dvc/tmp
+	git checkout -- deletions/ledger.jsonl dvc.lock 2>/dev/null || true

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The sisaflow demo on the shipped TOFU corpus, in this repository (the default workspace).
+# Run through `make demo`, which sets up .venv first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV_DIR=${VENV:-.venv}
+case "$VENV_DIR" in /*) ;; *) VENV_DIR="$PWD/$VENV_DIR" ;; esac
+export PATH="$VENV_DIR/bin:$PATH"
+export RAY_USAGE_STATS_ENABLED=0 DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+t0=$(date +%s)
+step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
+
+step "1/6 sisaflow run: import TOFU (200 authors, 4,000 Q&A), shard by author (S=4, R=4), train all shards on Ray"
+sisaflow run
+
+step "2/6 sisaflow status: shards, slices, checkpoint hashes, served ensemble"
+sisaflow status
+
+QUESTION='Question: What genre is the author Jaime Vasquez known for?\nAnswer:'
+step "3/6 sisaflow generate: the ensemble answers a TOFU question (greedy)"
+sisaflow generate "$QUESTION" --max-new-tokens 120
+
+# Forget TOFU's forget01 author 199, or (if an earlier demo forgot it) the highest author still present.
+OWNER=$(python - <<'PY'
+import pyarrow.parquet as pq
+owners = set(pq.read_table("corpus/records.parquet", columns=["owner"]).column("owner").to_pylist())
+print(max(owners, key=int))
+PY
+)
+step "4/6 sisaflow forget --owner $OWNER: retrain only that author's shard, from the author's slice"
+sisaflow forget --owner "$OWNER" --reason "demo erasure request"
+
+step "5/6 dvc status: clean, dvc.lock records exactly what is on disk"
+dvc status
+
+step "6/6 the ensemble after the deletion"
+sisaflow generate "$QUESTION" --max-new-tokens 120
+printf '\ndemo finished in %ss\n' "$(( $(date +%s) - t0 ))"

@@ -1,0 +1,107 @@
+"""Bad input through the command line: a clear message naming the file, line or key, a non-zero exit, and
+nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from sisaflow import cli
+from tests.integration.conftest import TEMPLATE, write_corpus
+
+
+def _init(tmp_path, corpus, *extra):
+    return cli.main(["init", str(tmp_path / "ws"), "--corpus", str(corpus), "--owner-field", "author_id",
+                     "--text-template", TEMPLATE, *extra])
+
+
+def test_missing_corpus(tmp_path, capsys):
+    assert _init(tmp_path, tmp_path / "nope.jsonl") == 1
+    assert "nope.jsonl: corpus file not found" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_empty_corpus(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert _init(tmp_path, tmp_path / "empty.jsonl") == 1
+    assert "corpus file is empty" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_malformed_line_names_file_and_line(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    lines = corpus.read_text().splitlines()
+    lines[6] = lines[6][:-5]  # truncate line 7
+    corpus.write_text("\n".join(lines) + "\n")
+    assert _init(tmp_path, corpus) == 1
+    assert f"{corpus}:7: malformed JSON" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_duplicate_ids(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    lines = corpus.read_text().splitlines()
+    lines.append(lines[2])
+    corpus.write_text("\n".join(lines) + "\n")
+    assert _init(tmp_path, corpus) == 1
+    err = capsys.readouterr().err
+    assert "duplicate record id 'tofu-0002'" in err and ":101:" in err and ":3" in err
+
+
+@pytest.mark.parametrize("field", ["id", "author_id", "answer"])
+def test_missing_field(tmp_path, capsys, field):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    lines = corpus.read_text().splitlines()
+    row = json.loads(lines[9])
+    del row[field]
+    lines[9] = json.dumps(row)
+    corpus.write_text("\n".join(lines) + "\n")
+    assert _init(tmp_path, corpus) == 1
+    assert f"{corpus}:10: missing field '{field}'" in capsys.readouterr().err
+
+
+def test_more_shards_than_owners(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 3)
+    assert _init(tmp_path, corpus, "--shards", "5") == 1
+    err = capsys.readouterr().err
+    assert "sharding.shards = 5" in err and "only 3 owner(s)" in err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_invalid_params_name_the_key_and_allowed_values(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    assert _init(tmp_path, corpus, "--shards", "2", "--slices", "2") == 0
+    ws = tmp_path / "ws"
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["schedule"] = "weekly"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["--workspace", str(ws), "shard"]) == 1
+    err = capsys.readouterr().err
+    assert "train.schedule = 'weekly'" in err and "incremental" in err and "cumulative" in err
+
+
+def test_forget_needs_something_to_forget(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    assert _init(tmp_path, corpus, "--shards", "2", "--slices", "2") == 0
+    assert cli.main(["--workspace", str(tmp_path / "ws"), "forget"]) == 2
+    assert "forget needs --owner, --record or --file" in capsys.readouterr().err
+
+
+def test_forget_unknown_record_and_bad_request_file(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    assert _init(tmp_path, corpus, "--shards", "2", "--slices", "2") == 0
+    ws = tmp_path / "ws"
+    assert cli.main(["--workspace", str(ws), "forget", "--record", "tofu-9999", "--no-run"]) == 1
+    assert "unknown record(s): tofu-9999" in capsys.readouterr().err
+    bad = tmp_path / "req.jsonl"
+    bad.write_text('{"owner": "1"}\n{"owner": \n')
+    assert cli.main(["--workspace", str(ws), "forget", "--file", str(bad), "--no-run"]) == 1
+    assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
+    assert (ws / "deletions" / "ledger.jsonl").read_text() == ""
+
+
+def test_not_a_workspace(tmp_path, capsys):
+    assert cli.main(["--workspace", str(tmp_path), "status"]) == 1
+    assert "is not a sisaflow workspace" in capsys.readouterr().err

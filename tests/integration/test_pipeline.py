@@ -1,0 +1,205 @@
+"""The whole pipeline on a tiny config: init, run (Prefect + Ray + DVC), forget one owner, and the promises.
+
+One workspace A is trained and then forgets an owner; workspace B is trained from scratch on the corpus without
+that owner's records. The retrained constituent of A must be bitwise equal to B's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.integration.conftest import make_workspace, tree_hashes, write_corpus
+
+pytestmark = pytest.mark.integration
+
+AUTHORS = 15
+
+
+def _latest_report(ws_root, kind):
+    reports = sorted((ws_root / "runs").glob(f"*-{kind}.json"))
+    assert reports, f"no {kind} report written"
+    return json.loads(reports[-1].read_text())
+
+
+def _lock(ws_root):
+    return yaml.safe_load((ws_root / "dvc.lock").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory, prefect_server):
+    """Run the whole story once; the tests below check what it left."""
+    from sisaflow import cli, versioning
+    from sisaflow.config import Params
+    from sisaflow.paths import Workspace
+    from sisaflow.sharding import shard_of, slice_of
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    corpus = write_corpus(tmp / "corpus.jsonl", AUTHORS)
+    a = make_workspace(tmp / "a", corpus)
+    ws = Workspace(a)
+    params = Params.load(ws.params_file)
+    s = {"params": params, "a": a}
+
+    assert cli.main(["--workspace", str(a), "run"]) == 0
+    s["run_report"] = _latest_report(a, "run")
+    s["status_after_run"] = versioning.status(ws)
+    s["models_before"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in params.sharding.shard_ids}
+    s["mtimes_before"] = {str(p): p.stat().st_mtime_ns for p in ws.models_dir.rglob("*") if p.is_file()}
+    s["lock_before"] = _lock(a)
+
+    # the owner to forget: one whose records sit in a slice after the first, so "only from that slice" shows
+    owners = sorted({str(i) for i in range(AUTHORS)}, key=int)
+    owner = next(o for o in owners if slice_of(o, params.sharding.slices) > 0)
+    s["owner"], s["shard"], s["slice"] = owner, shard_of(owner, 3), slice_of(owner, 3)
+    deleted = [json.loads(ln) for ln in corpus.read_text().splitlines() if str(json.loads(ln)["author_id"]) == owner]
+    s["deleted_ids"] = {r["id"] for r in deleted}
+    s["deleted_answers"] = {r["answer"] for r in deleted}
+
+    assert cli.main(["--workspace", str(a), "forget", "--owner", owner, "--request-id", "req-test"]) == 0
+    s["forget_report"] = _latest_report(a, "forget")
+    s["status_after_forget"] = versioning.status(ws)
+    s["models_after"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in params.sharding.shard_ids}
+    s["mtimes_after"] = {str(p): p.stat().st_mtime_ns for p in ws.models_dir.rglob("*") if p.is_file()}
+    s["lock_after"] = _lock(a)
+
+    # B: from scratch on the corpus without the owner, trained in-process (A trained on Ray)
+    corpus_b = write_corpus(tmp / "corpus_b.jsonl", AUTHORS, skip_owners={owner})
+    b = make_workspace(tmp / "b", corpus_b)
+    assert cli.main(["--workspace", str(b), "run", "--in-process"]) == 0
+    s["b"] = b
+    s["models_b"] = {sh: tree_hashes(Workspace(b).model_dir(sh)) for sh in params.sharding.shard_ids}
+    return s
+
+
+def test_run_trains_every_shard_and_dvc_is_clean(story):
+    rep = story["run_report"]
+    assert sorted(map(int, rep["trained"])) == [0, 1, 2]
+    assert all(t["from_slice"] == 0 for t in rep["trained"].values())
+    assert story["status_after_run"] == {}
+
+
+def test_forget_retrains_only_the_owners_shard_from_its_slice(story):
+    rep = story["forget_report"]
+    assert {int(k): v["from_slice"] for k, v in rep["trained"].items()} == {story["shard"]: story["slice"]}
+    assert rep["requests"] == ["req-test"]
+    # checkpoints of the touched shard before the touched slice are the same files
+    before, after = story["models_before"][story["shard"]], story["models_after"][story["shard"]]
+    for k in range(story["slice"]):
+        kept = {p: h for p, h in before.items() if p.startswith(f"slice-{k}/")}
+        assert kept and all(after[p] == h for p, h in kept.items())
+    later = [p for p in before if p.startswith(f"slice-{story['slice']}/") and p.endswith("model.safetensors")]
+    assert later and all(before[p] != after[p] for p in later)
+    assert 0 < rep["training_tokens"] < rep["full_training_tokens"]
+
+
+def test_untouched_shards_are_byte_identical(story):
+    for sh in story["params"].sharding.shard_ids:
+        if sh == story["shard"]:
+            continue
+        assert story["models_before"][sh] == story["models_after"][sh]
+        prefix = str(story["a"] / "models" / f"shard-{sh}")
+        for path, mtime in story["mtimes_before"].items():
+            if path.startswith(prefix):
+                assert story["mtimes_after"][path] == mtime, f"{path} was rewritten"
+
+
+def test_retrained_constituent_equals_training_from_scratch_without_the_records(story):
+    retrained = story["models_after"][story["shard"]]
+    scratch = story["models_b"][story["shard"]]
+    assert retrained.keys() == scratch.keys()
+    assert retrained == scratch  # weights, optimizer state, counters, lineage: bitwise
+    # and the other shards, trained once in A (Ray) and once in B (in-process), agree too
+    for sh in story["params"].sharding.shard_ids:
+        assert story["models_after"][sh] == story["models_b"][sh]
+
+
+def test_no_deleted_record_left_in_current_shard_files(story):
+    a = story["a"]
+    files = [*sorted((a / "shards").rglob("*.parquet")), a / "corpus" / "records.parquet"]
+    assert len(files) > 3
+    for f in files:
+        table = pq.read_table(f).to_pydict()
+        ids = set(table.get("record_id", []))
+        assert not ids & story["deleted_ids"], f"{f} still holds a deleted record id"
+        for text in table.get("text", []):
+            assert not any(ans in text for ans in story["deleted_answers"]), f"{f} still holds deleted text"
+    for manifest in (a / "shards").rglob("*.json"):
+        body = manifest.read_text()
+        assert not any(rid in body for rid in story["deleted_ids"])
+
+
+def test_dvc_clean_after_forget_and_lock_changed_only_for_the_touched_shard(story):
+    assert story["status_after_forget"] == {}
+    before, after = story["lock_before"], story["lock_after"]
+    for sh in story["params"].sharding.shard_ids:
+        name = f"train@{sh}"
+        if sh == story["shard"]:
+            assert before[name] != after[name]
+        else:
+            assert before[name] == after[name]
+
+
+def test_generate_and_score(story, tmp_path):
+    from sisaflow import cli
+    from sisaflow.ensemble import Ensemble
+    from sisaflow.paths import Workspace
+
+    ens = Ensemble.load(Workspace(story["a"]))
+    text = ens.generate("Question: Who is the author?\nAnswer:", max_new_tokens=20)
+    assert isinstance(text, str) and len(text) > 0
+    out = tmp_path / "scores.jsonl"
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join((story["a"].parent / "corpus.jsonl").read_text().splitlines()[-3:]) + "\n")
+    assert cli.main(["--workspace", str(story["a"]), "score", str(held), "--out", str(out)]) == 0
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert math.isfinite(r["log_likelihood"]) and r["log_likelihood"] < 0
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+
+
+def test_second_run_trains_nothing(story):
+    from sisaflow import cli
+
+    assert cli.main(["--workspace", str(story["a"]), "run"]) == 0
+    rep = _latest_report(story["a"], "run")
+    assert rep["trained"] == {} and rep["training_tokens"] == 0
+    assert rep["dvc_clean"]
+
+
+def test_forget_unknown_owner_fails_and_records_nothing(story, capsys):
+    from sisaflow import cli
+
+    ledger = story["a"] / "deletions" / "ledger.jsonl"
+    before = ledger.read_bytes()
+    assert cli.main(["--workspace", str(story["a"]), "forget", "--owner", "no-such-author"]) == 1
+    assert "unknown owner(s): no-such-author" in capsys.readouterr().err
+    assert ledger.read_bytes() == before
+
+
+def test_dvc_push_and_repro_on_a_fresh_clone(story, tmp_path):
+    """A clone of the workspace (git) reproduces every output bitwise with plain `dvc repro`."""
+    from sisaflow import versioning
+    from sisaflow.paths import Workspace
+
+    a = Workspace(story["a"])
+    versioning.push(a)
+    remote = story["a"] / ".dvc-remote"
+    assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
+    versioning.git_commit(a, "after forget", ["dvc.lock", "deletions", "dvc.yaml", "params.yaml"])
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(story["a"]), str(clone)], check=True)
+    c = Workspace(clone)
+    shutil.rmtree(clone / ".dvc" / "cache", ignore_errors=True)
+    versioning.repro(c)
+    assert versioning.status(c) == {}
+    diff = subprocess.run(["git", "diff", "--stat", "dvc.lock"], cwd=clone, capture_output=True, text=True)
+    assert diff.stdout == "", f"dvc repro produced different outputs:\n{diff.stdout}"
+    assert tree_hashes(clone / "models") == tree_hashes(story["a"] / "models")
