@@ -115,6 +115,19 @@ def cmd_forget(args) -> int:
     if args.no_run:
         print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
         return 0
+    if os.environ.get("PREFECT_API_URL") and not args.here:
+        # a Prefect server is configured: its forget deployment applies the request when the event arrives
+        import yaml
+
+        from sisaflow_flows.events import emit_deletion_requested
+
+        name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", ws.root.name)
+        event_id = emit_deletion_requested(name, req.request_id)
+        if event_id:
+            print(f"event sisaflow.deletion.requested sent to {os.environ['PREFECT_API_URL']}; "
+                  "the forget deployment applies the request (the drain deployment if no worker is up)")
+            return 0
+        print("could not reach the Prefect server; applying the request here")
     _prefect_env(ws)
     from sisaflow_flows.forget import forget_flow
 
@@ -274,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-id")
     s.add_argument("--reason")
     s.add_argument("--no-run", action="store_true", help="only record the request")
+    s.add_argument("--here", action="store_true",
+                   help="apply it in this process even when PREFECT_API_URL names a server")
     s.add_argument("--in-process", action="store_true")
     s.set_defaults(func=cmd_forget)
 

@@ -218,7 +218,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         key = name if where == "params" or where.endswith(".yaml") else f"{where}.{name}"
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value or {}, name)
+            values[name] = _build(hint, {} if value is None else value, name)
         else:
             values[name] = _coerce(key, value, hint)
     return cls(**values)

@@ -59,7 +59,7 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
                     raise CorpusError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
                 yield f"{path}:{n}", row
     elif fmt == "csv":
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: tolerate a byte-order mark
             reader = csv.DictReader(fh)
             try:
                 for row in reader:

@@ -111,6 +111,9 @@ class Ensemble(torch.nn.Module):
         ids = self.tokenizer.encode(prompt)
         if not ids:
             ids = [self.tokenizer.eos_id]
+        # a prompt longer than the context keeps its end, leaving room for the new tokens
+        room = max(1, self._context() - max_new_tokens)
+        ids = ids[-room:]
         budget = max(0, min(max_new_tokens, self._context() - len(ids)))
         gen = torch.Generator().manual_seed(seed)
         x = torch.tensor([ids], device=self.weights.device)

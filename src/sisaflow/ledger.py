@@ -55,9 +55,14 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
     with open(path, "a+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
-        for line in fh:
-            if line.strip() and json.loads(line)["request_id"] == request.request_id:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
                 existing = DeletionRequest(**json.loads(line))
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
+            if existing.request_id == request.request_id:
                 if (sorted(existing.owners), sorted(existing.records)) != (sorted(request.owners), sorted(request.records)):
                     raise DeletionError(f"request id {request.request_id!r} is already used by a different request")
                 return False

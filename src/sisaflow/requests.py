@@ -38,7 +38,7 @@ def read_request_file(path: Path) -> tuple[list[str], list[str]]:
             if value is None:
                 continue
             values = value if isinstance(value, list) else [value]
-            if not values or not all(isinstance(v, (str, int)) and str(v).strip() for v in values):
+            if not values or not all(isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip() for v in values):
                 raise DeletionError(f"{path}:{n}: \"{key}\" must be a non-empty id or list of ids")
             target.extend(str(v) for v in values)
     if not owners and not records:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sisaflow.checkpoint import CheckpointMeta, load_training_state, read_meta, save_checkpoint
-from sisaflow.config import ModelParams, Params, TrainParams
+from sisaflow.config import ModelParams, Params
 from sisaflow.corpus import Record
 from sisaflow.fsio import digest
 from sisaflow.model import build_model

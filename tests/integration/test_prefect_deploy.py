@@ -1,0 +1,303 @@
+"""`prefect deploy --all` of the shipped prefect.yaml against a real, throwaway Prefect server.
+
+One server per module (own PREFECT_HOME, free port, analytics off), stopped by its process group at the end.
+The deployments are made from a copy of prefect.yaml and flows/ in a temporary directory, so the test does not
+depend on (or write into) the repository's state, but it tests the file the repository ships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "sisaflow"
+EVENT = "sisaflow.deletion.requested"
+# "<flow name>/<deployment name>" -> entrypoint
+DEPLOYMENTS = {
+    "sisaflow-train/full-retraining": "flows/training.py:training_flow",
+    "sisaflow-forget/forget": "flows/forget.py:forget_flow",
+    "sisaflow-drain/drain-deletions": "flows/drain.py:drain_flow",
+}
+PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SISAFLOW_WORKSPACE }}"}}]
+# A loaded 2-core machine can take a while to migrate the database and start the services.
+STARTUP_TIMEOUT_S = float(os.environ.get("SISAFLOW_TEST_PREFECT_STARTUP_S", "120"))
+COMMAND_TIMEOUT_S = 300
+
+
+def _prefect_bin() -> str:
+    beside = Path(sys.executable).with_name("prefect")
+    found = str(beside) if beside.is_file() else shutil.which("prefect")
+    if not found:
+        pytest.skip("no `prefect` executable beside this Python or on PATH")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "<no log>"
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a process started with start_new_session=True: its own process group, and nothing else."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclass
+class Server:
+    api_url: str
+    env: dict[str, str]
+    prefect: str
+    log: Path
+
+    def run(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.prefect, *args],
+            cwd=cwd,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+
+    def api(self, fn):
+        """Run `await fn(client)` with a Prefect client pointed at this server."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        async def main():
+            async with get_client() as client:
+                return await fn(client)
+
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+            return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    prefect = _prefect_bin()
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "SISAFLOW_WORKSPACE"}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        COLUMNS="200",
+    )
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            # No scheduler: the schedules are stored either way, and no scheduled runs pile up meanwhile.
+            [
+                prefect,
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--no-scheduler",
+                "--no-late-runs",
+            ],
+            cwd=home,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited with {proc.returncode} before answering:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{api_url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield Server(api_url=api_url, env=env, prefect=prefect, log=log)
+    finally:
+        _stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def deployed(server: Server, tmp_path_factory) -> Path:
+    """A copy of the shipped prefect.yaml and flows/, deployed with `prefect --no-prompt deploy --all`."""
+    ws = tmp_path_factory.mktemp("workspace")
+    shutil.copy2(REPO / "prefect.yaml", ws / "prefect.yaml")
+    shutil.copytree(REPO / "flows", ws / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+
+    r = server.run("work-pool", "create", POOL, "--type", "process", cwd=ws)
+    assert r.returncode == 0, f"work-pool create failed:\n{r.stdout}\n{r.stderr}"
+    # SISAFLOW_WORKSPACE is unset here, so the pull step keeps its placeholder for the worker to resolve.
+    r = server.run("--no-prompt", "deploy", "--all", cwd=ws)
+    assert r.returncode == 0, f"prefect deploy --all failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return ws
+
+
+def _deployments(server: Server) -> dict:
+    async def read(client):
+        return {name: await client.read_deployment_by_name(name) for name in DEPLOYMENTS}
+
+    return server.api(read)
+
+
+def test_template_renders_to_shipped_prefect_yaml():
+    from sisaflow.workspace import prefect_yaml
+
+    shipped = (REPO / "prefect.yaml").read_text()
+    template = (REPO / "flows" / "prefect.template.yaml").read_text()
+    assert "{{NAME}}" in template
+    assert prefect_yaml("sisaflow") == shipped
+    assert template.replace("{{NAME}}", "sisaflow") == shipped
+
+
+def test_deploy_all_creates_the_three_deployments(server: Server, deployed: Path):
+    deps = _deployments(server)
+    for name, entrypoint in DEPLOYMENTS.items():
+        d = deps[name]
+        assert d.entrypoint == entrypoint, name
+        assert d.work_pool_name == POOL, name
+        assert d.parameters.get("workspace") == ".", name
+        assert d.pull_steps == PULL_STEPS, name
+
+    train = deps["sisaflow-train/full-retraining"].schedules
+    assert len(train) == 1 and train[0].active
+    assert train[0].schedule.cron == "0 3 * * 0"
+    assert train[0].schedule.timezone == "UTC"
+
+    drain = deps["sisaflow-drain/drain-deletions"].schedules
+    assert len(drain) == 1 and drain[0].active
+    assert drain[0].schedule.interval == timedelta(seconds=900)
+
+    assert deps["sisaflow-forget/forget"].schedules == []
+
+
+def test_forget_deployment_has_the_deletion_event_trigger(server: Server, deployed: Path):
+    deps = _deployments(server)
+    automations = server.api(lambda c: c.read_automations())
+    by_target: dict[str, list] = {name: [] for name in DEPLOYMENTS}
+    for a in automations:
+        for action in a.actions:
+            for name, d in deps.items():
+                if getattr(action, "deployment_id", None) == d.id:
+                    by_target[name].append((a, action))
+    assert not by_target["sisaflow-train/full-retraining"]
+    assert not by_target["sisaflow-drain/drain-deletions"]
+    assert len(by_target["sisaflow-forget/forget"]) == 1, automations
+
+    automation, action = by_target["sisaflow-forget/forget"][0]
+    assert automation.enabled
+    trigger = automation.trigger.model_dump(mode="json")
+    assert trigger["type"] == "event"
+    assert trigger["posture"] == "Reactive" and trigger["threshold"] == 1
+    assert set(trigger["expect"]) == {EVENT}
+    assert trigger["match"] == {"prefect.resource.id": "sisaflow.workspace.*"}
+    assert action.type == "run-deployment"
+    assert "event.payload.request_id" in json.dumps(action.parameters)
+
+
+def _wait_for_run(server: Server, deployment_id, predicate, timeout_s: float):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = server.api(lambda c: c.read_flow_runs(flow_run_filter=flt))
+        hits = [r for r in runs if predicate(r)]
+        if hits or time.monotonic() > deadline:
+            return hits, runs
+        time.sleep(1)
+
+
+def test_worker_runs_a_flow_in_the_workspace(server: Server, deployed: Path, tmp_path: Path):
+    """A process worker with SISAFLOW_WORKSPACE runs the drain flow: the pull step moves it into the workspace,
+    where the relative entrypoint flows/drain.py is found (it would not be from the worker's temp directory)."""
+    drain = _deployments(server)["sisaflow-drain/drain-deletions"]
+    run = server.api(lambda c: c.create_flow_run_from_deployment(drain.id))
+
+    env = {**server.env, "SISAFLOW_WORKSPACE": str(deployed), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [server.prefect, "worker", "start", "--pool", POOL],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        hits, runs = _wait_for_run(
+            server, drain.id, lambda r: r.id == run.id and r.state is not None and r.state.is_final(), 240
+        )
+    finally:
+        _stop_group(worker)
+    assert hits, f"drain run not finished; runs: {[(r.name, r.state_name) for r in runs]}\n{_tail(log)}"
+    assert hits[0].state.is_completed(), f"drain run {hits[0].state_name}:\n{_tail(log)}"
+
+
+def test_deletion_event_starts_a_forget_run(server: Server, deployed: Path):
+    forget = _deployments(server)["sisaflow-forget/forget"]
+    request_id = f"test-{uuid.uuid4().hex[:12]}"
+    r = server.run(
+        "event",
+        "emit",
+        EVENT,
+        "--resource-id",
+        "sisaflow.workspace.sisaflow",
+        "--payload",
+        json.dumps({"request_id": request_id}),
+        cwd=deployed,
+    )
+    assert r.returncode == 0, f"event emit failed:\n{r.stdout}\n{r.stderr}"
+    hits, runs = _wait_for_run(server, forget.id, lambda x: x.parameters.get("request_id") == request_id, 90)
+    assert hits, (
+        f"no forget run for {request_id}; forget runs: {[x.parameters for x in runs]}\n{_tail(server.log)}"
+    )
+    assert hits[0].parameters.get("workspace") == "."
+    server.api(lambda c: c.delete_flow_run(hits[0].id))  # nobody is to run it

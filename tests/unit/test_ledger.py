@@ -1,0 +1,109 @@
+"""ledger: an append-only, idempotent record of deletion requests; ids and hashes only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sisaflow.errors import DeletionError
+from sisaflow.ledger import DeletionRequest, append_request, excluded, new_request_id, read_ledger
+
+
+def req(rid="req-1", owners=("alice",), records=(), **kw) -> DeletionRequest:
+    return DeletionRequest(rid, list(owners), list(records), **kw)
+
+
+def test_missing_ledger_is_empty(tmp_path):
+    assert read_ledger(tmp_path / "ledger.jsonl") == []
+    assert excluded(tmp_path / "ledger.jsonl") == (set(), set())
+
+
+def test_append_writes_one_sorted_json_line_and_stamps_time(tmp_path):
+    path = tmp_path / "deletions" / "ledger.jsonl"
+    assert append_request(path, req(content_hashes=["h1"], reason="gdpr")) is True
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert list(obj) == sorted(obj)
+    assert obj["request_id"] == "req-1" and obj["owners"] == ["alice"] and obj["records"] == []
+    assert obj["content_hashes"] == ["h1"] and obj["reason"] == "gdpr"
+    assert obj["requested_at"].startswith("20") and "T" in obj["requested_at"]
+    [back] = read_ledger(path)
+    assert back.request_id == "req-1" and back.requested_at == obj["requested_at"]
+
+
+def test_given_timestamp_is_kept(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req(requested_at="2024-01-01T00:00:00+00:00"))
+    assert read_ledger(path)[0].requested_at == "2024-01-01T00:00:00+00:00"
+
+
+def test_append_is_idempotent_on_request_id(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    assert append_request(path, req("req-1", owners=["a", "b"])) is True
+    before = path.read_bytes()
+    # same id, same contents (in another order, other reason): recorded once
+    assert append_request(path, req("req-1", owners=["b", "a"], reason="again")) is False
+    assert path.read_bytes() == before
+    assert [r.request_id for r in read_ledger(path)] == ["req-1"]
+
+
+def test_same_id_with_different_contents_is_refused(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1", owners=["a"]))
+    before = path.read_bytes()
+    with pytest.raises(DeletionError, match="req-1"):
+        append_request(path, req("req-1", owners=["b"]))
+    with pytest.raises(DeletionError, match="req-1"):
+        append_request(path, req("req-1", owners=["a"], records=["r9"]))
+    assert path.read_bytes() == before
+
+
+def test_requests_are_kept_in_order_and_excluded_aggregates(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1", owners=["alice"], records=[]))
+    append_request(path, req("req-2", owners=[], records=["r1", "r2"]))
+    append_request(path, req("req-3", owners=["bob", "alice"], records=["r2", "r3"]))
+    assert [r.request_id for r in read_ledger(path)] == ["req-1", "req-2", "req-3"]
+    owners, records = excluded(path)
+    assert owners == {"alice", "bob"}
+    assert records == {"r1", "r2", "r3"}
+
+
+def test_blank_lines_are_ignored(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1"))
+    with open(path, "a") as fh:
+        fh.write("\n\n")
+    append_request(path, req("req-2", owners=["zed"]))
+    assert [r.request_id for r in read_ledger(path)] == ["req-1", "req-2"]
+
+
+def test_corrupt_line_names_the_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1"))
+    with open(path, "a") as fh:
+        fh.write('{"request_id": "req-2", "owners": [\n')
+    with pytest.raises(DeletionError) as e:
+        read_ledger(path)
+    assert f"{path}:2" in str(e.value)
+    path.write_text('{"request_id": "x", "unexpected": 1}\n')
+    with pytest.raises(DeletionError, match=":1"):
+        read_ledger(path)
+
+
+def test_new_request_ids_are_unique():
+    ids = {new_request_id() for _ in range(200)}
+    assert len(ids) == 200
+    assert all(i.startswith("req-") and len(i) == 16 for i in ids)
+
+
+def test_corrupt_ledger_line_is_named_on_append(tmp_path):
+    from sisaflow.errors import DeletionError
+    from sisaflow.ledger import DeletionRequest, append_request
+
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"request_id": "a", "owners": ["1"]}\n{not json\n')
+    with pytest.raises(DeletionError, match=r"ledger.jsonl:2: corrupt ledger line"):
+        append_request(path, DeletionRequest(request_id="b", owners=["2"]))
