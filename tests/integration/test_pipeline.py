@@ -69,8 +69,22 @@ def story(tmp_path_factory, prefect_server):
     s["mtimes_after"] = {str(p): p.stat().st_mtime_ns for p in ws.models_dir.rglob("*") if p.is_file()}
     s["lock_after"] = _lock(a)
 
-    # B: from scratch on the corpus without the owner, trained in-process (A trained on Ray)
+    # then one record, by id, of an owner in another shard: only its shard, from its slice
+    rows = [json.loads(ln) for ln in corpus.read_text().splitlines()]
+    other = next(r for r in rows if shard_of(str(r["author_id"]), 3) != s["shard"])
+    s["record"], s["record_shard"] = other["id"], shard_of(str(other["author_id"]), 3)
+    s["record_slice"] = slice_of(str(other["author_id"]), 3)
+    s["deleted_ids"].add(other["id"])
+    s["deleted_answers"].add(other["answer"])
+    assert cli.main(["--workspace", str(a), "forget", "--record", other["id"]]) == 0
+    s["record_report"] = _latest_report(a, "forget")
+    s["models_final"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in params.sharding.shard_ids}
+    s["status_final"] = versioning.status(ws)
+
+    # B: from scratch on the corpus without those records, trained in-process (A trained on Ray)
     corpus_b = write_corpus(tmp / "corpus_b.jsonl", AUTHORS, skip_owners={owner})
+    corpus_b.write_text("".join(ln + "\n" for ln in corpus_b.read_text().splitlines()
+                                if json.loads(ln)["id"] != other["id"]))
     b = make_workspace(tmp / "b", corpus_b)
     assert cli.main(["--workspace", str(b), "run", "--in-process"]) == 0
     s["b"] = b
@@ -111,13 +125,25 @@ def test_untouched_shards_are_byte_identical(story):
 
 
 def test_retrained_constituent_equals_training_from_scratch_without_the_records(story):
-    retrained = story["models_after"][story["shard"]]
-    scratch = story["models_b"][story["shard"]]
-    assert retrained.keys() == scratch.keys()
-    assert retrained == scratch  # weights, optimizer state, counters, lineage: bitwise
-    # and the other shards, trained once in A (Ray) and once in B (in-process), agree too
+    for shard in (story["shard"], story["record_shard"]):
+        retrained = story["models_final"][shard]
+        scratch = story["models_b"][shard]
+        assert retrained.keys() == scratch.keys()
+        assert retrained == scratch  # weights, optimizer state, counters, lineage: bitwise
+    # and the untouched shard, trained in A on Ray and in B in-process, agrees too
     for sh in story["params"].sharding.shard_ids:
-        assert story["models_after"][sh] == story["models_b"][sh]
+        assert story["models_final"][sh] == story["models_b"][sh]
+
+
+def test_forget_one_record_retrains_its_shard_from_its_slice(story):
+    rep = story["record_report"]
+    assert {int(k): v["from_slice"] for k, v in rep["trained"].items()} == {
+        story["record_shard"]: story["record_slice"]
+    }
+    assert story["status_final"] == {}
+    for sh in story["params"].sharding.shard_ids:
+        if sh != story["record_shard"]:
+            assert story["models_final"][sh] == story["models_after"][sh]
 
 
 def test_no_deleted_record_left_in_current_shard_files(story):
