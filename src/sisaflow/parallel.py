@@ -2,8 +2,9 @@
 
 Each stale shard becomes one Ray task (`num_cpus` from params; `num_gpus` when the cluster has GPUs), running the
 same `train_shard` as the in-process path. Plain tasks rather than Ray Train's TorchTrainer: a shard here is one
-small single-worker training, and a TorchTrainer fit costs 12-20 s and ~2 GB of fixed overhead on this class of
-machine (see the README's measurements); a shard that needs data-parallel training across GPUs is the case for it.
+small single-worker training, and a TorchTrainer fit adds 12-17 s, +1.7 GB RSS (+1.0 GB PSS) and 7 processes on
+this class of machine (bench/ray_api.md), about half of a default shard's training; a shard that must train
+data-parallel across several GPUs or nodes is the case for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sisaflow.config import Params, RayParams
+from sisaflow.errors import ExternalToolError
 from sisaflow.paths import Workspace
 from sisaflow.training import ShardTrainReport, SliceReport, train_shard
 
@@ -51,7 +53,16 @@ def connect(ws: Workspace, rp: RayParams) -> bool:
     if ray.is_initialized():
         return False
     if rp.address:
-        ray.init(address=rp.address, log_to_driver=True, logging_level=logging.WARNING)
+        try:
+            ray.init(address=rp.address, log_to_driver=True, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise ExternalToolError(
+                f"ray.address = {rp.address}: cannot connect to the Ray cluster ({exc}). If it uses token "
+                "authentication (Ray >= 2.59 turns it on for `ray start` whenever ~/.ray/auth_token exists; "
+                "a local Ray, e.g. an earlier `sisaflow run` without ray.address, creates that file), run "
+                "sisaflow with RAY_AUTH_MODE=token (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                "~/.ray/auth_token), or start the cluster with RAY_AUTH_MODE=disabled on a trusted network"
+            ) from exc
     else:
         ws.ray_tmp_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("RAY_TMPDIR", str(ws.ray_tmp_dir))
