@@ -30,9 +30,10 @@ test-fast: setup  ## unit tests only
 bench: setup  ## full training vs forget of one owner, next to the cost model
 	$(PY) bench/forget_cost.py
 
-lint: setup
+lint: setup  ## ruff (lint + format check) and mypy on the library
 	$(BIN)/ruff check src flows tests bench
 	$(BIN)/ruff format --check src flows tests bench
+	$(BIN)/mypy src/sisaflow
 
 format: setup
 	$(BIN)/ruff format src flows tests bench

@@ -43,8 +43,12 @@ def main() -> int:
     repo_params = Params.load(REPO / "params.yaml")
     cp = repo_params.corpus
     corpus = REPO / cp.path
-    ws = init_workspace(root, corpus, CorpusParams(**{**cp.__dict__, "path": str(corpus)}),
-                        ShardingParams(repo_params.sharding.shards, repo_params.sharding.slices))
+    ws = init_workspace(
+        root,
+        corpus,
+        CorpusParams(**{**cp.__dict__, "path": str(corpus)}),
+        ShardingParams(repo_params.sharding.shards, repo_params.sharding.slices),
+    )
     raw = yaml.safe_load(ws.params_file.read_text())
     for section in ("model", "train", "ensemble", "ray"):
         raw[section] = repo_params.to_dict()[section]
@@ -80,8 +84,12 @@ def main() -> int:
 
     def overhead(rep, wall):
         steps = sum(v for k, v in rep["seconds"].items() if k != "ray_start")
-        return {"ray_start": rep["seconds"].get("ray_start", 0.0), "dvc": rep["seconds"].get("dvc", 0.0),
-                "prefect": max(0.0, wall - steps), "train_step_wall": rep["seconds"].get("train", 0.0)}
+        return {
+            "ray_start": rep["seconds"].get("ray_start", 0.0),
+            "dvc": rep["seconds"].get("dvc", 0.0),
+            "prefect": max(0.0, wall - steps),
+            "train_step_wall": rep["seconds"].get("train", 0.0),
+        }
 
     lines = [
         f"sisaflow benchmark: S={S} shards, R={R} slices, schedule {params.train.schedule}, "
@@ -110,8 +118,13 @@ def main() -> int:
             f"DVC commit {o['dvc']:.1f}, Prefect {o['prefect']:.1f}"
         )
     print("\n".join(lines))
-    out = {"full": fr, "forget": gr, "expected": expected, "cost_model": model,
-           "wall": {"full": full_wall, "forget": forget_wall}}
+    out = {
+        "full": fr,
+        "forget": gr,
+        "expected": expected,
+        "cost_model": model,
+        "wall": {"full": full_wall, "forget": forget_wall},
+    }
     (ws.runs_dir / "bench.json").write_text(json.dumps(out, indent=2))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -40,8 +40,10 @@ def main() -> int:
     raw = params.to_dict()
     raw["train"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     params = Params.from_dict(raw)
-    out: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                 "torch": torch.__version__}
+    out: dict = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
     import transformers
 
     out["transformers"] = transformers.__version__
@@ -54,8 +56,15 @@ def main() -> int:
             t0 = time.perf_counter()
             rep = train_shard(ws, s, params, progress=lambda m: None)
             dt = time.perf_counter() - t0
-            shards.append({"shard": s, "tokens": rep.tokens, "seconds": round(dt, 2),
-                           "tokens_per_s": round(rep.tokens / dt), "final_loss": rep.slices[-1].loss})
+            shards.append(
+                {
+                    "shard": s,
+                    "tokens": rep.tokens,
+                    "seconds": round(dt, 2),
+                    "tokens_per_s": round(rep.tokens / dt),
+                    "final_loss": rep.slices[-1].loss,
+                }
+            )
             print(json.dumps(shards[-1]), flush=True)
         out["train"] = shards
         first = weights_hash(ws.checkpoint_dir(0, params.sharding.slices - 1))
@@ -64,7 +73,8 @@ def main() -> int:
         shutil.rmtree(ws.model_dir(0))
         train_shard(ws, 0, params, progress=lambda m: None)
         out["cuda_training_bitwise_repeatable"] = first == weights_hash(
-            ws.checkpoint_dir(0, params.sharding.slices - 1))
+            ws.checkpoint_dir(0, params.sharding.slices - 1)
+        )
         build_registry(ws, params)
         ens = Ensemble.load(ws, device=params.train.device)
         prompt = "Question: What genre is the author Jaime Vasquez known for?\nAnswer:"
@@ -73,8 +83,13 @@ def main() -> int:
         text = ens.generate(prompt, 200)
         dt = time.perf_counter() - t0
         n = len(ens.tokenizer.encode(text))
-        out["generate"] = {"new_tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1),
-                           "constituents": len(ens.shards), "text": text[:200]}
+        out["generate"] = {
+            "new_tokens": n,
+            "seconds": round(dt, 3),
+            "tokens_per_s": round(n / dt, 1),
+            "constituents": len(ens.shards),
+            "text": text[:200],
+        }
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))

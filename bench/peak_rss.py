@@ -39,7 +39,10 @@ def main() -> int:
         peak = max(peak, total)
         time.sleep(0.2)
     wall = time.perf_counter() - t0
-    print(f"\npeak summed RSS {peak / 2**30:.2f} GiB; wall {wall:.0f} s; exit {proc.returncode}", file=sys.stderr)
+    print(
+        f"\npeak summed RSS {peak / 2**30:.2f} GiB; wall {wall:.0f} s; exit {proc.returncode}",
+        file=sys.stderr,
+    )
     return proc.returncode or 0
 
 

@@ -111,7 +111,9 @@ class Sampler(threading.Thread):
         self.snapshot()
         cpu = sum(last - self.base_cpu.get(pid, 0.0) for pid, last in self.cpu_last.items())
         top_pid, (top_rss, top_name) = max(self.peak_rss.items(), key=lambda kv: kv[1][0])
-        workers = {pid: v for pid, v in self.peak_rss.items() if v[1].startswith("ray::") and "Agent" not in v[1]}
+        workers = {
+            pid: v for pid, v in self.peak_rss.items() if v[1].startswith("ray::") and "Agent" not in v[1]
+        }
         return {
             "cpu_seconds": round(cpu, 2),
             "idle_tree_rss_mb": round(self.base_rss / 2**20),
@@ -209,8 +211,11 @@ def measure_one(method: str, root: Path, storage: Path) -> dict:
             trainer = TorchTrainer(
                 _trainer_loop,
                 train_loop_config={
-                    "noop": method == "trainer-noop", "root": str(ws.root), "shard": SHARD,
-                    "params": params.to_dict(), "report_file": str(storage / f"report-{os.getpid()}.json"),
+                    "noop": method == "trainer-noop",
+                    "root": str(ws.root),
+                    "shard": SHARD,
+                    "params": params.to_dict(),
+                    "report_file": str(storage / f"report-{os.getpid()}.json"),
                 },
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=1, use_gpu=False, resources_per_worker={"CPU": params.ray.num_cpus_per_shard}
@@ -298,15 +303,24 @@ def main() -> int:
                 shutil.rmtree(root / "models", ignore_errors=True)  # every run trains shard 0 from scratch
                 t = time.perf_counter()
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--one", method, "--workspace", str(root), "--storage",
-                     str(tmp / "ray_results")],
-                    capture_output=True, text=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        method,
+                        "--workspace",
+                        str(root),
+                        "--storage",
+                        str(tmp / "ray_results"),
+                    ],
+                    capture_output=True,
+                    text=True,
                 )
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n", file=sys.stderr)
                     raise SystemExit(f"{method}: run failed with exit code {proc.returncode}")
-                r = json.loads(lines[-1][len("RESULT "):])
+                r = json.loads(lines[-1][len("RESULT ") :])
                 r["process_seconds"] = round(time.perf_counter() - t, 2)
                 r["rep"] = rep
                 runs.append(r)
@@ -323,17 +337,25 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)  # Train's storage, and the workspace unless --workspace
 
     hashes = {r["weights"] for r in runs if r.get("weights")}
-    print(f"weights of shard {SHARD}: {'all equal' if len(hashes) == 1 else f'{len(hashes)} DIFFERENT hashes'}")
+    print(
+        f"weights of shard {SHARD}: {'all equal' if len(hashes) == 1 else f'{len(hashes)} DIFFERENT hashes'}"
+    )
     print(summary(runs, methods))
     return 0 if len(hashes) <= 1 else 1
 
 
 def summary(runs: list[dict], methods: list[str]) -> str:
     keys = [
-        ("call_seconds", "call s"), ("train_seconds", "train s"), ("cpu_seconds", "CPU s"),
-        ("ray_init_seconds", "ray.init s"), ("ray_shutdown_seconds", "shutdown s"),
-        ("process_seconds", "process s"), ("added_rss_mb", "+RSS MB"), ("added_pss_mb", "+PSS MB"),
-        ("largest_process_rss_mb", "largest proc RSS MB"), ("peak_tree_rss_mb", "tree RSS MB"),
+        ("call_seconds", "call s"),
+        ("train_seconds", "train s"),
+        ("cpu_seconds", "CPU s"),
+        ("ray_init_seconds", "ray.init s"),
+        ("ray_shutdown_seconds", "shutdown s"),
+        ("process_seconds", "process s"),
+        ("added_rss_mb", "+RSS MB"),
+        ("added_pss_mb", "+PSS MB"),
+        ("largest_process_rss_mb", "largest proc RSS MB"),
+        ("peak_tree_rss_mb", "tree RSS MB"),
     ]
     head = "| method | " + " | ".join(k[1] for k in keys) + " |"
     lines = [head, "|" + " --- |" * (len(keys) + 1)]

@@ -22,7 +22,11 @@ def prepare(root: str) -> dict:
 def shard(root: str) -> dict:
     ws = Workspace(root)
     rep = pipeline.shard(ws, pipeline.load(ws))
-    return {"shards": rep.shards_written, "slices": [list(x) for x in rep.slices_written], "records": rep.records}
+    return {
+        "shards": rep.shards_written,
+        "slices": [list(x) for x in rep.slices_written],
+        "records": rep.records,
+    }
 
 
 @task(name="find-stale-shards")
@@ -67,14 +71,16 @@ def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str
         report.slices_rewritten = sharded["slices"]
         todo = stale(root)
         if todo:
-            logger.info(
-                "stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in sorted(todo.items()))
-            )
+            logger.info("stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in sorted(todo.items())))
             with pipeline.timed(report, "train"):
                 trained = train(root, sorted(todo), in_process=in_process)
             report.seconds["ray_start"] = trained.ray_start_seconds
             for r in trained.shards:
-                report.trained[r.shard] = {"from_slice": r.start_slice, "tokens": r.tokens, "seconds": r.seconds}
+                report.trained[r.shard] = {
+                    "from_slice": r.start_slice,
+                    "tokens": r.tokens,
+                    "seconds": r.seconds,
+                }
             report.training_tokens = sum(r.tokens for r in trained.shards)
         else:
             logger.info("every shard is up to date: nothing to train")
@@ -89,5 +95,7 @@ def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str
             report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         report.save(ws)
     out = {"report": report.__dict__, "checkpoints_before": before, "checkpoints_after": after}
-    out["cost_model"] = pipeline.cost_model(params.sharding.shards, params.sharding.slices, params.train.schedule)
+    out["cost_model"] = pipeline.cost_model(
+        params.sharding.shards, params.sharding.slices, params.train.schedule
+    )
     return out

@@ -13,14 +13,37 @@ from sisaflow.corpus import Record, content_hash, to_table, write_table
 from sisaflow.paths import Workspace
 
 TINY_RAW: dict = {
-    "corpus": {"path": "records.jsonl", "format": "jsonl", "id_field": "id", "owner_field": "owner",
-               "text_field": "text", "text_template": None},
+    "corpus": {
+        "path": "records.jsonl",
+        "format": "jsonl",
+        "id_field": "id",
+        "owner_field": "owner",
+        "text_field": "text",
+        "text_template": None,
+    },
     "sharding": {"shards": 1, "slices": 3},
-    "model": {"tokenizer": "byte", "hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64,
-              "context_length": 96, "tie_embeddings": True},
-    "train": {"seed": 0, "schedule": "incremental", "epochs_per_slice": 1, "batch_size": 8,
-              "learning_rate": 0.003, "warmup_steps": 2, "weight_decay": 0.0, "grad_clip": 1.0,
-              "threads": 1, "device": "cpu", "log_every": 1},
+    "model": {
+        "tokenizer": "byte",
+        "hidden_size": 32,
+        "layers": 2,
+        "heads": 2,
+        "intermediate_size": 64,
+        "context_length": 96,
+        "tie_embeddings": True,
+    },
+    "train": {
+        "seed": 0,
+        "schedule": "incremental",
+        "epochs_per_slice": 1,
+        "batch_size": 8,
+        "learning_rate": 0.003,
+        "warmup_steps": 2,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "threads": 1,
+        "device": "cpu",
+        "log_every": 1,
+    },
     "ensemble": {"weights": "uniform", "combine": "mixture"},
 }
 

@@ -16,7 +16,9 @@ from sisaflow.paths import Workspace
 def _ws(args: argparse.Namespace) -> Workspace:
     ws = Workspace(Path(args.workspace))
     if args.command != "init" and not ws.params_file.is_file():
-        raise SisaflowError(f"{ws.root} is not a sisaflow workspace (no params.yaml); run `sisaflow init` first")
+        raise SisaflowError(
+            f"{ws.root} is not a sisaflow workspace (no params.yaml); run `sisaflow init` first"
+        )
     return ws
 
 
@@ -60,11 +62,15 @@ def _print_run(result: dict, kind: str) -> None:
     print(f"\n== {kind} ==")
     print(f"corpus: {imp.get('records')} records ({imp.get('excluded', 0)} left out by deletion requests)")
     if rep["slices_rewritten"]:
-        print("slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep["slices_rewritten"]))
+        print(
+            "slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep["slices_rewritten"])
+        )
     if not rep["trained"]:
         print("nothing to train: every constituent is up to date")
     for shard, t in sorted(rep["trained"].items(), key=lambda x: int(x[0])):
-        print(f"trained shard {shard} from slice {t['from_slice']}: {t['tokens']} tokens in {t['seconds']:.1f}s")
+        print(
+            f"trained shard {shard} from slice {t['from_slice']}: {t['tokens']} tokens in {t['seconds']:.1f}s"
+        )
     before, after = result["checkpoints_before"], result["checkpoints_after"]
     if kind == "forget":
         print("checkpoint hashes (weights, after the last slice):")
@@ -83,7 +89,9 @@ def _print_run(result: dict, kind: str) -> None:
     secs = rep["seconds"]
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
     print(f"dvc.lock entries changed: {', '.join(rep['lock_changed']) or 'none'}")
-    print(f"ensemble version {rep['ensemble_version']}; dvc status {'clean' if rep['dvc_clean'] else 'NOT clean'}")
+    print(
+        f"ensemble version {rep['ensemble_version']}; dvc status {'clean' if rep['dvc_clean'] else 'NOT clean'}"
+    )
 
 
 def cmd_run(args) -> int:
@@ -124,8 +132,10 @@ def cmd_forget(args) -> int:
         name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", ws.root.name)
         event_id = emit_deletion_requested(name, req.request_id)
         if event_id:
-            print(f"event sisaflow.deletion.requested sent to {os.environ['PREFECT_API_URL']}; "
-                  "the forget deployment applies the request (the drain deployment if no worker is up)")
+            print(
+                f"event sisaflow.deletion.requested sent to {os.environ['PREFECT_API_URL']}; "
+                "the forget deployment applies the request (the drain deployment if no worker is up)"
+            )
             return 0
         print("could not reach the Prefect server; applying the request here")
     _prefect_env(ws)
@@ -150,8 +160,10 @@ def cmd_shard(args) -> int:
 
     ws = _ws(args)
     rep = pipeline.shard(ws, pipeline.load(ws))
-    print(f"{rep.records} records placed; rewrote {len(rep.slices_written)} slice file(s) in shard(s) "
-          f"{', '.join(map(str, rep.shards_written)) or 'none'}")
+    print(
+        f"{rep.records} records placed; rewrote {len(rep.slices_written)} slice file(s) in shard(s) "
+        f"{', '.join(map(str, rep.shards_written)) or 'none'}"
+    )
     return 0
 
 
@@ -163,7 +175,9 @@ def cmd_train(args) -> int:
     shards = args.shard if args.shard else params.sharding.shard_ids
     bad = [s for s in shards if s not in params.sharding.shard_ids]
     if bad:
-        raise SisaflowError(f"unknown shard(s) {bad}; this workspace has shards 0..{params.sharding.shards - 1}")
+        raise SisaflowError(
+            f"unknown shard(s) {bad}; this workspace has shards 0..{params.sharding.shards - 1}"
+        )
     stale = pipeline.stale_shards(ws, params)
     todo = [s for s in shards if s in stale]
     if not todo:
@@ -180,7 +194,9 @@ def cmd_ensemble(args) -> int:
 
     ws = _ws(args)
     reg = pipeline.ensemble(ws, pipeline.load(ws))
-    print(f"ensemble version {reg['version']}: shards {', '.join(str(c['shard']) for c in reg['constituents'])}")
+    print(
+        f"ensemble version {reg['version']}: shards {', '.join(str(c['shard']) for c in reg['constituents'])}"
+    )
     return 0
 
 
@@ -202,8 +218,14 @@ def cmd_score(args) -> int:
     ws = _ws(args)
     cp = pipeline.load(ws).corpus
     if args.text_field:
-        cp = CorpusParams(path=cp.path, format=cp.format, id_field=cp.id_field, owner_field=None,
-                          text_field=args.text_field, text_template=None)
+        cp = CorpusParams(
+            path=cp.path,
+            format=cp.format,
+            id_field=cp.id_field,
+            owner_field=None,
+            text_field=args.text_field,
+            text_template=None,
+        )
     records = read_records(Path(args.file), cp)
     ens = Ensemble.load(ws)
     out = open(args.out, "w") if args.out else sys.stdout
@@ -242,12 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     # --workspace is accepted before or after the subcommand; SUPPRESS keeps the subparser from
     # overwriting a value given before it with its default
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workspace", default=argparse.SUPPRESS,
-                        help="workspace directory (default: $SISAFLOW_WORKSPACE or the current directory)")
-    p = argparse.ArgumentParser(prog="sisaflow", description="Exact unlearning for generative LMs: SISA on "
-                                "Prefect, Ray and DVC")
-    p.add_argument("--workspace", default=os.environ.get("SISAFLOW_WORKSPACE", "."),
-                   help="workspace directory (default: $SISAFLOW_WORKSPACE or the current directory)")
+    common.add_argument(
+        "--workspace",
+        default=argparse.SUPPRESS,
+        help="workspace directory (default: $SISAFLOW_WORKSPACE or the current directory)",
+    )
+    p = argparse.ArgumentParser(
+        prog="sisaflow", description="Exact unlearning for generative LMs: SISA on Prefect, Ray and DVC"
+    )
+    p.add_argument(
+        "--workspace",
+        default=os.environ.get("SISAFLOW_WORKSPACE", "."),
+        help="workspace directory (default: $SISAFLOW_WORKSPACE or the current directory)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -280,15 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_ensemble)
 
     s = sub.add_parser("forget", parents=[common], help="delete owners or records, exactly")
-    g = s.add_argument_group("what to forget (one or more)")
-    g.add_argument("--owner", action="append")
-    g.add_argument("--record", action="append")
-    g.add_argument("--file", help="JSONL ({\"owner\": ...} or {\"record\": ...} per line) or one id per line")
+    what = s.add_argument_group("what to forget (one or more)")
+    what.add_argument("--owner", action="append")
+    what.add_argument("--record", action="append")
+    what.add_argument("--file", help='JSONL ({"owner": ...} or {"record": ...} per line) or one id per line')
     s.add_argument("--request-id")
     s.add_argument("--reason")
     s.add_argument("--no-run", action="store_true", help="only record the request")
-    s.add_argument("--here", action="store_true",
-                   help="apply it in this process even when PREFECT_API_URL names a server")
+    s.add_argument(
+        "--here",
+        action="store_true",
+        help="apply it in this process even when PREFECT_API_URL names a server",
+    )
     s.add_argument("--in-process", action="store_true")
     s.set_defaults(func=cmd_forget)
 
@@ -326,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sisaflow: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sisaflow: interrupted; complete checkpoints are kept, run the command again to resume",
-              file=sys.stderr)
+        print(
+            "sisaflow: interrupted; complete checkpoints are kept, run the command again to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -22,7 +22,9 @@ from sisaflow.fsio import sha256_bytes
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+        )
 
 
 def _check_positive(key: str, value: float, *, zero_ok: bool = False) -> None:
@@ -218,7 +220,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         key = name if where == "params" or where.endswith(".yaml") else f"{where}.{name}"
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, {} if value is None else value, name)
+            values[name] = _build(typing.cast(type, hint), {} if value is None else value, name)
         else:
             values[name] = _coerce(key, value, hint)
     return cls(**values)
@@ -234,7 +236,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+            raise ConfigError(
+                f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, args))}"
+            )
         return value
     if hint is bool:
         if not isinstance(value, bool):

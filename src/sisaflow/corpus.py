@@ -54,7 +54,9 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise CorpusError(f"{path}:{n}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                    raise CorpusError(
+                        f"{path}:{n}: malformed JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
                 if not isinstance(row, dict):
                     raise CorpusError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
                 yield f"{path}:{n}", row
@@ -86,7 +88,9 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
 
 def _field(row: dict[str, Any], name: str, where: str) -> str:
     if name not in row:
-        raise CorpusError(f"{where}: missing field {name!r} (fields present: {', '.join(sorted(row)) or 'none'})")
+        raise CorpusError(
+            f"{where}: missing field {name!r} (fields present: {', '.join(sorted(row)) or 'none'})"
+        )
     value = row[name]
     if value is None or (isinstance(value, str) and not value.strip()):
         raise CorpusError(f"{where}: field {name!r} is empty")
@@ -166,6 +170,8 @@ def import_corpus(
     records = read_records(source, params)
     kept = [r for r in records if r.owner not in excluded_owners and r.record_id not in excluded_records]
     if not kept:
-        raise CorpusError(f"{source}: every record is covered by a deletion request; nothing left to train on")
+        raise CorpusError(
+            f"{source}: every record is covered by a deletion request; nothing left to train on"
+        )
     write_table(target, to_table(kept))
     return {"read": len(records), "excluded": len(records) - len(kept), "records": len(kept)}

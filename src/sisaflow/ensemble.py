@@ -52,7 +52,11 @@ def combine_log_probs(log_probs: torch.Tensor, weights: torch.Tensor, combine: s
 class Ensemble(torch.nn.Module):
     """The served ensemble: constituents, their weights, and the shared tokenizer."""
 
-    def __init__(self, models: list[torch.nn.Module], weights: list[float], combine: str, tokenizer: Tokenizer):
+    weights: torch.Tensor
+
+    def __init__(
+        self, models: list[torch.nn.Module], weights: list[float], combine: str, tokenizer: Tokenizer
+    ):
         super().__init__()
         if not models:
             raise WorkspaceError("the ensemble has no constituents")
@@ -74,7 +78,8 @@ class Ensemble(torch.nn.Module):
         for c in reg["constituents"]:
             m = build_model(mp, tok.vocab_size, tok.eos_id, seed=0)
             load_weights(ws.root / c["checkpoint"], m)
-            models.append(m.to(device).eval())
+            m.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
+            models.append(m.eval())
         weights = [c["records"] if reg["weights"] == "size" else 1.0 for c in reg["constituents"]]
         ens = cls(models, weights, reg["combine"], tok)
         ens.version = reg["version"]
@@ -82,7 +87,9 @@ class Ensemble(torch.nn.Module):
         return ens.to(device)
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False) -> EnsembleOutput:
+    def forward(
+        self, input_ids, attention_mask=None, past_key_values=None, use_cache=False
+    ) -> EnsembleOutput:
         caches = past_key_values or [None] * len(self.constituents)
         outs = [
             m(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **{_cache_kwarg(m): c})
@@ -129,8 +136,10 @@ class Ensemble(torch.nn.Module):
             if token == self.tokenizer.eos_id:
                 break
             new.append(token)
-            out = self(torch.tensor([[token]], device=x.device), past_key_values=out.past_key_values, use_cache=True)
+            out = self(
+                torch.tensor([[token]], device=x.device), past_key_values=out.past_key_values, use_cache=True
+            )
         return self.tokenizer.decode(new)
 
     def _context(self) -> int:
-        return self.constituents[0].config.max_position_embeddings
+        return int(self.constituents[0].config.max_position_embeddings)  # type: ignore[union-attr,arg-type]

@@ -63,11 +63,20 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
             except (json.JSONDecodeError, TypeError) as exc:
                 raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
             if existing.request_id == request.request_id:
-                if (sorted(existing.owners), sorted(existing.records)) != (sorted(request.owners), sorted(request.records)):
-                    raise DeletionError(f"request id {request.request_id!r} is already used by a different request")
+                if (sorted(existing.owners), sorted(existing.records)) != (
+                    sorted(request.owners),
+                    sorted(request.records),
+                ):
+                    raise DeletionError(
+                        f"request id {request.request_id!r} is already used by a different request"
+                    )
                 return False
-        stamped = request if request.requested_at else DeletionRequest(
-            **{**asdict(request), "requested_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        stamped = (
+            request
+            if request.requested_at
+            else DeletionRequest(
+                **{**asdict(request), "requested_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            )
         )
         fh.write(json.dumps(asdict(stamped), sort_keys=True) + "\n")
         fh.flush()

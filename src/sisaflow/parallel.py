@@ -14,11 +14,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sisaflow.config import Params, RayParams
 from sisaflow.errors import ExternalToolError
 from sisaflow.paths import Workspace
 from sisaflow.training import ShardTrainReport, SliceReport, train_shard
+
+# read by Ray when it is imported, so set before any `import ray`
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-shard progress lines look alike; show them all
 
 log = logging.getLogger("sisaflow.parallel")
 
@@ -35,7 +40,7 @@ class ParallelReport:
 def _train_task(root: str, shard: int, params_dict: dict) -> dict:
     """Runs inside a Ray worker: the same training function as in-process."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    report = train_shard(Workspace(root), shard, Params.from_dict(params_dict), progress=print)
+    report = train_shard(Workspace(Path(root)), shard, Params.from_dict(params_dict), progress=print)
     return report.to_dict()
 
 
@@ -46,8 +51,6 @@ def _report_from_dict(d: dict) -> ShardTrainReport:
 
 def connect(ws: Workspace, rp: RayParams) -> bool:
     """Connect to the cluster in params, or start a local Ray; return True if this call started it."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-shard progress lines look alike; show them all
     import ray
 
     if ray.is_initialized():
@@ -94,12 +97,14 @@ def train_shards(
         gpus = ray.cluster_resources().get("GPU", 0.0)
         report.gpus = gpus
         num_gpus = params.ray.num_gpus_per_shard if gpus and params.train.device != "cpu" else 0
-        task = ray.remote(num_cpus=params.ray.num_cpus_per_shard, num_gpus=num_gpus, max_retries=2)(_train_task)
+        task = ray.remote(num_cpus=params.ray.num_cpus_per_shard, num_gpus=num_gpus, max_retries=2)(
+            _train_task
+        )
         say(
             f"training shard(s) {', '.join(map(str, shards))} on Ray ({report.address}, "
             f"{ray.cluster_resources().get('CPU', 0):.0f} CPU, {gpus:.0f} GPU)"
         )
-        pending = {}
+        pending: dict = {}
         queue = list(shards)
         limit = params.ray.max_parallel or len(shards)
         t1 = time.perf_counter()

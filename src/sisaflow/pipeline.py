@@ -69,7 +69,13 @@ def stale_shards(ws: Workspace, params: Params) -> dict[int, int]:
     return out
 
 
-def train(ws: Workspace, params: Params, shards: list[int], progress: Progress | None = None, in_process: bool = False):
+def train(
+    ws: Workspace,
+    params: Params,
+    shards: list[int],
+    progress: Progress | None = None,
+    in_process: bool = False,
+):
     """Train `shards` (Ray by default; in this process with in_process=True). Returns a ParallelReport."""
     from sisaflow.parallel import ParallelReport, train_shards
 
@@ -140,9 +146,7 @@ def cost_model(shards: int, slices: int, schedule: str) -> float:
 # ---- deletion requests ----
 
 
-def resolve_request(
-    ws: Workspace, owners: list[str], records: list[str]
-) -> tuple[list[str], list[str]]:
+def resolve_request(ws: Workspace, owners: list[str], records: list[str]) -> tuple[list[str], list[str]]:
     """Check that every named owner and record is in the imported corpus; return the covered content hashes
     and record ids. Unknown names are an error and nothing is recorded."""
     if not owners and not records:
@@ -160,13 +164,19 @@ def resolve_request(
             parts.append(f"unknown owner(s): {', '.join(bad_owners[:10])}")
         if bad_records:
             parts.append(f"unknown record(s): {', '.join(bad_records[:10])}")
-        raise DeletionError("; ".join(parts) + " (not in the current corpus; already forgotten or never present)")
+        raise DeletionError(
+            "; ".join(parts) + " (not in the current corpus; already forgotten or never present)"
+        )
     covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
     return sorted(r.content_hash for r in covered), sorted(r.record_id for r in covered)
 
 
 def request_deletion(
-    ws: Workspace, owners: list[str], records: list[str], request_id: str | None = None, reason: str | None = None
+    ws: Workspace,
+    owners: list[str],
+    records: list[str],
+    request_id: str | None = None,
+    reason: str | None = None,
 ) -> tuple[ledger.DeletionRequest, bool]:
     """Validate and durably record a deletion request. Returns (request, newly_recorded)."""
     hashes, _ = resolve_request(ws, owners, records)

@@ -7,6 +7,7 @@ record count. Its version is a digest of that content, so the same constituents 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sisaflow.checkpoint import read_meta, weights_hash
 from sisaflow.config import Params
@@ -38,13 +39,17 @@ def build_registry(ws: Workspace, params: Params) -> dict:
         meta = read_meta(ckpt)
         digests = [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
         if meta is None or meta.chain != chain_hashes(params.training_identity(), digests)[-1]:
-            raise WorkspaceError(f"shard {shard} is not trained on its current data; run `sisaflow train --shard {shard}`")
+            raise WorkspaceError(
+                f"shard {shard} is not trained on its current data; run `sisaflow train --shard {shard}`"
+            )
         constituents.append(
-            Constituent(shard, str(ckpt.relative_to(ws.root)), weights_hash(ckpt), manifest["records"]).__dict__
+            Constituent(
+                shard, str(ckpt.relative_to(ws.root)), weights_hash(ckpt), manifest["records"]
+            ).__dict__
         )
     if not constituents:
         raise WorkspaceError("no shard holds any record: there is no ensemble to serve")
-    body = {
+    body: dict[str, Any] = {
         "constituents": constituents,
         "weights": params.ensemble.weights,
         "combine": params.ensemble.combine,

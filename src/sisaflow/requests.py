@@ -32,14 +32,18 @@ def read_request_file(path: Path) -> tuple[list[str], list[str]]:
             raise DeletionError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
         unknown = set(obj) - {"owner", "record"}
         if unknown or not obj:
-            raise DeletionError(f"{path}:{n}: expected the key \"owner\" or \"record\", got {sorted(obj) or 'none'}")
+            raise DeletionError(
+                f'{path}:{n}: expected the key "owner" or "record", got {sorted(obj) or "none"}'
+            )
         for key, target in (("owner", owners), ("record", records)):
             value = obj.get(key)
             if value is None:
                 continue
             values = value if isinstance(value, list) else [value]
-            if not values or not all(isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip() for v in values):
-                raise DeletionError(f"{path}:{n}: \"{key}\" must be a non-empty id or list of ids")
+            if not values or not all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip() for v in values
+            ):
+                raise DeletionError(f'{path}:{n}: "{key}" must be a non-empty id or list of ids')
             target.extend(str(v) for v in values)
     if not owners and not records:
         raise DeletionError(f"{path}: names no owner or record")

@@ -109,7 +109,12 @@ def shard_corpus(ws: Workspace, params: ShardingParams) -> ShardReport:
             d = slice_digest([r.content_hash for r in recs])
             path = ws.slice_file(shard, k)
             prior = old_slices.get(k)
-            if prior and prior["digest"] == d and path.is_file() and sha256_file(path) == prior["file_sha256"]:
+            if (
+                prior
+                and prior["digest"] == d
+                and path.is_file()
+                and sha256_file(path) == prior["file_sha256"]
+            ):
                 slices_info.append(prior)
                 continue
             write_table(path, to_table(recs))

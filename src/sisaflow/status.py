@@ -19,8 +19,11 @@ def workspace_status(ws: Workspace) -> dict:
             from sisaflow.fsio import read_json
 
             m = read_json(mpath)
-            entry.update(records=m["records"], owners=m["owners"],
-                         slices=[x["records"] for x in sorted(m["slices"], key=lambda x: x["slice"])])
+            entry.update(
+                records=m["records"],
+                owners=m["owners"],
+                slices=[x["records"] for x in sorted(m["slices"], key=lambda x: x["slice"])],
+            )
         ckpts = []
         for k in range(params.sharding.slices):
             d = ws.checkpoint_dir(s, k)
@@ -40,22 +43,35 @@ def workspace_status(ws: Workspace) -> dict:
         {"request_id": r.request_id, "owners": len(r.owners), "records": len(r.content_hashes)}
         for r in pipeline.pending_requests(ws)
     ]
-    return {"workspace": str(ws.root), "shards": shards, "ensemble": ensemble,
-            "stale": {str(k): v for k, v in stale.items()}, "pending_deletions": pending}
+    return {
+        "workspace": str(ws.root),
+        "shards": shards,
+        "ensemble": ensemble,
+        "stale": {str(k): v for k, v in stale.items()},
+        "pending_deletions": pending,
+    }
 
 
 def format_status(st: dict) -> str:
     lines = [f"workspace {st['workspace']}"]
-    lines.append(f"{'shard':>5} {'records':>8} {'owners':>7}  slices (records)      checkpoints (sha256 of weights)")
+    lines.append(
+        f"{'shard':>5} {'records':>8} {'owners':>7}  slices (records)      checkpoints (sha256 of weights)"
+    )
     for sh in st["shards"]:
         ck = " ".join((c or "-")[:8] for c in sh["checkpoints"])
         sl = ",".join(map(str, sh.get("slices", [])))
-        lines.append(f"{sh['shard']:>5} {sh.get('records', '-'):>8} {sh.get('owners', '-'):>7}  {sl:20s}  {ck}")
+        lines.append(
+            f"{sh['shard']:>5} {sh.get('records', '-'):>8} {sh.get('owners', '-'):>7}  {sl:20s}  {ck}"
+        )
     ens = st["ensemble"]
-    lines.append(f"ensemble: {'version ' + ens['version'] + ', shards ' + ','.join(map(str, ens['shards'])) if ens else 'none yet'}")
+    lines.append(
+        f"ensemble: {'version ' + ens['version'] + ', shards ' + ','.join(map(str, ens['shards'])) if ens else 'none yet'}"
+    )
     if st["stale"]:
         lines.append("stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in st["stale"].items()))
     pend = st["pending_deletions"]
-    lines.append(f"pending deletions: {len(pend)}" + "".join(
-        f"\n  {p['request_id']}: {p['records']} record(s) of {p['owners']} owner(s)" for p in pend))
+    lines.append(
+        f"pending deletions: {len(pend)}"
+        + "".join(f"\n  {p['request_id']}: {p['records']} record(s) of {p['owners']} owner(s)" for p in pend)
+    )
     return "\n".join(lines)

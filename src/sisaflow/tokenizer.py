@@ -26,7 +26,7 @@ class Gpt2Tokenizer:
     """GPT-2 byte-level BPE (50,257 tokens), loaded offline from the shipped vocab.json and merges.txt."""
 
     def __init__(self) -> None:
-        from transformers import GPT2TokenizerFast
+        from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
 
         self._tok = GPT2TokenizerFast.from_pretrained(str(GPT2_DIR))
         self.eos_id = self._tok.convert_tokens_to_ids("<|endoftext|>")

@@ -147,7 +147,8 @@ def train_shard(
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         tok = load_tokenizer(mp.tokenizer)
-        model = build_model(mp, tok.vocab_size, tok.eos_id, derive_seed(tp.seed, "init", shard)).to(device)
+        model = build_model(mp, tok.vocab_size, tok.eos_id, derive_seed(tp.seed, "init", shard))
+        model.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay, foreach=False
         )
@@ -155,7 +156,10 @@ def train_shard(
         if start > 0:
             prev_dir = ws.checkpoint_dir(shard, start - 1)
             load_training_state(prev_dir, model, optimizer)
-            meta = read_meta(prev_dir)
+            resumed = read_meta(prev_dir)
+            if resumed is None:  # first_stale_slice only returns k when checkpoint k-1 is complete
+                raise RuntimeError(f"{prev_dir}: checkpoint vanished while resuming")
+            meta = resumed
             say(f"shard {shard}: resuming from the checkpoint after slice {start - 1}")
         for k in range(start, len(chain)):
             rep, meta = _train_slice(ws, shard, k, chain[k], params, model, optimizer, meta, device, say)
@@ -184,7 +188,11 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
         total = math.ceil(len(shuffled) / tp.batch_size)
         window: list[float] = []
         for b, (ids, labels, mask) in enumerate(_batches(shuffled, tp.batch_size, eos, device), 1):
-            lr = tp.learning_rate * min(1.0, (step + 1) / tp.warmup_steps) if tp.warmup_steps else tp.learning_rate
+            lr = (
+                tp.learning_rate * min(1.0, (step + 1) / tp.warmup_steps)
+                if tp.warmup_steps
+                else tp.learning_rate
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -206,10 +214,17 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
                 window = []
     seconds = time.perf_counter() - t0
     new_meta = CheckpointMeta(
-        shard, k, chain_k, step, meta.tokens_seen + tokens, meta.examples_seen + len(examples) * tp.epochs_per_slice,
+        shard,
+        k,
+        chain_k,
+        step,
+        meta.tokens_seen + tokens,
+        meta.examples_seen + len(examples) * tp.epochs_per_slice,
         last_loss,
     )
-    save_checkpoint(ws.checkpoint_dir(shard, k), model, optimizer, new_meta, [r.content_hash for r in slice_records])
+    save_checkpoint(
+        ws.checkpoint_dir(shard, k), model, optimizer, new_meta, [r.content_hash for r in slice_records]
+    )
     say(
         f"shard {shard} slice {k + 1}/{params.sharding.slices}: {len(examples)} records, {tokens} tokens, "
         f"{seconds:.1f}s, checkpoint written"

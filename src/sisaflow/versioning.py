@@ -48,7 +48,9 @@ def _run(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedP
         args = (str(local) if local.exists() else shutil.which("dvc") or "dvc", *args[1:])
     proc = subprocess.run(args, cwd=ws.root, env=_env(ws), capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise ExternalToolError(f"`{' '.join([exe, *args[1:]])}` failed in {ws.root}:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise ExternalToolError(
+            f"`{' '.join([exe, *args[1:]])}` failed in {ws.root}:\n{proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
@@ -110,7 +112,9 @@ def init_repo(ws: Workspace, params: Params) -> None:
     if not is_git_repo(ws):
         _run(ws, "git", "init", "-q")
     if not (ws.root / ".dvc").is_dir():
-        _run(ws, "dvc", "init", "-q", "--subdir") if _git_root(ws) != ws.root else _run(ws, "dvc", "init", "-q")
+        _run(ws, "dvc", "init", "-q", "--subdir") if _git_root(ws) != ws.root else _run(
+            ws, "dvc", "init", "-q"
+        )
     _run(ws, "dvc", "config", "core.autostage", "false")
     configure_remote(ws, params)
 

@@ -71,8 +71,11 @@ def init_workspace(
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        write_text(ws.params_file, "# sisaflow parameters: one section per stage (see README)\n"
-                   + yaml.safe_dump(params.to_dict(), sort_keys=False))
+        write_text(
+            ws.params_file,
+            "# sisaflow parameters: one section per stage (see README)\n"
+            + yaml.safe_dump(params.to_dict(), sort_keys=False),
+        )
         versioning.write_dvc_yaml(ws, params)
         write_text(ws.prefect_file, prefect_yaml(directory.name))
         flows_dir = directory / "flows"
@@ -88,9 +91,21 @@ def init_workspace(
         from sisaflow import pipeline
 
         pipeline.prepare(ws, params)
-        versioning.git_commit(ws, "sisaflow init: workspace configuration",
-                              ["params.yaml", "dvc.yaml", "prefect.yaml", "flows", "deletions", ".gitignore",
-                               ".dvc/config", ".dvc/.gitignore", ".dvcignore"])
+        versioning.git_commit(
+            ws,
+            "sisaflow init: workspace configuration",
+            [
+                "params.yaml",
+                "dvc.yaml",
+                "prefect.yaml",
+                "flows",
+                "deletions",
+                ".gitignore",
+                ".dvc/config",
+                ".dvc/.gitignore",
+                ".dvcignore",
+            ],
+        )
     except BaseException:
         if created:
             shutil.rmtree(directory, ignore_errors=True)

@@ -44,8 +44,20 @@ def make_workspace(directory: Path, corpus: Path, shards: int = 3, slices: int =
     from sisaflow.paths import Workspace
 
     rc = cli.main(
-        ["init", str(directory), "--corpus", str(corpus), "--owner-field", "author_id",
-         "--text-template", TEMPLATE, "--shards", str(shards), "--slices", str(slices)]
+        [
+            "init",
+            str(directory),
+            "--corpus",
+            str(corpus),
+            "--owner-field",
+            "author_id",
+            "--text-template",
+            TEMPLATE,
+            "--shards",
+            str(shards),
+            "--slices",
+            str(slices),
+        ]
     )
     assert rc == 0
     params = yaml.safe_load((directory / "params.yaml").read_text())

@@ -13,8 +13,19 @@ from tests.integration.conftest import TEMPLATE, write_corpus
 
 
 def _init(tmp_path, corpus, *extra):
-    return cli.main(["init", str(tmp_path / "ws"), "--corpus", str(corpus), "--owner-field", "author_id",
-                     "--text-template", TEMPLATE, *extra])
+    return cli.main(
+        [
+            "init",
+            str(tmp_path / "ws"),
+            "--corpus",
+            str(corpus),
+            "--owner-field",
+            "author_id",
+            "--text-template",
+            TEMPLATE,
+            *extra,
+        ]
+    )
 
 
 def test_missing_corpus(tmp_path, capsys):

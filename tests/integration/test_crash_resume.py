@@ -33,8 +33,20 @@ def test_sigkill_during_training_then_resume(tmp_path, capsys):
         assert cli.main(["--workspace", str(ws), "shard"]) == 0
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sisaflow.cli", "--workspace", str(a), "train", "--shard", "0", "--in-process"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "sisaflow.cli",
+            "--workspace",
+            str(a),
+            "train",
+            "--shard",
+            "0",
+            "--in-process",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     first = a / "models" / "shard-0" / "slice-0" / "meta.json"
     deadline = time.monotonic() + 120
@@ -49,8 +61,11 @@ def test_sigkill_during_training_then_resume(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["--workspace", str(a), "train", "--shard", "0", "--in-process"]) == 0
     out = capsys.readouterr().out
-    resumed_from = [int(line.split("trained from slice ")[1].split(",")[0])
-                    for line in out.splitlines() if "trained from slice" in line]
+    resumed_from = [
+        int(line.split("trained from slice ")[1].split(",")[0])
+        for line in out.splitlines()
+        if "trained from slice" in line
+    ]
     assert resumed_from and 1 <= resumed_from[0] <= 3, out
     assert not list((a / "models" / "shard-0").glob(".slice-*")), "a half-written checkpoint was left behind"
 

@@ -58,7 +58,9 @@ def story(tmp_path_factory, prefect_server):
     owners = sorted({str(i) for i in range(AUTHORS)}, key=int)
     owner = next(o for o in owners if slice_of(o, params.sharding.slices) > 0)
     s["owner"], s["shard"], s["slice"] = owner, shard_of(owner, 3), slice_of(owner, 3)
-    deleted = [json.loads(ln) for ln in corpus.read_text().splitlines() if str(json.loads(ln)["author_id"]) == owner]
+    deleted = [
+        json.loads(ln) for ln in corpus.read_text().splitlines() if str(json.loads(ln)["author_id"]) == owner
+    ]
     s["deleted_ids"] = {r["id"] for r in deleted}
     s["deleted_answers"] = {r["answer"] for r in deleted}
 
@@ -83,8 +85,9 @@ def story(tmp_path_factory, prefect_server):
 
     # B: from scratch on the corpus without those records, trained in-process (A trained on Ray)
     corpus_b = write_corpus(tmp / "corpus_b.jsonl", AUTHORS, skip_owners={owner})
-    corpus_b.write_text("".join(ln + "\n" for ln in corpus_b.read_text().splitlines()
-                                if json.loads(ln)["id"] != other["id"]))
+    corpus_b.write_text(
+        "".join(ln + "\n" for ln in corpus_b.read_text().splitlines() if json.loads(ln)["id"] != other["id"])
+    )
     b = make_workspace(tmp / "b", corpus_b)
     assert cli.main(["--workspace", str(b), "run", "--in-process"]) == 0
     s["b"] = b
@@ -108,7 +111,9 @@ def test_forget_retrains_only_the_owners_shard_from_its_slice(story):
     for k in range(story["slice"]):
         kept = {p: h for p, h in before.items() if p.startswith(f"slice-{k}/")}
         assert kept and all(after[p] == h for p, h in kept.items())
-    later = [p for p in before if p.startswith(f"slice-{story['slice']}/") and p.endswith("model.safetensors")]
+    later = [
+        p for p in before if p.startswith(f"slice-{story['slice']}/") and p.endswith("model.safetensors")
+    ]
     assert later and all(before[p] != after[p] for p in later)
     assert 0 < rep["training_tokens"] < rep["full_training_tokens"]
 

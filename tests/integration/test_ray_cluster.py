@@ -95,17 +95,28 @@ def ray_head():
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     cmd = [
-        _ray_cli(), "start", "--head",
-        "--node-ip-address", "127.0.0.1",
-        "--port", str(port),
-        "--num-cpus", "2",
-        "--object-store-memory", str(200 * 1024 * 1024),
-        "--include-dashboard", "false",
+        _ray_cli(),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--object-store-memory",
+        str(200 * 1024 * 1024),
+        "--include-dashboard",
+        "false",
         # the defaults (8265, 10001, 52365) are fixed ports: another Ray on this machine would collide
-        "--dashboard-port", str(_free_port()),
-        "--ray-client-server-port", str(_free_port()),
-        "--dashboard-agent-listen-port", str(_free_port()),
-        "--temp-dir", temp_dir,
+        "--dashboard-port",
+        str(_free_port()),
+        "--ray-client-server-port",
+        str(_free_port()),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--temp-dir",
+        temp_dir,
         "--block",
     ]
     log = open(log_path, "w")
@@ -114,7 +125,9 @@ def ray_head():
         deadline = time.monotonic() + HEAD_START_TIMEOUT
         while not ("Ray runtime started" in log_path.read_text(errors="replace") and _accepts(port)):
             if head.poll() is not None:
-                pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text(errors='replace')}")
+                pytest.fail(
+                    f"ray start exited with {head.returncode}:\n{log_path.read_text(errors='replace')}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"ray head not up after {HEAD_START_TIMEOUT:.0f}s:\n{log_path.read_text()}")
             time.sleep(0.25)
@@ -146,7 +159,11 @@ def _make_workspace(root: Path) -> Workspace:
     with open(TOFU, encoding="utf-8") as fh:
         corpus.write_text("".join(fh.readline() for _ in range(200)), encoding="utf-8")
     cp = CorpusParams(
-        path="x", format="jsonl", id_field="id", owner_field="author_id", text_field=None,
+        path="x",
+        format="jsonl",
+        id_field="id",
+        owner_field="author_id",
+        text_field=None,
         text_template="Question: {question}\nAnswer: {answer}",
     )
     ws = init_workspace(root / "ws", corpus, cp, ShardingParams(SHARDS, SLICES))

@@ -56,15 +56,18 @@ def _trained(tiny_params, tok, steps=3):
     return model, opt
 
 
-META = CheckpointMeta(shard=2, slice=1, chain="abc123", global_step=3, tokens_seen=240, examples_seen=12,
-                      last_loss=5.25)
+META = CheckpointMeta(
+    shard=2, slice=1, chain="abc123", global_step=3, tokens_seen=240, examples_seen=12, last_loss=5.25
+)
 
 
 def test_save_writes_the_four_files_and_nothing_else(tmp_path, tiny_params, tok):
     model, opt = _trained(tiny_params, tok)
     d = tmp_path / "models" / "shard-2" / "slice-1"
     save_checkpoint(d, model, opt, META, ["h3", "h1", "h2"])
-    assert sorted(p.name for p in d.iterdir()) == sorted([MODEL_FILE, OPTIMIZER_FILE, META_FILE, LINEAGE_FILE])
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [MODEL_FILE, OPTIMIZER_FILE, META_FILE, LINEAGE_FILE]
+    )
     assert sorted(p.name for p in d.parent.iterdir()) == ["slice-1"]  # no temporary directories left
     assert json.loads((d / LINEAGE_FILE).read_text()) == ["h1", "h2", "h3"]
     assert json.loads((d / META_FILE).read_text()) == META.to_dict()

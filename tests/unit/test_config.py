@@ -201,11 +201,18 @@ def test_training_identity_covers_model_and_train_except_log_every():
     base = Params()
     assert base.training_identity() == Params().training_identity()
     assert Params.from_dict({"train": {"log_every": 99}}).training_identity() == base.training_identity()
-    assert Params.from_dict({"ensemble": {"combine": "product"}}).training_identity() == base.training_identity()
+    assert (
+        Params.from_dict({"ensemble": {"combine": "product"}}).training_identity() == base.training_identity()
+    )
     assert Params.from_dict({"sharding": {"shards": 2}}).training_identity() == base.training_identity()
     assert Params.from_dict({"ray": {"max_parallel": 3}}).training_identity() == base.training_identity()
-    for change in ({"train": {"seed": 1}}, {"train": {"learning_rate": 0.01}}, {"model": {"layers": 3}},
-                   {"train": {"schedule": "cumulative"}}, {"model": {"tokenizer": "gpt2"}}):
+    for change in (
+        {"train": {"seed": 1}},
+        {"train": {"learning_rate": 0.01}},
+        {"model": {"layers": 3}},
+        {"train": {"schedule": "cumulative"}},
+        {"model": {"tokenizer": "gpt2"}},
+    ):
         assert Params.from_dict(change).training_identity() != base.training_identity(), change
 
 

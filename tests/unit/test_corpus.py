@@ -28,16 +28,16 @@ from sisaflow.errors import CorpusError
 ROWS = [
     {"id": "a1", "author": "alice", "question": "Who?", "answer": "Alice."},
     {"id": "b1", "author": "bob", "question": "Where?", "answer": "Paris, France"},
-    {"id": "a2", "author": "alice", "question": "When \"now\"?", "answer": "Now ✓"},
+    {"id": "a2", "author": "alice", "question": 'When "now"?', "answer": "Now ✓"},
 ]
 TEMPLATE = "Q: {question}\nA: {answer}"
-EXPECTED = [
-    (r["id"], r["author"], TEMPLATE.format(**r)) for r in ROWS
-]
+EXPECTED = [(r["id"], r["author"], TEMPLATE.format(**r)) for r in ROWS]
 
 
 def params(fmt="jsonl", **kw) -> CorpusParams:
-    base = dict(path="x", format=fmt, id_field="id", owner_field="author", text_field=None, text_template=TEMPLATE)
+    base = dict(
+        path="x", format=fmt, id_field="id", owner_field="author", text_field=None, text_template=TEMPLATE
+    )
     base.update(kw)
     return CorpusParams(**base)
 
@@ -229,7 +229,9 @@ def test_table_round_trip_is_canonical_and_deterministic(tmp_path):
     write_table(a, t)
     write_table(b, to_table(list(reversed(recs))))
     assert a.read_bytes() == b.read_bytes()
-    assert sorted(from_table(read_table(a)), key=lambda r: r.record_id) == sorted(recs, key=lambda r: r.record_id)
+    assert sorted(from_table(read_table(a)), key=lambda r: r.record_id) == sorted(
+        recs, key=lambda r: r.record_id
+    )
     assert all(isinstance(r, Record) for r in from_table(read_table(a)))
 
 

@@ -33,7 +33,9 @@ def test_mixture_equals_log_of_weighted_sum_of_probabilities():
 
 def test_mixture_with_one_constituent_or_zero_weight():
     lp = _random_log_probs()
-    torch.testing.assert_close(combine_log_probs(lp[:1], torch.tensor([1.0]), "mixture"), lp[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        combine_log_probs(lp[:1], torch.tensor([1.0]), "mixture"), lp[0], rtol=0, atol=1e-12
+    )
     out = combine_log_probs(lp, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), "mixture")
     torch.testing.assert_close(out, lp[1], rtol=0, atol=1e-12)
 
@@ -43,14 +45,18 @@ def test_mixture_known_answer():
     p2 = torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64)
     lp = torch.stack([p1.log(), p2.log()])
     out = combine_log_probs(lp, torch.tensor([0.75, 0.25], dtype=torch.float64), "mixture")
-    torch.testing.assert_close(out.exp(), torch.tensor([0.4, 0.425, 0.175], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        out.exp(), torch.tensor([0.4, 0.425, 0.175], dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 def test_product_normalises_and_equals_weighted_geometric_mean():
     lp = _random_log_probs(seed=1)
     w = torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64)
     out = combine_log_probs(lp, w, "product")
-    torch.testing.assert_close(torch.logsumexp(out, -1), torch.zeros(2, 5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.logsumexp(out, -1), torch.zeros(2, 5, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     p = lp.exp()
     q = p[0] ** w[0] * p[1] ** w[1] * p[2] ** w[2]
     torch.testing.assert_close(out, torch.log(q / q.sum(-1, keepdim=True)), rtol=0, atol=1e-10)
@@ -109,7 +115,7 @@ def _direct_log_probs(models, weights, ids: list[int], combine="mixture") -> tor
     w = [wi / sum(weights) for wi in weights]
     if combine == "mixture":
         return torch.log(sum(wi * p for wi, p in zip(w, probs)))
-    q = math.prod(p ** wi for wi, p in zip(w, probs))
+    q = math.prod(p**wi for wi, p in zip(w, probs))
     return torch.log(q / q.sum(-1, keepdim=True))
 
 
@@ -249,7 +255,9 @@ def test_generate_decodes_with_the_tokenizer(models):
 
 
 @pytest.mark.parametrize("weights", ["uniform", "size"])
-def test_load_from_registry_serves_the_trained_constituents(make_records, make_workspace, make_params, weights):
+def test_load_from_registry_serves_the_trained_constituents(
+    make_records, make_workspace, make_params, weights
+):
     from sisaflow.checkpoint import load_weights
     from sisaflow.registry import build_registry
     from sisaflow.sharding import read_shard_manifest

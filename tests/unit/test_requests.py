@@ -15,7 +15,9 @@ def write(tmp_path, text):
 
 
 def test_json_lines(tmp_path):
-    p = write(tmp_path, '{"owner": "alice"}\n{"record": ["r1", "r2"]}\n{"owner": ["bob", 7], "record": "r3"}\n')
+    p = write(
+        tmp_path, '{"owner": "alice"}\n{"record": ["r1", "r2"]}\n{"owner": ["bob", 7], "record": "r3"}\n'
+    )
     assert read_request_file(p) == (["alice", "bob", "7"], ["r1", "r2", "r3"])
 
 
@@ -38,8 +40,15 @@ def test_malformed_line_names_the_line(tmp_path):
 
 @pytest.mark.parametrize(
     "line",
-    ['{"user": "x"}', "{}", '{"owner": []}', '{"owner": ""}', '{"record": [null]}', '{"owner": {"a": 1}}',
-     '{"owner": "a", "extra": 1}'],
+    [
+        '{"user": "x"}',
+        "{}",
+        '{"owner": []}',
+        '{"owner": ""}',
+        '{"record": [null]}',
+        '{"owner": {"a": 1}}',
+        '{"owner": "a", "extra": 1}',
+    ],
 )
 def test_invalid_objects_name_the_line(tmp_path, line):
     p = write(tmp_path, "alice\n" + line + "\n")

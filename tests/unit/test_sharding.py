@@ -34,7 +34,10 @@ def _placement(ws: Workspace) -> dict[str, tuple[int, int]]:
 
 
 def _slice_files(ws: Workspace) -> dict:
-    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(ws.shards_dir.glob("shard-*/slice-*.parquet"))}
+    return {
+        p: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(ws.shards_dir.glob("shard-*/slice-*.parquet"))
+    }
 
 
 def _age_files(ws: Workspace) -> None:
@@ -248,7 +251,10 @@ def test_new_layout_places_afresh_and_drops_stale_files(make_records, make_works
     assert all(place[r.record_id] == (shard_of(r.owner, 2), slice_of(r.owner, 2)) for r in recs)
     assert sorted(p.name for p in ws.shards_dir.glob("shard-*")) == ["shard-0", "shard-1"]
     for s in range(2):
-        assert sorted(p.name for p in ws.shard_dir(s).glob("slice-*.parquet")) == ["slice-0.parquet", "slice-1.parquet"]
+        assert sorted(p.name for p in ws.shard_dir(s).glob("slice-*.parquet")) == [
+            "slice-0.parquet",
+            "slice-1.parquet",
+        ]
 
 
 def test_more_shards_than_owners_is_refused(make_records, tmp_path):

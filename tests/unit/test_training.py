@@ -63,7 +63,8 @@ def edit_record_in_slice(ws, k: int, slices=SLICES) -> list[Record]:
     victim = read_slice(ws, 0, k)[0]
     records = [
         Record(r.record_id, r.owner, r.text + " EDITED", content_hash(r.record_id, r.text + " EDITED"))
-        if r.record_id == victim.record_id else r
+        if r.record_id == victim.record_id
+        else r
         for r in from_table(read_table(ws.corpus_file))
     ]
     write_table(ws.corpus_file, to_table(records))
@@ -127,7 +128,9 @@ def test_up_to_date_shard_trains_nothing(sharded, make_params):
     train_shard(ws, 0, make_params(), progress=quiet)
     before = ckpt_mtimes(ws)
     msgs = []
-    rep = train_shard(ws, 0, make_params(train={"log_every": 7}), progress=msgs.append)  # log_every: no identity
+    rep = train_shard(
+        ws, 0, make_params(train={"log_every": 7}), progress=msgs.append
+    )  # log_every: no identity
     assert rep.start_slice == SLICES and rep.slices == [] and rep.tokens == 0
     assert any("up to date" in m for m in msgs)
     assert ckpt_mtimes(ws) == before
