@@ -17,8 +17,8 @@ step "2/6 sisaflow status: shards, slices, checkpoint hashes, served ensemble"
 sisaflow status
 
 QUESTION='Question: What genre is the author Jaime Vasquez known for?\nAnswer:'
-step "3/6 sisaflow generate: the ensemble answers a TOFU question (greedy)"
-sisaflow generate "$QUESTION" --max-new-tokens 120
+step "3/6 sisaflow generate: the ensemble answers a TOFU question (sampled, temperature 0.5, seed 0)"
+sisaflow generate "$QUESTION" --max-new-tokens 120 --temperature 0.5 --seed 0
 
 # Forget TOFU's forget01 author 199, or (if an earlier demo forgot it) the highest author still present.
 OWNER=$(python - <<'PY'
@@ -34,5 +34,5 @@ step "5/6 dvc status: clean, dvc.lock records exactly what is on disk"
 dvc status
 
 step "6/6 the ensemble after the deletion"
-sisaflow generate "$QUESTION" --max-new-tokens 120
+sisaflow generate "$QUESTION" --max-new-tokens 120 --temperature 0.5 --seed 0
 printf '\ndemo finished in %ss\n' "$(( $(date +%s) - t0 ))"
