@@ -110,12 +110,15 @@ def main() -> int:
         "",
         "fixed overhead, seconds (not training):",
     ]
-    for name, rep, wall in (("full", fr, full_wall), ("forget", gr, forget_wall)):
+    for name, rep, wall, secs in (
+        ("full", fr, full_wall, full_secs),
+        ("forget", gr, forget_wall, forget_secs),
+    ):
         o = overhead(rep, wall)
         lines.append(
-            f"  {name:6s}: Ray start {o['ray_start']:.1f}, Ray task launch + worker import "
-            f"{max(0.0, o['train_step_wall'] - o['ray_start'] - (full_secs / max(1, min(S, os.cpu_count() or 1)) if name == 'full' else forget_secs)):.1f}, "
-            f"DVC commit {o['dvc']:.1f}, Prefect {o['prefect']:.1f}"
+            f"  {name:6s}: Ray start {o['ray_start']:.1f}; train step {o['train_step_wall']:.1f} wall for "
+            f"{secs:.1f} of in-worker training ({len(rep['trained'])} shard(s) on {os.cpu_count()} CPU); "
+            f"DVC commit {o['dvc']:.1f}; Prefect {o['prefect']:.1f}"
         )
     print("\n".join(lines))
     out = {
