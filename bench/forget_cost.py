@@ -157,13 +157,14 @@ def _expected_over_owners(ws, params, full_report) -> dict[str, float]:
         frac_tokens += sum(tokens[(s, j)] for j in range(k, R)) / total_tokens
     frac_tokens /= len(owners)
     # time: scale each shard's measured seconds by its share of tokens from slice k on
-    total_secs = sum(v["seconds"] for v in full_report["trained"].values())
+    trained = {int(k): v for k, v in full_report["trained"].items()}
+    total_secs = sum(v["seconds"] for v in trained.values())
     frac_secs = 0.0
     for o in owners:
         s, k = shard_of(o, S), slice_of(o, R)
         shard_tokens = sum(tokens[(s, j)] for j in range(R))
         share = sum(tokens[(s, j)] for j in range(k, R)) / shard_tokens
-        frac_secs += full_report["trained"][str(s)]["seconds"] * share / total_secs
+        frac_secs += trained[s]["seconds"] * share / total_secs
     frac_secs /= len(owners)
     return {"tokens": frac_tokens, "seconds": frac_secs}
 
