@@ -86,6 +86,7 @@ def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str
             logger.info("every shard is up to date: nothing to train")
         with pipeline.timed(report, "ensemble"):
             report.ensemble_version = ensemble(root)["version"]
+        report.retrained_requests = pipeline.mark_applied(ws)
         lock_before = pipeline.lock_entries(ws)
         with pipeline.timed(report, "dvc"):
             report.dvc_clean = not record(root)

@@ -91,6 +91,12 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
     torch.set_rng_state(tensors["rng.torch"])
 
 
+def read_lineage(directory: Path) -> list[str]:
+    """Content hashes of the records of this checkpoint's slice (empty if the checkpoint is missing)."""
+    path = Path(directory) / LINEAGE_FILE
+    return read_json(path) if path.is_file() else []
+
+
 def weights_hash(directory: Path) -> str:
     """sha256 of a checkpoint's weight file (what certificates and status show)."""
     return sha256_file(Path(directory) / MODEL_FILE)

@@ -115,7 +115,9 @@ def cmd_forget(args) -> int:
         o, r = read_request_file(Path(args.file))
         owners += o
         records += r
-    req, new = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
+    req, new, warnings = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
+    for w in warnings:
+        print(f"sisaflow: warning: {w}", file=sys.stderr)
     print(
         f"request {req.request_id} {'recorded' if new else 'already recorded'}: "
         f"{len(req.content_hashes)} record(s) of {len(req.owners)} owner(s), {len(req.records)} named record(s)"
@@ -252,6 +254,37 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_requests(args) -> int:
+    from sisaflow import ledger
+
+    ws = _ws(args)
+    states = ledger.states(ws.ledger_file)
+    rows: list[dict] = []
+    for r in ledger.read_ledger(ws.ledger_file):
+        seq = states.get(r.request_id, [])
+        rows.append(
+            {
+                "request_id": r.request_id,
+                "owners": len(r.owners),
+                "records": len(r.content_hashes),
+                "reason": r.reason,
+                "states": seq,
+                "state": max((s["state"] for s in seq), key=ledger.STATES.index) if seq else "pending",
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no deletion requests")
+    for row in rows:
+        times = "  ".join(f"{s['state']} {s['at']}" for s in row["states"])
+        print(
+            f"{row['request_id']}: {row['state']:9s} {row['records']} record(s), {row['owners']} owner(s)  {times}"
+        )
+    return 0
+
+
 def cmd_push(args) -> int:
     from sisaflow import versioning
 
@@ -340,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("requests", parents=[common], help="deletion requests and their states, with times")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_requests)
 
     s = sub.add_parser("push", parents=[common], help="dvc push to the configured remote")
     s.set_defaults(func=cmd_push)

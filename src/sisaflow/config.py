@@ -157,6 +157,21 @@ class RayParams:
 
 
 @dataclass(frozen=True)
+class UnlearnParams:
+    """What happens between a deletion request and the retrained ensemble."""
+
+    mode: Literal["exclude", "wait"] = "exclude"
+    """exclude: stop serving every constituent trained on a requested record at once, until it is retrained;
+    wait: keep serving the old ensemble until the retrained one is promoted."""
+    unknown: Literal["error", "warn"] = "error"
+    """An owner or record not in the corpus: refuse the whole request (error) or drop it with a warning."""
+
+    def __post_init__(self) -> None:
+        _check_choice("unlearn.mode", self.mode, ("exclude", "wait"))
+        _check_choice("unlearn.unknown", self.unknown, ("error", "warn"))
+
+
+@dataclass(frozen=True)
 class DvcParams:
     """The DVC remote that `dvc push` sends shards and checkpoints to."""
 
@@ -174,6 +189,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     ray: RayParams = field(default_factory=RayParams)
+    unlearn: UnlearnParams = field(default_factory=UnlearnParams)
     dvc: DvcParams = field(default_factory=DvcParams)
 
     @classmethod

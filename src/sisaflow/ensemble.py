@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from sisaflow.checkpoint import load_weights
-from sisaflow.config import ModelParams
+from sisaflow.config import ModelParams, Params
 from sisaflow.errors import WorkspaceError
+from sisaflow.ledger import read_ledger
 from sisaflow.model import build_model
 from sisaflow.paths import Workspace
-from sisaflow.registry import read_registry
+from sisaflow.registry import read_registry, serving_view
 from sisaflow.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -67,23 +68,34 @@ class Ensemble(torch.nn.Module):
         self.tokenizer = tokenizer
         self.version = ""
         self.shards: list[int] = []
+        self.excluded: list[int] = []
 
     @classmethod
     def load(cls, ws: Workspace, device: str = "cpu") -> Ensemble:
-        """Load the served version from the registry."""
+        """Load the served version from the registry, less every constituent a recorded deletion request
+        excludes (unlearn.mode: exclude) until its retrained version is promoted."""
         reg = read_registry(ws)
+        mode = Params.load(ws.params_file).unlearn.mode if ws.params_file.is_file() else "exclude"
+        requested = {h for r in read_ledger(ws.ledger_file) for h in r.content_hashes}
+        served, excluded = serving_view(ws, reg, mode, requested)
+        if not served:
+            raise WorkspaceError(
+                f"every constituent (shards {', '.join(map(str, excluded))}) was trained on records of a recorded "
+                "deletion request and is excluded until retrained: run `sisaflow run` to apply the request"
+            )
         mp = ModelParams(**reg["model"])
         tok = load_tokenizer(mp.tokenizer)
         models = []
-        for c in reg["constituents"]:
+        for c in served:
             m = build_model(mp, tok.vocab_size, tok.eos_id, seed=0)
             load_weights(ws.root / c["checkpoint"], m)
             m.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
             models.append(m.eval())
-        weights = [c["records"] if reg["weights"] == "size" else 1.0 for c in reg["constituents"]]
+        weights = [c["records"] if reg["weights"] == "size" else 1.0 for c in served]
         ens = cls(models, weights, reg["combine"], tok)
         ens.version = reg["version"]
-        ens.shards = [c["shard"] for c in reg["constituents"]]
+        ens.shards = [c["shard"] for c in served]
+        ens.excluded = excluded
         return ens.to(device)
 
     @torch.no_grad()

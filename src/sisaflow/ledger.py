@@ -3,6 +3,10 @@
 deletions/ledger.jsonl holds one JSON object per line: the request id, the owner and record ids it names, the
 content hashes of the records it covered, when, and an optional reason. It holds ids and hashes, never text.
 It is committed to git, so a fresh clone that re-imports the corpus still leaves these records out.
+
+A request then moves through states, each appended as its own line ({"request_id", "state", "at"}):
+pending -> excluded -> retrained -> purged -> certified. Appending (never rewriting) keeps every step durable
+and lets two processes write at once under the file lock.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ class DeletionRequest:
     reason: str | None = None
 
 
+STATES = ("pending", "excluded", "retrained", "purged", "certified")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _is_state_line(obj: dict) -> bool:
+    return "state" in obj and "owners" not in obj
+
+
 def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex[:12]
 
@@ -42,7 +57,9 @@ def read_ledger(path: Path) -> list[DeletionRequest]:
             if not line.strip():
                 continue
             try:
-                out.append(DeletionRequest(**json.loads(line)))
+                obj = json.loads(line)
+                if not _is_state_line(obj):
+                    out.append(DeletionRequest(**obj))
             except (json.JSONDecodeError, TypeError) as exc:
                 raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
     return out
@@ -59,7 +76,10 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
             if not line.strip():
                 continue
             try:
-                existing = DeletionRequest(**json.loads(line))
+                obj = json.loads(line)
+                if _is_state_line(obj):
+                    continue
+                existing = DeletionRequest(**obj)
             except (json.JSONDecodeError, TypeError) as exc:
                 raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
             if existing.request_id == request.request_id:
@@ -74,11 +94,11 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
         stamped = (
             request
             if request.requested_at
-            else DeletionRequest(
-                **{**asdict(request), "requested_at": datetime.now(UTC).isoformat(timespec="seconds")}
-            )
+            else DeletionRequest(**{**asdict(request), "requested_at": _now()})
         )
         fh.write(json.dumps(asdict(stamped), sort_keys=True) + "\n")
+        pending = {"request_id": request.request_id, "state": "pending", "at": stamped.requested_at}
+        fh.write(json.dumps(pending) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     return True
@@ -92,3 +112,50 @@ def excluded(path: Path) -> tuple[set[str], set[str]]:
         owners.update(req.owners)
         records.update(req.records)
     return owners, records
+
+
+def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
+    """Append `state` for each request not yet in it (or a later state); return the ids that moved."""
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+    path = Path(path)
+    moved: list[str] = []
+    if not request_ids:
+        return moved
+    with open(path, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        reached: dict[str, int] = {}
+        for line in fh:
+            if line.strip():
+                obj = json.loads(line)
+                if _is_state_line(obj):
+                    rank = STATES.index(obj["state"])
+                    reached[obj["request_id"]] = max(reached.get(obj["request_id"], -1), rank)
+        at = _now()
+        for rid in request_ids:
+            if reached.get(rid, -1) < STATES.index(state):
+                fh.write(json.dumps({"request_id": rid, "state": state, "at": at}) + "\n")
+                moved.append(rid)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return moved
+
+
+def states(path: Path) -> dict[str, list[dict[str, str]]]:
+    """{request_id: [{"state", "at"}, ...]} in the order they were reached."""
+    out: dict[str, list[dict[str, str]]] = {}
+    if not Path(path).is_file():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                obj = json.loads(line)
+                if _is_state_line(obj):
+                    out.setdefault(obj["request_id"], []).append({"state": obj["state"], "at": obj["at"]})
+    return out
+
+
+def current_state(path: Path) -> dict[str, str]:
+    """{request_id: the furthest state reached}."""
+    return {rid: max((s["state"] for s in seq), key=STATES.index) for rid, seq in states(path).items()}

@@ -146,9 +146,14 @@ def cost_model(shards: int, slices: int, schedule: str) -> float:
 # ---- deletion requests ----
 
 
-def resolve_request(ws: Workspace, owners: list[str], records: list[str]) -> tuple[list[str], list[str]]:
-    """Check that every named owner and record is in the imported corpus; return the covered content hashes
-    and record ids. Unknown names are an error and nothing is recorded."""
+def resolve_request(
+    ws: Workspace, owners: list[str], records: list[str], unknown: str = "error"
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Check the named owners and records against the imported corpus.
+
+    Returns (content hashes covered, owners kept, records kept, warnings). With unknown="error" an unknown
+    name refuses the whole request (nothing is recorded); with "warn" it is dropped with a warning.
+    """
     if not owners and not records:
         raise DeletionError("a deletion request must name at least one owner or record")
     if not ws.corpus_file.is_file():
@@ -158,17 +163,23 @@ def resolve_request(ws: Workspace, owners: list[str], records: list[str]) -> tup
     known_records = {r.record_id for r in corpus}
     bad_owners = sorted(set(owners) - known_owners)
     bad_records = sorted(set(records) - known_records)
+    warnings = []
     if bad_owners or bad_records:
         parts = []
         if bad_owners:
             parts.append(f"unknown owner(s): {', '.join(bad_owners[:10])}")
         if bad_records:
             parts.append(f"unknown record(s): {', '.join(bad_records[:10])}")
-        raise DeletionError(
-            "; ".join(parts) + " (not in the current corpus; already forgotten or never present)"
-        )
+        message = "; ".join(parts) + " (not in the current corpus; already forgotten or never present)"
+        if unknown == "error":
+            raise DeletionError(message)
+        warnings.append(message)
+    owners = sorted(set(owners) & known_owners)
+    records = sorted(set(records) & known_records)
+    if not owners and not records:
+        raise DeletionError("nothing to forget: " + "; ".join(warnings))
     covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
-    return sorted(r.content_hash for r in covered), sorted(r.record_id for r in covered)
+    return sorted(r.content_hash for r in covered), owners, records, warnings
 
 
 def request_deletion(
@@ -177,18 +188,47 @@ def request_deletion(
     records: list[str],
     request_id: str | None = None,
     reason: str | None = None,
-) -> tuple[ledger.DeletionRequest, bool]:
-    """Validate and durably record a deletion request. Returns (request, newly_recorded)."""
-    hashes, _ = resolve_request(ws, owners, records)
+) -> tuple[ledger.DeletionRequest, bool, list[str]]:
+    """Validate and durably record a deletion request. Returns (request, newly_recorded, warnings).
+
+    The same request id with the same owners and records changes nothing, even after it was applied; the
+    same id with other contents is refused. In unlearn.mode exclude, the request is marked excluded at once:
+    from then on no generate or score call uses a constituent trained on its records.
+    """
+    params = load(ws)
+    if request_id:
+        for existing in ledger.read_ledger(ws.ledger_file):
+            if existing.request_id == request_id:
+                if (sorted(set(existing.owners)), sorted(set(existing.records))) != (
+                    sorted(set(owners)),
+                    sorted(set(records)),
+                ):
+                    raise DeletionError(f"request id {request_id!r} is already used by a different request")
+                return existing, False, []
+    hashes, owners, records, warnings = resolve_request(ws, owners, records, params.unlearn.unknown)
     req = ledger.DeletionRequest(
         request_id=request_id or ledger.new_request_id(),
-        owners=sorted(set(owners)),
-        records=sorted(set(records)),
+        owners=owners,
+        records=records,
         content_hashes=hashes,
         reason=reason,
     )
     new = ledger.append_request(ws.ledger_file, req)
-    return req, new
+    if new and params.unlearn.mode == "exclude":
+        ledger.mark(ws.ledger_file, [req.request_id], "excluded")
+    return req, new, warnings
+
+
+def mark_applied(ws: Workspace) -> list[str]:
+    """After a promotion: every request not yet retrained whose records are gone is now retrained."""
+    still = {r.request_id for r in pending_requests(ws)}
+    state = ledger.current_state(ws.ledger_file)
+    done = [
+        r.request_id
+        for r in ledger.read_ledger(ws.ledger_file)
+        if r.request_id not in still and state.get(r.request_id, "pending") in ("pending", "excluded")
+    ]
+    return ledger.mark(ws.ledger_file, done, "retrained")
 
 
 def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
@@ -224,6 +264,7 @@ class RunReport:
     requests: list[str] = field(default_factory=list)
     dvc_clean: bool = False
     lock_changed: list[str] = field(default_factory=list)
+    retrained_requests: list[str] = field(default_factory=list)
 
     def save(self, ws: Workspace) -> None:
         stamp = self.started_at.replace(":", "").replace("-", "")

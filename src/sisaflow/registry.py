@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sisaflow.checkpoint import read_meta, weights_hash
+from sisaflow.checkpoint import read_lineage, read_meta, weights_hash
 from sisaflow.config import Params
 from sisaflow.errors import WorkspaceError
 from sisaflow.fsio import digest, read_json, write_json
@@ -59,6 +59,31 @@ def build_registry(ws: Workspace, params: Params) -> dict:
     body["version"] = digest([repr(sorted(body.items()))])[:12]
     write_json(ws.registry_file, body)
     return body
+
+
+def constituent_lineage(ws: Workspace, shard: int, last_slice: int) -> set[str]:
+    """Content hashes of every record the constituent after `last_slice` was trained on."""
+    out: set[str] = set()
+    for k in range(last_slice + 1):
+        out.update(read_lineage(ws.checkpoint_dir(shard, k)))
+    return out
+
+
+def serving_view(
+    ws: Workspace, reg: dict, mode: str, requested_hashes: set[str]
+) -> tuple[list[dict], list[int]]:
+    """(constituents to serve, shards excluded). In `exclude` mode a constituent whose lineage holds a
+    requested record's content hash is not served until its retrained version is promoted."""
+    if mode != "exclude" or not requested_hashes:
+        return list(reg["constituents"]), []
+    kept, dropped = [], []
+    for c in reg["constituents"]:
+        last = int(c["checkpoint"].rsplit("slice-", 1)[1])
+        if constituent_lineage(ws, c["shard"], last) & requested_hashes:
+            dropped.append(c["shard"])
+        else:
+            kept.append(c)
+    return kept, dropped
 
 
 def read_registry(ws: Workspace) -> dict:

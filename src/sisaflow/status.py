@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from sisaflow import pipeline
+from sisaflow import ledger, pipeline
 from sisaflow.checkpoint import read_meta, weights_hash
+from sisaflow.errors import WorkspaceError
 from sisaflow.paths import Workspace
-from sisaflow.registry import read_registry
+from sisaflow.registry import read_registry, serving_view
 
 
 def workspace_status(ws: Workspace) -> dict:
@@ -33,14 +34,28 @@ def workspace_status(ws: Workspace) -> dict:
         shards.append(entry)
     try:
         reg = read_registry(ws)
-        ensemble = {"version": reg["version"], "shards": [c["shard"] for c in reg["constituents"]]}
-    except Exception:
+    except WorkspaceError:
         ensemble = None
+    else:
+        requested = {h for r in ledger.read_ledger(ws.ledger_file) for h in r.content_hashes}
+        served, excluded = serving_view(ws, reg, params.unlearn.mode, requested)
+        ensemble = {
+            "version": reg["version"],
+            "shards": [c["shard"] for c in reg["constituents"]],
+            "served": [c["shard"] for c in served],
+            "excluded": excluded,
+        }
     stale = {}
     if all(ws.shard_manifest(s).is_file() for s in params.sharding.shard_ids):
         stale = pipeline.stale_shards(ws, params)
+    state = ledger.current_state(ws.ledger_file)
     pending = [
-        {"request_id": r.request_id, "owners": len(r.owners), "records": len(r.content_hashes)}
+        {
+            "request_id": r.request_id,
+            "owners": len(r.owners),
+            "records": len(r.content_hashes),
+            "state": state.get(r.request_id, "pending"),
+        }
         for r in pipeline.pending_requests(ws)
     ]
     return {
@@ -49,6 +64,7 @@ def workspace_status(ws: Workspace) -> dict:
         "ensemble": ensemble,
         "stale": {str(k): v for k, v in stale.items()},
         "pending_deletions": pending,
+        "requests_by_state": {s: sum(1 for v in state.values() if v == s) for s in ledger.STATES},
     }
 
 
@@ -64,14 +80,23 @@ def format_status(st: dict) -> str:
             f"{sh['shard']:>5} {sh.get('records', '-'):>8} {sh.get('owners', '-'):>7}  {sl:20s}  {ck}"
         )
     ens = st["ensemble"]
-    lines.append(
-        f"ensemble: {'version ' + ens['version'] + ', shards ' + ','.join(map(str, ens['shards'])) if ens else 'none yet'}"
-    )
+    if ens:
+        line = f"ensemble: version {ens['version']}, shards {','.join(map(str, ens['shards']))}"
+        if ens["excluded"]:
+            line += f"; not served until retrained: shard(s) {','.join(map(str, ens['excluded']))}"
+        lines.append(line)
+    else:
+        lines.append("ensemble: none yet")
     if st["stale"]:
         lines.append("stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in st["stale"].items()))
     pend = st["pending_deletions"]
     lines.append(
         f"pending deletions: {len(pend)}"
-        + "".join(f"\n  {p['request_id']}: {p['records']} record(s) of {p['owners']} owner(s)" for p in pend)
+        + "".join(
+            f"\n  {p['request_id']} ({p['state']}): {p['records']} record(s) of {p['owners']} owner(s)"
+            for p in pend
+        )
     )
+    counts = ", ".join(f"{k} {v}" for k, v in st["requests_by_state"].items() if v)
+    lines.append(f"deletion requests: {counts or 'none'}")
     return "\n".join(lines)

@@ -64,7 +64,17 @@ def story(tmp_path_factory, prefect_server):
     s["deleted_ids"] = {r["id"] for r in deleted}
     s["deleted_answers"] = {r["answer"] for r in deleted}
 
+    # recorded first (--no-run): from that moment the owner's constituent is not served
+    assert (
+        cli.main(["--workspace", str(a), "forget", "--owner", owner, "--request-id", "req-test", "--no-run"])
+        == 0
+    )
+    from sisaflow.ensemble import Ensemble
+
+    s["served_while_pending"] = Ensemble.load(ws).shards
+    # the same request again (same id, same owner) records nothing new and applies it
     assert cli.main(["--workspace", str(a), "forget", "--owner", owner, "--request-id", "req-test"]) == 0
+    s["served_after"] = Ensemble.load(ws).shards
     s["forget_report"] = _latest_report(a, "forget")
     s["status_after_forget"] = versioning.status(ws)
     s["models_after"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in params.sharding.shard_ids}
@@ -234,3 +244,18 @@ def test_dvc_push_and_repro_on_a_fresh_clone(story, tmp_path):
     diff = subprocess.run(["git", "diff", "--stat", "dvc.lock"], cwd=clone, capture_output=True, text=True)
     assert diff.stdout == "", f"dvc repro produced different outputs:\n{diff.stdout}"
     assert tree_hashes(clone / "models") == tree_hashes(story["a"] / "models")
+
+
+def test_a_recorded_request_stops_serving_the_constituents_trained_on_it(story):
+    assert story["shard"] not in story["served_while_pending"]
+    assert sorted(story["served_while_pending"] + [story["shard"]]) == [0, 1, 2]
+    assert story["served_after"] == [0, 1, 2]
+
+
+def test_request_states_are_recorded_with_times(story):
+    from sisaflow import ledger
+
+    seq = ledger.states(story["a"] / "deletions" / "ledger.jsonl")["req-test"]
+    assert [s["state"] for s in seq] == ["pending", "excluded", "retrained"]
+    assert seq[0]["at"] <= seq[1]["at"] <= seq[2]["at"]
+    assert story["forget_report"]["retrained_requests"] == ["req-test"]

@@ -23,8 +23,9 @@ def test_append_writes_one_sorted_json_line_and_stamps_time(tmp_path):
     path = tmp_path / "deletions" / "ledger.jsonl"
     assert append_request(path, req(content_hashes=["h1"], reason="gdpr")) is True
     lines = path.read_text().splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 2  # the request, then its first state
     obj = json.loads(lines[0])
+    assert json.loads(lines[1]) == {"request_id": "req-1", "state": "pending", "at": obj["requested_at"]}
     assert list(obj) == sorted(obj)
     assert obj["request_id"] == "req-1" and obj["owners"] == ["alice"] and obj["records"] == []
     assert obj["content_hashes"] == ["h1"] and obj["reason"] == "gdpr"
@@ -87,7 +88,7 @@ def test_corrupt_line_names_the_line(tmp_path):
         fh.write('{"request_id": "req-2", "owners": [\n')
     with pytest.raises(DeletionError) as e:
         read_ledger(path)
-    assert f"{path}:2" in str(e.value)
+    assert f"{path}:3" in str(e.value)  # line 2 is the first request's state
     path.write_text('{"request_id": "x", "unexpected": 1}\n')
     with pytest.raises(DeletionError, match=":1"):
         read_ledger(path)
@@ -107,3 +108,47 @@ def test_corrupt_ledger_line_is_named_on_append(tmp_path):
     path.write_text('{"request_id": "a", "owners": ["1"]}\n{not json\n')
     with pytest.raises(DeletionError, match=r"ledger.jsonl:2: corrupt ledger line"):
         append_request(path, DeletionRequest(request_id="b", owners=["2"]))
+
+
+def test_states_move_forward_only_and_keep_their_times(tmp_path):
+    from sisaflow.ledger import current_state, mark, states
+
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("a"))
+    append_request(path, req("b", owners=["bob"]))
+    assert current_state(path) == {"a": "pending", "b": "pending"}
+    assert mark(path, ["a"], "excluded") == ["a"]
+    assert mark(path, ["a", "b"], "retrained") == ["a", "b"]
+    assert mark(path, ["a"], "excluded") == []  # never backwards
+    assert mark(path, ["a"], "retrained") == []  # nor twice
+    assert current_state(path) == {"a": "retrained", "b": "retrained"}
+    seq = states(path)["a"]
+    assert [s["state"] for s in seq] == ["pending", "excluded", "retrained"]
+    assert all(s["at"].startswith("20") for s in seq)
+    assert [r.request_id for r in read_ledger(path)] == ["a", "b"]  # state lines are not requests
+    with pytest.raises(ValueError, match="unknown state"):
+        mark(path, ["a"], "done")
+
+
+def test_two_processes_append_at_once(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "ledger.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(str(path), p)) for p in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ids = [r.request_id for r in read_ledger(path)]
+    assert sorted(ids) == sorted(f"p{p}-{i}" for p in range(2) for i in range(50))
+    for line in path.read_text().splitlines():
+        json.loads(line)  # no torn line
+
+
+def _append_many(path, p):
+    from sisaflow.ledger import DeletionRequest, append_request
+
+    for i in range(50):
+        append_request(path, DeletionRequest(request_id=f"p{p}-{i}", owners=[f"o{i}"]))
