@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
 
-from sisaflow import pipeline
+from sisaflow import ledger, pipeline
 from sisaflow.paths import Workspace
 
 
@@ -46,6 +48,39 @@ def train(root: str, shards: list[int], in_process: bool = False):
 def ensemble(root: str) -> dict:
     ws = Workspace(root)
     return pipeline.ensemble(ws, pipeline.load(ws))
+
+
+@task(name="purge")
+def purge(root: str) -> dict:
+    from sisaflow.purge import purge as purge_workspace
+
+    ws = Workspace(root)
+    return purge_workspace(ws, pipeline.load(ws)).to_dict()
+
+
+@task(name="scan-for-copies")
+def scan(root: str, request_ids: list[str]) -> dict:
+    from sisaflow.verify import scan_report, targets_from_ledger
+
+    ws = Workspace(root)
+    params = pipeline.load(ws)
+    rep = scan_report(ws, params, targets_from_ledger(ws, params, request_ids))
+    # counts only: the run report must not carry a deleted record's id or the paths that held it
+    return {
+        "clean": rep.clean,
+        "findings": len(rep.findings),
+        "findings_by_location": rep.findings_by_location(),
+        "files_scanned": rep.files_scanned,
+        "bytes_scanned": rep.bytes_scanned,
+        "git_objects_scanned": rep.git_objects_scanned,
+    }
+
+
+@task(name="certify")
+def certify(root: str, request_id: str) -> list[str]:
+    from sisaflow.proof import certify as write_certificate
+
+    return [str(p) for p in write_certificate(Workspace(root), request_id)]
 
 
 @task(name="record-in-dvc")
@@ -92,9 +127,30 @@ def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str
             report.dvc_clean = not record(root)
         report.lock_changed = pipeline.changed_lock_entries(lock_before, pipeline.lock_entries(ws))
         after = pipeline.checkpoint_hashes(ws, params)
+        if report.retrained_requests:
+            # no copy left: old shard files and checkpoints in the DVC cache and remote, run cache, temp files
+            with pipeline.timed(report, "purge"):
+                report.purge = purge(root)
+            ledger.mark(ws.ledger_file, report.retrained_requests, "purged")
+            with pipeline.timed(report, "scan"):
+                report.verify = scan(root, report.retrained_requests)
+        report.slices = params.sharding.slices
+        report.checkpoints_before = {str(s): {str(k): h for k, h in v.items()} for s, v in before.items()}
+        report.checkpoints_after = {str(s): {str(k): h for k, h in v.items()} for s, v in after.items()}
         if not report.full_training_tokens or kind == "run" and set(todo) == set(params.sharding.shard_ids):
             report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         report.save(ws)
+        if report.verify is not None:
+            if report.verify["findings"]:
+                logger.error(
+                    f"the scan after purge found {report.verify['findings']} copy(ies) of deleted records "
+                    "(by location: " + json.dumps(report.verify["findings_by_location"]) + "); requests stay "
+                    "purged, not certified: `sisaflow verify` shows where"
+                )
+            else:
+                for rid in report.retrained_requests:
+                    report.certificates[rid] = certify(root, rid)
+                report.save(ws)
     out = {"report": report.__dict__, "checkpoints_before": before, "checkpoints_after": after}
     out["cost_model"] = pipeline.cost_model(
         params.sharding.shards, params.sharding.slices, params.train.schedule

@@ -86,6 +86,21 @@ def _print_run(result: dict, kind: str) -> None:
             f"cost: forget trained {rep['training_tokens']} tokens; full training {full} tokens; "
             f"ratio {rep['training_tokens'] / full:.3f}; cost model (1/S)(R+1)/(2R) = {result['cost_model']:.3f}"
         )
+    if rep.get("purge"):
+        by_kind = rep["purge"].get("bytes_by_kind", {})
+        print(
+            f"purged {rep['purge'].get('total_bytes', 0) / 2**20:.1f} MiB of old copies ("
+            + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in by_kind.items())
+            + ")"
+        )
+    if rep.get("verify"):
+        v = rep["verify"]
+        print(
+            f"scan for copies of the deleted records: {v['files_scanned']} files, {v['git_objects_scanned']} git "
+            f"objects: {'none found' if v['clean'] else str(v['findings']) + ' FOUND (sisaflow verify)'}"
+        )
+    for rid, paths in rep.get("certificates", {}).items():
+        print(f"certificate for {rid}: {', '.join(paths)}")
     secs = rep["seconds"]
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
     print(f"dvc.lock entries changed: {', '.join(rep['lock_changed']) or 'none'}")
@@ -285,6 +300,57 @@ def cmd_requests(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.verify import scan_report, targets_from_ledger
+
+    ws = _ws(args)
+    params = pipeline.load(ws)
+    rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
+    print(
+        f"scanned {rep.files_scanned} files ({rep.bytes_scanned / 2**20:.1f} MiB) and {rep.git_objects_scanned} git "
+        "objects: the workspace, its git history, the DVC cache and remote, the Prefect home"
+    )
+    for note in rep.excluded:
+        print(f"  not scanned: {note}")
+    for f in rep.findings:
+        # where and what, with the request: never the text itself
+        print(f"  FOUND {f.what} of request {f.request_id} in {f.where}")
+    print("clean: no copy of any deleted record" if rep.clean else f"{len(rep.findings)} copies found")
+    return 0 if rep.clean else 1
+
+
+def cmd_purge(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.purge import purge
+
+    ws = _ws(args)
+    with pipeline.workspace_lock(ws):
+        rep = purge(ws, pipeline.load(ws))
+    for item in rep.removed:
+        print(f"removed {item.kind}: {item.path} ({item.bytes} bytes)")
+    for note in rep.notes:
+        print(f"note: {note}")
+    print(f"purged {rep.total_bytes} bytes")
+    return 0
+
+
+def cmd_certificate(args) -> int:
+    from sisaflow.certificate import key_from_env, verify_file
+
+    if args.verify:
+        ok, message = verify_file(Path(args.verify), key_from_env())
+        print(message)
+        return 0 if ok else 1
+    if not args.request_id:
+        raise SisaflowError("give a REQUEST_ID, or --verify FILE")
+    from sisaflow.proof import certify
+
+    json_path, html_path = certify(_ws(args), args.request_id)
+    print(f"certificate written: {json_path}\n                     {html_path}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from sisaflow import versioning
 
@@ -377,6 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("requests", parents=[common], help="deletion requests and their states, with times")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_requests)
+
+    s = sub.add_parser("verify", parents=[common], help="scan everything for copies of deleted records")
+    s.add_argument("--request", action="append", help="only these request ids (default: all)")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("purge", parents=[common], help="remove old copies (DVC cache and remote, temp files)")
+    s.set_defaults(func=cmd_purge)
+
+    s = sub.add_parser("certificate", parents=[common], help="write or check a deletion certificate")
+    s.add_argument("request_id", nargs="?")
+    s.add_argument(
+        "--verify", metavar="FILE", help="check a certificate (signature with SISAFLOW_CERTIFICATE_KEY)"
+    )
+    s.set_defaults(func=cmd_certificate)
 
     s = sub.add_parser("push", parents=[common], help="dvc push to the configured remote")
     s.set_defaults(func=cmd_push)

@@ -4,9 +4,10 @@ deletions/ledger.jsonl holds one JSON object per line: the request id, the owner
 content hashes of the records it covered, when, and an optional reason. It holds ids and hashes, never text.
 It is committed to git, so a fresh clone that re-imports the corpus still leaves these records out.
 
-A request then moves through states, each appended as its own line ({"request_id", "state", "at"}):
-pending -> excluded -> retrained -> purged -> certified. Appending (never rewriting) keeps every step durable
-and lets two processes write at once under the file lock.
+A request then moves through states, each appended as its own line ({"request_id", "state", "at"}) to
+deletions/states.jsonl beside it: pending -> excluded -> retrained -> purged -> certified. Appending (never
+rewriting) keeps every step durable and lets two processes write at once under the file lock. The states live
+in their own file because the ledger is an input of the DVC prepare stage and a state change is not new data.
 """
 
 from __future__ import annotations
@@ -97,10 +98,9 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
             else DeletionRequest(**{**asdict(request), "requested_at": _now()})
         )
         fh.write(json.dumps(asdict(stamped), sort_keys=True) + "\n")
-        pending = {"request_id": request.request_id, "state": "pending", "at": stamped.requested_at}
-        fh.write(json.dumps(pending) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    _append_states(path, [request.request_id], "pending", stamped.requested_at)
     return True
 
 
@@ -114,14 +114,15 @@ def excluded(path: Path) -> tuple[set[str], set[str]]:
     return owners, records
 
 
-def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
-    """Append `state` for each request not yet in it (or a later state); return the ids that moved."""
-    if state not in STATES:
-        raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
-    path = Path(path)
+def states_path(ledger_path: Path) -> Path:
+    """The state log beside a ledger."""
+    return Path(ledger_path).with_name("states.jsonl")
+
+
+def _append_states(ledger_path: Path, request_ids: list[str], state: str, at: str | None = None) -> list[str]:
+    path = states_path(ledger_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     moved: list[str] = []
-    if not request_ids:
-        return moved
     with open(path, "a+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
@@ -129,10 +130,9 @@ def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
         for line in fh:
             if line.strip():
                 obj = json.loads(line)
-                if _is_state_line(obj):
-                    rank = STATES.index(obj["state"])
-                    reached[obj["request_id"]] = max(reached.get(obj["request_id"], -1), rank)
-        at = _now()
+                rank = STATES.index(obj["state"])
+                reached[obj["request_id"]] = max(reached.get(obj["request_id"], -1), rank)
+        at = at or _now()
         for rid in request_ids:
             if reached.get(rid, -1) < STATES.index(state):
                 fh.write(json.dumps({"request_id": rid, "state": state, "at": at}) + "\n")
@@ -142,17 +142,28 @@ def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
     return moved
 
 
+def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
+    """Append `state` for each request not yet in it (or a later state); return the ids that moved.
+
+    `path` is the ledger; the states go to the state log beside it."""
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+    if not request_ids:
+        return []
+    return _append_states(Path(path), request_ids, state)
+
+
 def states(path: Path) -> dict[str, list[dict[str, str]]]:
     """{request_id: [{"state", "at"}, ...]} in the order they were reached."""
     out: dict[str, list[dict[str, str]]] = {}
-    if not Path(path).is_file():
+    log = states_path(path)
+    if not log.is_file():
         return out
-    with open(path, encoding="utf-8") as fh:
+    with open(log, encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
                 obj = json.loads(line)
-                if _is_state_line(obj):
-                    out.setdefault(obj["request_id"], []).append({"state": obj["state"], "at": obj["at"]})
+                out.setdefault(obj["request_id"], []).append({"state": obj["state"], "at": obj["at"]})
     return out
 
 

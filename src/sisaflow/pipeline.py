@@ -265,6 +265,12 @@ class RunReport:
     dvc_clean: bool = False
     lock_changed: list[str] = field(default_factory=list)
     retrained_requests: list[str] = field(default_factory=list)
+    slices: int = 0
+    checkpoints_before: dict = field(default_factory=dict)
+    checkpoints_after: dict = field(default_factory=dict)
+    purge: dict | None = None
+    verify: dict | None = None
+    certificates: dict[str, list[str]] = field(default_factory=dict)
 
     def save(self, ws: Workspace) -> None:
         stamp = self.started_at.replace(":", "").replace("-", "")

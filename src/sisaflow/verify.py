@@ -11,9 +11,10 @@ directory, in the Prefect home and in Ray's temporary directory for the workspac
 - 'content_hash': the record's content hash (64 hex digits);
 - 'record_id': the record's id, as a whole token (in Parquet string columns: an exact value).
 
-Excluded, because they legitimately hold ids and hashes (never text): the deletion ledger (deletions/), deletion
-certificates (reports/certificates/), and the corpus source named in params (the user's own input, which
-sisaflow never writes), in the working tree and in git history alike. Exclusions are listed in the report.
+Exclusions. The deletion ledger (deletions/) and deletion certificates (reports/certificates/) legitimately hold
+ids and content hashes, so there (in the working tree and in git history, and in ledger-shaped git objects no
+commit references) only text is reported. The corpus source named in params (the user's own input, which
+sisaflow never writes) is not searched at all, in the working tree or in git history. The report lists both.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import logging
 import lzma
 import os
 import re
+import stat
 import string
 import subprocess
 import zlib
@@ -53,7 +55,8 @@ IN_MEMORY_BYTES = 64 << 20
 """Files (and git objects) up to this size are also decoded (compressed streams, base64 in JSON)."""
 CHUNK = 8 << 20
 
-EXCLUDED_DIRS = ("deletions", "reports/certificates")
+HASH_ONLY_DIRS = ("deletions", "reports/certificates")
+"""Places that legitimately hold ids and content hashes (the ledger, certificates): only text is reported there."""
 _ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _B64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
 
@@ -79,8 +82,15 @@ class Finding:
     what: str
     record_id: str = ""
 
+    @property
+    def location_kind(self) -> str:
+        """'git', 'dvc-cache', 'dvc-remote', 'prefect-home', 'ray-tmp', or a workspace path's first part."""
+        if self.where.startswith(("git:", "dvc-cache:", "dvc-remote:", "prefect-home:", "ray-tmp:")):
+            return self.where.split(":", 1)[0]
+        return self.where.split("/", 1)[0]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "location_kind": self.location_kind}
 
 
 @dataclass
@@ -97,8 +107,16 @@ class ScanReport:
     def clean(self) -> bool:
         return not self.findings
 
+    def findings_by_location(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.findings:
+            out[f.location_kind] = out.get(f.location_kind, 0) + 1
+        return dict(sorted(out.items()))
+
     def to_dict(self) -> dict:
         out = asdict(self)
+        out["findings"] = [f.to_dict() for f in self.findings]
+        out["findings_by_location"] = self.findings_by_location()
         out["clean"] = self.clean
         return out
 
@@ -129,7 +147,9 @@ def targets_from_source(
     return out
 
 
-def targets_from_ledger(ws: Workspace, params: Params, request_ids: Iterable[str] | None = None) -> list[Target]:
+def targets_from_ledger(
+    ws: Workspace, params: Params, request_ids: Iterable[str] | None = None
+) -> list[Target]:
     """Targets for every content hash the deletion ledger records (or only those of `request_ids`)."""
     from sisaflow import ledger
 
@@ -226,7 +246,9 @@ def _kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: 
     try:
         records = read_records(ws.source(params.corpus.path), params.corpus)
     except SisaflowError as exc:
-        report.notes.append(f"corpus source not readable ({exc}): text pieces are not checked for distinctness")
+        report.notes.append(
+            f"corpus source not readable ({exc}): text pieces are not checked for distinctness"
+        )
         return None
     return "\x00".join(r.text for r in records if r.content_hash not in target_hashes)
 
@@ -253,7 +275,9 @@ def build_needles(
                     nd.add(enc, i, "record_id", bounded=True)
     if report is not None:
         if shared:
-            report.notes.append(f"{shared} target text(s) also occur in kept records: searched by hash and id only")
+            report.notes.append(
+                f"{shared} target text(s) also occur in kept records: searched by hash and id only"
+            )
         no_text = sum(1 for t in targets if not t.text)
         if no_text:
             report.notes.append(f"{no_text} target(s) without text: searched by content hash (and id) only")
@@ -358,7 +382,9 @@ def _is_parquet(data: bytes) -> bool:
     return len(data) >= 12 and data[:4] == b"PAR1" and data[-4:] == b"PAR1"
 
 
-def search_bytes(data: bytes, nd: _Needles, notes: list[str] | None = None, label: str = "") -> set[tuple[int, str]]:
+def search_bytes(
+    data: bytes, nd: _Needles, notes: list[str] | None = None, label: str = ""
+) -> set[tuple[int, str]]:
     """Every (target, what) found in `data`: raw, as Parquet, and decoded."""
     import pyarrow as pa
 
@@ -377,7 +403,7 @@ def search_bytes(data: bytes, nd: _Needles, notes: list[str] | None = None, labe
     return hits
 
 
-def _search_stream(fh: io.BufferedIOBase, nd: _Needles) -> set[tuple[int, str]]:
+def _search_stream(fh: io.RawIOBase | io.BufferedIOBase, nd: _Needles) -> set[tuple[int, str]]:
     """Raw search of a stream in chunks that overlap by the longest pattern."""
     hits: set[tuple[int, str]] = set()
     done: set[bytes] = set()
@@ -425,19 +451,13 @@ def _add(report: ScanReport, targets: list[Target], hits: set[tuple[int, str]], 
         report.findings.append(Finding(t.request_id, where, what, t.record_id))
 
 
-def _walk_files(root: Path, prune: set[Path], excluded: set[Path], report: ScanReport, label) -> Iterator[Path]:
-    """Regular files under `root` (symlinks not followed), minus pruned directories and excluded paths."""
+def _walk_files(
+    root: Path, prune: set[Path], excluded: set[Path], report: ScanReport, label
+) -> Iterator[Path]:
+    """Regular files under `root` (symlinks not followed), minus pruned directories and excluded files."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
-        keep = []
-        for name in sorted(dirnames):
-            sub = d / name
-            if name == ".git" or sub in prune:
-                continue
-            if sub in excluded:
-                continue
-            keep.append(name)
-        dirnames[:] = keep
+        dirnames[:] = [n for n in sorted(dirnames) if n != ".git" and d / n not in prune]
         for name in sorted(filenames):
             p = d / name
             if p in excluded:
@@ -447,9 +467,9 @@ def _walk_files(root: Path, prune: set[Path], excluded: set[Path], report: ScanR
             except OSError as exc:
                 report.skipped.append(f"{label(p)}: unreadable ({exc.strerror})")
                 continue
-            if os.path.stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
                 continue  # the target is scanned where it lives (DVC symlink/hardlink caches are scanned too)
-            if not os.path.stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 continue
             if st.st_size > MAX_FILE_BYTES:
                 report.skipped.append(f"{label(p)}: {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte limit")
@@ -465,6 +485,7 @@ def _scan_tree(
     report: ScanReport,
     prune: set[Path] = frozenset(),  # type: ignore[assignment]
     excluded: set[Path] = frozenset(),  # type: ignore[assignment]
+    text_only: set[Path] = frozenset(),  # type: ignore[assignment]
 ) -> None:
     if not root.is_dir():
         return
@@ -478,6 +499,8 @@ def _scan_tree(
         except OSError as exc:
             report.skipped.append(f"{label(p)}: unreadable ({exc.strerror or exc})")
             continue
+        if any(_within(p, d) for d in text_only):
+            hits = {h for h in hits if h[1] == "text"}
         _add(report, targets, hits, label(p))
 
 
@@ -499,28 +522,35 @@ def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | No
     return cache, remote
 
 
-def remote_dir(ws: Workspace, notes: list[str]) -> Path | None:
-    """The default DVC remote's directory when it is local; None (with a note) otherwise."""
+def default_remote(ws: Workspace) -> tuple[str, str, Path | None]:
+    """(name, url, local directory) of the default DVC remote: ("", "", None) when none is configured, and
+    local directory None when the remote is not a local path."""
     from sisaflow.versioning import _run
 
     name = _run(ws, "dvc", "remote", "default", check=False).stdout.strip()
     if not name:
-        notes.append("no default DVC remote configured")
-        return None
-    proc = _run(ws, "dvc", "config", f"remote.{name}.url", check=False)
-    url = proc.stdout.strip()
-    if proc.returncode != 0 or not url:
-        notes.append(f"DVC remote {name!r}: no url ({proc.stderr.strip()})")
-        return None
+        return "", "", None
+    url = _run(ws, "dvc", "config", f"remote.{name}.url", check=False).stdout.strip()
     if url.startswith("file://"):
-        url = url[len("file://") :]
-    elif "://" in url:
-        notes.append(f"DVC remote {name!r} ({url}) is not a local directory: not searched")
-        return None
-    path = Path(url)
-    if not path.is_absolute():
-        path = ws.root / ".dvc" / path  # DVC stores relative remote paths relative to .dvc/config
-    return path.resolve()
+        path = url[len("file://") :]
+    elif "://" in url or not url:
+        return name, url, None
+    else:
+        path = url
+    p = Path(path)
+    if not p.is_absolute():
+        p = ws.root / ".dvc" / p  # DVC stores a relative remote path relative to .dvc/config
+    return name, url, p.resolve()
+
+
+def remote_dir(ws: Workspace, notes: list[str]) -> Path | None:
+    """The default DVC remote's directory when it is local; None (with a note) otherwise."""
+    name, url, local = default_remote(ws)
+    if not name:
+        notes.append("no default DVC remote configured")
+    elif local is None:
+        notes.append(f"DVC remote {name!r} ({url or 'no url'}) is not a local directory: not searched")
+    return local
 
 
 # ---- git ----
@@ -532,16 +562,37 @@ def _git(ws: Workspace, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=ws.root, env=_env(ws), capture_output=True)
 
 
-def _scan_git(ws: Workspace, nd: _Needles, targets: list[Target], report: ScanReport, excluded: list[str]) -> None:
-    """Every object of the repository (commits, tags, blobs; reachable or not, loose or packed)."""
+def _ledger_shaped(data: bytes) -> bool:
+    """A ledger file's content (JSON lines with a request_id each), e.g. an uncommitted ledger blob."""
+    lines = [ln for ln in data.splitlines() if ln.strip()]
+    try:
+        return bool(lines) and all(
+            isinstance(o := json.loads(ln), dict) and "request_id" in o for ln in lines
+        )
+    except ValueError:
+        return False
+
+
+def _scan_git(
+    ws: Workspace,
+    nd: _Needles,
+    targets: list[Target],
+    report: ScanReport,
+    excluded: list[str],
+    text_only: list[str],
+) -> None:
+    """Every object of the repository (commits, tags, blobs; reachable or not, loose or packed). `excluded` and
+    `text_only` are paths relative to the workspace."""
     top = _git(ws, "rev-parse", "--show-toplevel")
     if top.returncode != 0:
         report.notes.append("the workspace is not in a git repository: no git history to search")
         return
     root = Path(top.stdout.decode().strip()).resolve()
-    excluded_git = [
-        Path(os.path.relpath(ws.root / e, root)).as_posix() if not Path(e).is_absolute() else e for e in excluded
-    ]
+
+    def rel(paths: list[str]) -> list[str]:
+        return [Path(os.path.relpath(ws.root / e, root)).as_posix() for e in paths]
+
+    excluded_git, text_only_git = rel(excluded), rel(text_only)
     # blob -> first path seen, for everything reachable from refs and reflogs
     paths: dict[str, str] = {}
     listing = _git(ws, "rev-list", "--all", "--reflog", "--objects")
@@ -550,8 +601,8 @@ def _scan_git(ws: Workspace, nd: _Needles, targets: list[Target], report: ScanRe
         if path and sha not in paths:
             paths[sha] = path
 
-    def is_excluded(path: str) -> bool:
-        return any(path == e or path.startswith(e.rstrip("/") + "/") for e in excluded_git)
+    def under(path: str, places: list[str]) -> bool:
+        return any(path == e or path.startswith(e.rstrip("/") + "/") for e in places)
 
     hits_by_object: dict[str, tuple[str, set[tuple[int, str]]]] = {}
     proc = subprocess.Popen(
@@ -569,17 +620,21 @@ def _scan_git(ws: Workspace, nd: _Needles, targets: list[Target], report: ScanRe
                 break
             sha_b, kind_b, size_b = header.split()
             sha, kind, size = sha_b.decode(), kind_b.decode(), int(size_b)
-            skip = kind == "tree" or (sha in paths and is_excluded(paths[sha]))
-            if skip or size > IN_MEMORY_BYTES:
-                hits: set[tuple[int, str]] = set()
-                if not skip:
-                    hits = _search_stream(_Limited(out, size), nd)
-                else:
-                    _drain(out, size)
+            skip = kind == "tree" or (sha in paths and under(paths[sha], excluded_git))
+            only_text = sha in paths and under(paths[sha], text_only_git)
+            hits: set[tuple[int, str]] = set()
+            if skip:
+                _drain(out, size)
+            elif size > IN_MEMORY_BYTES:
+                hits = _search_stream(_Limited(out, size), nd)
             else:
-                hits = search_bytes(out.read(size), nd, report.notes, f"git object {sha}")
+                data = out.read(size)
+                hits = search_bytes(data, nd, report.notes, f"git object {sha}")
+                only_text = only_text or (bool(hits) and sha not in paths and _ledger_shaped(data))
             out.read(1)  # the newline after each object
             report.git_objects_scanned += 1
+            if only_text:
+                hits = {h for h in hits if h[1] == "text"}
             if hits:
                 hits_by_object[sha] = (kind, hits)
     finally:
@@ -614,7 +669,10 @@ class _Limited(io.RawIOBase):
 
 def _drain(fh, n: int) -> None:
     while n > 0:
-        n -= len(fh.read(min(n, CHUNK)) or b"\0" * n)
+        chunk = fh.read(min(n, CHUNK))
+        if not chunk:
+            break
+        n -= len(chunk)
 
 
 # ---- the scan ----
@@ -639,26 +697,23 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
     nd = build_needles(targets, params.corpus.text_template, kept, report)
 
     source = ws.source(params.corpus.path).resolve()
-    excluded_rel = [*EXCLUDED_DIRS]
-    excluded_abs = {ws.root / d for d in EXCLUDED_DIRS}
     report.excluded += [
-        f"{d}/ (deletion ledger: ids and content hashes, never text)"
-        if d == "deletions"
-        else f"{d}/ (deletion certificates: ids and content hashes, never text)"
-        for d in EXCLUDED_DIRS
+        "deletions/ (the deletion ledger; in git history too): ids and content hashes allowed, text reported",
+        "reports/certificates/ (deletion certificates; in git history too): ids and content hashes allowed, "
+        "text reported",
+        "ledger-shaped git objects no commit references: ids and content hashes allowed, text reported",
+        f"{source} (the corpus source: the user's input, which sisaflow never writes; in git history too)",
     ]
-    report.excluded.append(f"{source} (corpus source: the user's input, never written by sisaflow)")
-    excluded_abs.add(source)
-    if _within(source, ws.root):
-        excluded_rel.append(source.relative_to(ws.root).as_posix())
+    excluded_rel = [source.relative_to(ws.root).as_posix()] if _within(source, ws.root) else []
+    text_only = {ws.root / d for d in HASH_ONLY_DIRS}
 
     cache, remote = _dvc_dirs(ws, report)
-    prune = {ws.prefect_home}
+    prune = {ws.prefect_home.resolve()}
     for d in (cache, remote):
         if d is not None:
-            prune.add(d)
+            prune.add(d.resolve())
 
-    _scan_tree(ws.root, "", nd, targets, report, prune=prune, excluded=excluded_abs)
+    _scan_tree(ws.root, "", nd, targets, report, prune=prune, excluded={source}, text_only=text_only)
     if cache is not None:
         _scan_tree(cache, "dvc-cache:", nd, targets, report)
     if remote is not None:
@@ -669,10 +724,8 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
     _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report)
     if ws.ray_tmp_dir.is_dir():
         _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report)
-    _scan_git(ws, nd, targets, report, excluded_rel)
-    report.findings = sorted(
-        set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id)
-    )
+    _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS))
+    report.findings = sorted(set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id))
     return report
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -40,6 +42,7 @@ def story(tmp_path_factory, prefect_server):
     from sisaflow.paths import Workspace
     from sisaflow.sharding import shard_of, slice_of
 
+    os.environ["SISAFLOW_CERTIFICATE_KEY"] = "test-key-0123456789abcdef0123456789abcdef"
     tmp = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(tmp / "corpus.jsonl", AUTHORS)
     a = make_workspace(tmp / "a", corpus)
@@ -256,6 +259,29 @@ def test_request_states_are_recorded_with_times(story):
     from sisaflow import ledger
 
     seq = ledger.states(story["a"] / "deletions" / "ledger.jsonl")["req-test"]
-    assert [s["state"] for s in seq] == ["pending", "excluded", "retrained"]
-    assert seq[0]["at"] <= seq[1]["at"] <= seq[2]["at"]
+    assert [s["state"] for s in seq] == ["pending", "excluded", "retrained", "purged", "certified"]
+    assert [s["at"] for s in seq] == sorted(s["at"] for s in seq)
     assert story["forget_report"]["retrained_requests"] == ["req-test"]
+
+
+def test_forget_purges_scans_and_certifies(story, capsys):
+    from sisaflow import cli
+
+    rep = story["forget_report"]
+    assert rep["purge"]["total_bytes"] > 0 and rep["purge"]["bytes_by_kind"].get("dvc-cache", 0) > 0
+    assert rep["verify"]["clean"] and rep["verify"]["files_scanned"] > 10
+    json_path, html_path = map(Path, rep["certificates"]["req-test"])
+    cert = json.loads(json_path.read_text())
+    assert cert["request"]["request_id"] == "req-test" and cert["signature"]["alg"] == "HMAC-SHA256"
+    assert [a["shard"] for a in cert["affected"]] == [story["shard"]]
+    assert cert["verify_result"]["clean"] is True
+    body = json_path.read_text() + html_path.read_text()
+    assert not any(rid in body for rid in story["deleted_ids"])
+    assert not any(ans in body for ans in story["deleted_answers"])
+    assert cli.main(["--workspace", str(story["a"]), "certificate", "--verify", str(json_path)]) == 0
+    tampered = json_path.with_name("tampered.json")
+    cert["content_hashes"][0] = "0" * 64
+    tampered.write_text(json.dumps(cert))
+    assert cli.main(["--workspace", str(story["a"]), "certificate", "--verify", str(tampered)]) == 1
+    assert "does not match" in capsys.readouterr().out
+    assert cli.main(["--workspace", str(story["a"]), "verify"]) == 0

@@ -23,9 +23,12 @@ def test_append_writes_one_sorted_json_line_and_stamps_time(tmp_path):
     path = tmp_path / "deletions" / "ledger.jsonl"
     assert append_request(path, req(content_hashes=["h1"], reason="gdpr")) is True
     lines = path.read_text().splitlines()
-    assert len(lines) == 2  # the request, then its first state
+    assert len(lines) == 1
     obj = json.loads(lines[0])
-    assert json.loads(lines[1]) == {"request_id": "req-1", "state": "pending", "at": obj["requested_at"]}
+    state_lines = (path.parent / "states.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in state_lines] == [
+        {"request_id": "req-1", "state": "pending", "at": obj["requested_at"]}
+    ]
     assert list(obj) == sorted(obj)
     assert obj["request_id"] == "req-1" and obj["owners"] == ["alice"] and obj["records"] == []
     assert obj["content_hashes"] == ["h1"] and obj["reason"] == "gdpr"
@@ -88,7 +91,7 @@ def test_corrupt_line_names_the_line(tmp_path):
         fh.write('{"request_id": "req-2", "owners": [\n')
     with pytest.raises(DeletionError) as e:
         read_ledger(path)
-    assert f"{path}:3" in str(e.value)  # line 2 is the first request's state
+    assert f"{path}:2" in str(e.value)
     path.write_text('{"request_id": "x", "unexpected": 1}\n')
     with pytest.raises(DeletionError, match=":1"):
         read_ledger(path)
