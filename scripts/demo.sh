@@ -30,7 +30,8 @@ PY
 step "4/6 sisaflow forget --owner $OWNER: retrain only that author's shard, from the author's slice"
 sisaflow forget --owner "$OWNER" --reason "demo erasure request"
 
-step "5/6 dvc status: clean, dvc.lock records exactly what is on disk"
+step "5/6 the request's states, and dvc status (clean: dvc.lock records exactly what is on disk)"
+sisaflow requests
 dvc status
 
 step "6/6 the ensemble after the deletion"

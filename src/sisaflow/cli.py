@@ -306,6 +306,14 @@ def cmd_verify(args) -> int:
 
     ws = _ws(args)
     params = pipeline.load(ws)
+    if args.exact:
+        from sisaflow.exactness import verify_exact
+
+        results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
+        for r in results:
+            verdict = "equal" if r.equal else "DIFFERENT"
+            print(f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}")
+        return 0 if all(r.equal for r in results) else 1
     rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
     print(
         f"scanned {rep.files_scanned} files ({rep.bytes_scanned / 2**20:.1f} MiB) and {rep.git_objects_scanned} git "
@@ -446,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", parents=[common], help="scan everything for copies of deleted records")
     s.add_argument("--request", action="append", help="only these request ids (default: all)")
+    s.add_argument(
+        "--exact",
+        action="store_true",
+        help="instead, retrain shards from scratch elsewhere and compare the weights bitwise",
+    )
+    s.add_argument("--shard", type=int, action="append", help="with --exact: only these shards")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("purge", parents=[common], help="remove old copies (DVC cache and remote, temp files)")

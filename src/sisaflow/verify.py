@@ -709,6 +709,12 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
 
     cache, remote = _dvc_dirs(ws, report)
     prune = {ws.prefect_home.resolve()}
+    # Python virtual environments inside the workspace (the repository's own .venv): installed packages,
+    # where sisaflow never writes data
+    for child in sorted(ws.root.iterdir()):
+        if child.is_dir() and (child / "pyvenv.cfg").is_file():
+            prune.add(child.resolve())
+            report.excluded.append(f"{child} (a Python virtual environment: installed packages only)")
     for d in (cache, remote):
         if d is not None:
             prune.add(d.resolve())

@@ -285,3 +285,11 @@ def test_forget_purges_scans_and_certifies(story, capsys):
     assert cli.main(["--workspace", str(story["a"]), "certificate", "--verify", str(tampered)]) == 1
     assert "does not match" in capsys.readouterr().out
     assert cli.main(["--workspace", str(story["a"]), "verify"]) == 0
+
+
+def test_verify_exact_retrains_from_scratch_and_finds_every_shard_equal(story, capsys):
+    from sisaflow import cli
+
+    assert cli.main(["--workspace", str(story["a"]), "verify", "--exact"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": equal") == 3 and "DIFFERENT" not in out
