@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from typing import TYPE_CHECKING, Any
 
 from sisaflow.fsio import atomic_dir, read_json, sha256_file, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -48,6 +48,9 @@ def save_checkpoint(
     lineage: list[str],
 ) -> None:
     """Write a complete checkpoint atomically (a crash leaves the previous state or this one)."""
+    import torch
+    from safetensors.torch import save_file, save_model
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     for i, p in enumerate(params):
@@ -72,11 +75,16 @@ def read_meta(directory: Path) -> CheckpointMeta | None:
 
 def load_weights(directory: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into `model`."""
+    from safetensors.torch import load_model
+
     load_model(model, str(Path(directory) / MODEL_FILE), device=str(next(model.parameters()).device))
 
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Restore weights, optimizer moments and RNG so training continues exactly as if never stopped."""
+    import torch
+    from safetensors.torch import load_file
+
     load_weights(directory, model)
     tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -20,10 +20,10 @@ from sisaflow.config import Params
 from sisaflow.corpus import from_table, import_corpus, read_table
 from sisaflow.errors import DeletionError
 from sisaflow.fsio import write_json
+from sisaflow.lineage import chain_hashes, first_stale_slice
 from sisaflow.paths import Workspace
 from sisaflow.registry import build_registry
 from sisaflow.sharding import ShardReport, read_shard_manifest, shard_corpus
-from sisaflow.training import chain_hashes, first_stale_slice, train_shard
 
 log = logging.getLogger("sisaflow")
 Progress = Callable[[str], None]
@@ -78,6 +78,7 @@ def train(
 ):
     """Train `shards` (Ray by default; in this process with in_process=True). Returns a ParallelReport."""
     from sisaflow.parallel import ParallelReport, train_shards
+    from sisaflow.training import train_shard
 
     if not in_process:
         return train_shards(ws, params, shards, progress)

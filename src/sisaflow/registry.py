@@ -13,9 +13,9 @@ from sisaflow.checkpoint import read_lineage, read_meta, weights_hash
 from sisaflow.config import Params
 from sisaflow.errors import WorkspaceError
 from sisaflow.fsio import digest, read_json, write_json
+from sisaflow.lineage import chain_hashes
 from sisaflow.paths import Workspace
 from sisaflow.sharding import read_shard_manifest
-from sisaflow.training import chain_hashes
 
 
 @dataclass(frozen=True)

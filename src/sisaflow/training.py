@@ -22,7 +22,7 @@ import torch
 from sisaflow.checkpoint import CheckpointMeta, load_training_state, read_meta, save_checkpoint
 from sisaflow.config import ModelParams, Params
 from sisaflow.corpus import Record
-from sisaflow.fsio import digest
+from sisaflow.lineage import chain_hashes, first_stale_slice
 from sisaflow.model import build_model
 from sisaflow.paths import Workspace
 from sisaflow.sharding import read_shard_manifest, read_slice
@@ -67,24 +67,6 @@ class ShardTrainReport:
         d = asdict(self)
         d["tokens"], d["seconds"] = self.tokens, self.seconds
         return d
-
-
-def chain_hashes(identity: str, slice_digests: list[str]) -> list[str]:
-    """chain[k] identifies checkpoint k: the training identity plus the data of slices 0..k."""
-    chain, prev = [], identity
-    for d in slice_digests:
-        prev = digest((prev, d))
-        chain.append(prev)
-    return chain
-
-
-def first_stale_slice(ws: Workspace, shard: int, chain: list[str]) -> int:
-    """The first slice whose checkpoint is missing or was trained on other data or settings."""
-    for k, expected in enumerate(chain):
-        meta = read_meta(ws.checkpoint_dir(shard, k))
-        if meta is None or meta.chain != expected:
-            return k
-    return len(chain)
 
 
 def resolve_device(requested: str) -> torch.device:
