@@ -1,0 +1,248 @@
+"""Deletion requests end to end against a real Prefect server and a process worker.
+
+A tiny workspace is trained (ephemeral Prefect, no server). Then a throwaway Prefect server (own PREFECT_HOME,
+free loopback port) gets the workspace's own prefect.yaml deployed and a process worker started in the
+workspace. `sisaflow forget` with PREFECT_API_URL set must only record the request and emit the event; the
+forget deployment's automation then runs the forget flow on the worker until the request is certified.
+Then the drain path: with server and worker stopped, a request is recorded with --no-run; after a restart on
+the same PREFECT_HOME the drain deployment (run explicitly instead of waiting for its 15-minute schedule)
+applies it. Everything started here is stopped by its process group, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import make_workspace, write_corpus
+from tests.integration.test_prefect_deploy import (
+    POOL,
+    STARTUP_TIMEOUT_S,
+    Server,
+    _free_port,
+    _prefect_bin,
+    _stop_group,
+    _tail,
+)
+
+pytestmark = pytest.mark.integration
+
+AUTHORS = 6
+FORGET = "sisaflow-forget/forget"
+DRAIN = "sisaflow-drain/drain-deletions"
+CERTIFIED_TIMEOUT_S = 150
+FORGET_RETURN_LIMIT_S = 30
+
+
+def _sisaflow_bin() -> str:
+    beside = Path(sys.executable).with_name("sisaflow")
+    if not beside.is_file():
+        pytest.skip("no `sisaflow` executable beside this Python")
+    return str(beside)
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without any Prefect setting or workspace: nothing leaks in from the session."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "SISAFLOW_WORKSPACE"}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0", COLUMNS="200")
+    return env
+
+
+def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _start_server(prefect: str, home: Path, port: int) -> tuple[subprocess.Popen, Server]:
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**_clean_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url}
+    log = home / "server.log"
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    # No scheduler: the drain deployment's 15-minute schedule must not start runs behind the test's back.
+    proc = _start([*cmd, "--no-scheduler", "--no-late-runs"], home, env, log)
+    return proc, Server(api_url=api_url, env=env, prefect=prefect, log=log)
+
+
+def _wait_healthy(proc: subprocess.Popen, server: Server) -> float:
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{_tail(server.log)}")
+        try:
+            with urllib.request.urlopen(f"{server.api_url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
+            pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(server.log)}")
+        time.sleep(0.5)
+
+
+def _start_worker(server: Server, ws: Path, log: Path) -> subprocess.Popen:
+    env = {**server.env, "SISAFLOW_WORKSPACE": str(ws), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    return _start([server.prefect, "worker", "start", "--pool", POOL], log.parent, env, log)
+
+
+def _states(ws: Path) -> dict[str, list[str]]:
+    from sisaflow import ledger
+
+    return {
+        rid: [s["state"] for s in seq]
+        for rid, seq in ledger.states(ws / "deletions" / "ledger.jsonl").items()
+    }
+
+
+def _wait_certified(ws: Path, request_id: str, watch: list[tuple[subprocess.Popen, Path]]) -> float:
+    t0 = time.monotonic()
+    while True:
+        seq = _states(ws).get(request_id, [])
+        if "certified" in seq:
+            return time.monotonic() - t0
+        for proc, log in watch:
+            if proc.poll() is not None:
+                pytest.fail(f"{log.name}: exited with {proc.returncode} while waiting:\n{_tail(log)}")
+        if time.monotonic() - t0 > CERTIFIED_TIMEOUT_S:
+            logs = "\n".join(f"--- {log.name}\n{_tail(log)}" for _, log in watch)
+            pytest.fail(f"{request_id} not certified after {CERTIFIED_TIMEOUT_S}s (states {seq}):\n{logs}")
+        time.sleep(1)
+
+
+def _final_runs(server: Server, deployment: str, request_id: str | None, timeout_s: float = 60) -> list:
+    """The deployment's flow runs (those for `request_id` if given), once all of them are in a final state."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    dep = server.api(lambda c: c.read_deployment_by_name(deployment))
+    flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = server.api(lambda c: c.read_flow_runs(flow_run_filter=flt))
+        if request_id is not None:
+            runs = [r for r in runs if r.parameters.get("request_id") == request_id]
+        if runs and all(r.state is not None and r.state.is_final() for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{deployment}: runs not final: {[(r.name, r.state_name, r.parameters) for r in runs]}"
+            )
+        time.sleep(1)
+
+
+def _owners(corpus: Path) -> list[str]:
+    seen: list[str] = []
+    for line in corpus.read_text().splitlines():
+        owner = str(json.loads(line)["author_id"])
+        if owner not in seen:
+            seen.append(owner)
+    return seen
+
+
+def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
+    prefect, sisaflow = _prefect_bin(), _sisaflow_bin()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    corpus = write_corpus(tmp_path / "corpus.jsonl", AUTHORS)
+    ws = make_workspace(tmp_path / "ws", corpus)
+    owner_x, owner_y = _owners(corpus)[:2]
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port = _free_port()
+    started: list[subprocess.Popen] = []
+
+    def sis(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sisaflow, "--workspace", str(ws), *args],
+            cwd=ws,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    try:
+        # the server starts while the workspace trains (ephemeral Prefect, no PREFECT_API_URL)
+        server_proc, server = _start_server(prefect, home, port)
+        started.append(server_proc)
+        t0 = time.monotonic()
+        r = sis("run", "--in-process", env=_clean_env())
+        assert r.returncode == 0, f"sisaflow run failed:\n{r.stdout}\n{r.stderr}"
+        print(f"\n[deletion-server] training run (ephemeral Prefect): {time.monotonic() - t0:.1f}s")
+        print(f"[deletion-server] server healthy after a further {_wait_healthy(server_proc, server):.1f}s")
+
+        r = server.run("work-pool", "create", POOL, "--type", "process", cwd=ws)
+        assert r.returncode == 0, f"work-pool create failed:\n{r.stdout}\n{r.stderr}"
+        r = server.run(
+            "--no-prompt", "deploy", "--all", cwd=ws, env={**server.env, "SISAFLOW_WORKSPACE": str(ws)}
+        )
+        assert r.returncode == 0, f"prefect deploy --all failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        worker_log = logs / "worker-1.log"
+        worker = _start_worker(server, ws, worker_log)
+        started.append(worker)
+
+        # 1. forget with a server configured: record, emit, return
+        t0 = time.monotonic()
+        r = sis("forget", "--owner", owner_x, "--request-id", "req-srv-x", env=server.env, timeout=120)
+        forget_s = time.monotonic() - t0
+        print(f"[deletion-server] `sisaflow forget` returned in {forget_s:.1f}s")
+        assert r.returncode == 0, f"sisaflow forget failed:\n{r.stdout}\n{r.stderr}"
+        assert "request req-srv-x recorded" in r.stdout, r.stdout
+        assert "event sisaflow.deletion.requested sent" in r.stdout, r.stdout + r.stderr
+        assert forget_s < FORGET_RETURN_LIMIT_S, r.stdout
+        assert "retrained" not in _states(ws)["req-srv-x"]  # recorded only; the worker retrains
+
+        watch = [(server_proc, server.log), (worker, worker_log)]
+        certified_s = _wait_certified(ws, "req-srv-x", watch)
+        print(f"[deletion-server] req-srv-x certified {certified_s:.1f}s after `forget` returned")
+        assert _states(ws)["req-srv-x"] == ["pending", "excluded", "retrained", "purged", "certified"]
+        assert (ws / "reports" / "certificates" / "req-srv-x.json").is_file()
+        runs = _final_runs(server, FORGET, "req-srv-x")
+        assert len(runs) == 1 and runs[0].state.is_completed(), (
+            f"{[(x.name, x.state_name) for x in runs]}\n{_tail(worker_log)}"
+        )
+
+        # 2. drain: a request recorded while nothing runs, applied by the drain deployment after a restart
+        _stop_group(worker)
+        _stop_group(server_proc)
+        r = sis("forget", "--owner", owner_y, "--request-id", "req-srv-y", "--no-run", env=_clean_env())
+        assert r.returncode == 0, f"sisaflow forget --no-run failed:\n{r.stdout}\n{r.stderr}"
+        # recorded, and (unlearn.mode exclude) marked excluded at once; nothing retrained yet
+        assert _states(ws)["req-srv-y"] in (["pending"], ["pending", "excluded"])
+
+        t0 = time.monotonic()
+        server_proc, server = _start_server(prefect, home, port)
+        started.append(server_proc)
+        print(f"[deletion-server] server restarted, healthy in {_wait_healthy(server_proc, server):.1f}s")
+        worker_log = logs / "worker-2.log"
+        worker = _start_worker(server, ws, worker_log)
+        started.append(worker)
+        r = server.run("deployment", "run", DRAIN, cwd=ws)
+        assert r.returncode == 0, f"prefect deployment run failed:\n{r.stdout}\n{r.stderr}"
+        watch = [(server_proc, server.log), (worker, worker_log)]
+        drained_s = _wait_certified(ws, "req-srv-y", watch)
+        print(f"[deletion-server] req-srv-y certified {drained_s:.1f}s after the drain run was created")
+        assert _states(ws)["req-srv-y"] == ["pending", "excluded", "retrained", "purged", "certified"]
+        assert (ws / "reports" / "certificates" / "req-srv-y.json").is_file()
+        runs = _final_runs(server, DRAIN, None)
+        assert len(runs) == 1 and runs[0].state.is_completed(), (
+            f"{[(x.name, x.state_name) for x in runs]}\n{_tail(worker_log)}"
+        )
+        print(f"[deletion-server] drain phase total: {time.monotonic() - t0:.1f}s")
+    finally:
+        for proc in reversed(started):
+            _stop_group(proc)
