@@ -121,7 +121,11 @@ def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str
             logger.info("every shard is up to date: nothing to train")
         with pipeline.timed(report, "ensemble"):
             report.ensemble_version = ensemble(root)["version"]
-        report.retrained_requests = pipeline.mark_applied(ws)
+        # requests this run applied, then any a killed forget left retrained or purged: purge, scan, certify both
+        applied = pipeline.mark_applied(ws)
+        report.retrained_requests = applied + [
+            r for r in pipeline.unfinished_requests(ws) if r not in applied
+        ]
         lock_before = pipeline.lock_entries(ws)
         with pipeline.timed(report, "dvc"):
             report.dvc_clean = not record(root)

@@ -232,6 +232,16 @@ def mark_applied(ws: Workspace) -> list[str]:
     return ledger.mark(ws.ledger_file, done, "retrained")
 
 
+def unfinished_requests(ws: Workspace) -> list[str]:
+    """Requests retrained or purged but not certified: a forget killed after its promotion left them so."""
+    state = ledger.current_state(ws.ledger_file)
+    return [
+        r.request_id
+        for r in ledger.read_ledger(ws.ledger_file)
+        if state.get(r.request_id) in ("retrained", "purged")
+    ]
+
+
 def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
     """Requests whose records are still in the imported corpus or in a shard's placement."""
     reqs = ledger.read_ledger(ws.ledger_file)
