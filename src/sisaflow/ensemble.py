@@ -88,7 +88,7 @@ class Ensemble(torch.nn.Module):
         models = []
         for c in served:
             m = build_model(mp, tok.vocab_size, tok.eos_id, seed=0)
-            load_weights(ws.root / c["checkpoint"], m)
+            load_weights(ws.root / c.get("served", c["checkpoint"]), m)
             m.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
             models.append(m.eval())
         weights = [c["records"] if reg["weights"] == "size" else 1.0 for c in served]

@@ -51,9 +51,8 @@ def verify_exact(
             shutil.copytree(ws.shard_dir(s), scratch.shard_dir(s))
             train_shard(scratch, s, params, progress=progress or (lambda m: None))
             last = int(served[s]["checkpoint"].rsplit("slice-", 1)[1])
+            served_dir = ws.root / served[s].get("served", served[s]["checkpoint"])
             results.append(
-                ExactResult(
-                    s, weights_hash(ws.checkpoint_dir(s, last)), weights_hash(scratch.checkpoint_dir(s, last))
-                )
+                ExactResult(s, weights_hash(served_dir), weights_hash(scratch.checkpoint_dir(s, last)))
             )
     return results

@@ -1,18 +1,26 @@
 """The ensemble registry: which constituent checkpoints are served together, swapped atomically.
 
+Serving never reads models/: retraining rewrites those paths before the new version is promoted. Each served
+constituent is a frozen copy, registry/constituents/<sha256 of weights>/ (the weights, hard-linked when the file
+system allows, and the lineage: the content hashes of every record it was trained on). Promotion is the atomic
+write of registry/ensemble.json naming the new copies; the copies no version names any more are removed then.
+
 registry/ensemble.json names, per shard, the checkpoint after its last slice, the sha256 of its weights and its
 record count. Its version is a digest of that content, so the same constituents always make the same version.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sisaflow.checkpoint import read_lineage, read_meta, weights_hash
+from sisaflow.checkpoint import LINEAGE_FILE, MODEL_FILE, read_lineage, read_meta, weights_hash
 from sisaflow.config import Params
 from sisaflow.errors import WorkspaceError
-from sisaflow.fsio import digest, read_json, write_json
+from sisaflow.fsio import atomic_dir, digest, read_json, write_json
 from sisaflow.lineage import chain_hashes
 from sisaflow.paths import Workspace
 from sisaflow.sharding import read_shard_manifest
@@ -22,9 +30,26 @@ from sisaflow.sharding import read_shard_manifest
 class Constituent:
     shard: int
     checkpoint: str
-    """Relative to the workspace: models/shard-<n>/slice-<k>."""
+    """Where it was trained, relative to the workspace: models/shard-<n>/slice-<k>."""
     weights_sha256: str
     records: int
+    served: str
+    """The frozen copy that is served, relative to the workspace: registry/constituents/<sha256>."""
+
+
+def _freeze(ws: Workspace, shard: int, last: int, sha: str) -> Path:
+    """registry/constituents/<sha>/ with the weights and the lineage; written once, never changed."""
+    target = ws.registry_dir / "constituents" / sha
+    if (target / MODEL_FILE).is_file() and (target / LINEAGE_FILE).is_file():
+        return target
+    with atomic_dir(target) as tmp:
+        src = ws.checkpoint_dir(shard, last) / MODEL_FILE
+        try:
+            os.link(src, tmp / MODEL_FILE)
+        except OSError:
+            shutil.copy2(src, tmp / MODEL_FILE)
+        write_json(tmp / LINEAGE_FILE, sorted(constituent_lineage(ws, shard, last)))
+    return target
 
 
 def build_registry(ws: Workspace, params: Params) -> dict:
@@ -42,9 +67,15 @@ def build_registry(ws: Workspace, params: Params) -> dict:
             raise WorkspaceError(
                 f"shard {shard} is not trained on its current data; run `sisaflow train --shard {shard}`"
             )
+        sha = weights_hash(ckpt)
+        frozen = _freeze(ws, shard, last, sha)
         constituents.append(
             Constituent(
-                shard, str(ckpt.relative_to(ws.root)), weights_hash(ckpt), manifest["records"]
+                shard,
+                str(ckpt.relative_to(ws.root)),
+                sha,
+                manifest["records"],
+                str(frozen.relative_to(ws.root)),
             ).__dict__
         )
     if not constituents:
@@ -57,7 +88,11 @@ def build_registry(ws: Workspace, params: Params) -> dict:
         "model": params.model.__dict__,
     }
     body["version"] = digest([repr(sorted(body.items()))])[:12]
-    write_json(ws.registry_file, body)
+    write_json(ws.registry_file, body)  # the promotion: one atomic rename
+    named = {Path(c["served"]).name for c in constituents}
+    for old in (ws.registry_dir / "constituents").iterdir():
+        if old.name not in named:  # superseded copies, possibly trained on deleted records
+            shutil.rmtree(old, ignore_errors=True)
     return body
 
 
@@ -69,6 +104,14 @@ def constituent_lineage(ws: Workspace, shard: int, last_slice: int) -> set[str]:
     return out
 
 
+def constituent_lineage_served(ws: Workspace, c: dict) -> set[str]:
+    """The lineage of a served constituent, from its frozen copy (models/ may be mid-retraining)."""
+    if c.get("served"):
+        return set(read_json(ws.root / c["served"] / LINEAGE_FILE))
+    last = int(c["checkpoint"].rsplit("slice-", 1)[1])
+    return constituent_lineage(ws, c["shard"], last)
+
+
 def serving_view(
     ws: Workspace, reg: dict, mode: str, requested_hashes: set[str]
 ) -> tuple[list[dict], list[int]]:
@@ -78,8 +121,7 @@ def serving_view(
         return list(reg["constituents"]), []
     kept, dropped = [], []
     for c in reg["constituents"]:
-        last = int(c["checkpoint"].rsplit("slice-", 1)[1])
-        if constituent_lineage(ws, c["shard"], last) & requested_hashes:
+        if constituent_lineage_served(ws, c) & requested_hashes:
             dropped.append(c["shard"])
         else:
             kept.append(c)

@@ -91,7 +91,7 @@ def dvc_yaml(params: Params) -> str:
             "cmd": "sisaflow ensemble",
             "deps": [f"models/{shard_name(s)}" for s in shards] + [f"shards/{shard_name(s)}" for s in shards],
             "params": ["ensemble"],
-            "outs": ["registry/ensemble.json"],
+            "outs": ["registry"],
         },
     }
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False)

@@ -69,7 +69,7 @@ def _stamps(paths: list[Path]) -> dict[Path, tuple[int, int, int] | None]:
 def _constituents(ws: Path) -> dict[int, str]:
     """{shard: sha256 of the served weights}, read from the checkpoint files the registry names."""
     reg = json.loads((ws / "registry" / "ensemble.json").read_text())
-    return {c["shard"]: sha256_file(ws / c["checkpoint"] / "model.safetensors") for c in reg["constituents"]}
+    return {c["shard"]: sha256_file(ws / c["served"] / "model.safetensors") for c in reg["constituents"]}
 
 
 def _registry_complete(ws: Path) -> list[str]:
@@ -77,11 +77,11 @@ def _registry_complete(ws: Path) -> list[str]:
     reg = json.loads((ws / "registry" / "ensemble.json").read_text())
     missing = []
     for c in reg["constituents"]:
-        d = ws / c["checkpoint"]
-        if not (d / "meta.json").is_file() or not (d / "model.safetensors").is_file():
-            missing.append(c["checkpoint"])
+        d = ws / c["served"]  # the frozen copy that is served (models/ may be mid-retraining)
+        if not (d / "lineage.json").is_file() or not (d / "model.safetensors").is_file():
+            missing.append(c["served"])
         elif sha256_file(d / "model.safetensors") != c["weights_sha256"]:
-            missing.append(c["checkpoint"] + " (weights differ)")
+            missing.append(c["served"] + " (weights differ)")
     return missing
 
 
@@ -183,15 +183,7 @@ KILL_POINTS = {
     "point",
     [
         "slice-rewrite",
-        pytest.param(
-            "training",
-            marks=pytest.mark.xfail(
-                raises=RegistryIncomplete,
-                strict=True,
-                reason="train_shard removes and rewrites models/shard-N/slice-K in place before the new ensemble "
-                "is promoted, so the served registry names a checkpoint that is gone or holds other weights",
-            ),
-        ),
+        "training",
         "promotion",
         "purge",
     ],

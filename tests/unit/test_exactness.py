@@ -24,10 +24,37 @@ def test_equal_then_different_after_tampering(make_workspace, make_records, tiny
     results = verify_exact(ws, params)
     assert [r.shard for r in results] == [0, 1] and all(r.equal for r in results)
 
-    weights = ws.checkpoint_dir(1, 1) / "model.safetensors"
+    reg = build_registry(ws, params)
+    weights = ws.root / next(c["served"] for c in reg["constituents"] if c["shard"] == 1) / "model.safetensors"
     tensors = load_file(str(weights))
     name = next(iter(tensors))
     tensors[name] = tensors[name] + torch.finfo(tensors[name].dtype).eps  # the smallest change
     save_file(tensors, str(weights))
     by_shard = {r.shard: r.equal for r in verify_exact(ws, params)}
     assert by_shard == {0: True, 1: False}
+
+
+def test_served_copy_survives_retraining_in_models(make_workspace, make_records, tiny_params):
+    """Serving reads a frozen copy: rewriting models/ (as a retrain does before promotion) changes nothing
+    served, and promotion removes the superseded copy."""
+    import shutil
+
+    from sisaflow.ensemble import Ensemble
+
+    params = Params.from_dict(
+        {**tiny_params.to_dict(), "sharding": dataclasses.asdict(ShardingParams(shards=1, slices=2))}
+    )
+    ws = make_workspace(make_records(owners=3, per_owner=3), shards=1, slices=2)
+    train_shard(ws, 0, params, progress=lambda m: None)
+    reg = build_registry(ws, params)
+    served = ws.root / reg["constituents"][0]["served"]
+    before = (served / "model.safetensors").read_bytes()
+    shutil.rmtree(ws.model_dir(0))  # what train_shard does to stale checkpoints before retraining
+    assert (served / "model.safetensors").read_bytes() == before
+    ws.params_file.write_text("")  # Ensemble.load reads unlearn.mode from params; defaults are fine
+    assert Ensemble.load(ws).shards == [0]
+    params2 = Params.from_dict({**params.to_dict(), "train": {**params.to_dict()["train"], "seed": 1}})
+    train_shard(ws, 0, params2, progress=lambda m: None)
+    reg2 = build_registry(ws, params2)
+    assert reg2["constituents"][0]["served"] != reg["constituents"][0]["served"]
+    assert not served.exists()
