@@ -11,8 +11,10 @@ from sisaflow_flows.steps import run_steps
 
 @flow(name="sisaflow-drain", log_prints=True)
 def drain_flow(workspace: str = ".") -> dict:
-    """Run the forget steps if any request is pending; otherwise do nothing."""
-    pending = [r.request_id for r in pipeline.pending_requests(Workspace(workspace))]
+    """Run the forget steps if any request is pending, or was left unfinished (retrained or purged, not yet
+    certified) by a run that was killed; otherwise do nothing."""
+    ws = Workspace(workspace)
+    pending = [r.request_id for r in pipeline.pending_requests(ws)] + pipeline.unfinished_requests(ws)
     if not pending:
         print("no pending deletion requests")
         return {"requests": []}

@@ -75,6 +75,11 @@ class Ensemble(torch.nn.Module):
         """Load the served version from the registry, less every constituent a recorded deletion request
         excludes (unlearn.mode: exclude) until its retrained version is promoted."""
         reg = read_registry(ws)
+        if not reg["constituents"]:
+            raise WorkspaceError(
+                "the served ensemble is empty: every record of the corpus has been deleted, so there is no model "
+                "to generate or score with"
+            )
         mode = Params.load(ws.params_file).unlearn.mode if ws.params_file.is_file() else "exclude"
         requested = {h for r in read_ledger(ws.ledger_file) for h in r.content_hashes}
         served, excluded = serving_view(ws, reg, mode, requested)

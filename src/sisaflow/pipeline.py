@@ -54,7 +54,7 @@ def prepare(ws: Workspace, params: Params) -> dict[str, int]:
 
 def shard(ws: Workspace, params: Params) -> ShardReport:
     """Place records into shards and slices; rewrite only the slice files whose content changed."""
-    return shard_corpus(ws, params.sharding)
+    return shard_corpus(ws, params.sharding, allow_empty=bool(ledger.read_ledger(ws.ledger_file)))
 
 
 def stale_shards(ws: Workspace, params: Params) -> dict[int, int]:

@@ -78,8 +78,7 @@ def build_registry(ws: Workspace, params: Params) -> dict:
                 str(frozen.relative_to(ws.root)),
             ).__dict__
         )
-    if not constituents:
-        raise WorkspaceError("no shard holds any record: there is no ensemble to serve")
+    # no constituent at all (every record deleted) is still a version: an empty one, which serves nothing
     body: dict[str, Any] = {
         "constituents": constituents,
         "weights": params.ensemble.weights,
@@ -90,6 +89,7 @@ def build_registry(ws: Workspace, params: Params) -> dict:
     body["version"] = digest([repr(sorted(body.items()))])[:12]
     write_json(ws.registry_file, body)  # the promotion: one atomic rename
     named = {Path(c["served"]).name for c in constituents}
+    (ws.registry_dir / "constituents").mkdir(parents=True, exist_ok=True)
     for old in (ws.registry_dir / "constituents").iterdir():
         if old.name not in named:  # superseded copies, possibly trained on deleted records
             shutil.rmtree(old, ignore_errors=True)

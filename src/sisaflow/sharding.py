@@ -68,8 +68,11 @@ def _load_placement(ws: Workspace, params: ShardingParams) -> dict[str, tuple[in
     return {rid: (sh, sl) for rid, sh, sl in zip(t["record_id"], t["shard"], t["slice"])}
 
 
-def shard_corpus(ws: Workspace, params: ShardingParams) -> ShardReport:
-    """Place every record of the imported corpus and write shards/<shard>/slice-<k>.parquet plus manifests."""
+def shard_corpus(ws: Workspace, params: ShardingParams, allow_empty: bool = False) -> ShardReport:
+    """Place every record of the imported corpus and write shards/<shard>/slice-<k>.parquet plus manifests.
+
+    An empty shard is an error on a first placement (too many shards for the owners), unless deletions emptied
+    it (`allow_empty`, e.g. `dvc repro` on a fresh clone of a workspace that forgot a shard's every owner)."""
     if not ws.corpus_file.is_file():
         raise ShardingError(f"{ws.corpus_file}: no imported corpus; run `sisaflow run` (or `dvc repro`)")
     records = from_table(read_table(ws.corpus_file))
@@ -91,7 +94,7 @@ def shard_corpus(ws: Workspace, params: ShardingParams) -> ShardReport:
 
     shard_sizes = {s: sum(len(placed[(s, k)]) for k in range(params.slices)) for s in params.shard_ids}
     empty = [s for s, n in shard_sizes.items() if n == 0]
-    if empty and first_time:
+    if empty and first_time and not allow_empty:
         owners = len({r.owner for r in records})
         raise ShardingError(
             f"sharding.shards = {params.shards} leaves shard(s) {', '.join(map(str, empty))} empty: the corpus has "

@@ -58,6 +58,15 @@ def init_workspace(
             f"sharding.shards = {sharding.shards} but the corpus has only {owners} owner(s): shards would be "
             f"empty; pass --shards {owners} or fewer"
         )
+    from sisaflow.sharding import shard_of
+
+    used = {shard_of(r.owner, sharding.shards) for r in records}
+    empty = sorted(set(range(sharding.shards)) - used)
+    if empty:
+        raise ShardingError(
+            f"sharding.shards = {sharding.shards} leaves shard(s) {', '.join(map(str, empty))} empty: owners are "
+            f"placed by a hash, and {owners} owner(s) do not fill {sharding.shards} shards; pass fewer --shards"
+        )
     try:
         rel = corpus.relative_to(directory)
         corpus_path = str(rel)

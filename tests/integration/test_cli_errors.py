@@ -116,3 +116,11 @@ def test_forget_unknown_record_and_bad_request_file(tmp_path, capsys):
 def test_not_a_workspace(tmp_path, capsys):
     assert cli.main(["--workspace", str(tmp_path), "status"]) == 1
     assert "is not a sisaflow workspace" in capsys.readouterr().err
+
+
+def test_owners_that_hash_into_fewer_shards_than_asked(tmp_path, capsys):
+    # TOFU authors 0 and 1 fall in the same one of two shards: one shard would be empty
+    corpus = write_corpus(tmp_path / "c.jsonl", 2)
+    assert _init(tmp_path, corpus, "--shards", "2") == 1
+    assert "leaves shard(s) 1 empty" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()

@@ -25,7 +25,9 @@ def test_equal_then_different_after_tampering(make_workspace, make_records, tiny
     assert [r.shard for r in results] == [0, 1] and all(r.equal for r in results)
 
     reg = build_registry(ws, params)
-    weights = ws.root / next(c["served"] for c in reg["constituents"] if c["shard"] == 1) / "model.safetensors"
+    weights = (
+        ws.root / next(c["served"] for c in reg["constituents"] if c["shard"] == 1) / "model.safetensors"
+    )
     tensors = load_file(str(weights))
     name = next(iter(tensors))
     tensors[name] = tensors[name] + torch.finfo(tensors[name].dtype).eps  # the smallest change
