@@ -42,5 +42,5 @@ serve: setup  ## a local Prefect server + process worker with this workspace's d
 	bash scripts/serve.sh
 
 clean-workspace:  ## remove everything the demo produced in this repository (keeps the code)
-	rm -rf corpus shards models registry runs .sisaflow .dvc-remote .dvc/cache .dvc/tmp
-	git checkout -- deletions/ledger.jsonl dvc.lock 2>/dev/null || true
+	rm -rf corpus shards models registry runs reports .sisaflow .dvc-remote .dvc/cache .dvc/tmp dvc.lock
+	git checkout -- deletions/ledger.jsonl deletions/states.jsonl
