@@ -1,0 +1,159 @@
+"""Greedy generation speed of an S-model ensemble: one model, the Python loop over S transformers models (one
+KV cache each, as Ensemble.forward does it), and `StackedLlama` (all S in one batched forward per step).
+
+    python bench/ensemble_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--threads N]
+
+Constituents are freshly initialised at the default ModelParams with the byte tokenizer (speed does not depend
+on the weights). Each run: a prompt of 32 random tokens per row, then 64 new tokens, greedy on the combined
+mixture, never stopping at end-of-text. Rates are new tokens per second over all rows, prefill included; the
+median of the repeats after one warm-up; the
+three take turns, and the one-model rate is measured again for each row. The last column says whether the stacked and the loop ensembles picked
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from sisaflow.batched import StackedLlama
+from sisaflow.config import ModelParams
+from sisaflow.ensemble import _cache_kwarg, _cache_of, combine_log_probs
+from sisaflow.model import build_model
+from sisaflow.tokenizer import load_tokenizer
+
+PROMPT = 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_one(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy with one transformers model and its cache."""
+    kw = _cache_kwarg(model)
+    out = model(input_ids=prompt, use_cache=True)
+    tokens = []
+    for step in range(new):
+        token = torch.log_softmax(out.logits[:, -1].double(), dim=-1).argmax(-1, keepdim=True)
+        tokens.append(token)
+        if step + 1 < new:
+            out = model(input_ids=token, use_cache=True, **{kw: _cache_of(out)})
+    return torch.cat(tokens, dim=1)
+
+
+def generate_loop(models, weights: torch.Tensor, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy on the mixture, a Python loop over the models per step (what Ensemble.forward does)."""
+    caches: list = [None] * len(models)
+    x, tokens = prompt, []
+    for _ in range(new):
+        outs = [
+            m(input_ids=x, use_cache=True, **{_cache_kwarg(m): c})
+            for m, c in zip(models, caches, strict=True)
+        ]
+        caches = [_cache_of(o) for o in outs]
+        lp = torch.stack([torch.log_softmax(o.logits[:, -1].double(), dim=-1) for o in outs])
+        x = combine_log_probs(lp, weights, "mixture").argmax(-1, keepdim=True)
+        tokens.append(x)
+    return torch.cat(tokens, dim=1)
+
+
+def generate_stacked(
+    stacked: StackedLlama, weights: torch.Tensor, prompt: torch.Tensor, new: int
+) -> torch.Tensor:
+    """Greedy on the mixture, all models in one batched forward per step."""
+    cache, x, tokens = None, prompt, []
+    for _ in range(new):
+        logits, cache = stacked(x, cache=cache, use_cache=True, logits_to_keep=1)
+        lp = torch.log_softmax(logits[:, :, -1].double(), dim=-1)
+        x = combine_log_probs(lp, weights, "mixture").argmax(-1, keepdim=True)
+        tokens.append(x)
+    return torch.cat(tokens, dim=1)
+
+
+def rates(
+    runs: dict[str, Callable[[], torch.Tensor]], rows: int, new: int, repeats: int, device: torch.device
+):
+    """Median new tokens per second of each run, and its last tokens. The runs take turns (one warm-up each,
+    then `repeats` rounds) so that a slow spell of a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    tokens = {k: run() for k, run in runs.items()}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            tokens[k] = run()
+            _sync(device)
+            times[k].append(time.perf_counter() - start)
+    return {k: rows * new / statistics.median(t) for k, t in times.items()}, tokens
+
+
+@torch.no_grad()
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--quick", action="store_true", help="S in 1, 4; 16 new tokens; one repeat")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    sizes = [1, 4] if args.quick else [1, 2, 4, 8]
+    new = 16 if args.quick else args.new_tokens
+    repeats = 1 if args.quick else args.repeats
+
+    params = ModelParams()
+    tok = load_tokenizer(params.tokenizer)
+    models = [
+        build_model(params, tok.vocab_size, tok.eos_id, seed=i).to(device=device, dtype=dtype).eval()
+        for i in range(max(sizes))
+    ]
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# {name}; torch {torch.__version__}; {args.dtype}; default ModelParams, vocab {tok.vocab_size}; "
+        f"prompt {PROMPT}, {new} new tokens, greedy mixture; median of {repeats}"
+    )
+    print(
+        "| batch | S | one model tok/s | loop tok/s | stacked tok/s | loop / one | stacked / one | stacked / loop | same |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for batch in (1, 8):
+        prompt = torch.randint(0, tok.eos_id, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        prompt = prompt.to(device)
+        for s in sizes:
+            ms = models[:s]
+            weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
+            stacked = StackedLlama.from_models(ms)
+            runs = {
+                "one": functools.partial(generate_one, models[0], prompt, new),
+                "loop": functools.partial(generate_loop, ms, weights, prompt, new),
+                "stacked": functools.partial(generate_stacked, stacked, weights, prompt, new),
+            }
+            r, by = rates(runs, batch, new, repeats, device)
+            one, loop, fast = r["one"], r["loop"], r["stacked"]
+            by_loop, by_stack = by["loop"], by["stacked"]
+            same = "yes" if torch.equal(by_loop, by_stack) else "NO"
+            print(
+                f"| {batch} | {s} | {one:,.0f} | {loop:,.0f} | {fast:,.0f} | {loop / one:.2f} | {fast / one:.2f} "
+                f"| {fast / loop:.2f} | {same} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

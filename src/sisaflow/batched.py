@@ -1,0 +1,371 @@
+"""Batched ensemble inference: all S constituents (one Llama architecture) evaluated in one computation per step.
+
+`StackedLlama.from_models` copies the constituents' weights into tensors with a leading constituent dim S and
+runs the Llama forward in plain torch: batched matmuls (`torch.bmm`) over S, and attention with S folded into the
+batch (`scaled_dot_product_attention` on (S*B, heads, T, d)). The numerics follow transformers' Llama (RMSNorm in
+float32, default RoPE, SiLU MLP, head_dim**-0.5 scaling). Query/key/value and gate/up weights are concatenated so
+a layer costs four matmuls whatever S is; on small models the per-step cost is kernel launches, not FLOPs.
+
+Positions follow a transformers forward without `position_ids`: past length + 0..T-1, whatever the padding.
+RoPE depends only on relative positions, so a left-padded row gives the same outputs for its real tokens as the
+unpadded prompt (up to float rounding). Outputs at padded positions are meaningless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+# config fields that decide the computation; every constituent must agree on them
+_ARCH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "rope_parameters",
+)
+
+
+@dataclass
+class StackedCache:
+    """Keys and values of every constituent and layer, preallocated and filled in place.
+
+    `keys[l]` and `values[l]` have shape (S, B, heads, capacity, head_dim); positions `0..length-1` are filled.
+    A forward that is given the cache writes into it and advances `length` (like transformers' DynamicCache), and
+    doubles the capacity when a step would overflow it. `key_mask` (B, capacity), True for real tokens, is kept
+    only once a padded attention_mask has been seen; None means every position is real.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+    key_mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.keys[0].shape[1])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[3])
+
+    def get_seq_length(self) -> int:
+        """The number of cached positions (the name transformers' caches use)."""
+        return self.length
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` positions, growing at least twofold so appends stay amortised O(1)."""
+        if needed <= self.capacity:
+            return
+        extra = max(needed, 2 * self.capacity) - self.capacity
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros((*t.shape[:3], extra, t.shape[4]))], dim=3)
+
+        self.keys = [grow(k) for k in self.keys]
+        self.values = [grow(v) for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = torch.cat(
+                [self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], extra))], 1
+            )
+
+
+class StackedLlama(nn.Module):
+    """S transformers Llama causal LMs of one config, as one module whose forward returns (S, B, T, V) logits.
+
+    Build it with `from_models`; the weights are copies, so later changes to the models are not seen.
+    Inference only (runs under no_grad). Limits: no GQA (key/value heads must equal heads), default RoPE,
+    SiLU, no biases; left padding only through `attention_mask` (see `forward`).
+    """
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        *,
+        heads: int,
+        head_dim: int,
+        rms_norm_eps: float,
+        context_length: int,
+        inv_freq: torch.Tensor,
+        attention_scaling: float,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.rms_norm_eps = rms_norm_eps
+        self.context_length = context_length
+        self.attention_scaling = attention_scaling
+        self.tied = "lm_head" not in weights
+        self.embed = nn.Parameter(weights["embed"], requires_grad=False)  # (S, V, H)
+        self.lm_head = nn.Parameter(weights["lm_head"], requires_grad=False) if not self.tied else None
+        self.qkv = nn.Parameter(weights["qkv"], requires_grad=False)  # (L, S, 3*heads*d, H)
+        self.o = nn.Parameter(weights["o"], requires_grad=False)  # (L, S, H, heads*d)
+        self.gate_up = nn.Parameter(weights["gate_up"], requires_grad=False)  # (L, S, 2*I, H)
+        self.down = nn.Parameter(weights["down"], requires_grad=False)  # (L, S, H, I)
+        self.input_norm = nn.Parameter(weights["input_norm"], requires_grad=False)  # (L, S, 1, H)
+        self.post_norm = nn.Parameter(weights["post_norm"], requires_grad=False)  # (L, S, 1, H)
+        self.final_norm = nn.Parameter(weights["final_norm"], requires_grad=False)  # (S, 1, H)
+        # kept in float32 (not a buffer, so .to(dtype) cannot round it); used only to extend the table
+        self._inv_freq = inv_freq.detach().float().clone()
+        cos, sin = self._rope_table(max(context_length, 1), self.embed.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def num_models(self) -> int:
+        return int(self.embed.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.qkv.shape[0])
+
+    @classmethod
+    def from_models(cls, models: list[LlamaForCausalLM]) -> StackedLlama:
+        """Stack the weights of `models`; ValueError if they differ in config, dtype or device, or use a feature
+        this implementation lacks. Tied embeddings are stacked once and serve as the output head."""
+        if not models:
+            raise ValueError("StackedLlama needs at least one model")
+        for i, m in enumerate(models):
+            if not isinstance(m, LlamaForCausalLM):
+                raise ValueError(
+                    f"model {i} is a {type(m).__name__}; StackedLlama stacks LlamaForCausalLM only"
+                )
+        cfg = models[0].config
+        arch: dict[str, Any] = {k: getattr(cfg, k, None) for k in _ARCH_KEYS}
+        for i, m in enumerate(models[1:], start=1):
+            for k in _ARCH_KEYS:
+                if getattr(m.config, k, None) != arch[k]:
+                    raise ValueError(
+                        f"model {i} has config {k} = {getattr(m.config, k, None)!r} but model 0 has {arch[k]!r}; "
+                        "every stacked model must share one config"
+                    )
+        _check_supported(arch)
+        first = next(models[0].parameters())
+        for i, m in enumerate(models):
+            for name, p in m.named_parameters():
+                if p.dtype != first.dtype or p.device != first.device:
+                    raise ValueError(
+                        f"model {i} parameter {name} is {p.dtype} on {p.device}, model 0 is {first.dtype} on "
+                        f"{first.device}; move every model to one dtype and device first"
+                    )
+
+        layers = [[m.model.layers[j] for m in models] for j in range(arch["num_hidden_layers"])]
+
+        def per_layer(get) -> torch.Tensor:
+            return torch.stack([torch.stack([get(layer).detach() for layer in row]) for row in layers])
+
+        weights = {
+            "embed": torch.stack([m.model.embed_tokens.weight.detach() for m in models]),
+            "qkv": per_layer(
+                lambda d: torch.cat(
+                    [d.self_attn.q_proj.weight, d.self_attn.k_proj.weight, d.self_attn.v_proj.weight]
+                )
+            ),
+            "o": per_layer(lambda d: d.self_attn.o_proj.weight),
+            "gate_up": per_layer(lambda d: torch.cat([d.mlp.gate_proj.weight, d.mlp.up_proj.weight])),
+            "down": per_layer(lambda d: d.mlp.down_proj.weight),
+            "input_norm": per_layer(lambda d: d.input_layernorm.weight[None]),
+            "post_norm": per_layer(lambda d: d.post_attention_layernorm.weight[None]),
+            "final_norm": torch.stack([m.model.norm.weight.detach()[None] for m in models]),
+        }
+        # tie by identity, not by config: correct even if a loader broke (or made) the tie
+        if not all(m.lm_head.weight is m.model.embed_tokens.weight for m in models):
+            weights["lm_head"] = torch.stack([m.lm_head.weight.detach() for m in models])
+        rotary = models[0].model.rotary_emb
+        return cls(
+            weights,
+            heads=arch["num_attention_heads"],
+            head_dim=arch["head_dim"] or arch["hidden_size"] // arch["num_attention_heads"],
+            rms_norm_eps=arch["rms_norm_eps"],
+            context_length=arch["max_position_embeddings"],
+            inv_freq=rotary.inv_freq,
+            attention_scaling=float(rotary.attention_scaling),
+        )
+
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> StackedCache:
+        """An empty cache for `batch_size` rows; `capacity` defaults to the context length."""
+        shape = (self.num_models, batch_size, self.heads, capacity or self.context_length, self.head_dim)
+        like = self.embed
+        return StackedCache(
+            keys=[like.new_zeros(shape) for _ in range(self.num_layers)],
+            values=[like.new_zeros(shape) for _ in range(self.num_layers)],
+        )
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: StackedCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, StackedCache | None]:
+        """Logits (S, B, T, V) of every constituent for `input_ids` (B, T), and the cache (None unless
+        `use_cache` or a cache was given; a given cache is updated in place and returned).
+
+        `attention_mask` follows transformers: (B, past + T), 1 for real tokens, covering the cached positions
+        too; None means all real (or, after a padded prefill, that the new tokens are real). Padding may sit
+        anywhere, but only left padding gives meaningful generation. `logits_to_keep` > 0 computes the head for
+        the last that many positions only.
+        """
+        batch, steps = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is None and use_cache:
+            cache = self.new_cache(batch, max(self.context_length, steps))
+        if cache is not None:
+            if cache.batch_size != batch:
+                raise ValueError(f"input batch {batch} does not match the cache's batch {cache.batch_size}")
+            cache.reserve(past + steps)
+        total = past + steps
+        key_mask = self._key_mask(attention_mask, cache, batch, past, steps, input_ids.device)
+        cos, sin = self._rope(past, steps)
+
+        n = self.num_models
+        x = self.embed[:, input_ids].reshape(n, batch * steps, -1)
+        for layer in range(self.num_layers):
+            h = self._rms_norm(x, self.input_norm[layer])
+            qkv = torch.bmm(h, self.qkv[layer].transpose(1, 2))
+            qkv = qkv.view(n, batch, steps, 3, self.heads, self.head_dim).transpose(2, 4)  # (S,B,heads,3,T,d)
+            q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if cache is not None:
+                cache.keys[layer][:, :, :, past:total] = k
+                cache.values[layer][:, :, :, past:total] = v
+                k = cache.keys[layer][:, :, :, :total]
+                v = cache.values[layer][:, :, :, :total]
+            attn = self._attention(q, k, v, key_mask, past)  # (S*B, heads, T, d)
+            attn = attn.view(n, batch, self.heads, steps, self.head_dim).transpose(2, 3)
+            x = x + torch.bmm(attn.reshape(n, batch * steps, -1), self.o[layer].transpose(1, 2))
+            h = self._rms_norm(x, self.post_norm[layer])
+            gate, up = torch.bmm(h, self.gate_up[layer].transpose(1, 2)).chunk(2, dim=-1)
+            x = x + torch.bmm(F.silu(gate) * up, self.down[layer].transpose(1, 2))
+        x = self._rms_norm(x, self.final_norm).view(n, batch, steps, -1)
+        if 0 < logits_to_keep < steps:
+            x = x[:, :, -logits_to_keep:]
+        kept = x.shape[2]
+        head = self.embed if self.lm_head is None else self.lm_head
+        logits = torch.bmm(x.reshape(n, batch * kept, -1), head.transpose(1, 2)).view(n, batch, kept, -1)
+        if cache is not None:
+            cache.length = total
+        return logits, cache
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # as transformers' LlamaRMSNorm: statistics in float32, weight applied in the input dtype
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.rms_norm_eps)
+        return weight * x32.to(dtype)
+
+    def _rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # the same operations as LlamaRotaryEmbedding.forward, for positions 0..length-1
+        positions = torch.arange(length, device=device).float()
+        freqs = positions[:, None] * self._inv_freq.to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.embed.dtype
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def _rope(self, past: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if past + steps > self.rope_cos.shape[0]:
+            self.rope_cos, self.rope_sin = self._rope_table(
+                max(past + steps, 2 * self.rope_cos.shape[0]), self.rope_cos.device
+            )
+        return self.rope_cos[past : past + steps], self.rope_sin[past : past + steps]
+
+    def _key_mask(
+        self,
+        attention_mask: torch.Tensor | None,
+        cache: StackedCache | None,
+        batch: int,
+        past: int,
+        steps: int,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """Which key positions 0..past+steps-1 are real tokens, (B, past+steps) bool; None when all are."""
+        total = past + steps
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new tokens) "
+                f"= ({batch}, {total})"
+            )
+        known = cache.key_mask if cache is not None else None
+        if attention_mask is None:
+            # positions past the last mask given are True from allocation: new tokens are real
+            return None if known is None else known[:, :total]
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if known is None and bool(
+            mask.all()
+        ):  # one host sync per masked call; lets SDPA use its causal kernel
+            return None
+        if cache is not None:
+            if cache.key_mask is None:
+                cache.key_mask = torch.ones(batch, cache.capacity, dtype=torch.bool, device=device)
+            cache.key_mask[:, :total] = mask
+        return mask
+
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, past: int
+    ) -> torch.Tensor:
+        n, batch, heads, steps, d = q.shape
+        total = k.shape[3]
+        q, k, v = (t.reshape(n * batch, heads, -1, d) for t in (q, k, v))
+        scale = self.head_dim**-0.5
+        if key_mask is None and steps == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if key_mask is None and past == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        query_pos = torch.arange(past, total, device=q.device)[:, None]
+        key_pos = torch.arange(total, device=q.device)[None, :]
+        mask = key_pos <= query_pos  # (T, total)
+        if key_mask is not None:
+            # a padded query sees no real key; letting it see itself keeps its (unused) output finite
+            mask = (mask & key_mask[:, None, :]) | (key_pos == query_pos)  # (B, T, total)
+            mask = mask[None, :, None].expand(n, batch, 1, steps, total).reshape(n * batch, 1, steps, total)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _check_supported(arch: dict[str, Any]) -> None:
+    problems = []
+    if arch["num_key_value_heads"] not in (None, arch["num_attention_heads"]):
+        problems.append("grouped key/value heads (num_key_value_heads != num_attention_heads)")
+    if arch["hidden_act"] != "silu":
+        problems.append(f"hidden_act {arch['hidden_act']!r} (only silu)")
+    if arch["attention_bias"] or arch["mlp_bias"]:
+        problems.append("attention or MLP biases")
+    rope = arch["rope_parameters"] or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type {rope.get('rope_type')!r} (only default)")
+    if problems:
+        raise ValueError("StackedLlama does not support " + "; ".join(problems))
+
+
+def stacked_log_probs(
+    models: list[LlamaForCausalLM], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float64 next-token log-probabilities (S, B, T, V) of every model, in one batched forward.
+
+    Copies the weights on every call: for repeated use, build a `StackedLlama` once.
+    """
+    logits, _ = StackedLlama.from_models(models)(input_ids, attention_mask)
+    return torch.log_softmax(logits.double(), dim=-1)

@@ -1,0 +1,399 @@
+"""Evaluation metrics for unlearning: membership-inference attacks and their AUC, MUSE's PrivLeak, TOFU's
+truth ratio and forget quality, ROUGE-L and perplexity.
+
+Sign convention: every membership score is oriented so that HIGHER means "more likely a member" (a record the
+model was trained on), and `auc(members, nonmembers)` is the probability that a random member outscores a
+random non-member. All arithmetic is float64; every random choice takes a seed. The functions are pure: the
+caller runs the model and passes log-probabilities of shape (T, V) already aligned with the T tokens they
+predict, for example `Ensemble(...)(x).logits[0, :-1]` with `x[0, 1:]`. No text is stored or returned.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+
+# Below this spread a next-token distribution is flat over its support (uniform, or a point mass): every token
+# in the support has log p = mu up to rounding, so Min-K%++ gives it 0 instead of dividing rounding noise.
+_SIGMA_FLOOR = 1e-12
+# scipy's ks_2samp(method="auto"), which TOFU calls, is exact up to this sample size; the exact recursion here
+# costs O((n+m) * min(n,m)), about two seconds at 10,000 each.
+_KS_EXACT_MAX_N = 10_000
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token statistics of one record under a model: three float64 arrays of shape (T,), T >= 1."""
+
+    token_log_probs: np.ndarray
+    """log p(x_t), the log-probability of the actual token."""
+    mu: np.ndarray
+    """sum_z p(z) log p(z): the mean of log p under the model's own next-token distribution."""
+    sigma: np.ndarray
+    """The standard deviation of log p(z) under that distribution."""
+
+    def __post_init__(self) -> None:
+        shape = self.token_log_probs.shape
+        if len(shape) != 1 or shape[0] == 0:
+            raise ValueError(f"TokenStats needs a non-empty 1-d array of token log-probs, got shape {shape}")
+        if self.mu.shape != shape or self.sigma.shape != shape:
+            raise ValueError(
+                f"TokenStats arrays differ in shape: token_log_probs {shape}, mu {self.mu.shape}, "
+                f"sigma {self.sigma.shape}"
+            )
+
+
+def _normalised(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if log_probs.dim() != 2 or ids.dim() != 1 or log_probs.shape[0] != ids.shape[0] or ids.numel() == 0:
+        raise ValueError(
+            f"expected log_probs of shape (T, V) and ids of shape (T,) with T >= 1, got "
+            f"{tuple(log_probs.shape)} and {tuple(ids.shape)}"
+        )
+    if int(ids.min()) < 0 or int(ids.max()) >= log_probs.shape[1]:
+        raise ValueError(f"token ids must lie in [0, {log_probs.shape[1]}), the vocabulary of log_probs")
+    lp = log_probs.detach().to(torch.float64)
+    if torch.isnan(lp).any():
+        raise ValueError("log_probs contain NaN")
+    # log_softmax is the identity on log-probabilities and normalises logits, so mu and sigma are always those
+    # of a proper distribution
+    return torch.log_softmax(lp, dim=-1)
+
+
+def token_stats(log_probs: torch.Tensor, ids: torch.Tensor) -> TokenStats:
+    """Per-token log p(x_t), and the mean and standard deviation of log p under the model (for Min-K%++).
+
+    `log_probs` (T, V) may be logits or log-probabilities (it is normalised); row t must predict `ids[t]`.
+    """
+    lp = _normalised(log_probs, ids)
+    p = lp.exp()
+    # p log p -> 0 as p -> 0, but torch gives 0 * -inf = nan
+    mu = torch.where(p > 0, p * lp, 0.0).sum(-1)
+    # two-pass variance: E[(lp - mu)^2] does not cancel the way E[lp^2] - mu^2 does
+    var = torch.where(p > 0, p * (lp - mu[:, None]) ** 2, 0.0).sum(-1)
+    token = lp.gather(-1, ids.long()[:, None]).squeeze(-1)
+    return TokenStats(token.cpu().numpy(), mu.cpu().numpy(), var.sqrt().cpu().numpy())
+
+
+def sequence_log_likelihood(log_probs: torch.Tensor, ids: torch.Tensor) -> float:
+    """Total log-likelihood in nats of `ids` (T,) under `log_probs` (T, V), logits or log-probabilities."""
+    return float(_normalised(log_probs, ids).gather(-1, ids.long()[:, None]).sum())
+
+
+def perplexity(total_log_likelihood_nats: float, tokens: int) -> float:
+    """exp(-log-likelihood / tokens): a uniform model over V tokens has perplexity V."""
+    if tokens <= 0:
+        raise ValueError(f"perplexity needs at least one token, got tokens={tokens}")
+    return math.exp(-total_log_likelihood_nats / tokens)
+
+
+# ----------------------------------------------------------------------- membership scores (higher = member)
+
+
+def loss_score(stats: TokenStats) -> float:
+    """LOSS attack (Yeom et al. 2018): the mean token log-likelihood, i.e. minus the loss."""
+    return float(stats.token_log_probs.mean())
+
+
+def zlib_score(stats: TokenStats, text: str) -> float:
+    """zlib attack (Carlini et al. 2021): mean token log-likelihood / zlib-compressed length of `text`.
+
+    Carlini et al. divide the log-perplexity (the loss) by the zlib entropy, a member being lower; this is
+    its negative, -loss / zlib, so that higher = member, as the Min-K% reference code computes it. The
+    numerator is the per-token mean, not the total; the length is in bytes of `text` as UTF-8, compressed by
+    zlib at level 6. `text` is only measured, never kept.
+    """
+    return loss_score(stats) / len(zlib.compress(text.encode("utf-8")))
+
+
+def _lowest_mean(values: np.ndarray, k: float) -> float:
+    if not 0 < k <= 1:
+        raise ValueError(f"k is the fraction of tokens to average and must lie in (0, 1], got {k}")
+    # floor(k*T) as the reference code's int(); the epsilon keeps 0.29 * 100 at 29; at least one token
+    n = max(1, math.floor(k * values.size + 1e-9))
+    return float(np.sort(values)[:n].mean())
+
+
+def min_k_score(stats: TokenStats, k: float = 0.2) -> float:
+    """Min-K% (Shi et al. 2024): the mean of the lowest fraction k of token log-probs.
+
+    The lowest max(1, floor(k*T)) tokens are averaged. MUSE's PrivLeak uses k = 0.4.
+    """
+    return _lowest_mean(stats.token_log_probs, k)
+
+
+def min_k_plus_plus_score(stats: TokenStats, k: float = 0.2) -> float:
+    """Min-K%++ (Zhang et al. 2024): per token z_t = (log p(x_t) - mu_t) / sigma_t; the mean of the lowest k.
+
+    Where sigma_t <= 1e-12 the distribution is flat over its support (uniform or a point mass): the token's
+    value is then 0 if it is in the support (its log p equals mu) and -inf if the model gave it probability 0.
+    A uniform model therefore scores exactly 0.
+    """
+    diff = stats.token_log_probs - stats.mu
+    flat = stats.sigma <= _SIGMA_FLOOR
+    z = np.divide(diff, stats.sigma, out=np.zeros_like(diff), where=~flat)
+    z[flat & np.isneginf(stats.token_log_probs)] = -np.inf
+    return _lowest_mean(z, k)
+
+
+# ------------------------------------------------------------------------------------------------------ AUC
+
+
+def _values(values: ArrayLike, what: str) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError(f"{what} are empty: the comparison needs at least one value in each group")
+    if np.isnan(a).any():
+        raise ValueError(f"{what} contain NaN")
+    return a
+
+
+def _mann_whitney_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    _, inverse, counts = np.unique(
+        np.concatenate([members, nonmembers]), return_inverse=True, return_counts=True
+    )
+    # 1-based rank of each distinct value averaged over its ties, so a tied member/non-member pair counts 1/2
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2
+    u = mid_rank[inverse[: members.size]].sum() - members.size * (members.size + 1) / 2
+    return float(u / (members.size * nonmembers.size))
+
+
+def auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
+    """ROC AUC: P(member score > non-member score) + P(tie) / 2, exactly (Mann-Whitney U / (n*m)).
+
+    Higher scores must mean "member"; 0.5 is chance, 1.0 perfect separation, 0.0 perfectly reversed.
+    Raises ValueError if a group is empty or holds NaN; -inf and +inf are ordinary values.
+    """
+    return _mann_whitney_auc(
+        _values(member_scores, "the member scores"), _values(nonmember_scores, "the non-member scores")
+    )
+
+
+def auc_with_ci(
+    members: ArrayLike, nonmembers: ArrayLike, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
+    """(AUC, low, high): the AUC and its (1 - alpha) percentile-bootstrap interval.
+
+    Each of the `n_boot` replicates resamples both groups independently, with replacement, at their own sizes.
+    The same seed gives the same interval.
+    """
+    m, n = _values(members, "the member scores"), _values(nonmembers, "the non-member scores")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    boots = np.array(
+        [
+            _mann_whitney_auc(m[rng.integers(0, m.size, m.size)], n[rng.integers(0, n.size, n.size)])
+            for _ in range(n_boot)
+        ]
+    )
+    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return _mann_whitney_auc(m, n), float(low), float(high)
+
+
+def priv_leak(auc_unlearned: float, auc_retrained: float) -> float:
+    """MUSE's PrivLeak (Shi et al. 2024): (AUC_unlearn - AUC_retrain) / AUC_retrain as a fraction; 0 is good.
+
+    Each AUC is a membership attack's separation of the forget set from a holdout set the model never saw
+    (MUSE uses Min-K% with k = 0.4). With this module's orientation, `auc(forget, holdout)`, a model that
+    still remembers the forget set reads positive. MUSE's code takes the forget set as the NON-member class,
+    i.e. its AUC is 1 - ours, so its under-unlearned models read strongly negative: pass 1 - AUC for both
+    arguments to reproduce MUSE's published numbers (which it prints x100).
+    """
+    for name, value in (("auc_unlearned", auc_unlearned), ("auc_retrained", auc_retrained)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be an AUC in [0, 1], got {value}")
+    if auc_retrained == 0:
+        raise ValueError("PrivLeak is undefined when the retrained model's AUC is 0")
+    return (auc_unlearned - auc_retrained) / auc_retrained
+
+
+# ------------------------------------------------------------------------------------------------- ROUGE-L
+
+
+def _lcs_length(a: Sequence, b: Sequence) -> int:
+    if len(b) > len(a):
+        a, b = b, a
+    row = [0] * (len(b) + 1)  # one row of the DP table: O(len(b)) memory
+    for x in a:
+        diag = 0
+        for j, y in enumerate(b, start=1):
+            above = row[j]
+            row[j] = diag + 1 if x == y else max(above, row[j - 1])
+            diag = above
+    return row[-1]
+
+
+def rouge_l(reference: Sequence, candidate: Sequence) -> float:
+    """ROUGE-L F1 (beta = 1) of two token sequences, from their longest common subsequence.
+
+    P = LCS/len(candidate), R = LCS/len(reference), F1 = 2PR/(P+R). Any empty input, both included, gives 0.0,
+    as Google's rouge_score does. TOFU reports the recall R, MUSE the F1.
+    """
+    if not reference or not candidate:
+        return 0.0
+    lcs = _lcs_length(reference, candidate)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def rouge_l_text(ref: str, cand: str) -> float:
+    """ROUGE-L F1 of two texts split on whitespace after lowercasing; punctuation stays part of its word."""
+    return rouge_l(ref.lower().split(), cand.lower().split())
+
+
+# ---------------------------------------------------------------------------------------------------- TOFU
+
+
+def truth_ratio(paraphrased_ll_per_token: float, perturbed_ll_per_token: Sequence[float]) -> float:
+    """TOFU's truth ratio (Maini et al. 2024): exp(mean(perturbed) - paraphrased), per-token log-likelihoods.
+
+    That is the geometric mean over perturbed answers of P(a_pert)^(1/|a_pert|), divided by
+    P(a_para)^(1/|a_para|): below 1 the model prefers the correct (paraphrased) answer. TOFU's code averages
+    the perturbed losses before exponentiating, hence the geometric mean; its aggregate script stores the
+    reciprocal (exp(perturbed loss - paraphrased loss)), which leaves `forget_quality` unchanged (a KS test is
+    invariant under a strictly monotone map).
+    """
+    if len(perturbed_ll_per_token) == 0:
+        raise ValueError("truth_ratio needs at least one perturbed answer")
+    return math.exp(float(np.mean(perturbed_ll_per_token)) - paraphrased_ll_per_token)
+
+
+def _kolmogorov_sf(x: float) -> float:
+    """P(K > x) for the Kolmogorov distribution."""
+    if x <= 0:
+        return 1.0
+    j = np.arange(1, 21)
+    if x < 1.18:
+        # the alternating series converges slowly for small x; the Jacobi-theta form converges fast there
+        s = np.exp(-((2 * j - 1) ** 2) * math.pi**2 / (8 * x * x)).sum()
+        q = 1 - math.sqrt(2 * math.pi) / x * s
+    else:
+        q = 2 * (((-1.0) ** (j - 1)) * np.exp(-2 * j**2 * x * x)).sum()
+    return float(min(1.0, max(0.0, q)))
+
+
+def _ks_exact_sf(n: int, m: int, d: int) -> float:
+    """P(n*m*D >= d) under the null for samples of sizes n and m without ties."""
+    # A uniformly random interleaving of the samples is a lattice path from (0, 0) to (n, m), x counting the
+    # first sample's values so far and y the second's; its D is max |m*x - n*y| / (n*m). Carry the
+    # probability of the paths that have not touched |m*x - n*y| >= d diagonal by diagonal and add up what
+    # touches: a sum of positive terms, so a small p-value keeps its relative precision (1 - P(inside) would
+    # cancel).
+    if n > m:
+        n, m = m, n
+    x = np.arange(n + 1)
+    mass = np.zeros(n + 1)
+    mass[0] = 1.0
+    hit = 0.0
+    for s in range(n + m):
+        left = n + m - s  # values not yet drawn
+        step_x, step_y = mass * (n - x) / left, mass * (m - (s - x)) / left
+        mass = step_y
+        mass[1:] += step_x[:-1]
+        out = np.abs(m * x - n * (s + 1 - x)) >= d
+        hit += float(mass[out].sum())
+        mass[out] = 0.0
+    return min(1.0, hit)
+
+
+def ks_two_sample(
+    a: ArrayLike, b: ArrayLike, method: Literal["auto", "exact", "asymptotic"] = "auto"
+) -> tuple[float, float]:
+    """Two-sided two-sample Kolmogorov-Smirnov test: (D, p-value), D = sup |F_a - F_b| computed exactly.
+
+    "auto" is exact when both samples have at most 10,000 values (as scipy's ks_2samp, which TOFU calls),
+    else asymptotic. Exact: P(D' >= D) over all interleavings of the samples, by counting lattice paths
+    (Hodges 1958), assuming no ties, as scipy's method="exact" does. Asymptotic: the Kolmogorov distribution
+    with Stephens' correction, p = Q_KS((en + 0.12 + 0.11/en) * D), en = sqrt(n*m/(n+m)); below ~100 values
+    per sample it can be off by a third, hence exact wherever affordable.
+    """
+    if method not in ("auto", "exact", "asymptotic"):
+        raise ValueError(f"unknown method {method!r}; choose auto, exact or asymptotic")
+    x, y = np.sort(_values(a, "the first sample's values")), np.sort(_values(b, "the second sample's values"))
+    n, m = x.size, y.size
+    both = np.concatenate([x, y])
+    # integer numerators keep D exact: |F_a - F_b| = |m*count_a - n*count_b| / (n*m)
+    gap = np.abs(m * np.searchsorted(x, both, "right") - n * np.searchsorted(y, both, "right"))
+    d_int = int(gap.max())
+    d = d_int / (n * m)
+    if d_int == 0:
+        return 0.0, 1.0
+    if method == "exact" or (method == "auto" and max(n, m) <= _KS_EXACT_MAX_N):
+        return d, _ks_exact_sf(n, m, d_int)
+    en = math.sqrt(n * m / (n + m))
+    return d, _kolmogorov_sf((en + 0.12 + 0.11 / en) * d)
+
+
+def forget_quality(unlearned_truth_ratios: ArrayLike, retrained_truth_ratios: ArrayLike) -> float:
+    """TOFU's forget quality: the KS-test p-value between the two models' truth ratios on the forget set.
+
+    High (near 1) means the unlearned model is indistinguishable from one retrained without the forget set;
+    TOFU reads p < 0.05 as failed unlearning. Method as `ks_two_sample(..., "auto")`.
+    """
+    unlearned = _values(unlearned_truth_ratios, "the unlearned model's truth ratios")
+    retrained = _values(retrained_truth_ratios, "the retrained model's truth ratios")
+    return ks_two_sample(unlearned, retrained)[1]
+
+
+# ------------------------------------------------------------------------------------------------- attacks
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """One membership attack's AUC, members vs non-members, and its bootstrap interval."""
+
+    name: str
+    auc: float
+    low: float
+    high: float
+    n_members: int
+    n_nonmembers: int
+
+    def to_dict(self) -> dict[str, str | float | int]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _attack_scores(stats: Sequence[TokenStats], texts: Sequence[str], k: float, group: str) -> dict:
+    if len(stats) != len(texts):
+        raise ValueError(f"{len(stats)} {group} token statistics but {len(texts)} {group} texts")
+    return {
+        "loss": [loss_score(s) for s in stats],
+        "zlib": [zlib_score(s, t) for s, t in zip(stats, texts)],
+        "min_k": [min_k_score(s, k) for s in stats],
+        "min_k_plus_plus": [min_k_plus_plus_score(s, k) for s in stats],
+    }
+
+
+def run_attacks(
+    member_stats: list[TokenStats],
+    member_texts: Sequence[str],
+    nonmember_stats: list[TokenStats],
+    nonmember_texts: Sequence[str],
+    seed: int = 0,
+    k: float = 0.2,
+    n_boot: int = 1000,
+) -> list[AttackResult]:
+    """LOSS, zlib, Min-K% and Min-K%++ (in that order, named loss, zlib, min_k, min_k_plus_plus) with 95% CIs.
+
+    texts[i] must be the text of stats[i]; it serves only for the zlib length. Every attack resamples with the
+    same seed, so their intervals are paired. Raises ValueError for an empty group or mismatched lengths.
+    """
+    members = _attack_scores(member_stats, member_texts, k, "member")
+    nonmembers = _attack_scores(nonmember_stats, nonmember_texts, k, "non-member")
+    results = []
+    for name, scores in members.items():
+        value, low, high = auc_with_ci(scores, nonmembers[name], n_boot=n_boot, seed=seed)
+        results.append(AttackResult(name, value, low, high, len(member_stats), len(nonmember_stats)))
+    return results

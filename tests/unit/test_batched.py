@@ -1,0 +1,194 @@
+"""batched: one stacked forward over S constituents gives each constituent's own transformers output, with and
+without a KV cache, under left padding, and the same greedy ensemble generation as the loop over models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sisaflow.batched import StackedLlama, stacked_log_probs
+from sisaflow.config import ModelParams
+from sisaflow.ensemble import Ensemble, _cache_kwarg, _cache_of, combine_log_probs
+from sisaflow.model import build_model
+from sisaflow.tokenizer import ByteTokenizer
+
+VOCAB, EOS = ByteTokenizer.vocab_size, ByteTokenizer.eos_id
+ATOL = 1e-4  # float32: max abs difference of log-softmax allowed against transformers
+
+
+def _params(tie: bool = True, **kw) -> ModelParams:
+    base = dict(
+        hidden_size=32, layers=2, heads=2, intermediate_size=64, context_length=64, tie_embeddings=tie
+    )
+    return ModelParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _models(seeds=(1, 2, 3), tie: bool = True, **kw):
+    """Tiny Llamas with weights of std 2/sqrt(fan_in) and norm gains around 1.
+
+    The default init (std 0.02) gives near-uniform outputs that would hide a wrong rotary or a wrong cache
+    within the tolerance; these give context-dependent logits of a few nats."""
+    models = []
+    for s in seeds:
+        m = build_model(_params(tie, **kw), VOCAB, EOS, s)
+        g = torch.Generator().manual_seed(100 + s)
+        with torch.no_grad():
+            for w in m.parameters():
+                if w.dim() == 2:
+                    w.copy_(torch.randn(w.shape, generator=g) * 2.0 / w.shape[1] ** 0.5)
+                else:
+                    w.copy_(1 + 0.3 * torch.randn(w.shape, generator=g))
+        models.append(m.eval())
+    return models
+
+
+def _ids(batch: int, steps: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_log_probs(model, ids, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=ids, **kw).logits.double(), dim=-1)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("s", [1, 3])
+def test_stacked_forward_equals_each_model(s, tie):
+    models = _models(seeds=tuple(range(1, s + 1)), tie=tie)
+    stacked = StackedLlama.from_models(models)
+    assert stacked.tied == tie
+    ids = _ids(2, 24)
+    logits, cache = stacked(ids)
+    assert logits.shape == (s, 2, 24, VOCAB) and cache is None
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    for i, m in enumerate(models):
+        assert _max_diff(lp[i], _hf_log_probs(m, ids)) <= ATOL
+    if s > 1:  # the constituents really differ, so a mixed-up S order would fail
+        assert _max_diff(lp[0], lp[1]) > 0.5
+    torch.testing.assert_close(stacked_log_probs(models, ids), lp, rtol=0, atol=1e-12)
+    last, _ = stacked(ids, logits_to_keep=1)
+    torch.testing.assert_close(last, logits[:, :, -1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_prefill_then_decode_with_cache_equals_transformers_with_its_cache(tie):
+    models = _models(tie=tie)
+    stacked = StackedLlama.from_models(models)
+    ids = _ids(2, 12 + 3 + 10, seed=1)
+    chunks = [ids[:, :12], ids[:, 12:15]] + [ids[:, t : t + 1] for t in range(15, 25)]
+    hf_caches: list = [None] * len(models)
+    cache = None
+    for chunk in chunks:  # prefill, one 3-token chunk on top of the cache, then 10 single-token steps
+        logits, cache = stacked(chunk, cache=cache, use_cache=True)
+        lp = torch.log_softmax(logits.double(), dim=-1)
+        for i, m in enumerate(models):
+            with torch.no_grad():
+                out = m(input_ids=chunk, use_cache=True, **{_cache_kwarg(m): hf_caches[i]})
+            hf_caches[i] = _cache_of(out)
+            assert _max_diff(lp[i], torch.log_softmax(out.logits.double(), dim=-1)) <= ATOL
+    assert cache is not None and cache.get_seq_length() == 25 == hf_caches[0].get_seq_length()
+
+
+def test_cache_and_rotary_table_grow_past_their_initial_size():
+    models = _models(seeds=(4, 5))
+    stacked = StackedLlama.from_models(models)
+    ids = _ids(1, 70, seed=2)  # beyond context_length 64, as transformers allows
+    cache = stacked.new_cache(1, capacity=4)
+    stacked(ids[:, :6], cache=cache)
+    for t in range(6, 70):
+        logits, cache = stacked(ids[:, t : t + 1], cache=cache)
+    assert cache is not None and cache.length == 70 and cache.capacity >= 70
+    for i, m in enumerate(models):
+        assert _max_diff(torch.log_softmax(logits[i].double(), -1), _hf_log_probs(m, ids)[:, -1:]) <= ATOL
+
+
+def test_left_padded_batch_equals_each_prompt_alone_then_decodes():
+    models = _models()
+    stacked = StackedLlama.from_models(models)
+    long, short = _ids(1, 10, seed=3)[0], _ids(1, 6, seed=4)[0]
+    ids = torch.stack([long, torch.cat([torch.full((4,), EOS), short])])
+    mask = torch.tensor([[1] * 10, [0] * 4 + [1] * 6])
+    logits, cache = stacked(ids, attention_mask=mask, use_cache=True)
+    assert torch.isfinite(logits).all()
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    nxt = _ids(2, 5, seed=5)
+    for t in range(5):  # decode without a mask: the cache remembers the padding
+        step, cache = stacked(nxt[:, t : t + 1], cache=cache)
+        lp = torch.cat([lp, torch.log_softmax(step.double(), dim=-1)], dim=2)
+    for i, m in enumerate(models):
+        alone_long = _hf_log_probs(m, torch.cat([long, nxt[0]])[None])[0]
+        alone_short = _hf_log_probs(m, torch.cat([short, nxt[1]])[None])[0]
+        assert _max_diff(lp[i, 0], alone_long) <= ATOL
+        assert _max_diff(lp[i, 1, 4:], alone_short) <= ATOL
+        # and the padded prefill equals transformers given the same mask, at the real tokens
+        assert _max_diff(lp[i, 1, 4:10], _hf_log_probs(m, ids, attention_mask=mask)[1, 4:]) <= ATOL
+
+
+def test_an_all_ones_mask_equals_no_mask_and_a_wrong_shape_is_refused():
+    stacked = StackedLlama.from_models(_models(seeds=(1, 2)))
+    ids = _ids(3, 8)
+    a, _ = stacked(ids)
+    b, _ = stacked(ids, attention_mask=torch.ones(3, 8, dtype=torch.long))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_mask"):
+        stacked(ids, attention_mask=torch.ones(3, 7))
+    _, cache = stacked(ids, use_cache=True)
+    with pytest.raises(ValueError, match="batch"):
+        stacked(_ids(2, 1), cache=cache)
+
+
+def _stacked_greedy(stacked, weights, combine, prompt: list[int], max_new: int) -> tuple[list[int], float]:
+    """Greedy generation of the combined ensemble, as Ensemble.generate does it, on the stacked model."""
+    logits, cache = stacked(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+    new, gap = [], float("inf")
+    for _ in range(max_new):
+        lp = combine_log_probs(torch.log_softmax(logits.double(), dim=-1), weights, combine)[0, -1]
+        top2 = torch.topk(lp, 2).values
+        gap = min(gap, float(top2[0] - top2[1]))
+        token = int(lp.argmax())
+        if token == EOS:
+            break
+        new.append(token)
+        logits, cache = stacked(torch.tensor([[token]]), cache=cache)
+    return new, gap
+
+
+class IdTokenizer(ByteTokenizer):
+    """Decodes to the token ids, so generations compare exactly."""
+
+    def decode(self, ids: list[int]) -> str:
+        return ",".join(map(str, ids))
+
+
+@pytest.mark.parametrize("combine", ["mixture", "product"])
+def test_greedy_generation_equals_the_loop_over_models(combine):
+    models = _models(tie=False)
+    ens = Ensemble(models, [1.0, 2.0, 3.0], combine, IdTokenizer())
+    prompt = "Question: what is 2 plus 2?"
+    expected = ens.generate(prompt, max_new_tokens=25)  # the Python loop over models, one cache each
+    got, gap = _stacked_greedy(
+        StackedLlama.from_models(models), ens.weights, combine, list(prompt.encode()), 25
+    )
+    assert len(got) >= 20 and len(set(got)) >= 8, "the test models must give varied output"
+    assert gap > 1e-5, "a near tie would make the comparison meaningless"
+    assert ",".join(map(str, got)) == expected
+
+
+def test_models_of_different_configs_or_unsupported_features_are_refused():
+    base = _models(seeds=(1,))
+    with pytest.raises(ValueError, match="hidden_size"):
+        StackedLlama.from_models(base + _models(seeds=(2,), hidden_size=64))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        StackedLlama.from_models(base + _models(seeds=(2,), context_length=32))
+    with pytest.raises(ValueError, match="dtype"):
+        StackedLlama.from_models(base + [_models(seeds=(2,))[0].double()])
+    gqa = _models(seeds=(1,))[0]
+    gqa.config.num_key_value_heads = 1
+    with pytest.raises(ValueError, match="grouped"):
+        StackedLlama.from_models([gqa])
+    with pytest.raises(ValueError, match="at least one"):
+        StackedLlama.from_models([])
