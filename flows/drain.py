@@ -10,12 +10,12 @@ from sisaflow_flows.steps import run_steps
 
 
 @flow(name="sisaflow-drain", log_prints=True)
-def drain_flow(workspace: str = ".") -> dict:
-    """Run the forget steps if any request is pending, or was left unfinished (retrained or purged, not yet
-    certified) by a run that was killed; otherwise do nothing."""
+def drain_flow(workspace: str = ".", in_process: bool = False) -> dict:
+    """Run the forget steps if any request is not yet certified (recorded while nothing ran, or left
+    unfinished by a run that was killed at any step); otherwise do nothing."""
     ws = Workspace(workspace)
-    pending = [r.request_id for r in pipeline.pending_requests(ws)] + pipeline.unfinished_requests(ws)
+    pending = pipeline.open_requests(ws)
     if not pending:
         print("no pending deletion requests")
         return {"requests": []}
-    return run_steps(workspace, "forget", requests=pending)
+    return run_steps(workspace, "forget", in_process=in_process)

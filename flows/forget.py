@@ -16,9 +16,8 @@ from sisaflow_flows.steps import run_steps
 
 @flow(name="sisaflow-forget", log_prints=True)
 def forget_flow(workspace: str = ".", request_id: str | None = None, in_process: bool = False) -> dict:
-    """Apply every pending deletion request (the one that triggered this run and any queued beside it)."""
+    """Finish every open deletion request (the one that triggered this run and any queued beside it)."""
     ws = Workspace(workspace)
-    pending = [r.request_id for r in pipeline.pending_requests(ws)]
-    if request_id and request_id not in pending:
-        print(f"request {request_id} is already applied")
-    return run_steps(workspace, "forget", in_process=in_process, requests=pending)
+    if request_id and request_id not in pipeline.open_requests(ws):
+        print(f"request {request_id} is already certified")
+    return run_steps(workspace, "forget", in_process=in_process)

@@ -89,13 +89,16 @@ def record(root: str) -> dict:
     return pipeline.record(ws, pipeline.load(ws))
 
 
-def run_steps(root: str, kind: str, in_process: bool = False, requests: list[str] | None = None) -> dict:
+def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
     """prepare -> shard -> train stale shards -> ensemble -> dvc commit; returns the run report as a dict."""
     ws = Workspace(root)
     params = pipeline.load(ws)
-    report = pipeline.RunReport(kind=kind, requests=requests or [])
     logger = get_run_logger()
-    with pipeline.workspace_lock(ws):
+    with pipeline.workspace_lock(ws, f"sisaflow {kind}", waiting=logger.info):
+        # made once the lock is held, so reports are named in the order runs applied their changes
+        # the requests this run finishes: every one not yet certified, including any recorded while it waited
+        # for the lock and any a killed run left half done
+        report = pipeline.RunReport(kind=kind, requests=pipeline.open_requests(ws))
         report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         before = pipeline.checkpoint_hashes(ws, params)
         with pipeline.timed(report, "prepare"):

@@ -333,7 +333,7 @@ def cmd_purge(args) -> int:
     from sisaflow.purge import purge
 
     ws = _ws(args)
-    with pipeline.workspace_lock(ws):
+    with pipeline.workspace_lock(ws, "sisaflow purge", waiting=print):
         rep = purge(ws, pipeline.load(ws))
     for item in rep.removed:
         print(f"removed {item.kind}: {item.path} ({item.bytes} bytes)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,14 +36,38 @@ def load(ws: Workspace) -> Params:
 
 
 @contextlib.contextmanager
-def workspace_lock(ws: Workspace) -> Iterator[None]:
-    """One run or forget at a time per workspace (a second waits)."""
+def workspace_lock(ws: Workspace, what: str = "run", waiting: Progress | None = None) -> Iterator[None]:
+    """One run, forget or purge at a time per workspace; a second one waits, and says so through `waiting`.
+
+    The holder writes who it is into the lock file, so the one that waits can name it. Deletion requests do
+    not take this lock (the ledger has its own): a request that arrives during a run is recorded at once and
+    queued; the next run applies every pending request together.
+    """
     ws.state_dir.mkdir(parents=True, exist_ok=True)
-    with open(ws.lock_file, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    # "a+": opening must not truncate the holder's note
+    with open(ws.lock_file, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            message = (
+                f"{ws.root}: waiting for the active {holder} to finish (one run at a time per workspace)"
+            )
+            log.info(message)
+            if waiting is not None:
+                waiting(message)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{what} (pid {os.getpid()}, since {datetime.now(UTC).isoformat(timespec='seconds')})")
+        fh.flush()
         try:
             yield
         finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
@@ -242,6 +267,15 @@ def unfinished_requests(ws: Workspace) -> list[str]:
     ]
 
 
+def open_requests(ws: Workspace) -> list[str]:
+    """Requests not yet certified, in ledger order: what a drain or forget run has to finish. This includes
+    requests whose records a killed run already removed from the corpus but whose shards are not retrained."""
+    state = ledger.current_state(ws.ledger_file)
+    return [
+        r.request_id for r in ledger.read_ledger(ws.ledger_file) if state.get(r.request_id) != "certified"
+    ]
+
+
 def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
     """Requests whose records are still in the imported corpus or in a shard's placement."""
     reqs = ledger.read_ledger(ws.ledger_file)
@@ -264,6 +298,8 @@ def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
 class RunReport:
     kind: str
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # names the report file; microseconds keep two runs started in one second apart and in order
+    run_id: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ"))
     seconds: dict[str, float] = field(default_factory=dict)
     imported: dict = field(default_factory=dict)
     shards_rewritten: list[int] = field(default_factory=list)
@@ -284,8 +320,7 @@ class RunReport:
     certificates: dict[str, list[str]] = field(default_factory=dict)
 
     def save(self, ws: Workspace) -> None:
-        stamp = self.started_at.replace(":", "").replace("-", "")
-        write_json(ws.runs_dir / f"{stamp}-{self.kind}.json", asdict(self))
+        write_json(ws.runs_dir / f"{self.run_id}-{self.kind}.json", asdict(self))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,15 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import make_workspace, write_corpus
-from tests.integration.test_prefect_deploy import (
-    POOL,
-    STARTUP_TIMEOUT_S,
-    Server,
-    _free_port,
-    _prefect_bin,
-    _stop_group,
-    _tail,
-)
+from tests.integration.procs import executable_beside, free_port, stop_group, tail
+from tests.integration.test_prefect_deploy import POOL, STARTUP_TIMEOUT_S, Server
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +31,6 @@ FORGET = "sisaflow-forget/forget"
 DRAIN = "sisaflow-drain/drain-deletions"
 CERTIFIED_TIMEOUT_S = 150
 FORGET_RETURN_LIMIT_S = 30
-
-
-def _sisaflow_bin() -> str:
-    beside = Path(sys.executable).with_name("sisaflow")
-    if not beside.is_file():
-        pytest.skip("no `sisaflow` executable beside this Python")
-    return str(beside)
 
 
 def _clean_env() -> dict[str, str]:
@@ -82,7 +67,7 @@ def _wait_healthy(proc: subprocess.Popen, server: Server) -> float:
     t0 = time.monotonic()
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.returncode}:\n{_tail(server.log)}")
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{tail(server.log)}")
         try:
             with urllib.request.urlopen(f"{server.api_url}/health", timeout=5) as resp:
                 if resp.status == 200:
@@ -90,7 +75,7 @@ def _wait_healthy(proc: subprocess.Popen, server: Server) -> float:
         except OSError:
             pass
         if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-            pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(server.log)}")
+            pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{tail(server.log)}")
         time.sleep(0.5)
 
 
@@ -116,9 +101,9 @@ def _wait_certified(ws: Path, request_id: str, watch: list[tuple[subprocess.Pope
             return time.monotonic() - t0
         for proc, log in watch:
             if proc.poll() is not None:
-                pytest.fail(f"{log.name}: exited with {proc.returncode} while waiting:\n{_tail(log)}")
+                pytest.fail(f"{log.name}: exited with {proc.returncode} while waiting:\n{tail(log)}")
         if time.monotonic() - t0 > CERTIFIED_TIMEOUT_S:
-            logs = "\n".join(f"--- {log.name}\n{_tail(log)}" for _, log in watch)
+            logs = "\n".join(f"--- {log.name}\n{tail(log)}" for _, log in watch)
             pytest.fail(f"{request_id} not certified after {CERTIFIED_TIMEOUT_S}s (states {seq}):\n{logs}")
         time.sleep(1)
 
@@ -153,7 +138,7 @@ def _owners(corpus: Path) -> list[str]:
 
 
 def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
-    prefect, sisaflow = _prefect_bin(), _sisaflow_bin()
+    prefect, sisaflow = executable_beside("prefect"), executable_beside("sisaflow")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     corpus = write_corpus(tmp_path / "corpus.jsonl", AUTHORS)
     ws = make_workspace(tmp_path / "ws", corpus)
@@ -162,7 +147,7 @@ def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
     home.mkdir()
     logs = tmp_path / "logs"
     logs.mkdir()
-    port = _free_port()
+    port = free_port()
     started: list[subprocess.Popen] = []
 
     def sis(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -213,12 +198,12 @@ def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
         assert (ws / "reports" / "certificates" / "req-srv-x.json").is_file()
         runs = _final_runs(server, FORGET, "req-srv-x")
         assert len(runs) == 1 and runs[0].state.is_completed(), (
-            f"{[(x.name, x.state_name) for x in runs]}\n{_tail(worker_log)}"
+            f"{[(x.name, x.state_name) for x in runs]}\n{tail(worker_log)}"
         )
 
         # 2. drain: a request recorded while nothing runs, applied by the drain deployment after a restart
-        _stop_group(worker)
-        _stop_group(server_proc)
+        stop_group(worker)
+        stop_group(server_proc)
         r = sis("forget", "--owner", owner_y, "--request-id", "req-srv-y", "--no-run", env=_clean_env())
         assert r.returncode == 0, f"sisaflow forget --no-run failed:\n{r.stdout}\n{r.stderr}"
         # recorded, and (unlearn.mode exclude) marked excluded at once; nothing retrained yet
@@ -240,9 +225,9 @@ def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
         assert (ws / "reports" / "certificates" / "req-srv-y.json").is_file()
         runs = _final_runs(server, DRAIN, None)
         assert len(runs) == 1 and runs[0].state.is_completed(), (
-            f"{[(x.name, x.state_name) for x in runs]}\n{_tail(worker_log)}"
+            f"{[(x.name, x.state_name) for x in runs]}\n{tail(worker_log)}"
         )
         print(f"[deletion-server] drain phase total: {time.monotonic() - t0:.1f}s")
     finally:
         for proc in reversed(started):
-            _stop_group(proc)
+            stop_group(proc)

@@ -22,6 +22,7 @@ from sisaflow.fsio import sha256_file
 from sisaflow.paths import Workspace
 from sisaflow.sharding import slice_of
 from tests.integration.conftest import make_workspace, write_corpus
+from tests.integration.procs import run_sisaflow, sisaflow_cmd, sisaflow_env
 
 pytestmark = pytest.mark.integration
 
@@ -33,25 +34,8 @@ class RegistryIncomplete(AssertionError):
     """The registry named a checkpoint that was gone or overwritten right after the kill."""
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    home.mkdir(parents=True, exist_ok=True)
-    env["PREFECT_HOME"] = str(home)
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return env
-
-
-def _cli(ws: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "sisaflow.cli", "--workspace", str(ws), *args]
-
-
 def _forget_args(ws: Path, owner: str) -> list[str]:
-    return _cli(ws, "forget", "--owner", owner, "--request-id", REQUEST, "--in-process")
-
-
-def _run(cmd: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=timeout)
+    return sisaflow_cmd(ws, "forget", "--owner", owner, "--request-id", REQUEST, "--in-process")
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -117,7 +101,7 @@ def trained(tmp_path_factory):
     (base / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     versioning.git_commit(Workspace(base), "crash test params", ["params.yaml"])
     t0 = time.monotonic()
-    done = _run(_cli(base, "run", "--in-process"), tmp / "prefect-base")
+    done = run_sisaflow(sisaflow_cmd(base, "run", "--in-process"), tmp / "prefect-base")
     assert done.returncode == 0, done.stdout + done.stderr
     train_seconds = time.monotonic() - t0
     # an owner placed in slice 0: its shard retrains every slice, so a kill can land between two checkpoints
@@ -127,7 +111,7 @@ def trained(tmp_path_factory):
     ref = tmp / "reference"
     shutil.copytree(base, ref, symlinks=True)
     slices_before = _stamps(sorted(ref.glob("shards/*/slice-*.parquet")))
-    done = _run(_forget_args(ref, owner), tmp / "prefect-ref")
+    done = run_sisaflow(_forget_args(ref, owner), tmp / "prefect-ref")
     assert done.returncode == 0, done.stdout + done.stderr
     touched = {p.parent.name for p, s in slices_before.items() if _stamp(p) != s}
     assert len(touched) == 1, touched
@@ -171,6 +155,16 @@ def _purging(ws: Path, shard_dir: str) -> Callable[[], bool]:
     return lambda: "purged" in _state_lines(ws) or _cache_files(ws) < files
 
 
+RECOVERY: dict[str, Callable[[Path], list[str]]] = {
+    "run": lambda ws: sisaflow_cmd(ws, "run", "--in-process"),
+    "drain": lambda ws: [
+        sys.executable,
+        "-c",
+        "import sys; from sisaflow_flows.drain import drain_flow; drain_flow(sys.argv[1], in_process=True)",
+        str(ws),
+    ],
+}
+
 KILL_POINTS = {
     "slice-rewrite": _slice_rewritten,
     "training": _checkpoint_appeared,
@@ -179,24 +173,28 @@ KILL_POINTS = {
 }
 
 
+# the next `sisaflow run` finishes the request after a kill at any step; so does the drain flow (the scheduled
+# deployment's flow, run here in a process of its own as a worker would)
 @pytest.mark.parametrize(
-    "point",
+    ("point", "recovery"),
     [
-        "slice-rewrite",
-        "training",
-        "promotion",
-        "purge",
+        ("slice-rewrite", "run"),
+        ("training", "run"),
+        ("promotion", "run"),
+        ("purge", "run"),
+        ("training", "drain"),
+        ("purge", "drain"),
     ],
 )
-def test_sigkill_forget_then_run_recovers(trained, point):
+def test_sigkill_forget_then_recovery(trained, point, recovery):
     tmp, owner, shard_dir = trained["tmp"], trained["owner"], trained["shard_dir"]
-    ws = tmp / f"ws-{point}"
+    ws = tmp / f"ws-{point}-{recovery}"
     shutil.copytree(trained["base"], ws, symlinks=True)
     hit = KILL_POINTS[point](ws, shard_dir)
 
     proc = subprocess.Popen(
         _forget_args(ws, owner),
-        env=_env(tmp / f"prefect-{point}-forget"),
+        env=sisaflow_env(tmp / f"prefect-{point}-{recovery}-forget"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -219,7 +217,7 @@ def test_sigkill_forget_then_run_recovers(trained, point):
     assert "certified" not in states_at_kill, f"{point}: the kill came after the forget had finished"
     incomplete_at_kill = _registry_complete(ws)
 
-    done = _run(_cli(ws, "run", "--in-process"), tmp / f"prefect-{point}-run")
+    done = run_sisaflow(RECOVERY[recovery](ws), tmp / f"prefect-{point}-{recovery}")
     assert done.returncode == 0, f"{point}: recovery run failed\n{done.stdout}\n{done.stderr}"
 
     seq = _state_lines(ws)

@@ -11,10 +11,7 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -23,6 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from tests.integration.procs import executable_beside, free_port, stop_group, tail
 
 pytestmark = pytest.mark.integration
 
@@ -39,43 +38,6 @@ PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": 
 # A loaded 2-core machine can take a while to migrate the database and start the services.
 STARTUP_TIMEOUT_S = float(os.environ.get("SISAFLOW_TEST_PREFECT_STARTUP_S", "120"))
 COMMAND_TIMEOUT_S = 300
-
-
-def _prefect_bin() -> str:
-    beside = Path(sys.executable).with_name("prefect")
-    found = str(beside) if beside.is_file() else shutil.which("prefect")
-    if not found:
-        pytest.skip("no `prefect` executable beside this Python or on PATH")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "<no log>"
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
-    """Stop a process started with start_new_session=True: its own process group, and nothing else."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @dataclass
@@ -110,9 +72,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    prefect = _prefect_bin()
+    prefect = executable_beside("prefect")
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "SISAFLOW_WORKSPACE"}
     env.update(
@@ -148,7 +110,7 @@ def server(tmp_path_factory) -> Server:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode} before answering:\n{_tail(log)}")
+                pytest.fail(f"prefect server exited with {proc.returncode} before answering:\n{tail(log)}")
             try:
                 with urllib.request.urlopen(f"{api_url}/health", timeout=5) as resp:
                     if resp.status == 200:
@@ -156,11 +118,11 @@ def server(tmp_path_factory) -> Server:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(log)}")
+                pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{tail(log)}")
             time.sleep(0.5)
         yield Server(api_url=api_url, env=env, prefect=prefect, log=log)
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +238,9 @@ def test_worker_runs_a_flow_in_the_workspace(server: Server, deployed: Path, tmp
             server, drain.id, lambda r: r.id == run.id and r.state is not None and r.state.is_final(), 240
         )
     finally:
-        _stop_group(worker)
-    assert hits, f"drain run not finished; runs: {[(r.name, r.state_name) for r in runs]}\n{_tail(log)}"
-    assert hits[0].state.is_completed(), f"drain run {hits[0].state_name}:\n{_tail(log)}"
+        stop_group(worker)
+    assert hits, f"drain run not finished; runs: {[(r.name, r.state_name) for r in runs]}\n{tail(log)}"
+    assert hits[0].state.is_completed(), f"drain run {hits[0].state_name}:\n{tail(log)}"
 
 
 def test_deletion_event_starts_a_forget_run(server: Server, deployed: Path):
@@ -297,7 +259,7 @@ def test_deletion_event_starts_a_forget_run(server: Server, deployed: Path):
     assert r.returncode == 0, f"event emit failed:\n{r.stdout}\n{r.stderr}"
     hits, runs = _wait_for_run(server, forget.id, lambda x: x.parameters.get("request_id") == request_id, 90)
     assert hits, (
-        f"no forget run for {request_id}; forget runs: {[x.parameters for x in runs]}\n{_tail(server.log)}"
+        f"no forget run for {request_id}; forget runs: {[x.parameters for x in runs]}\n{tail(server.log)}"
     )
     assert hits[0].parameters.get("workspace") == "."
     server.api(lambda c: c.delete_flow_run(hits[0].id))  # nobody is to run it

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from sisaflow import pipeline  # noqa: E402
 from sisaflow.config import CorpusParams, ShardingParams  # noqa: E402
 from sisaflow.paths import Workspace  # noqa: E402
 from sisaflow.workspace import init_workspace  # noqa: E402
+from tests.integration.procs import executable_beside, free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -43,20 +43,6 @@ TOFU = REPO / "data" / "tofu" / "records.jsonl"
 SHARDS, SLICES = 2, 2
 HEAD_START_TIMEOUT = 120.0
 HEAD_STOP_TIMEOUT = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _ray_cli() -> str:
-    beside = Path(sys.executable).with_name("ray")
-    found = str(beside) if beside.is_file() else shutil.which("ray")
-    if not found:
-        pytest.skip("the `ray` CLI is not installed next to this Python")
-    return found
 
 
 def _accepts(port: int) -> bool:
@@ -85,7 +71,7 @@ def ray_head():
     """A Ray head on 127.0.0.1 in its own session; yields its address, kills the session afterwards."""
     # short: Ray's socket paths (<temp-dir>/session_<date>_<pid>/sockets/...) must stay under 108 bytes
     temp_dir = tempfile.mkdtemp(prefix="sfray-", dir="/tmp")
-    port = _free_port()
+    port = free_port()
     log_path = Path(temp_dir) / "head.log"
     env = {
         **os.environ,
@@ -95,7 +81,7 @@ def ray_head():
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     cmd = [
-        _ray_cli(),
+        executable_beside("ray"),
         "start",
         "--head",
         "--node-ip-address",
@@ -110,11 +96,11 @@ def ray_head():
         "false",
         # the defaults (8265, 10001, 52365) are fixed ports: another Ray on this machine would collide
         "--dashboard-port",
-        str(_free_port()),
+        str(free_port()),
         "--ray-client-server-port",
-        str(_free_port()),
+        str(free_port()),
         "--dashboard-agent-listen-port",
-        str(_free_port()),
+        str(free_port()),
         "--temp-dir",
         temp_dir,
         "--block",

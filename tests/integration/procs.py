@@ -1,0 +1,76 @@
+"""Helpers for tests that start real processes (the sisaflow CLI, a Prefect server, a Ray head): executables,
+free ports, log tails, and stopping what a test started by its own process group, never by name."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def executable_beside(name: str) -> str:
+    """The console script `name` installed beside this Python (or on PATH); skips the test without it."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        pytest.skip(f"no `{name}` executable beside this Python or on PATH")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    """The last `n` characters of a log file, for failure messages."""
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "<no log>"
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a process started with start_new_session=True: its own process group, and nothing else."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def sisaflow_env(prefect_home: Path) -> dict[str, str]:
+    """This environment for a sisaflow subprocess: no Prefect server (a throwaway one per flow), its own home."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    env["PREFECT_HOME"] = str(prefect_home)
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def sisaflow_cmd(ws: Path, *args: str) -> list[str]:
+    """The command line of `sisaflow --workspace ws ARGS`, run by this Python."""
+    return [sys.executable, "-m", "sisaflow.cli", "--workspace", str(ws), *args]
+
+
+def run_sisaflow(cmd: list[str], prefect_home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a sisaflow command line to completion, capturing its output."""
+    return subprocess.run(
+        cmd, env=sisaflow_env(prefect_home), capture_output=True, text=True, timeout=timeout
+    )
