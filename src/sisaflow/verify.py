@@ -24,6 +24,7 @@ import binascii
 import bz2
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from sisaflow.config import Params
 from sisaflow.errors import SisaflowError
+from sisaflow.multisearch import PatternIndex
 from sisaflow.paths import Workspace
 
 log = logging.getLogger("sisaflow.verify")
@@ -207,6 +209,7 @@ class _Needles:
     patterns: dict[bytes, list[tuple[int, str]]] = field(default_factory=dict)
     bounded: set[bytes] = field(default_factory=set)
     exact_ids: dict[str, list[int]] = field(default_factory=dict)
+    _index: PatternIndex | None = field(default=None, repr=False)
 
     def add(self, pattern: bytes, target: int, what: str, bounded: bool = False) -> None:
         if not pattern:
@@ -220,16 +223,15 @@ class _Needles:
         return max((len(p) for p in self.patterns), default=0) + 1
 
     def search(self, buf: bytes, skip: set[bytes] | None = None) -> set[tuple[int, str]]:
+        if self._index is None or len(self._index.patterns) != len(self.patterns):
+            self._index = PatternIndex(list(self.patterns))
+
+        def accept(pat: bytes, pos: int) -> bool:
+            return pat not in self.bounded or _bounded(buf, pos, len(pat))
+
         hits: set[tuple[int, str]] = set()
-        for pat, owners in self.patterns.items():
-            if skip and pat in skip:
-                continue
-            pos = buf.find(pat)
-            while pos != -1:
-                if pat not in self.bounded or _bounded(buf, pos, len(pat)):
-                    hits.update(owners)
-                    break
-                pos = buf.find(pat, pos + 1)
+        for pat in self._index.found(buf, accept, skip):
+            hits.update(self.patterns[pat])
         return hits
 
 
@@ -263,6 +265,10 @@ def build_needles(
         if t.text:
             pieces = [p for p in text_pieces(t.text, template) if kept is None or p not in kept]
             shared += not pieces
+            if len(pieces) > 1 and pieces[0] == t.text:
+                # every piece lies inside the whole text (also JSON-escaped: escaping is per character), so a
+                # copy of the whole text is found through its pieces; one pattern less per target
+                pieces = pieces[1:]
             for piece in pieces:
                 for enc in _encodings(piece):
                     nd.add(enc, i, "text")
@@ -421,13 +427,23 @@ def _search_stream(fh: io.RawIOBase | io.BufferedIOBase, nd: _Needles) -> set[tu
     return hits
 
 
-def search_file(path: Path, nd: _Needles, report: ScanReport, label: str) -> set[tuple[int, str]]:
-    """Every (target, what) found in the file at `path`."""
+def search_file(
+    path: Path, nd: _Needles, report: ScanReport, label: str, seen: dict[bytes, set] | None = None
+) -> set[tuple[int, str]]:
+    """Every (target, what) found in the file at `path`. With `seen`, a content already searched (the DVC
+    cache and remote hold the same bytes as the workspace's outputs) is not searched again: its hits are
+    reused, so every place that holds a copy is still named."""
     size = path.stat().st_size
     report.files_scanned += 1
     report.bytes_scanned += size
     if size <= IN_MEMORY_BYTES:
-        return search_bytes(path.read_bytes(), nd, report.notes, label)
+        data = path.read_bytes()
+        if seen is None:
+            return search_bytes(data, nd, report.notes, label)
+        key = hashlib.blake2b(data, digest_size=20).digest()
+        if key not in seen:
+            seen[key] = search_bytes(data, nd, report.notes, label)
+        return set(seen[key])
     with open(path, "rb") as fh:
         head = fh.read(4)
         fh.seek(-4, os.SEEK_END)
@@ -486,6 +502,7 @@ def _scan_tree(
     prune: set[Path] = frozenset(),  # type: ignore[assignment]
     excluded: set[Path] = frozenset(),  # type: ignore[assignment]
     text_only: set[Path] = frozenset(),  # type: ignore[assignment]
+    seen: dict[bytes, set] | None = None,
 ) -> None:
     if not root.is_dir():
         return
@@ -495,7 +512,7 @@ def _scan_tree(
 
     for p in _walk_files(root, set(prune), set(excluded), report, label):
         try:
-            hits = search_file(p, nd, report, label(p))
+            hits = search_file(p, nd, report, label(p), seen)
         except OSError as exc:
             report.skipped.append(f"{label(p)}: unreadable ({exc.strerror or exc})")
             continue
@@ -719,17 +736,20 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
         if d is not None:
             prune.add(d.resolve())
 
-    _scan_tree(ws.root, "", nd, targets, report, prune=prune, excluded={source}, text_only=text_only)
+    seen: dict[bytes, set] = {}  # content digest -> hits: each distinct content is searched once
+    _scan_tree(
+        ws.root, "", nd, targets, report, prune=prune, excluded={source}, text_only=text_only, seen=seen
+    )
     if cache is not None:
-        _scan_tree(cache, "dvc-cache:", nd, targets, report)
+        _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen)
     if remote is not None:
         if remote.is_dir():
-            _scan_tree(remote, "dvc-remote:", nd, targets, report)
+            _scan_tree(remote, "dvc-remote:", nd, targets, report, seen=seen)
         else:
             report.notes.append(f"DVC remote {remote} does not exist (nothing pushed yet)")
-    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report)
+    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report, seen=seen)
     if ws.ray_tmp_dir.is_dir():
-        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report)
+        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report, seen=seen)
     _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS))
     report.findings = sorted(set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id))
     return report
