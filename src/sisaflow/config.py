@@ -75,25 +75,95 @@ class ShardingParams:
 
 
 @dataclass(frozen=True)
-class ModelParams:
-    """A small Llama-style causal LM built from scratch, and its tokenizer."""
+class LoraParams:
+    """LoRA adapters over a frozen pretrained base (used only when model.base is set)."""
 
-    tokenizer: Literal["gpt2", "byte"] = "byte"
+    r: int = 8
+    """Rank of each adapter."""
+    alpha: float = 16.0
+    """Scaling numerator: an adapter adds (alpha / r) * B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapter input. Seeded like every other random choice, so any value keeps CPU retraining
+    bitwise exact; 0 (the default) also keeps the batched ensemble free of train/eval differences."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the base's linear layers that get an adapter (e.g. q_proj k_proj v_proj o_proj gate_proj)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("model.lora.r", self.r)
+        _check_positive("model.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(
+                f"params: model.lora.dropout = {self.dropout!r} is not allowed; it must be >= 0 and < 1"
+            )
+        if (
+            not isinstance(self.target_modules, list)
+            or not self.target_modules
+            or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            raise ConfigError(
+                f"params: model.lora.target_modules = {self.target_modules!r} is not allowed; it must be a "
+                "non-empty list of layer names, e.g. [q_proj, v_proj]"
+            )
+
+
+# settings that shape a from-scratch model; with a pretrained base, the base's own config decides them
+ARCHITECTURE_KEYS = ("hidden_size", "layers", "heads", "intermediate_size", "tie_embeddings")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The constituent: a small Llama-style causal LM built from scratch (model.base null), or LoRA adapters over
+    a frozen pretrained base (model.base a path); and its tokenizer."""
+
+    tokenizer: Literal["gpt2", "byte", "base"] = "byte"
+    """byte | gpt2 (fixed vocabularies, from scratch only) | base (the base model's own; needs model.base)."""
     hidden_size: int = 128
     layers: int = 2
     heads: int = 4
     intermediate_size: int = 384
     context_length: int = 512
+    """Longest record in tokens (longer ones are cut); with a base, at most its max_position_embeddings."""
     tie_embeddings: bool = True
+    base: str | None = None
+    """null: train from scratch. Otherwise a pretrained causal LM (transformers directory, GGUF file, or
+    package:NAME), relative to the workspace or absolute; only LoRA adapters are trained over it."""
+    lora: LoraParams = field(default_factory=LoraParams)
 
     def __post_init__(self) -> None:
-        _check_choice("model.tokenizer", self.tokenizer, ("gpt2", "byte"))
+        if isinstance(self.lora, dict):  # as read back from registry/ensemble.json
+            object.__setattr__(self, "lora", LoraParams(**self.lora))
+        _check_choice("model.tokenizer", self.tokenizer, ("gpt2", "byte", "base"))
         for key in ("hidden_size", "layers", "heads", "intermediate_size", "context_length"):
             _check_positive(f"model.{key}", getattr(self, key))
         if self.hidden_size % self.heads:
             raise ConfigError(
                 f"params: model.hidden_size = {self.hidden_size} must be divisible by model.heads = {self.heads}"
             )
+        if self.base is not None and not self.base.strip():
+            raise ConfigError("params: model.base is empty; give the pretrained model's path, or null")
+        if self.base is not None and self.tokenizer != "base":
+            raise ConfigError(
+                f"params: model.tokenizer = {self.tokenizer!r} cannot be used with model.base: the base's "
+                "embeddings index its own vocabulary; set model.tokenizer: base"
+            )
+        if self.base is None and self.tokenizer == "base":
+            raise ConfigError(
+                "params: model.tokenizer = 'base' needs model.base (a pretrained model); set model.base, or "
+                "choose byte or gpt2"
+            )
+
+    def identity(self) -> dict[str, Any]:
+        """What of the model section decides a constituent's weights (the base by content, not by path)."""
+        ident = dataclasses.asdict(self)
+        base = ident.pop("base")
+        lora = ident.pop("lora")
+        if base is None:
+            return ident  # unchanged from before LoRA existed, so from-scratch checkpoints stay current
+        from sisaflow.pretrained import base_identity
+
+        for key in ARCHITECTURE_KEYS:
+            ident.pop(key)
+        return {**ident, "base": base_identity(base), "lora": lora}
 
 
 @dataclass(frozen=True)
@@ -113,6 +183,9 @@ class TrainParams:
     threads: int = 1
     """CPU threads per shard training; fixed because float reductions can depend on it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """On CUDA: bf16 autocast and a fused AdamW (not bitwise repeatable); CPU is the exact reference."""
+    compile: bool = False
+    """torch.compile the model's forward when training on CUDA (ignored on CPU, which stays eager and exact)."""
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -130,6 +203,9 @@ class EnsembleParams:
 
     weights: Literal["uniform", "size"] = "uniform"
     combine: Literal["mixture", "product"] = "mixture"
+    batched: bool = True
+    """Evaluate all constituents in one batched computation per step (stacked weights, or batched LoRA) where
+    they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
 
     def __post_init__(self) -> None:
         _check_choice("ensemble.weights", self.weights, ("uniform", "size"))
@@ -180,6 +256,40 @@ class DvcParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """`sisaflow evaluate`: utility and forgetting metrics. Nothing here changes what is trained."""
+
+    holdout: str | None = None
+    """Never-seen records (same format and fields as the corpus), e.g. TOFU's holdout authors: the
+    non-members of the membership attacks and the unseen-data perplexity. Without it those are left out."""
+    tofu_perturbed: str | None = None
+    """A TOFU `*_perturbed.json` file: switches on truth ratio and forget quality for the questions it has."""
+    max_records: int = 200
+    """Records scored per group (retained, never-seen, forgotten); a deterministic sample by content hash."""
+    min_k: float = 0.2
+    """The k of the Min-K% and Min-K%++ attacks (fraction of lowest-scoring tokens)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the AUC confidence intervals (95%)."""
+    seed: int = 0
+    rouge_records: int = 20
+    """Records whose continuation is generated for the verbatim-memorisation ROUGE-L."""
+    rouge_new_tokens: int = 48
+    baseline: bool = True
+    """Also train one monolithic model on all current data with the same total compute (in a temporary
+    directory, removed afterwards) and report its utility beside the ensemble's."""
+    before_after: bool = True
+    """Forget runs record, before retraining, the forgotten records' metrics (aggregates only) so evaluate
+    can show them before and after the deletion."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_records", "bootstrap", "rouge_new_tokens"):
+            _check_positive(f"evaluate.{key}", getattr(self, key))
+        _check_positive("evaluate.rouge_records", self.rouge_records, zero_ok=True)
+        if not 0 < self.min_k <= 1:
+            raise ConfigError(f"params: evaluate.min_k = {self.min_k} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -191,6 +301,7 @@ class Params:
     ray: RayParams = field(default_factory=RayParams)
     unlearn: UnlearnParams = field(default_factory=UnlearnParams)
     dvc: DvcParams = field(default_factory=DvcParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params") -> Params:
@@ -209,15 +320,26 @@ class Params:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        return cls.from_dict(raw or {}, str(path))
+        return cls.from_dict(raw or {}, str(path)).resolved(path.resolve().parent)
+
+    def resolved(self, root: Path) -> Params:
+        """These params with a relative model.base made absolute against `root` (the workspace), so that Ray
+        workers and the temporary workspace of `verify --exact` find the same base."""
+        base = self.model.base
+        if base is None or base.startswith("package:") or Path(base).expanduser().is_absolute():
+            return self
+        model = dataclasses.replace(self.model, base=str((Path(root) / base).resolve()))
+        return dataclasses.replace(self, model=model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def training_identity(self) -> str:
         """A hash of everything that decides a constituent's weights apart from its data."""
-        ident = {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        ident = {"model": self.model.identity(), "train": dataclasses.asdict(self.train)}
         ident["train"].pop("log_every")
+        if not self.train.compile:
+            ident["train"].pop("compile")  # keeps the identity of workspaces made before the switch existed
         return sha256_bytes(json.dumps(ident, sort_keys=True).encode())
 
 
@@ -236,7 +358,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         key = name if where == "params" or where.endswith(".yaml") else f"{where}.{name}"
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(typing.cast(type, hint), {} if value is None else value, name)
+            values[name] = _build(typing.cast(type, hint), {} if value is None else value, key)
         else:
             values[name] = _coerce(key, value, hint)
     return cls(**values)
@@ -256,6 +378,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, args))}"
             )
         return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be a list of strings")
+        return list(value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be true or false")

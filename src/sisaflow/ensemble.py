@@ -2,19 +2,27 @@
 
 `mixture` (default) is log(sum_i w_i p_i); `product` is the normalised weighted mean of log-probabilities.
 The Ensemble's forward returns the combined log-probabilities as `.logits`, so generate-style code and
-evaluation harnesses use it unchanged. Generation keeps one KV cache per constituent.
+evaluation harnesses use it unchanged.
+
+The constituents' logits come from one of three computations, all returning (S, B, T, V): `StackedLlama`
+(from-scratch constituents of one architecture, stacked weights, one batched forward per step), `BatchedLora`
+(LoRA constituents: one base forward over S times the rows, batched adapter matmuls), or a Python loop over the
+constituents with one KV cache each (`ensemble.batched: false`, or constituents the batched paths cannot take).
+They agree within float32 rounding (tests/unit/test_batched.py, tests/unit/test_lora.py state the tolerances).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sisaflow.checkpoint import load_weights
+from sisaflow.batched import StackedLlama
+from sisaflow.checkpoint import MODEL_FILE, load_weights
 from sisaflow.config import ModelParams, Params
 from sisaflow.errors import WorkspaceError
 from sisaflow.ledger import read_ledger
@@ -22,6 +30,8 @@ from sisaflow.model import build_model
 from sisaflow.paths import Workspace
 from sisaflow.registry import read_registry, serving_view
 from sisaflow.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("sisaflow.ensemble")
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -37,7 +47,9 @@ def _cache_of(output) -> object:
 class EnsembleOutput:
     logits: torch.Tensor
     """Combined log-probabilities, shape (batch, seq, vocab)."""
-    past_key_values: list[Any] | None = None
+    past_key_values: Any = None
+    """What the next call takes back: a StackedCache, the base's cache (batched LoRA) or one cache per
+    constituent (the loop)."""
 
 
 def combine_log_probs(log_probs: torch.Tensor, weights: torch.Tensor, combine: str) -> torch.Tensor:
@@ -50,16 +62,53 @@ def combine_log_probs(log_probs: torch.Tensor, weights: torch.Tensor, combine: s
     raise ValueError(f"unknown combine {combine!r}; choose mixture or product")
 
 
+class ModelLoop:
+    """One forward per constituent model, one cache each: the reference computation, (S, B, T, V) logits."""
+
+    batched = False
+
+    def __init__(self, models: list[torch.nn.Module]):
+        self.models = models
+        self.num_models = len(models)
+
+    def __call__(self, input_ids, attention_mask=None, cache=None, use_cache=False, logits_to_keep=0):
+        """Logits (S, B, T, V) and, with use_cache, the list of the constituents' caches."""
+        caches = cache or [None] * self.num_models
+        outs = [
+            m(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **{_cache_kwarg(m): c},
+            )
+            for m, c in zip(self.models, caches)
+        ]
+        return torch.stack([o.logits for o in outs]), [_cache_of(o) for o in outs] if use_cache else None
+
+
 class Ensemble(torch.nn.Module):
-    """The served ensemble: constituents, their weights, and the shared tokenizer."""
+    """The served ensemble: constituents, their weights, and the shared tokenizer.
+
+    From-scratch constituents are given as `models`; with `batched` (the default) they are stacked into one
+    `StackedLlama` when they share one supported architecture, else evaluated in a loop. LoRA constituents come
+    as a ready `runner` (see `sisaflow.lora_ensemble`) with `models` empty."""
 
     weights: torch.Tensor
 
     def __init__(
-        self, models: list[torch.nn.Module], weights: list[float], combine: str, tokenizer: Tokenizer
+        self,
+        models: list[torch.nn.Module],
+        weights: list[float],
+        combine: str,
+        tokenizer: Tokenizer,
+        batched: bool = True,
+        *,
+        runner: torch.nn.Module | None = None,
+        context_length: int | None = None,
     ):
         super().__init__()
-        if not models:
+        if not models and runner is None:
             raise WorkspaceError("the ensemble has no constituents")
         self.constituents = torch.nn.ModuleList(models)
         total = float(sum(weights))
@@ -69,52 +118,107 @@ class Ensemble(torch.nn.Module):
         self.version = ""
         self.shards: list[int] = []
         self.excluded: list[int] = []
+        self.runner: Any = runner
+        if runner is None:
+            self.runner = ModelLoop(models)
+            if batched:
+                try:
+                    self.runner = StackedLlama.from_models(models)  # type: ignore[arg-type]
+                except ValueError as exc:
+                    log.info("ensemble: evaluating the constituents one by one (%s)", exc)
+        if self.runner.num_models != len(weights):
+            raise ValueError(f"{self.runner.num_models} constituents but {len(weights)} weights")
+        self.batched: bool = getattr(self.runner, "batched", False)
+        if context_length is None:
+            context_length = int(models[0].config.max_position_embeddings)  # type: ignore[union-attr,arg-type]
+        self.context_length = context_length
 
     @classmethod
-    def load(cls, ws: Workspace, device: str = "cpu") -> Ensemble:
+    def load(
+        cls, ws: Workspace, device: str = "cpu", batched: bool | None = None, respect_requests: bool = True
+    ) -> Ensemble:
         """Load the served version from the registry, less every constituent a recorded deletion request
-        excludes (unlearn.mode: exclude) until its retrained version is promoted."""
+        excludes (unlearn.mode: exclude) until its retrained version is promoted.
+
+        `batched` None follows params' ensemble.batched. `respect_requests=False` loads every registered
+        constituent, excluded or not: for measuring the model a deletion is about to replace, never for serving."""
         reg = read_registry(ws)
         if not reg["constituents"]:
             raise WorkspaceError(
                 "the served ensemble is empty: every record of the corpus has been deleted, so there is no model "
                 "to generate or score with"
             )
-        mode = Params.load(ws.params_file).unlearn.mode if ws.params_file.is_file() else "exclude"
-        requested = {h for r in read_ledger(ws.ledger_file) for h in r.content_hashes}
-        served, excluded = serving_view(ws, reg, mode, requested)
+        params = Params.load(ws.params_file) if ws.params_file.is_file() else Params()
+        requested = (
+            {h for r in read_ledger(ws.ledger_file) for h in r.content_hashes} if respect_requests else set()
+        )
+        served, excluded = serving_view(ws, reg, params.unlearn.mode, requested)
         if not served:
             raise WorkspaceError(
                 f"every constituent (shards {', '.join(map(str, excluded))}) was trained on records of a recorded "
                 "deletion request and is excluded until retrained: run `sisaflow run` to apply the request"
             )
+        batched = params.ensemble.batched if batched is None else batched
         mp = ModelParams(**reg["model"])
-        tok = load_tokenizer(mp.tokenizer)
-        models = []
-        for c in served:
-            m = build_model(mp, tok.vocab_size, tok.eos_id, seed=0)
-            load_weights(ws.root / c.get("served", c["checkpoint"]), m)
-            m.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
-            models.append(m.eval())
         weights = [c["records"] if reg["weights"] == "size" else 1.0 for c in served]
-        ens = cls(models, weights, reg["combine"], tok)
+        dirs = [ws.root / c.get("served", c["checkpoint"]) for c in served]
+        if mp.base is not None:
+            ens = cls._load_lora(reg, mp, params, dirs, weights, batched, device)
+        else:
+            tok = load_tokenizer(mp.tokenizer)
+            models = []
+            for d in dirs:
+                m = build_model(mp, tok.vocab_size, tok.eos_id, seed=0)
+                load_weights(d, m)
+                m.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
+                models.append(m.eval())
+            ens = cls(models, weights, reg["combine"], tok, batched)
         ens.version = reg["version"]
         ens.shards = [c["shard"] for c in served]
         ens.excluded = excluded
         return ens.to(device)
 
+    @classmethod
+    def _load_lora(cls, reg, mp, params, dirs, weights, batched, device) -> Ensemble:
+        from dataclasses import replace
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from sisaflow.lora_ensemble import lora_runner
+        from sisaflow.pretrained import PACKAGE_PREFIX, base_identity
+
+        # the registry names the base as resolved when it was built; a workspace that moved since finds a
+        # relative base through its params instead (the content hash below decides either way)
+        spec = mp.base
+        if not spec.startswith(PACKAGE_PREFIX) and not Path(spec).exists() and params.model.base:
+            mp = replace(mp, base=params.model.base)
+        if base_identity(mp.base) != reg.get("base_sha256"):
+            raise WorkspaceError(
+                f"the base model {mp.base} is not the one the served adapters were trained over (its files "
+                "changed); run `sisaflow run` to retrain"
+            )
+        adapters = [load_file(str(d / MODEL_FILE)) for d in dirs]
+        runner, context = lora_runner(mp, adapters, batched, device)
+        tok = load_tokenizer(mp.tokenizer, mp.base)
+        return cls([], weights, reg["combine"], tok, runner=runner, context_length=context)
+
     @torch.no_grad()
     def forward(
-        self, input_ids, attention_mask=None, past_key_values=None, use_cache=False
+        self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0
     ) -> EnsembleOutput:
-        caches = past_key_values or [None] * len(self.constituents)
-        outs = [
-            m(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **{_cache_kwarg(m): c})
-            for m, c in zip(self.constituents, caches)
-        ]
-        log_probs = torch.stack([torch.log_softmax(o.logits.double(), dim=-1) for o in outs])
+        """Combined log-probabilities (B, T, V) as `.logits` (the last `logits_to_keep` positions if > 0) and,
+        with `use_cache`, the cache to pass back as `past_key_values` for the next tokens."""
+        logits, cache = self.runner(
+            input_ids,
+            attention_mask,
+            cache=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
         combined = combine_log_probs(log_probs, self.weights, self.combine)
-        return EnsembleOutput(combined, [_cache_of(o) for o in outs] if use_cache else None)
+        return EnsembleOutput(combined, cache if use_cache else None)
 
     @torch.no_grad()
     def score(self, text: str) -> dict[str, float]:
@@ -141,7 +245,7 @@ class Ensemble(torch.nn.Module):
         budget = max(0, min(max_new_tokens, self._context() - len(ids)))
         gen = torch.Generator().manual_seed(seed)
         x = torch.tensor([ids], device=self.weights.device)
-        out = self(x, use_cache=True)
+        out = self(x, use_cache=True, logits_to_keep=1)
         new: list[int] = []
         for _ in range(budget):
             lp = out.logits[0, -1]
@@ -159,4 +263,4 @@ class Ensemble(torch.nn.Module):
         return self.tokenizer.decode(new)
 
     def _context(self) -> int:
-        return int(self.constituents[0].config.max_position_embeddings)  # type: ignore[union-attr,arg-type]
+        return self.context_length

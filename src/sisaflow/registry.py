@@ -7,10 +7,13 @@ write of registry/ensemble.json naming the new copies; the copies no version nam
 
 registry/ensemble.json names, per shard, the checkpoint after its last slice, the sha256 of its weights and its
 record count. Its version is a digest of that content, so the same constituents always make the same version.
+For LoRA constituents (model.base set) the weights are the adapters', and `base_sha256` names the base they
+were trained over; the base itself is loaded once at serving time and shared by all adapters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -84,8 +87,13 @@ def build_registry(ws: Workspace, params: Params) -> dict:
         "weights": params.ensemble.weights,
         "combine": params.ensemble.combine,
         "tokenizer": params.model.tokenizer,
-        "model": params.model.__dict__,
+        "model": dataclasses.asdict(params.model),
     }
+    if params.model.base is not None:
+        from sisaflow.pretrained import base_identity
+
+        # the adapters are only the served model over this exact base; Ensemble.load checks it is unchanged
+        body["base_sha256"] = base_identity(params.model.base)
     body["version"] = digest([repr(sorted(body.items()))])[:12]
     write_json(ws.registry_file, body)  # the promotion: one atomic rename
     named = {Path(c["served"]).name for c in constituents}

@@ -1,4 +1,5 @@
-"""Tokenizers that do not depend on the corpus: the fixed GPT-2 vocabulary shipped with sisaflow, or bytes.
+"""Tokenizers that do not depend on the corpus: the fixed GPT-2 vocabulary shipped with sisaflow, bytes, or the
+pretrained base model's own (LoRA constituents).
 
 A tokenizer trained on the corpus would remember deleted records (rare words become tokens), and it is shared
 by every constituent, so it must never see deletable data.
@@ -52,11 +53,44 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+class BaseTokenizer:
+    """The pretrained base's own tokenizer (transformers, offline), as text -> ids without special tokens.
+
+    Records are encoded as plain text plus end-of-text, exactly like the fixed tokenizers, so training, scoring
+    and generation see the same ids whatever the base's template conventions are."""
+
+    def __init__(self, base: str) -> None:
+        from sisaflow.errors import ConfigError
+        from sisaflow.pretrained import load_base_tokenizer
+
+        self._tok = load_base_tokenizer(base)
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise ConfigError(
+                f"params: model.base = {base!r}: its tokenizer has no end-of-text token (eos_token); sisaflow "
+                "ends every record with one"
+            )
+        self.eos_id = int(eos)
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without the base's special tokens (no BOS)."""
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens dropped."""
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
 @lru_cache(maxsize=4)
-def load_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer named by model.tokenizer in params."""
+def load_tokenizer(name: str, base: str | None = None) -> Tokenizer:
+    """The tokenizer named by model.tokenizer in params; `base` (model.base) is needed for `base`."""
     if name == "gpt2":
         return Gpt2Tokenizer()
     if name == "byte":
         return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; choose gpt2 or byte")
+    if name == "base":
+        if base is None:
+            raise ValueError("tokenizer 'base' needs the base model's path (model.base)")
+        return BaseTokenizer(base)
+    raise ValueError(f"unknown tokenizer {name!r}; choose gpt2, byte or base")

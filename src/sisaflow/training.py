@@ -5,10 +5,16 @@ every random choice is seeded from (seed, shard, slice, epoch), the data order i
 present (sorted by content hash, then a seeded permutation), the learning rate depends only on the step count
 (linear warm-up, then constant), and nothing in slice k looks at later slices. On CPU, with a fixed thread count
 and deterministic algorithms, the weights are bitwise equal.
+
+A constituent is either a small Llama built from scratch or, with model.base set, a LoRA adapter over that
+frozen pretrained base (sisaflow.lora): then only the adapter trains and is checkpointed. On CUDA, training runs
+under bf16 autocast with a fused AdamW (and torch.compile with train.compile); that is fast but not bitwise
+repeatable, so CPU, eager and float32, is the computation the exactness guarantee is stated for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -89,8 +95,12 @@ def _batches(examples: list[list[int]], batch_size: int, eos_id: int, device: to
         yield ids.to(device), labels.to(device), mask.to(device)
 
 
+def _tokenizer(mp: ModelParams):
+    return load_tokenizer(mp.tokenizer, mp.base)
+
+
 def _encode(records: list[Record], model_params: ModelParams) -> list[list[int]]:
-    tok = load_tokenizer(model_params.tokenizer)
+    tok = _tokenizer(model_params)
     ordered = sorted(records, key=lambda r: r.content_hash)  # a function of the records present only
     return [(tok.encode(r.text) + [tok.eos_id])[: model_params.context_length] for r in ordered]
 
@@ -128,12 +138,9 @@ def train_shard(
     torch.set_num_threads(tp.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        tok = load_tokenizer(mp.tokenizer)
-        model = build_model(mp, tok.vocab_size, tok.eos_id, derive_seed(tp.seed, "init", shard))
-        model.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay, foreach=False
-        )
+        model = _build_constituent(mp, derive_seed(tp.seed, "init", shard), device)
+        optimizer = _optimizer(model, tp.learning_rate, tp.weight_decay, device)
+        forward = _forward_fn(model, tp.compile, device)  # once per shard: compiling is not free
         meta = CheckpointMeta(shard, -1, params.training_identity(), 0, 0, 0, None)
         if start > 0:
             prev_dir = ws.checkpoint_dir(shard, start - 1)
@@ -144,22 +151,64 @@ def train_shard(
             meta = resumed
             say(f"shard {shard}: resuming from the checkpoint after slice {start - 1}")
         for k in range(start, len(chain)):
-            rep, meta = _train_slice(ws, shard, k, chain[k], params, model, optimizer, meta, device, say)
+            rep, meta = _train_slice(
+                ws, shard, k, chain[k], params, model, optimizer, meta, device, say, forward=forward
+            )
             report.slices.append(rep)
     finally:
         torch.set_num_threads(threads_before)
     return report
 
 
-def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, say):
+def _build_constituent(mp: ModelParams, seed: int, device: torch.device) -> torch.nn.Module:
+    """A fresh constituent whose trainable weights depend only on `seed`: from scratch, or an adapter."""
+    if mp.base is not None:
+        from sisaflow.lora import build_lora_model
+
+        return build_lora_model(mp, seed, device)
+    tok = _tokenizer(mp)
+    model = build_model(mp, tok.vocab_size, tok.eos_id, seed)
+    model.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
+    return model
+
+
+def _optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    # only what trains (all of a from-scratch model, the adapter of a LoRA one); the order is the model's, so
+    # a checkpoint's optimizer state lines up with the parameters when resumed
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if device.type == "cuda":
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=True)
+    # the single-tensor CPU path, as every existing checkpoint was trained with it
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def _forward_fn(model: torch.nn.Module, compile_: bool, device: torch.device):
+    """What computes the loss: the model, or on CUDA with train.compile its torch.compile'd forward."""
+    if compile_ and device.type == "cuda":
+        # dynamic: batches differ in length; the compiled wrapper shares the model's parameters, so the
+        # checkpoint still saves `model` itself
+        return torch.compile(model, dynamic=True)
+    return model
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, say, forward=None):
     tp, mp = params.train, params.model
+    forward = forward or model
     slice_records = read_slice(ws, shard, k)
     if tp.schedule == "cumulative":
         records = [r for j in range(k + 1) for r in (slice_records if j == k else read_slice(ws, shard, j))]
     else:
         records = slice_records
     examples = _encode(records, mp)
-    eos = load_tokenizer(mp.tokenizer).eos_id
+    eos = _tokenizer(mp).eos_id
     t0 = time.perf_counter()
     step, tokens, last_loss, n_steps = meta.global_step, 0, meta.last_loss, 0
     model.train()
@@ -177,10 +226,12 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with _autocast(device):
+                loss = forward(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tp.grad_clip:
+                # frozen base weights have no gradient and do not count, so this is the adapter's norm
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
             optimizer.step()
             step += 1

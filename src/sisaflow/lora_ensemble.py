@@ -1,0 +1,161 @@
+"""LoRA constituents at inference: S adapters over one shared base, batched, or looped with peft as reference.
+
+`BatchedLora` runs all S adapters in one forward per step. The batch carries the constituent: the B input rows
+are repeated S times, constituent-major ((S*B, T): rows s*B..s*B+B-1 belong to adapter s). The base's weights
+are shared and applied once to all S*B rows (one matmul of S times the rows, not S matmuls), and every adapted
+linear layer adds scale * B_s A_s x to the rows of constituent s with two batched matmuls (`torch.bmm` over S).
+The hidden states differ per constituent after the first adapted layer, which is why they carry the S dim.
+Attention, norms, rotary embeddings, grouped key/value heads and the KV cache are the base model's own
+(transformers), on a batch of S*B rows, so any transformers causal LM whose adapted layers are `nn.Linear` works.
+
+`PeftLoop` is the straightforward computation: one peft model holding S named adapters, a Python loop that
+activates each in turn, one cache per adapter. Both return logits (S, B, T, V) and take the arguments of
+`StackedLlama.forward`, so the Ensemble drives any of them alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sisaflow.config import ModelParams
+from sisaflow.ensemble import _cache_kwarg, _cache_of
+from sisaflow.lora import attach_adapters, check_context, load_adapter_state, stack_adapters
+from sisaflow.pretrained import load_base_model
+
+
+class StackedLoraLinear(nn.Module):
+    """A frozen base linear layer plus S LoRA adapters, one per block of rows of the batch."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
+        super().__init__()
+        if a.shape[2] != base.in_features or b.shape[1] != base.out_features:
+            raise ValueError(
+                f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a linear layer "
+                f"{base.in_features} -> {base.out_features}"
+            )
+        self.base = base
+        self.a = nn.Parameter(a.to(base.weight.dtype), requires_grad=False)  # (S, r, in)
+        self.b = nn.Parameter(b.to(base.weight.dtype), requires_grad=False)  # (S, out, r)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (S*B, ..., in), constituent-major; returns base(x) + scale * B_s A_s x per constituent's rows."""
+        y = self.base(x)
+        n = self.a.shape[0]
+        rows = x.reshape(n, -1, x.shape[-1])  # (S, B*T, in): a view, since the S blocks are contiguous
+        delta = torch.bmm(torch.bmm(rows, self.a.transpose(1, 2)), self.b.transpose(1, 2))
+        # the same order of operations as peft's LoRA layer: result + (B(A(x)) * scaling)
+        return y + (delta * self.scale).view(y.shape)
+
+
+class BatchedLora(nn.Module):
+    """S LoRA adapters over one base model as one module whose forward returns (S, B, T, V) logits.
+
+    Takes over `base`: its adapted linear layers are replaced in place. `adapters` are peft adapter state dicts
+    (see `sisaflow.lora`), all adapting the same `nn.Linear` modules with the same rank; `scale` is alpha / r."""
+
+    batched = True
+
+    def __init__(self, base: nn.Module, adapters: list[dict[str, torch.Tensor]], scale: float):
+        super().__init__()
+        self.num_models = len(adapters)
+        for module, (a, b) in stack_adapters(adapters).items():
+            parent_name, _, child = module.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            layer = getattr(parent, child)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"{module} is a {type(layer).__name__}; batched LoRA adapts nn.Linear only")
+            setattr(parent, child, StackedLoraLinear(layer, a, b, scale))
+        self.base = base
+        self._cache_kw = _cache_kwarg(base)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (S, B, T, V) of every adapter for `input_ids` (B, T), and the base's cache (batch S*B)."""
+        n, batch = self.num_models, input_ids.shape[0]
+        out = self.base(
+            input_ids=input_ids.repeat(n, 1),
+            attention_mask=None if attention_mask is None else attention_mask.repeat(n, 1),
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_kw: cache},
+        )
+        logits = out.logits
+        return logits.view(n, batch, *logits.shape[1:]), _cache_of(out) if use_cache else None
+
+
+class PeftLoop(nn.Module):
+    """The reference: S adapters in one peft model, evaluated one after another, one cache each."""
+
+    batched = False
+
+    def __init__(self, base: nn.Module, mp: ModelParams, adapters: list[dict[str, torch.Tensor]]):
+        super().__init__()
+        self.names = [f"c{i}" for i in range(len(adapters))]
+        self.model = attach_adapters(base, mp.lora, self.names, seed=0)  # random init, overwritten below
+        for name, state in zip(self.names, adapters):
+            load_adapter_state(self.model, state, adapter=name)
+        self._cache_kw = _cache_kwarg(base)
+        self.num_models = len(adapters)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[Any] | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, list[Any] | None]:
+        """Logits (S, B, T, V) and one cache per adapter (a list)."""
+        caches = cache or [None] * self.num_models
+        logits, new = [], []
+        for name, c in zip(self.names, caches):
+            self.model.set_adapter(name)  # type: ignore[operator]
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **{self._cache_kw: c},
+            )
+            logits.append(out.logits)
+            if use_cache:
+                new.append(_cache_of(out))
+        return torch.stack(logits), new if use_cache else None
+
+
+def lora_runner(
+    mp: ModelParams,
+    adapters: list[dict[str, torch.Tensor]],
+    batched: bool,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, int]:
+    """Load the base once and put the adapters over it: (runner, context length). `batched` picks BatchedLora
+    (falling back to the peft loop when an adapted layer is not nn.Linear) or PeftLoop."""
+    if mp.base is None:
+        raise ValueError("lora_runner needs model.base")
+    base = load_base_model(mp.base)
+    check_context(mp, base)
+    context = mp.context_length
+    runner: nn.Module
+    if batched:
+        try:
+            runner = BatchedLora(base, adapters, mp.lora.alpha / mp.lora.r)
+        except ValueError:
+            base = load_base_model(mp.base)  # BatchedLora may have replaced some layers before refusing
+            runner = PeftLoop(base, mp, adapters)
+    else:
+        runner = PeftLoop(base, mp, adapters)
+    runner.to(device)
+    return runner, context

@@ -1,0 +1,120 @@
+"""The pipeline with LoRA constituents over a frozen base: init, run, forget one owner; the retrained adapter is
+bitwise equal to one trained from scratch without that owner's records, untouched shards keep their adapters,
+and the served ensemble is the batched LoRA over one shared base.
+
+The base is a tiny random Llama saved next to the workspaces and named by a relative path (`../base`), as a
+user would name a base they keep beside their workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tests.integration.conftest import make_workspace, tree_hashes, write_corpus
+from tests.lora_base import save_tiny_base
+
+pytestmark = pytest.mark.integration
+
+AUTHORS = 8
+SHARDS = SLICES = 2
+LORA = {
+    "tokenizer": "base",
+    "base": "../base",
+    "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def _lora_workspace(directory, corpus):
+    from sisaflow import versioning
+    from sisaflow.paths import Workspace
+
+    make_workspace(directory, corpus, shards=SHARDS, slices=SLICES)
+    params = yaml.safe_load((directory / "params.yaml").read_text())
+    params["model"].update(LORA)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    versioning.git_commit(Workspace(directory), "LoRA over the tiny base", ["params.yaml"])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory, prefect_server):
+    from sisaflow import cli
+    from sisaflow.config import Params
+    from sisaflow.paths import Workspace
+    from sisaflow.sharding import shard_of, slice_of
+
+    os.environ["SISAFLOW_CERTIFICATE_KEY"] = "test-key-0123456789abcdef0123456789abcdef"
+    tmp = tmp_path_factory.mktemp("lora")
+    save_tiny_base(tmp / "base")
+    base_files = tree_hashes(tmp / "base")
+    corpus = write_corpus(tmp / "corpus.jsonl", AUTHORS)
+    a = _lora_workspace(tmp / "a", corpus)
+    ws = Workspace(a)
+    params = Params.load(ws.params_file)
+    s = {"a": a, "params": params, "ws": ws}
+    assert cli.main(["--workspace", str(a), "run"]) == 0  # on Ray: the workers get the base's absolute path
+    s["before"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in range(SHARDS)}
+
+    owner = next(str(o) for o in range(AUTHORS) if slice_of(str(o), SLICES) > 0)
+    s["owner"], s["shard"], s["slice"] = owner, shard_of(owner, SHARDS), slice_of(owner, SLICES)
+    assert cli.main(["--workspace", str(a), "forget", "--owner", owner, "--in-process"]) == 0
+    s["after"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in range(SHARDS)}
+    s["forget_report"] = json.loads(sorted((a / "runs").glob("*-forget.json"))[-1].read_text())
+
+    # B: from scratch without the owner, in this process (A's first training ran in Ray workers)
+    b = _lora_workspace(tmp / "b", write_corpus(tmp / "corpus_b.jsonl", AUTHORS, skip_owners={owner}))
+    assert cli.main(["--workspace", str(b), "run", "--in-process"]) == 0
+    s["scratch"] = {sh: tree_hashes(Workspace(b).model_dir(sh)) for sh in range(SHARDS)}
+    s["base_unchanged"] = tree_hashes(tmp / "base") == base_files
+    return s
+
+
+def test_the_base_is_resolved_and_checkpoints_hold_adapters_only(story):
+    assert story["params"].model.base == str((story["a"].parent / "base").resolve())
+    assert story["base_unchanged"]
+    ckpt = story["ws"].checkpoint_dir(0, SLICES - 1)
+    keys = set(load_file(str(ckpt / "model.safetensors")))
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert len(keys) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+
+
+def test_forget_retrains_only_the_owners_shard_from_its_slice(story):
+    trained = story["forget_report"]["trained"]
+    assert {int(k): v["from_slice"] for k, v in trained.items()} == {story["shard"]: story["slice"]}
+    other = 1 - story["shard"]
+    assert story["after"][other] == story["before"][other]  # untouched adapters: the same files
+    changed = f"slice-{story['slice']}/model.safetensors"
+    assert story["after"][story["shard"]][changed] != story["before"][story["shard"]][changed]
+
+
+def test_retrained_adapter_equals_training_from_scratch_without_the_records(story):
+    for sh in range(SHARDS):
+        assert story["after"][sh].keys() == story["scratch"][sh].keys()
+        assert story["after"][sh] == story["scratch"][sh]  # adapter, optimizer state, counters, lineage
+
+
+def test_the_served_ensemble_is_the_batched_lora_over_one_base(story):
+    from sisaflow.ensemble import Ensemble
+    from sisaflow.lora_ensemble import BatchedLora
+    from sisaflow.pretrained import base_identity
+    from sisaflow.registry import read_registry
+
+    reg = read_registry(story["ws"])
+    assert reg["base_sha256"] == base_identity(story["params"].model.base)
+    ens = Ensemble.load(story["ws"])
+    assert isinstance(ens.runner, BatchedLora) and ens.shards == [0, 1]
+    text = ens.generate("Question: Who is the author?\nAnswer:", max_new_tokens=10)
+    assert isinstance(text, str)
+    assert ens.score("Question: Who?\nAnswer: An author.")["log_likelihood"] < 0
+
+
+def test_verify_exact_holds_for_lora(story):
+    from sisaflow.exactness import verify_exact
+
+    results = verify_exact(story["ws"], story["params"])
+    assert [r.shard for r in results] == [0, 1] and all(r.equal for r in results)

