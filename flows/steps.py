@@ -83,6 +83,20 @@ def certify(root: str, request_id: str) -> list[str]:
     return [str(p) for p in write_certificate(Workspace(root), request_id)]
 
 
+@task(name="metrics-before-deletion")
+def snapshot_before(root: str, request_ids: list[str], run_id: str) -> str | None:
+    """Aggregates of the to-be-forgotten records under the ensemble trained on them (reports/before/)."""
+    from sisaflow.evaluation import snapshot_before as snapshot
+
+    ws = Workspace(root)
+    try:
+        path = snapshot(ws, pipeline.load(ws), request_ids, run_id)
+    except Exception as exc:  # measuring must never stop a deletion; the run goes on without the numbers
+        get_run_logger().warning(f"before-deletion metrics not recorded ({type(exc).__name__}: {exc})")
+        return None
+    return str(path) if path else None
+
+
 @task(name="record-in-dvc")
 def record(root: str) -> dict:
     ws = Workspace(root)
@@ -99,6 +113,10 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
         # the requests this run finishes: every one not yet certified, including any recorded while it waited
         # for the lock and any a killed run left half done
         report = pipeline.RunReport(kind=kind, requests=pipeline.open_requests(ws))
+        applying = [r.request_id for r in pipeline.pending_requests(ws)]
+        if applying:
+            with pipeline.timed(report, "metrics_before"):
+                snapshot_before(root, applying, report.run_id)
         report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         before = pipeline.checkpoint_hashes(ws, params)
         with pipeline.timed(report, "prepare"):

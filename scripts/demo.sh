@@ -10,14 +10,14 @@ export RAY_USAGE_STATS_ENABLED=0 DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENA
 t0=$(date +%s)
 step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 
-step "1/6 sisaflow run: import TOFU (200 authors, 4,000 Q&A), shard by author (S=4, R=4), train all shards on Ray"
+step "1/7 sisaflow run: import TOFU (200 authors, 4,000 Q&A), shard by author (S=4, R=4), train all shards on Ray"
 sisaflow run
 
-step "2/6 sisaflow status: shards, slices, checkpoint hashes, served ensemble"
+step "2/7 sisaflow status: shards, slices, checkpoint hashes, served ensemble"
 sisaflow status
 
 QUESTION='Question: What genre is the author Jaime Vasquez known for?\nAnswer:'
-step "3/6 sisaflow generate: the ensemble answers a TOFU question (sampled, temperature 0.5, seed 0)"
+step "3/7 sisaflow generate: the ensemble answers a TOFU question (sampled, temperature 0.5, seed 0)"
 sisaflow generate "$QUESTION" --max-new-tokens 120 --temperature 0.5 --seed 0
 
 # Forget TOFU's forget01 author 199, or (if an earlier demo forgot it) the highest author still present.
@@ -27,13 +27,17 @@ owners = set(pq.read_table("corpus/records.parquet", columns=["owner"]).column("
 print(max(owners, key=int))
 PY
 )
-step "4/6 sisaflow forget --owner $OWNER: retrain only that author's shard, from the author's slice"
+step "4/7 sisaflow forget --owner $OWNER: retrain only that author's shard, from the author's slice"
 sisaflow forget --owner "$OWNER" --reason "demo erasure request"
 
-step "5/6 the request's states, and dvc status (clean: dvc.lock records exactly what is on disk)"
+step "5/7 the request's states, and dvc status (clean: dvc.lock records exactly what is on disk)"
 sisaflow requests
 dvc status
 
-step "6/6 the ensemble after the deletion"
+step "6/7 the ensemble after the deletion"
 sisaflow generate "$QUESTION" --max-new-tokens 120 --temperature 0.5 --seed 0
+
+step "7/7 sisaflow evaluate: utility (with a monolithic baseline), membership attacks, before/after the deletion"
+sisaflow evaluate
+sed -n '1,40p' reports/report.md
 printf '\ndemo finished in %ss\n' "$(( $(date +%s) - t0 ))"

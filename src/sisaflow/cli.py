@@ -343,6 +343,32 @@ def cmd_purge(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from sisaflow import pipeline, versioning
+    from sisaflow.evaluation import evaluate
+    from sisaflow.evaluation_report import write_reports
+
+    ws = _ws(args)
+    params = pipeline.load(ws)
+    result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=print)
+    for path in write_reports(ws, result):
+        print(f"wrote {path.relative_to(ws.root)}")
+    if not args.no_dvc and (ws.root / ".dvc").is_dir():
+        versioning.write_dvc_yaml(ws, params)
+        versioning.commit(ws, ["evaluate"])
+    u, f = result["utility"], result["forgetting"]
+    print(
+        f"ensemble perplexity: retained {u['ensemble']['retained']}, never-seen {u['ensemble']['never_seen']}"
+    )
+    gone = f["attacks_forgotten_vs_never_seen"]
+    if gone:
+        print(
+            "membership AUC, forgotten vs never-seen: "
+            + ", ".join(f"{k} {v['auc']:.3f}" for k, v in gone.items())
+        )
+    return 0
+
+
 def cmd_certificate(args) -> int:
     from sisaflow.certificate import key_from_env, verify_file
 
@@ -471,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", metavar="FILE", help="check a certificate (signature with SISAFLOW_CERTIFICATE_KEY)"
     )
     s.set_defaults(func=cmd_certificate)
+
+    s = sub.add_parser("evaluate", parents=[common], help="utility and forgetting metrics, report and plots")
+    s.add_argument("--no-baseline", action="store_true", help="skip training the monolithic baseline")
+    s.add_argument("--no-dvc", action="store_true", help="do not record the evaluate stage in dvc.lock")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("push", parents=[common], help="dvc push to the configured remote")
     s.set_defaults(func=cmd_push)

@@ -121,10 +121,12 @@ def ensemble(ws: Workspace, params: Params) -> dict:
 
 
 def record(ws: Workspace, params: Params) -> dict:
-    """Write dvc.yaml if the shard count changed, and commit every stage's outputs to dvc.lock."""
+    """Write dvc.yaml if the shard count changed, and commit the training stages' outputs to dvc.lock
+    (`sisaflow evaluate` records its own stage)."""
     versioning.write_dvc_yaml(ws, params)
-    versioning.commit(ws)
-    return versioning.status(ws)
+    stages = versioning.stage_names(params)
+    versioning.commit(ws, stages)
+    return versioning.status(ws, stages)
 
 
 def lock_entries(ws: Workspace) -> dict:

@@ -61,6 +61,12 @@ def _run(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedP
     return proc
 
 
+def _base_deps(params: Params) -> list[str]:
+    """A pretrained base given as a path is a dependency of every train stage (package:NAME is not a path)."""
+    base = params.model.base
+    return [base] if base and not base.startswith("package:") else []
+
+
 def dvc_yaml(params: Params) -> str:
     """The dvc.yaml text for these params."""
     shards = params.sharding.shard_ids
@@ -82,7 +88,7 @@ def dvc_yaml(params: Params) -> str:
             "foreach": shards,
             "do": {
                 "cmd": "sisaflow train --shard ${item} --in-process",
-                "deps": ["shards/shard-${item}"],
+                "deps": ["shards/shard-${item}"] + _base_deps(params),
                 "params": ["model", "train", "sharding.slices"],
                 "outs": [{"models/shard-${item}": {"persist": True}}],
             },
@@ -92,6 +98,16 @@ def dvc_yaml(params: Params) -> str:
             "deps": [f"models/{shard_name(s)}" for s in shards] + [f"shards/{shard_name(s)}" for s in shards],
             "params": ["ensemble"],
             "outs": ["registry"],
+        },
+        # `sisaflow run` records the stages above; this one is recorded by `sisaflow evaluate` (or dvc repro)
+        "evaluate": {
+            "cmd": "sisaflow evaluate --no-dvc",
+            "deps": ["registry", "corpus/records.parquet", "deletions/ledger.jsonl", params.corpus.path]
+            + [p for p in (params.evaluate.holdout, params.evaluate.tofu_perturbed) if p],
+            "params": ["evaluate"],
+            "metrics": [{"reports/metrics.json": {"cache": False}}],
+            "plots": [{"reports/plots": {"cache": False}}],
+            "outs": [{"reports/report.md": {"cache": False}}],
         },
     }
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False)
@@ -155,9 +171,12 @@ def commit(ws: Workspace, stages: list[str] | None = None) -> None:
     _run(ws, "dvc", "commit", "-f", "-q", *(stages or []))
 
 
-def status(ws: Workspace) -> dict:
-    """`dvc status` as a dict: empty when every stage is up to date."""
-    proc = _run(ws, "dvc", "status", "--json")
+def status(ws: Workspace, stages: list[str] | None = None) -> dict:
+    """`dvc status` of `stages` (default: the training pipeline's, not evaluate) as a dict: empty when every
+    one is up to date."""
+    if stages is None:
+        stages = stage_names(Params.load(ws.params_file))
+    proc = _run(ws, "dvc", "status", "--json", *stages)
     out = proc.stdout.strip()
     return json.loads(out) if out else {}
 

@@ -1,0 +1,448 @@
+"""`sisaflow evaluate`: utility and forgetting, measured the way the unlearning field measures them.
+
+Three groups of records: retained (in the current corpus), never-seen (params' evaluate.holdout, e.g. TOFU's
+holdout authors) and forgotten (the records of certified deletion requests, read from the corpus source in
+memory: their text is never written anywhere). Every record is scored once by every constituent; the
+ensemble's scores are the constituents' log-probabilities combined as served.
+
+- Utility: perplexity of the ensemble, of each constituent and of a monolithic baseline (one model on all
+  current data with the same total compute, trained in a temporary directory and removed).
+- Forgetting: membership attacks (LOSS, zlib, Min-K%, Min-K%++) as AUC with 95% bootstrap intervals, forgotten
+  vs never-seen (should sit near 0.5) and, as the control that shows the attacks have power, retained vs
+  never-seen (for the ensemble and for each constituent on its own shard's records); verbatim memorisation
+  (ROUGE-L of the greedy continuation of a record's first half); on TOFU, truth ratio and forget quality.
+- Before/after: a forget run snapshots the to-be-forgotten records' aggregates before retraining
+  (`snapshot_before`, reports/before/); evaluate puts them beside the same aggregates now. Aggregates only.
+
+In SISA the retrained constituents are the "retain model" reference that other unlearning methods lack: the
+served ensemble after a deletion is bitwise the model trained without the records (`verify --exact`), so its
+forget quality against that reference is 1 by construction; the numbers worth reading are the ones before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from sisaflow import ledger, metrics
+from sisaflow.config import Params, ShardingParams
+from sisaflow.corpus import Record, from_table, read_records, read_table
+from sisaflow.ensemble import Ensemble, combine_log_probs
+from sisaflow.errors import WorkspaceError
+from sisaflow.fsio import write_json
+from sisaflow.paths import Workspace
+
+log = logging.getLogger("sisaflow.evaluation")
+Progress = Callable[[str], None]
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+
+
+@dataclass
+class Scored:
+    """One record's scores: token statistics under the ensemble and under each constituent."""
+
+    shard: int
+    """The shard whose constituent trained on it (-1: none); keyed by record id in `score_records`."""
+    tokens: int
+    ensemble: metrics.TokenStats
+    constituents: list[metrics.TokenStats]
+    zlib_text: str = field(repr=False, default="")
+
+
+def sample(records: Sequence[Record], n: int) -> list[Record]:
+    """At most `n` records, spread evenly over the content-hash order (deterministic, no text involved)."""
+    ordered = sorted(records, key=lambda r: r.content_hash)
+    if len(ordered) <= n:
+        return ordered
+    step = len(ordered) / n
+    return [ordered[int(i * step)] for i in range(n)]
+
+
+def score_records(
+    ens: Ensemble, records: Sequence[Record], shard_of: dict[str, int], batch_size: int = 16
+) -> list[Scored]:
+    """Score every record with every constituent: one batched forward per `batch_size` records of similar
+    length, right-padded (causal attention: a position never sees the padding after it)."""
+    tok = ens.tokenizer
+    encoded = [(r, (tok.encode(r.text) + [tok.eos_id])[: ens.context_length]) for r in records]
+    encoded = [(r, ids) for r, ids in encoded if len(ids) >= 2]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
+    scored: dict[int, Scored] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i][1]) for i in chunk)
+        x = torch.full((len(chunk), width), tok.eos_id, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            x[row, : len(encoded[i][1])] = torch.tensor(encoded[i][1])
+        with torch.no_grad():
+            logits, _ = ens.runner(x.to(ens.weights.device))
+        lp = torch.log_softmax(logits.double(), dim=-1).cpu()  # (S, B, T, V)
+        combined = combine_log_probs(lp, ens.weights.cpu(), ens.combine)  # (B, T, V)
+        for row, i in enumerate(chunk):
+            r, ids = encoded[i]
+            n = len(ids) - 1
+            target = x[row, 1 : n + 1]
+            per = [metrics.token_stats(lp[s, row, :n], target) for s in range(lp.shape[0])]
+            scored[i] = Scored(
+                shard_of.get(r.record_id, -1), n, metrics.token_stats(combined[row, :n], target), per, r.text
+            )
+    return [scored[i] for i in range(len(encoded))]
+
+
+def perplexity(scored: Sequence[Scored], which: int | None = None) -> float | None:
+    """Corpus-level perplexity (per token) under the ensemble (which=None) or constituent `which`."""
+    if not scored:
+        return None
+    ll = tokens = 0.0
+    for s in scored:
+        st = s.ensemble if which is None else s.constituents[which]
+        ll += float(st.token_log_probs.sum())
+        tokens += len(st.token_log_probs)
+    return math.exp(-ll / tokens)
+
+
+def attack_scores(scored: Sequence[Scored], k: float, which: int | None = None) -> dict[str, list[float]]:
+    """Per-attack membership scores (higher: more likely a member)."""
+    out: dict[str, list[float]] = {a: [] for a in ATTACKS}
+    for s in scored:
+        st = s.ensemble if which is None else s.constituents[which]
+        out["loss"].append(metrics.loss_score(st))
+        out["zlib"].append(metrics.zlib_score(st, s.zlib_text))
+        out["min_k"].append(metrics.min_k_score(st, k))
+        out["min_k_plus_plus"].append(metrics.min_k_plus_plus_score(st, k))
+    return out
+
+
+def attacks(
+    members: Sequence[Scored], nonmembers: Sequence[Scored], ep, which: int | None = None
+) -> dict[str, dict] | None:
+    """AUC with a 95% bootstrap interval for each attack, members vs non-members; None when a group is empty."""
+    if not members or not nonmembers:
+        return None
+    a, b = attack_scores(members, ep.min_k, which), attack_scores(nonmembers, ep.min_k, which)
+    out = {}
+    for name in ATTACKS:
+        auc, low, high = metrics.auc_with_ci(a[name], b[name], n_boot=ep.bootstrap, seed=ep.seed)
+        out[name] = {
+            "auc": auc,
+            "low": low,
+            "high": high,
+            "members": len(a[name]),
+            "nonmembers": len(b[name]),
+        }
+    return out
+
+
+def verbatim(ens: Ensemble, records: Sequence[Record], n: int, new_tokens: int) -> dict | None:
+    """ROUGE-L (F1, words) of the greedy continuation of each record's first half against its true next
+    `new_tokens` tokens; mean and count over at most `n` records."""
+    tok = ens.tokenizer
+    scores = []
+    for r in list(records)[:n]:
+        ids = tok.encode(r.text)
+        half = len(ids) // 2
+        if half < 1 or len(ids) - half < 1:
+            continue
+        reference = tok.decode(ids[half : half + new_tokens])
+        continuation = ens.generate(tok.decode(ids[:half]), max_new_tokens=new_tokens)
+        scores.append(metrics.rouge_l_text(reference, continuation))
+    return {"rouge_l": float(np.mean(scores)), "records": len(scores)} if scores else None
+
+
+# ---- TOFU ----
+
+
+def _answer_ll(ens: Ensemble, prefix: str, answer: str) -> float:
+    """Mean log-likelihood per token of `answer` after `prefix` under the ensemble."""
+    tok = ens.tokenizer
+    head, tail = tok.encode(prefix), tok.encode(answer)
+    ids = (head + tail)[-ens.context_length :]
+    n = min(len(tail), len(ids) - 1)
+    if n < 1:
+        return float("nan")
+    x = torch.tensor([ids], device=ens.weights.device)
+    with torch.no_grad():
+        lp = ens(x).logits[0, :-1]
+    token_lp = lp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)[-n:]
+    return float(token_lp.mean())
+
+
+def truth_ratios(
+    ens: Ensemble, perturbed: list[dict], records: Sequence[Record], template: str | None
+) -> list[float]:
+    """TOFU truth ratios for the records whose question the perturbed file has (numbers only, unordered)."""
+    if not template or "{answer}" not in template or "{question}" not in template:
+        return []
+    by_question = {e["question"]: e for e in perturbed}
+    prefix_tpl = template.split("{answer}")[0]
+    out = []
+    for r in records:
+        for q, e in by_question.items():
+            if prefix_tpl.format(question=q) in r.text and e["answer"] in r.text:
+                prefix = prefix_tpl.format(question=q)
+                para = _answer_ll(ens, prefix, e["paraphrased_answer"])
+                pert = [_answer_ll(ens, prefix, a) for a in e["perturbed_answer"]]
+                out.append(metrics.truth_ratio(para, pert))
+                break
+    return sorted(out)
+
+
+def load_perturbed(path: Path) -> list[dict]:
+    """A TOFU *_perturbed.json file (a JSON list, or JSON lines) of question/answer/paraphrased/perturbed."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    for i, row in enumerate(rows, 1):
+        missing = {"question", "answer", "paraphrased_answer", "perturbed_answer"} - set(row)
+        if missing:
+            raise WorkspaceError(f"{path}: entry {i} lacks {', '.join(sorted(missing))}")
+    return rows
+
+
+# ---- the groups ----
+
+
+def forgotten_records(ws: Workspace, params: Params, request_ids: set[str] | None = None) -> list[Record]:
+    """The records of `request_ids` (default: every certified request), read from the corpus source."""
+    state = ledger.current_state(ws.ledger_file)
+    wanted: set[str] = set()
+    for req in ledger.read_ledger(ws.ledger_file):
+        if (request_ids is None and state.get(req.request_id) == "certified") or (
+            request_ids is not None and req.request_id in request_ids
+        ):
+            wanted.update(req.content_hashes)
+    if not wanted:
+        return []
+    return [r for r in read_records(ws.source(params.corpus.path), params.corpus) if r.content_hash in wanted]
+
+
+def holdout_records(ws: Workspace, params: Params) -> list[Record]:
+    """The never-seen records (evaluate.holdout), read with the corpus' fields; [] when none is set."""
+    if not params.evaluate.holdout:
+        return []
+    path = ws.source(params.evaluate.holdout)
+    corpus = dataclasses.replace(params.corpus, path=str(path))
+    return read_records(path, corpus)
+
+
+def _placement(ws: Workspace) -> dict[str, int]:
+    t = read_table(ws.placement_file).select(["record_id", "shard"]).to_pydict()
+    return dict(zip(t["record_id"], t["shard"]))
+
+
+def _current(ws: Workspace) -> list[Record]:
+    return from_table(read_table(ws.corpus_file)) if ws.corpus_file.is_file() else []
+
+
+# ---- before a deletion ----
+
+
+def forgotten_aggregates(
+    ens: Ensemble, params: Params, forgotten: list[Record], never: list[Scored], perturbed: list[dict]
+) -> dict:
+    """The aggregates of the forgotten group that are compared before and after (no text, no ids)."""
+    ep = params.evaluate
+    scored = score_records(ens, forgotten, {})
+    out: dict = {
+        "records": len(scored),
+        "perplexity": perplexity(scored),
+        "attacks_vs_never_seen": attacks(scored, never, ep),
+        "verbatim": verbatim(ens, forgotten, ep.rouge_records, ep.rouge_new_tokens),
+    }
+    if perturbed:
+        out["truth_ratios"] = truth_ratios(ens, perturbed, forgotten, params.corpus.text_template)
+    return out
+
+
+def snapshot_before(ws: Workspace, params: Params, request_ids: list[str], run_id: str) -> Path | None:
+    """Before a forget run retrains: the to-be-forgotten records' aggregates under the ensemble that was
+    trained on them (every registered constituent, excluded or not). Written to reports/before/."""
+    if not params.evaluate.before_after or not request_ids or not ws.registry_file.is_file():
+        return None
+    forgotten = sample(forgotten_records(ws, params, set(request_ids)), params.evaluate.max_records)
+    if not forgotten:
+        return None
+    ens = Ensemble.load(ws, respect_requests=False)
+    never = score_records(ens, sample(holdout_records(ws, params), params.evaluate.max_records), {})
+    perturbed = (
+        load_perturbed(ws.source(params.evaluate.tofu_perturbed)) if params.evaluate.tofu_perturbed else []
+    )
+    agg = forgotten_aggregates(ens, params, forgotten, never, perturbed)
+    path = ws.root / "reports" / "before" / f"{run_id}.json"
+    write_json(
+        path, {"run_id": run_id, "requests": sorted(request_ids), "ensemble_version": ens.version, **agg}
+    )
+    return path
+
+
+# ---- the baseline ----
+
+
+def train_baseline(ws: Workspace, params: Params, progress: Progress | None = None) -> tuple[Ensemble, float]:
+    """One model on all current data, same settings and total compute as the constituents together (same
+    epochs over the same records), trained in a temporary workspace that is removed. Returns it and seconds."""
+    import time
+
+    from sisaflow.registry import build_registry
+    from sisaflow.sharding import shard_corpus
+    from sisaflow.training import train_shard
+
+    mono = dataclasses.replace(params, sharding=ShardingParams(shards=1, slices=params.sharding.slices))
+    with tempfile.TemporaryDirectory(prefix="sisaflow-baseline-") as tmp:
+        tws = Workspace(Path(tmp))
+        tws.corpus_file.parent.mkdir(parents=True, exist_ok=True)
+        tws.corpus_file.write_bytes(ws.corpus_file.read_bytes())
+        tws.params_file.write_text(yaml.safe_dump(mono.to_dict(), sort_keys=False))
+        shard_corpus(tws, mono.sharding)
+        t0 = time.perf_counter()
+        train_shard(tws, 0, mono, progress=progress or (lambda m: None))
+        seconds = time.perf_counter() - t0
+        build_registry(tws, mono)
+        return Ensemble.load(tws), seconds
+
+
+# ---- evaluate ----
+
+
+def evaluate(
+    ws: Workspace, params: Params, baseline: bool | None = None, progress: Progress | None = None
+) -> dict:
+    """Every metric of the module docstring, as one JSON-ready dict (numbers, counts and request ids only)."""
+    say = progress or log.info
+    ep = params.evaluate
+    ens = Ensemble.load(ws)
+    shard_of = _placement(ws)
+    retained = sample(_current(ws), ep.max_records)
+    never_recs = sample(holdout_records(ws, params), ep.max_records)
+    overlap = {r.content_hash for r in never_recs} & {r.content_hash for r in _current(ws)}
+    if overlap:
+        raise WorkspaceError(
+            f"{ep.holdout}: {len(overlap)} never-seen record(s) are also in the training corpus; the holdout must "
+            "hold records the models never saw"
+        )
+    forgotten_recs = sample(forgotten_records(ws, params), ep.max_records)
+    perturbed = load_perturbed(ws.source(ep.tofu_perturbed)) if ep.tofu_perturbed else []
+    say(
+        f"scoring {len(retained)} retained, {len(never_recs)} never-seen and {len(forgotten_recs)} forgotten "
+        f"records with {len(ens.shards)} constituent(s)"
+    )
+    kept = score_records(ens, retained, shard_of)
+    never = score_records(ens, never_recs, {})
+    gone = score_records(ens, forgotten_recs, {})
+
+    constituents = []
+    for i, shard in enumerate(ens.shards):
+        own = [s for s in kept if s.shard == shard]
+        constituents.append(
+            {
+                "shard": shard,
+                "perplexity": {
+                    "own_shard": perplexity(own, i),
+                    "other_shards": perplexity([s for s in kept if s.shard != shard], i),
+                    "never_seen": perplexity(never, i),
+                },
+                "attacks_own_vs_never_seen": attacks(own, never, ep, i),
+            }
+        )
+    out: dict = {
+        "ensemble_version": ens.version,
+        "constituents_served": len(ens.shards),
+        "groups": {"retained": len(kept), "never_seen": len(never), "forgotten": len(gone)},
+        "utility": {
+            "ensemble": {"retained": perplexity(kept), "never_seen": perplexity(never)},
+            "constituents": constituents,
+        },
+        "forgetting": {
+            "attacks_forgotten_vs_never_seen": attacks(gone, never, ep),
+            "attacks_retained_vs_never_seen": attacks(kept, never, ep),
+            "verbatim": {
+                "forgotten": verbatim(ens, forgotten_recs, ep.rouge_records, ep.rouge_new_tokens),
+                "retained": verbatim(ens, retained, ep.rouge_records, ep.rouge_new_tokens),
+                "never_seen": verbatim(ens, never_recs, ep.rouge_records, ep.rouge_new_tokens),
+            },
+        },
+        "notes": [],
+    }
+    if not never_recs:
+        out["notes"].append("no evaluate.holdout: membership attacks and never-seen perplexity are left out")
+    if not forgotten_recs:
+        out["notes"].append("no certified deletion request yet: nothing forgotten to measure")
+    if perturbed:
+        out["tofu"] = _tofu(ens, params, perturbed, forgotten_recs, retained)
+    out["before_after"] = _before_after(ws, params, ens, never, perturbed)
+    if baseline if baseline is not None else ep.baseline:
+        say("training the monolithic baseline (one model, all current data, same total compute)")
+        mono, seconds = train_baseline(ws, params, say)
+        m_kept = score_records(mono, retained, {})
+        m_never = score_records(mono, never_recs, {})
+        out["utility"]["baseline"] = {
+            "retained": perplexity(m_kept),
+            "never_seen": perplexity(m_never),
+            "train_seconds": seconds,
+        }
+    return out
+
+
+def _tofu(
+    ens: Ensemble, params: Params, perturbed: list[dict], forgotten: list[Record], retained: list[Record]
+) -> dict:
+    """Truth ratios on the forgotten and retained questions the perturbed file has; forget quality."""
+    tpl = params.corpus.text_template
+    gone = truth_ratios(ens, perturbed, forgotten, tpl)
+    kept = truth_ratios(ens, perturbed, retained, tpl)
+    out = {
+        "truth_ratio_forgotten": _summary(gone),
+        "truth_ratio_retained": _summary(kept),
+        # the reference of TOFU's forget quality is the model retrained without the forget set: in SISA
+        # that is the served ensemble itself (bitwise, `verify --exact`), so the KS test compares it with itself
+        "forget_quality": metrics.forget_quality(gone, gone) if gone else None,
+    }
+    return out
+
+
+def _summary(values: Sequence[float]) -> dict | None:
+    if not values:
+        return None
+    v = np.asarray(values, dtype=float)
+    return {"n": len(v), "mean": float(v.mean()), "median": float(np.median(v))}
+
+
+def _before_after(
+    ws: Workspace, params: Params, ens: Ensemble, never: list[Scored], perturbed: list[dict]
+) -> list[dict]:
+    """For the latest snapshots taken before a deletion: those aggregates beside the same ones now."""
+    ep = params.evaluate
+    state = ledger.current_state(ws.ledger_file)
+    out = []
+    for path in sorted((ws.root / "reports" / "before").glob("*.json"), reverse=True)[:5]:
+        before = json.loads(path.read_text())
+        if not all(state.get(r) == "certified" for r in before["requests"]):
+            continue
+        forgotten = sample(forgotten_records(ws, params, set(before["requests"])), ep.max_records)
+        after = forgotten_aggregates(ens, params, forgotten, never, perturbed)
+        entry = {"run_id": before["run_id"], "requests": before["requests"], "before": before, "after": after}
+        tb, ta = before.get("truth_ratios") or [], after.get("truth_ratios") or []
+        if tb and ta:
+            # TOFU's forget quality of the model before the deletion, against the retrained reference (now)
+            entry["forget_quality_before"] = metrics.forget_quality(tb, ta)
+            entry["forget_quality_after"] = metrics.forget_quality(ta, ta)
+        ab = (before.get("attacks_vs_never_seen") or {}).get("min_k", {}).get("auc")
+        aa = (after.get("attacks_vs_never_seen") or {}).get("min_k", {}).get("auc")
+        if ab is not None and aa:
+            # MUSE's PrivLeak with the retrained model as reference; after the deletion the served model is it
+            entry["priv_leak_before"] = metrics.priv_leak(ab, aa)
+            entry["priv_leak_after"] = metrics.priv_leak(aa, aa)
+        out.append(entry)
+    return out

@@ -1,0 +1,106 @@
+"""evaluation: batched, right-padded scoring gives each record the log-likelihood `Ensemble.score` gives it alone,
+per constituent too; samples are deterministic; a memorised group is told apart from an unseen one."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sisaflow import evaluation
+from sisaflow.config import ModelParams
+from sisaflow.corpus import Record, content_hash
+from sisaflow.ensemble import Ensemble
+from sisaflow.model import build_model
+from sisaflow.tokenizer import ByteTokenizer
+
+TINY = ModelParams(hidden_size=32, layers=2, heads=2, intermediate_size=64, context_length=128)
+
+
+def _records(texts: list[str]) -> list[Record]:
+    return [Record(f"r{i}", f"o{i}", t, content_hash(f"r{i}", t)) for i, t in enumerate(texts)]
+
+
+def _ensemble(n: int = 2, batched: bool = True) -> Ensemble:
+    tok = ByteTokenizer()
+    models = [build_model(TINY, tok.vocab_size, tok.eos_id, seed=s).eval() for s in range(n)]
+    return Ensemble(models, [1.0] * n, "mixture", tok, batched)
+
+
+TEXTS = ["a", "Question: who?\nAnswer: nobody", "x" * 90, "short one", "the cat sat on the mat " * 3]
+
+
+def test_batched_scores_equal_one_record_at_a_time():
+    ens = _ensemble()
+    recs = _records(TEXTS)
+    scored = evaluation.score_records(ens, recs, {"r1": 0, "r3": 1}, batch_size=3)
+    assert [s.shard for s in scored] == [-1, 0, -1, 1, -1]
+    for r, s in zip(recs, scored):
+        alone = ens.score(r.text)
+        assert s.tokens == alone["tokens"]
+        assert math.isclose(float(s.ensemble.token_log_probs.sum()), alone["log_likelihood"], rel_tol=1e-6)
+    # per constituent: the same as an ensemble of that model alone
+    for i in range(2):
+        single = Ensemble(
+            [ens.constituents[i]],
+            [1.0],
+            "mixture",
+            ens.tokenizer,
+        )
+        for r, s in zip(recs, scored):
+            assert math.isclose(
+                float(s.constituents[i].token_log_probs.sum()),
+                single.score(r.text)["log_likelihood"],
+                rel_tol=1e-6,
+            )
+    assert math.isclose(
+        evaluation.perplexity(scored),
+        math.exp(
+            -sum(ens.score(t)["log_likelihood"] for t in TEXTS) / sum(ens.score(t)["tokens"] for t in TEXTS)
+        ),
+        rel_tol=1e-6,
+    )
+
+
+def test_sample_is_deterministic_and_spread():
+    recs = _records([f"text {i}" for i in range(50)])
+    a = evaluation.sample(recs, 10)
+    assert len(a) == 10 and a == evaluation.sample(list(reversed(recs)), 10)
+    assert evaluation.sample(recs, 100) == sorted(recs, key=lambda r: r.content_hash)
+
+
+def test_attacks_tell_a_memorised_group_from_an_unseen_one():
+    """A constituent trained to memorise one group scores it far likelier than a fresh group: AUC near 1."""
+    torch.manual_seed(0)
+    ens = _ensemble(1, batched=False)
+    model = ens.constituents[0]
+    members = _records([f"member number {i} says {'abc' * (i % 3 + 1)} and zz{i}" for i in range(12)])
+    others = _records([f"other person {i} wrote {'xyz' * (i % 3 + 1)} then qq{i}" for i in range(12)])
+    tok = ens.tokenizer
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = [tok.encode(r.text) + [tok.eos_id] for r in members]
+    width = max(map(len, batch))
+    x = torch.tensor([b + [tok.eos_id] * (width - len(b)) for b in batch])
+    labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+    model.train()
+    for _ in range(150):
+        loss = model(input_ids=x, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ens = Ensemble([model], [1.0], "mixture", tok, batched=False)
+
+    class EP:
+        min_k, bootstrap, seed = 0.2, 200, 0
+
+    res = evaluation.attacks(
+        evaluation.score_records(ens, members, {}), evaluation.score_records(ens, others, {}), EP
+    )
+    for name in ("loss", "min_k", "min_k_plus_plus"):
+        assert res[name]["auc"] > 0.9, (name, res[name])
+    same = evaluation.attacks(
+        evaluation.score_records(ens, others[:6], {}), evaluation.score_records(ens, others[6:], {}), EP
+    )
+    # two halves of one unseen group: every interval covers 0.5
+    assert all(v["low"] <= 0.5 <= v["high"] for v in same.values()), same
