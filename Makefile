@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast bench lint format serve clean-workspace
+.PHONY: setup demo test test-fast bench bench-quick bench-forget lint format serve clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -27,7 +27,13 @@ test: setup  ## the test suite (unit + integration; CPU, offline)
 test-fast: setup  ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
-bench: setup  ## full training vs forget of one owner, next to the cost model
+bench: setup  ## reports/bench.md + plots: forget cost over S x R, utility vs S, inference cost, orchestration overhead (~15-30 min)
+	$(PY) bench/report.py
+
+bench-quick: setup  ## the same, smaller (~2-5 min), into reports/quick/
+	$(PY) bench/report.py --quick --out reports/quick
+
+bench-forget: setup  ## the demo-size full training vs one forget, next to the cost model
 	$(PY) bench/forget_cost.py
 
 lint: setup  ## ruff (lint + format check) and mypy on the library
