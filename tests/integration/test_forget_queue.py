@@ -50,6 +50,18 @@ def _pick(owners: list[str]) -> tuple[str, list[str]]:
     raise AssertionError("the test corpus has no two owners in one shard at different slices")
 
 
+def _start_forget(ws: Path, owner: str, request_id: str, log: Path) -> subprocess.Popen:
+    """A full `sisaflow forget` in its own process group (so it can be paused and killed as a whole)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            sisaflow_cmd(ws, "forget", "--owner", owner, "--request-id", request_id, "--in-process"),
+            env=sisaflow_env(log.with_suffix(".prefect")),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _reports(ws: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((ws / "runs").glob("*-forget.json"))]
 
@@ -70,14 +82,7 @@ def test_requests_during_a_run_are_queued_and_batched(tmp_path):
     trained_before = {p: p.stat().st_mtime_ns for p in model_dir.glob("slice-*/meta.json")}
 
     log_a, log_b = tmp_path / "forget-a.log", tmp_path / "forget-b.log"
-    with open(log_a, "wb") as out:
-        first = subprocess.Popen(
-            sisaflow_cmd(ws, "forget", "--owner", a, "--request-id", "req-a", "--in-process"),
-            env=sisaflow_env(tmp_path / "prefect-a"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    first = _start_forget(ws, a, "req-a", log_a)
     second = None
     try:
         # pause the first run once it has written a retrained checkpoint: it holds the lock from then on
@@ -90,14 +95,7 @@ def test_requests_during_a_run_are_queued_and_batched(tmp_path):
         assert first.poll() is None, f"the first forget ended before it could be paused:\n{log_a.read_text()}"
         os.killpg(first.pid, signal.SIGSTOP)
 
-        with open(log_b, "wb") as out:
-            second = subprocess.Popen(
-                sisaflow_cmd(ws, "forget", "--owner", b, "--request-id", "req-b", "--in-process"),
-                env=sisaflow_env(tmp_path / "prefect-b"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        second = _start_forget(ws, b, "req-b", log_b)
         for owner, rid in ((c, "req-c"), (d, "req-d")):
             rec = run_sisaflow(
                 sisaflow_cmd(ws, "forget", "--owner", owner, "--request-id", rid, "--no-run"),
