@@ -14,7 +14,8 @@ directory, in the Prefect home and in Ray's temporary directory for the workspac
 Exclusions. The deletion ledger (deletions/) and deletion certificates (reports/certificates/) legitimately hold
 ids and content hashes, so there (in the working tree and in git history, and in ledger-shaped git objects no
 commit references) only text is reported. The corpus source named in params (the user's own input, which
-sisaflow never writes) is not searched at all, in the working tree or in git history. The report lists both.
+sisaflow never writes), and the evaluation inputs named in params (evaluate.holdout, evaluate.tofu_perturbed),
+are not searched at all, in the working tree or in git history. The report lists both.
 """
 
 from __future__ import annotations
@@ -714,14 +715,21 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
     nd = build_needles(targets, params.corpus.text_template, kept, report)
 
     source = ws.source(params.corpus.path).resolve()
+    # evaluation inputs named in params are the user's files too (TOFU's perturbed file holds the forget set's
+    # questions and answers by design); like the corpus source, sisaflow never writes them
+    inputs = [ws.source(p).resolve() for p in (params.evaluate.holdout, params.evaluate.tofu_perturbed) if p]
     report.excluded += [
         "deletions/ (the deletion ledger; in git history too): ids and content hashes allowed, text reported",
         "reports/certificates/ (deletion certificates; in git history too): ids and content hashes allowed, "
         "text reported",
         "ledger-shaped git objects no commit references: ids and content hashes allowed, text reported",
         f"{source} (the corpus source: the user's input, which sisaflow never writes; in git history too)",
+        *[
+            f"{p} (an evaluation input named in params: the user's file, never written; in git history too)"
+            for p in inputs
+        ],
     ]
-    excluded_rel = [source.relative_to(ws.root).as_posix()] if _within(source, ws.root) else []
+    excluded_rel = [p.relative_to(ws.root).as_posix() for p in (source, *inputs) if _within(p, ws.root)]
     text_only = {ws.root / d for d in HASH_ONLY_DIRS}
 
     cache, remote = _dvc_dirs(ws, report)
@@ -738,7 +746,15 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
 
     seen: dict[bytes, set] = {}  # content digest -> hits: each distinct content is searched once
     _scan_tree(
-        ws.root, "", nd, targets, report, prune=prune, excluded={source}, text_only=text_only, seen=seen
+        ws.root,
+        "",
+        nd,
+        targets,
+        report,
+        prune=prune,
+        excluded={source, *inputs},
+        text_only=text_only,
+        seen=seen,
     )
     if cache is not None:
         _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen)

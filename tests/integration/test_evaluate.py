@@ -45,15 +45,17 @@ def evaluated(tmp_path_factory, prefect_server):
     holdout.write_text(
         "\n".join((REPO / "data/tofu/holdout_records.jsonl").read_text().splitlines()[:60]) + "\n"
     )
-    perturbed = tmp / "perturbed.json"
-    perturbed.write_text(json.dumps(_perturbed(rows, FORGET)))
     ws = make_workspace(tmp / "ws", corpus, shards=2, slices=2)
+    # inside the workspace and committed, as the demo ships TOFU's: it holds the forgotten records' questions and
+    # answers by design, and the scan must treat it as the user's input (as it treats the corpus source)
+    perturbed = ws / "perturbed.json"
+    perturbed.write_text(json.dumps(_perturbed(rows, FORGET)))
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["evaluate"].update(
-        holdout=str(holdout), tofu_perturbed=str(perturbed), max_records=40, bootstrap=100, rouge_records=3
+        holdout=str(holdout), tofu_perturbed="perturbed.json", max_records=40, bootstrap=100, rouge_records=3
     )
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    versioning.git_commit(Workspace(ws), "evaluate params", ["params.yaml"])
+    versioning.git_commit(Workspace(ws), "evaluate params and inputs", ["params.yaml", "perturbed.json"])
     assert cli.main(["--workspace", str(ws), "run", "--in-process"]) == 0
     cmd = ["--workspace", str(ws), "forget", "--owner", FORGET, "--request-id", "r1", "--in-process"]
     assert cli.main(cmd) == 0
@@ -98,9 +100,7 @@ def test_metrics_report_and_plots(evaluated):
 
 def test_no_forgotten_text_or_id_in_reports(evaluated):
     ws, forgotten = evaluated
-    blobs = [
-        p.read_bytes() for p in (ws / "reports").rglob("*") if p.is_file() and "certificates" not in p.parts
-    ]
+    blobs = [p.read_bytes() for p in (ws / "reports").rglob("*") if p.is_file()]
     assert blobs
     for r in forgotten:
         for needle in (r["answer"].encode(), r["question"].encode(), r["id"].encode()):
