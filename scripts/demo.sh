@@ -30,9 +30,9 @@ PY
 step "4/7 sisaflow forget --owner $OWNER: retrain only that author's shard, from the author's slice"
 sisaflow forget --owner "$OWNER" --reason "demo erasure request"
 
-step "5/7 the request's states, and dvc status (clean: dvc.lock records exactly what is on disk)"
+step "5/7 the request's states, and dvc status of the training pipeline (clean: dvc.lock records what is on disk)"
 sisaflow requests
-dvc status
+dvc status --with-deps ensemble
 
 step "6/7 the ensemble after the deletion"
 sisaflow generate "$QUESTION" --max-new-tokens 120 --temperature 0.5 --seed 0
@@ -41,4 +41,5 @@ step "7/7 sisaflow evaluate: utility, membership attacks, the forgotten author b
 # --no-baseline keeps the demo short; `sisaflow evaluate` also trains the monolithic baseline (~5 min here)
 sisaflow evaluate --no-baseline
 sed -n '/^## Before and after/,/^## Plots/p' reports/report.md
+dvc status   # evaluate recorded its own stage: everything up to date
 printf '\ndemo finished in %ss\n' "$(( $(date +%s) - t0 ))"
