@@ -214,8 +214,11 @@ def load_perturbed(path: Path) -> list[dict]:
 # ---- the groups ----
 
 
-def forgotten_records(ws: Workspace, params: Params, request_ids: set[str] | None = None) -> list[Record]:
-    """The records of `request_ids` (default: every certified request), read from the corpus source."""
+def forgotten_records(
+    ws: Workspace, params: Params, request_ids: set[str] | None = None, source: list[Record] | None = None
+) -> list[Record]:
+    """The records of `request_ids` (default: every certified request), from the corpus source (`source`:
+    its records already read)."""
     state = ledger.current_state(ws.ledger_file)
     wanted: set[str] = set()
     for req in ledger.read_ledger(ws.ledger_file):
@@ -225,7 +228,9 @@ def forgotten_records(ws: Workspace, params: Params, request_ids: set[str] | Non
             wanted.update(req.content_hashes)
     if not wanted:
         return []
-    return [r for r in read_records(ws.source(params.corpus.path), params.corpus) if r.content_hash in wanted]
+    if source is None:
+        source = read_records(ws.source(params.corpus.path), params.corpus)
+    return [r for r in source if r.content_hash in wanted]
 
 
 def holdout_records(ws: Workspace, params: Params) -> list[Record]:
@@ -324,15 +329,23 @@ def evaluate(
     ep = params.evaluate
     ens = Ensemble.load(ws)
     shard_of = _placement(ws)
-    retained = sample(_current(ws), ep.max_records)
-    never_recs = sample(holdout_records(ws, params), ep.max_records)
-    overlap = {r.content_hash for r in never_recs} & {r.content_hash for r in _current(ws)}
+    current = _current(ws)
+    holdout = holdout_records(ws, params)
+    retained = sample(current, ep.max_records)
+    never_recs = sample(holdout, ep.max_records)
+    overlap = {r.content_hash for r in holdout} & {r.content_hash for r in current}
     if overlap:
         raise WorkspaceError(
             f"{ep.holdout}: {len(overlap)} never-seen record(s) are also in the training corpus; the holdout must "
             "hold records the models never saw"
         )
-    forgotten_recs = sample(forgotten_records(ws, params), ep.max_records)
+    # the corpus source, read once for every forgotten group (in memory only)
+    source = (
+        read_records(ws.source(params.corpus.path), params.corpus)
+        if ledger.read_ledger(ws.ledger_file)
+        else []
+    )
+    forgotten_recs = sample(forgotten_records(ws, params, source=source), ep.max_records)
     perturbed = load_perturbed(ws.source(ep.tofu_perturbed)) if ep.tofu_perturbed else []
     say(
         f"scoring {len(retained)} retained, {len(never_recs)} never-seen and {len(forgotten_recs)} forgotten "
@@ -381,7 +394,7 @@ def evaluate(
         out["notes"].append("no certified deletion request yet: nothing forgotten to measure")
     if perturbed:
         out["tofu"] = _tofu(ens, params, perturbed, forgotten_recs, retained)
-    out["before_after"] = _before_after(ws, params, ens, never, perturbed)
+    out["before_after"] = _before_after(ws, params, ens, never, perturbed, source)
     if baseline if baseline is not None else ep.baseline:
         say("training the monolithic baseline (one model, all current data, same total compute)")
         mono, seconds = train_baseline(ws, params, say)
@@ -420,7 +433,12 @@ def _summary(values: Sequence[float]) -> dict | None:
 
 
 def _before_after(
-    ws: Workspace, params: Params, ens: Ensemble, never: list[Scored], perturbed: list[dict]
+    ws: Workspace,
+    params: Params,
+    ens: Ensemble,
+    never: list[Scored],
+    perturbed: list[dict],
+    source: list[Record],
 ) -> list[dict]:
     """For the latest snapshots taken before a deletion: those aggregates beside the same ones now."""
     ep = params.evaluate
@@ -430,7 +448,7 @@ def _before_after(
         before = json.loads(path.read_text())
         if not all(state.get(r) == "certified" for r in before["requests"]):
             continue
-        forgotten = sample(forgotten_records(ws, params, set(before["requests"])), ep.max_records)
+        forgotten = sample(forgotten_records(ws, params, set(before["requests"]), source), ep.max_records)
         after = forgotten_aggregates(ens, params, forgotten, never, perturbed)
         entry = {"run_id": before["run_id"], "requests": before["requests"], "before": before, "after": after}
         tb, ta = before.get("truth_ratios") or [], after.get("truth_ratios") or []

@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,41 @@ def run_sisaflow(cmd: list[str], prefect_home: Path, timeout: float = 300) -> su
     return subprocess.run(
         cmd, env=sisaflow_env(prefect_home), capture_output=True, text=True, timeout=timeout
     )
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any Prefect setting or workspace: nothing leaks in from the session."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "SISAFLOW_WORKSPACE"}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0", COLUMNS="200")
+    return env
+
+
+def start_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `cmd` in its own session (so `stop_group` stops it and its children), output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -> float:
+    """Seconds until `url` answers 200; fails the test if the process exits or the time runs out."""
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{url}: the server exited with {proc.returncode} before answering:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"{url}: not healthy after {timeout_s:.0f}s:\n{tail(log)}")
+        time.sleep(0.5)

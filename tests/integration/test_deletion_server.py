@@ -15,14 +15,21 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import make_workspace, write_corpus
-from tests.integration.procs import executable_beside, free_port, stop_group, tail
-from tests.integration.test_prefect_deploy import POOL, STARTUP_TIMEOUT_S, Server
+from tests.integration.procs import (
+    clean_env,
+    executable_beside,
+    free_port,
+    start_logged,
+    stop_group,
+    tail,
+    wait_healthy,
+)
+from tests.integration.test_prefect_deploy import POOL, STARTUP_TIMEOUT_S, Server, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -33,55 +40,13 @@ CERTIFIED_TIMEOUT_S = 150
 FORGET_RETURN_LIMIT_S = 30
 
 
-def _clean_env() -> dict[str, str]:
-    """This environment without any Prefect setting or workspace: nothing leaks in from the session."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "SISAFLOW_WORKSPACE"}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0", COLUMNS="200")
-    return env
-
-
-def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def _start_server(prefect: str, home: Path, port: int) -> tuple[subprocess.Popen, Server]:
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**_clean_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url}
-    log = home / "server.log"
-    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
-    # No scheduler: the drain deployment's 15-minute schedule must not start runs behind the test's back.
-    proc = _start([*cmd, "--no-scheduler", "--no-late-runs"], home, env, log)
-    return proc, Server(api_url=api_url, env=env, prefect=prefect, log=log)
-
-
-def _wait_healthy(proc: subprocess.Popen, server: Server) -> float:
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.returncode}:\n{tail(server.log)}")
-        try:
-            with urllib.request.urlopen(f"{server.api_url}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-            pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{tail(server.log)}")
-        time.sleep(0.5)
+def _healthy_after(proc: subprocess.Popen, server: Server) -> float:
+    return wait_healthy(proc, f"{server.api_url}/health", server.log, STARTUP_TIMEOUT_S)
 
 
 def _start_worker(server: Server, ws: Path, log: Path) -> subprocess.Popen:
     env = {**server.env, "SISAFLOW_WORKSPACE": str(ws), "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    return _start([server.prefect, "worker", "start", "--pool", POOL], log.parent, env, log)
+    return start_logged([server.prefect, "worker", "start", "--pool", POOL], log.parent, env, log)
 
 
 def _states(ws: Path) -> dict[str, list[str]]:
@@ -162,13 +127,15 @@ def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
 
     try:
         # the server starts while the workspace trains (ephemeral Prefect, no PREFECT_API_URL)
-        server_proc, server = _start_server(prefect, home, port)
+        server_proc, server = start_server(prefect, home, port)
         started.append(server_proc)
         t0 = time.monotonic()
-        r = sis("run", "--in-process", env=_clean_env())
+        r = sis("run", "--in-process", env=clean_env())
         assert r.returncode == 0, f"sisaflow run failed:\n{r.stdout}\n{r.stderr}"
         print(f"\n[deletion-server] training run (ephemeral Prefect): {time.monotonic() - t0:.1f}s")
-        print(f"[deletion-server] server healthy after a further {_wait_healthy(server_proc, server):.1f}s")
+        print(
+            f"[deletion-server] server healthy after a further {wait_healthy(server_proc, f'{server.api_url}/health', server.log, STARTUP_TIMEOUT_S):.1f}s"
+        )
 
         r = server.run("work-pool", "create", POOL, "--type", "process", cwd=ws)
         assert r.returncode == 0, f"work-pool create failed:\n{r.stdout}\n{r.stderr}"
@@ -204,15 +171,17 @@ def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
         # 2. drain: a request recorded while nothing runs, applied by the drain deployment after a restart
         stop_group(worker)
         stop_group(server_proc)
-        r = sis("forget", "--owner", owner_y, "--request-id", "req-srv-y", "--no-run", env=_clean_env())
+        r = sis("forget", "--owner", owner_y, "--request-id", "req-srv-y", "--no-run", env=clean_env())
         assert r.returncode == 0, f"sisaflow forget --no-run failed:\n{r.stdout}\n{r.stderr}"
         # recorded, and (unlearn.mode exclude) marked excluded at once; nothing retrained yet
         assert _states(ws)["req-srv-y"] in (["pending"], ["pending", "excluded"])
 
         t0 = time.monotonic()
-        server_proc, server = _start_server(prefect, home, port)
+        server_proc, server = start_server(prefect, home, port)
         started.append(server_proc)
-        print(f"[deletion-server] server restarted, healthy in {_wait_healthy(server_proc, server):.1f}s")
+        print(
+            f"[deletion-server] server restarted, healthy in {wait_healthy(server_proc, f'{server.api_url}/health', server.log, STARTUP_TIMEOUT_S):.1f}s"
+        )
         worker_log = logs / "worker-2.log"
         worker = _start_worker(server, ws, worker_log)
         started.append(worker)

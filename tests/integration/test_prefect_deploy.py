@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import executable_beside, free_port, stop_group, tail
+from tests.integration.procs import (
+    clean_env,
+    executable_beside,
+    free_port,
+    start_logged,
+    stop_group,
+    tail,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -70,57 +77,25 @@ class Server:
             return asyncio.run(main())
 
 
+def start_server(prefect: str, home: Path, port: int) -> tuple[subprocess.Popen, Server]:
+    """`prefect server start` on loopback with its own PREFECT_HOME, in its own session."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**clean_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url}
+    log = home / "server.log"
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    # No scheduler: schedules are stored either way, and no scheduled run starts behind a test's back.
+    proc = start_logged([*cmd, "--no-scheduler", "--no-late-runs"], home, env, log)
+    return proc, Server(api_url=api_url, env=env, prefect=prefect, log=log)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    prefect = executable_beside("prefect")
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "SISAFLOW_WORKSPACE"}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        COLUMNS="200",
+    proc, srv = start_server(
+        executable_beside("prefect"), tmp_path_factory.mktemp("prefect-home"), free_port()
     )
-    log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            # No scheduler: the schedules are stored either way, and no scheduled runs pile up meanwhile.
-            [
-                prefect,
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-ui",
-                "--no-scheduler",
-                "--no-late-runs",
-            ],
-            cwd=home,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode} before answering:\n{tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{api_url}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{tail(log)}")
-            time.sleep(0.5)
-        yield Server(api_url=api_url, env=env, prefect=prefect, log=log)
+        wait_healthy(proc, f"{srv.api_url}/health", srv.log, STARTUP_TIMEOUT_S)
+        yield srv
     finally:
         stop_group(proc)
 
