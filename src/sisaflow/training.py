@@ -82,6 +82,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def _batches(examples: list[list[int]], batch_size: int, eos_id: int, device: torch.device):
+    """(input ids, labels, attention mask, real tokens) per batch, right-padded to the batch's longest record.
+
+    Built on the CPU and copied without blocking, so a GPU never waits on the host between steps."""
+    cuda = device.type == "cuda"
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         width = max(len(e) for e in chunk)
@@ -92,7 +96,10 @@ def _batches(examples: list[list[int]], batch_size: int, eos_id: int, device: to
             ids[row, : len(e)] = torch.tensor(e)
             labels[row, : len(e)] = torch.tensor(e)
             mask[row, : len(e)] = 1
-        yield ids.to(device), labels.to(device), mask.to(device)
+        tensors = (ids, labels, mask)
+        if cuda:
+            tensors = tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+        yield (*tensors, sum(len(e) for e in chunk))
 
 
 def _tokenizer(mp: ModelParams):
@@ -184,12 +191,25 @@ def _optimizer(
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=False)
 
 
+COMPILE_BACKEND: object = "inductor"
+"""torch.compile's backend for train.compile (tests swap in a counting one)."""
+
+
+def _compiles(compile_: bool, device: torch.device) -> bool:
+    return compile_ and device.type == "cuda"  # CPU stays eager: it is the exact reference
+
+
 def _forward_fn(model: torch.nn.Module, compile_: bool, device: torch.device):
-    """What computes the loss: the model, or on CUDA with train.compile its torch.compile'd forward."""
-    if compile_ and device.type == "cuda":
-        # dynamic: batches differ in length; the compiled wrapper shares the model's parameters, so the
-        # checkpoint still saves `model` itself
-        return torch.compile(model, dynamic=True)
+    """What computes the loss: the model, or on CUDA with train.compile its torch.compile'd forward.
+
+    Compilation is paid once per process and architecture, not per shard or slice: dynamo caches the compiled
+    code on the forward's code object and guards on shapes and dtypes, not on which model instance (a later
+    shard's fresh model reuses it; tests/unit/test_gpu_path.py counts the compilations). The first batch width
+    compiles a static graph and a second width one dynamic graph for all the rest. Across processes (one Ray
+    worker per shard) inductor's on-disk caches make the recompilation a warm one. The compiled wrapper shares
+    the model's parameters, so checkpoints still save `model` itself."""
+    if _compiles(compile_, device):
+        return torch.compile(model, backend=COMPILE_BACKEND)
     return model
 
 
@@ -201,7 +221,7 @@ def _autocast(device: torch.device):
 
 def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, say, forward=None):
     tp, mp = params.train, params.model
-    forward = forward or model
+    forward = model if forward is None else forward  # not `or`: a compiled module has no truth value
     slice_records = read_slice(ws, shard, k)
     if tp.schedule == "cumulative":
         records = [r for j in range(k + 1) for r in (slice_records if j == k else read_slice(ws, shard, j))]
@@ -217,8 +237,8 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
         order = torch.randperm(len(examples)).tolist() if examples else []
         shuffled = [examples[i] for i in order]
         total = math.ceil(len(shuffled) / tp.batch_size)
-        window: list[float] = []
-        for b, (ids, labels, mask) in enumerate(_batches(shuffled, tp.batch_size, eos, device), 1):
+        window: list[torch.Tensor] = []  # losses stay on the device: reading one every step would stall a GPU
+        for b, (ids, labels, mask, n_tokens) in enumerate(_batches(shuffled, tp.batch_size, eos, device), 1):
             lr = (
                 tp.learning_rate * min(1.0, (step + 1) / tp.warmup_steps)
                 if tp.warmup_steps
@@ -236,13 +256,14 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
             optimizer.step()
             step += 1
             n_steps += 1
-            tokens += int(mask.sum())
-            last_loss = float(loss.detach())
-            window.append(last_loss)
+            tokens += n_tokens
+            window.append(loss.detach())
             if b % tp.log_every == 0 or b == total:
+                losses = torch.stack(window).float().tolist()  # one host sync per log line
+                last_loss = losses[-1]
                 say(
                     f"shard {shard} slice {k + 1}/{params.sharding.slices} epoch {epoch + 1}/{tp.epochs_per_slice} "
-                    f"step {b}/{total} loss {sum(window) / len(window):.3f}"
+                    f"step {b}/{total} loss {sum(losses) / len(losses):.3f}"
                 )
                 window = []
     seconds = time.perf_counter() - t0

@@ -42,7 +42,7 @@ def test_cuda_asks_for_bf16_autocast_fused_adamw_and_compile(tiny_params, monkey
     ctx = training._autocast(cuda)
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
     monkeypatch.setattr(torch, "compile", lambda m, **kw: ("compiled", m, kw))
-    assert training._forward_fn(model, True, cuda) == ("compiled", model, {"dynamic": True})
+    assert training._forward_fn(model, True, cuda) == ("compiled", model, {"backend": "inductor"})
     assert training._forward_fn(model, False, cuda) is model
 
 
@@ -54,6 +54,31 @@ def test_train_compile_changes_nothing_on_cpu(make_workspace, make_records, make
     for k in range(3):
         for f in (MODEL_FILE, OPTIMIZER_FILE):
             assert (a.checkpoint_dir(0, k) / f).read_bytes() == (b.checkpoint_dir(0, k) / f).read_bytes()
+
+
+def test_compilation_is_paid_once_per_process_not_per_shard_or_slice(
+    make_workspace, make_records, make_params, monkeypatch
+):
+    """train.compile's path, run on CPU with a counting backend: two shards of three slices, records of varying
+    length. Dynamo compiles the first batch width statically and then one dynamic graph; neither the second
+    shard's fresh model nor later slices compile again."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(training, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(training, "_compiles", lambda compile_, device: compile_)
+    ws = make_workspace(make_records(owners=12, per_owner=2), shards=2)
+    params = make_params(train={"compile": True}, sharding={"shards": 2})
+    first = train_shard(ws, 0, params, progress=quiet)
+    after_first = counter.frame_count
+    second = train_shard(ws, 1, params, progress=quiet)
+    assert len(first.slices) == len(second.slices) == 3
+    assert 1 <= after_first <= 2, (
+        after_first
+    )  # forward and backward are one frame; a static then a dynamic one
+    assert counter.frame_count == after_first  # shard 1: nothing compiled again
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
