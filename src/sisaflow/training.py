@@ -22,6 +22,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -96,10 +97,9 @@ def _batches(examples: list[list[int]], batch_size: int, eos_id: int, device: to
             ids[row, : len(e)] = torch.tensor(e)
             labels[row, : len(e)] = torch.tensor(e)
             mask[row, : len(e)] = 1
-        tensors = (ids, labels, mask)
         if cuda:
-            tensors = tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-        yield (*tensors, sum(len(e) for e in chunk))
+            ids, labels, mask = (t.pin_memory().to(device, non_blocking=True) for t in (ids, labels, mask))
+        yield ids, labels, mask, sum(len(e) for e in chunk)
 
 
 def _tokenizer(mp: ModelParams):
@@ -191,7 +191,7 @@ def _optimizer(
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=False)
 
 
-COMPILE_BACKEND: object = "inductor"
+COMPILE_BACKEND: Any = "inductor"
 """torch.compile's backend for train.compile (tests swap in a counting one)."""
 
 
