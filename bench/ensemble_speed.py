@@ -98,6 +98,121 @@ def rates(
 
 
 @torch.no_grad()
+def scratch_rows(
+    models: list, vocab: int, device: torch.device, batches, sizes, new: int, repeats: int
+) -> list[dict]:
+    """One row per (batch, S): tokens/s of one model, the loop over S and StackedLlama; same tokens or not."""
+    rows = []
+    for batch in batches:
+        prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        prompt = prompt.to(device)
+        for s in sizes:
+            ms = models[:s]
+            weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
+            stacked = StackedLlama.from_models(ms)
+            runs = {
+                "one": functools.partial(generate_one, models[0], prompt, new),
+                "loop": functools.partial(generate_loop, ms, weights, prompt, new),
+                "stacked": functools.partial(generate_stacked, stacked, weights, prompt, new),
+            }
+            r, by = rates(runs, batch, new, repeats, device)
+            rows.append(
+                {"batch": batch, "S": s, **r, "same_tokens": bool(torch.equal(by["loop"], by["stacked"]))}
+            )
+            del stacked
+    return rows
+
+
+def print_scratch(rows: list[dict]) -> None:
+    print(
+        "| batch | S | one model tok/s | loop tok/s | stacked tok/s | loop / one | stacked / one | stacked / loop | same |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        one, loop, fast = r["one"], r["loop"], r["stacked"]
+        print(
+            f"| {r['batch']} | {r['S']} | {one:,.0f} | {loop:,.0f} | {fast:,.0f} | {loop / one:.2f} "
+            f"| {fast / one:.2f} | {fast / loop:.2f} | {'yes' if r['same_tokens'] else 'NO'} |",
+            flush=True,
+        )
+
+
+def random_adapters(model, lp, count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` random rank-r adapters (both factors non-zero, so every adapter changes the output)."""
+    import copy
+
+    from sisaflow.lora import adapter_state, attach_adapters
+
+    wrapped = attach_adapters(copy.deepcopy(model), lp, ["default"], seed=0)
+    shapes = {k: v.shape for k, v in adapter_state(wrapped).items()}
+    del wrapped
+    out = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        out.append({k: torch.randn(shape, generator=g) * 0.02 for k, shape in shapes.items()})
+    return out
+
+
+@torch.no_grad()
+def lora_rows(
+    model, base: str, device: torch.device, dtype: torch.dtype, batches, sizes, new: int, repeats: int
+) -> list[dict]:
+    """One row per (batch, S): tokens/s of the base alone, the peft loop and BatchedLora."""
+    import copy
+
+    from sisaflow.config import LoraParams, ModelParams
+    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+
+    lp = LoraParams()
+    mp = ModelParams(tokenizer="base", base=base, lora=lp)
+    adapters = random_adapters(model, lp, max(sizes))
+    one = copy.deepcopy(model).to(device=device, dtype=dtype)
+    vocab = int(model.config.vocab_size)
+    rows = []
+    for batch in batches:
+        prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        prompt = prompt.to(device)
+        for s in sizes:
+            weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
+            fast = BatchedLora(copy.deepcopy(model), adapters[:s], lp.alpha / lp.r).to(
+                device=device, dtype=dtype
+            )
+            loop = PeftLoop(copy.deepcopy(model), mp, adapters[:s]).to(device=device, dtype=dtype)
+            runs = {
+                "one": functools.partial(generate_one, one, prompt, new),
+                "loop": functools.partial(generate_stacked, loop, weights, prompt, new),
+                "batched": functools.partial(generate_stacked, fast, weights, prompt, new),
+            }
+            r, by = rates(runs, batch, new, repeats, device)
+            rows.append(
+                {"batch": batch, "S": s, **r, "same_tokens": bool(torch.equal(by["loop"], by["batched"]))}
+            )
+            del fast, loop
+    return rows
+
+
+def print_lora(rows: list[dict]) -> None:
+    print(
+        "| batch | S | base alone tok/s | peft loop tok/s | batched LoRA tok/s | batched / loop | batched / one "
+        "| same |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['batched']:,.0f} "
+            f"| {r['batched'] / r['loop']:.2f} | {r['batched'] / r['one']:.2f} "
+            f"| {'yes' if r['same_tokens'] else 'NO'} |",
+            flush=True,
+        )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+@torch.no_grad()
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -116,7 +231,17 @@ def main() -> int:
     new = 16 if args.quick else args.new_tokens
     repeats = 1 if args.quick else args.repeats
     if args.lora:
-        return lora_main(args.lora, device, dtype, sizes, new, repeats)
+        from sisaflow.config import LoraParams
+        from sisaflow.pretrained import load_base_model
+
+        lp = LoraParams()
+        print(
+            f"# LoRA over {args.lora}; {device_name(device)}; torch {torch.__version__}; {dtype}; "
+            f"r {lp.r} on {lp.target_modules}"
+        )
+        model = load_base_model(args.lora)
+        print_lora(lora_rows(model, args.lora, device, dtype, (1, 8), sizes, new, repeats))
+        return 0
 
     params = ModelParams()
     tok = load_tokenizer(params.tokenizer)
@@ -124,91 +249,11 @@ def main() -> int:
         build_model(params, tok.vocab_size, tok.eos_id, seed=i).to(device=device, dtype=dtype).eval()
         for i in range(max(sizes))
     ]
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu, {torch.get_num_threads()} threads"
-    )
     print(
-        f"# {name}; torch {torch.__version__}; {args.dtype}; default ModelParams, vocab {tok.vocab_size}; "
-        f"prompt {PROMPT}, {new} new tokens, greedy mixture; median of {repeats}"
+        f"# {device_name(device)}; torch {torch.__version__}; {args.dtype}; default ModelParams, vocab "
+        f"{tok.vocab_size}; prompt {PROMPT}, {new} new tokens, greedy mixture; median of {repeats}"
     )
-    print(
-        "| batch | S | one model tok/s | loop tok/s | stacked tok/s | loop / one | stacked / one | stacked / loop | same |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for batch in (1, 8):
-        prompt = torch.randint(0, tok.eos_id, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-        prompt = prompt.to(device)
-        for s in sizes:
-            ms = models[:s]
-            weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
-            stacked = StackedLlama.from_models(ms)
-            runs = {
-                "one": functools.partial(generate_one, models[0], prompt, new),
-                "loop": functools.partial(generate_loop, ms, weights, prompt, new),
-                "stacked": functools.partial(generate_stacked, stacked, weights, prompt, new),
-            }
-            r, by = rates(runs, batch, new, repeats, device)
-            one, loop, fast = r["one"], r["loop"], r["stacked"]
-            by_loop, by_stack = by["loop"], by["stacked"]
-            same = "yes" if torch.equal(by_loop, by_stack) else "NO"
-            print(
-                f"| {batch} | {s} | {one:,.0f} | {loop:,.0f} | {fast:,.0f} | {loop / one:.2f} | {fast / one:.2f} "
-                f"| {fast / loop:.2f} | {same} |",
-                flush=True,
-            )
-    return 0
-
-
-def lora_main(base: str, device: torch.device, dtype: torch.dtype, sizes: list[int], new: int, repeats: int):
-    """The LoRA table: base alone, peft loop, batched LoRA, for each S."""
-    import copy
-
-    from sisaflow.config import LoraParams, ModelParams
-    from sisaflow.lora import adapter_state, attach_adapters
-    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
-    from sisaflow.pretrained import load_base_model
-
-    lp = LoraParams()
-    mp = ModelParams(tokenizer="base", base=base, lora=lp)
-    model = load_base_model(base)
-    adapters = []
-    for i in range(max(sizes)):
-        wrapped = attach_adapters(copy.deepcopy(model), lp, ["default"], seed=i)
-        g = torch.Generator().manual_seed(i)
-        adapters.append(
-            {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in adapter_state(wrapped).items()}
-        )
-    one = model.to(device=device, dtype=dtype)
-    vocab = int(model.config.vocab_size)
-    print(
-        f"# LoRA over {base}; {device}; torch {torch.__version__}; {dtype}; r {lp.r} on {lp.target_modules}"
-    )
-    print(
-        "| batch | S | base alone tok/s | peft loop tok/s | batched LoRA tok/s | batched / loop | batched / one |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for batch in (1, 8):
-        prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-        prompt = prompt.to(device)
-        for s in sizes:
-            weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
-            fast = BatchedLora(copy.deepcopy(model), adapters[:s], lp.alpha / lp.r).to(
-                device=device, dtype=dtype
-            )
-            loop = PeftLoop(copy.deepcopy(model), mp, adapters[:s]).to(device=device, dtype=dtype)
-            runs = {
-                "one": functools.partial(generate_one, one, prompt, new),
-                "loop": functools.partial(generate_stacked, loop, weights, prompt, new),
-                "batched": functools.partial(generate_stacked, fast, weights, prompt, new),
-            }
-            r, _ = rates(runs, batch, new, repeats, device)
-            print(
-                f"| {batch} | {s} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['batched']:,.0f} "
-                f"| {r['batched'] / r['loop']:.2f} | {r['batched'] / r['one']:.2f} |",
-                flush=True,
-            )
+    print_scratch(scratch_rows(models, tok.eos_id, device, (1, 8), sizes, new, repeats))
     return 0
 
 

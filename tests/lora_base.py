@@ -28,10 +28,10 @@ def save_tokenizer(directory: Path) -> None:
 
 def save_tiny_base(directory: Path, seed: int = 0, scale: float = 1.5) -> Path:
     """Write a random Llama base and its tokenizer to `directory`; return it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
+    return save_random_base(
+        directory,
+        seed=seed,
+        scale=scale,
         vocab_size=257,
         hidden_size=32,
         intermediate_size=64,
@@ -40,10 +40,16 @@ def save_tiny_base(directory: Path, seed: int = 0, scale: float = 1.5) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=256,
-        pad_token_id=256,
     )
+
+
+def save_random_base(directory: Path, seed: int = 0, scale: float = 1.5, **shape) -> Path:
+    """A random Llama of the given config fields (vocab_size at least 257) with the byte-level tokenizer, saved in
+    transformers format to `directory` (bench/gpu.py builds one of the SmolLM2-135M shape); return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(bos_token_id=256, eos_token_id=256, pad_token_id=256, **shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

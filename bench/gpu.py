@@ -1,0 +1,466 @@
+"""Issue 5's GPU figures, on one CUDA device, calling the library directly (no Ray, Prefect or DVC).
+
+    PYTHONPATH=src:. python bench/gpu.py --out DIR [--budget-s 420] [--only train,ensemble,lora-ensemble,lora-train]
+    PYTHONPATH=src:. python bench/gpu.py --smoke --out DIR   # CPU, tiny shapes: checks this script (a unit test)
+
+Sections, in this order (a section that would start after --budget-s seconds is skipped and says so):
+- train: per-shard training tokens/s of the library's `train_shard` (what a Ray worker runs) against a bare torch
+  loop on the same model and batch: a from-scratch Llama of the SmolLM2-135M shape (hidden 576, 30 layers,
+  9 heads, intermediate 1536, tied embeddings, GPT-2's 50,257 tokens; full key/value heads, as the library builds
+  them), batches of 32 x 1024 tokens, bf16 autocast, fused AdamW, gradient clipping; eager, then torch.compile.
+  The library trains two workspaces in turn (fresh model each, as two shards would): the first pays CUDA start
+  and compilation, the second shows what a further shard costs. Model FLOP utilisation counts 6 x the matmul
+  parameters per token (the issue's convention), and also with attention (12 x layers x hidden x sequence).
+- ensemble: greedy generation of an S-model ensemble, S = 1, 2, 4, 8, batch 16, 64 new tokens, bf16: one model,
+  the Python loop over S models (what Ensemble does with ensemble.batched false) and StackedLlama.
+- lora-ensemble: the same for LoRA constituents (r 8 on q_proj, v_proj) over a random frozen base of the
+  SmolLM2-135M shape (3 key/value heads): base alone, the peft loop, BatchedLora.
+- lora-train: per-shard LoRA training, the library against a bare peft loop, eager.
+
+Writes DIR/gpu.json after every measurement (a timeout keeps what was measured) and DIR/gpu.md at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
+
+from ensemble_speed import device_name, lora_rows, scratch_rows  # noqa: E402
+
+from sisaflow.config import ModelParams, Params, ShardingParams  # noqa: E402
+from sisaflow.corpus import Record, content_hash, to_table, write_table  # noqa: E402
+from sisaflow.model import build_model  # noqa: E402
+from sisaflow.paths import Workspace  # noqa: E402
+from sisaflow.sharding import shard_corpus  # noqa: E402
+from sisaflow.tokenizer import load_tokenizer  # noqa: E402
+from sisaflow.training import derive_seed, train_shard  # noqa: E402
+
+# dense bf16 peak without sparsity, by device name
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Shapes and sizes of one run of the script."""
+
+    tokenizer: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    base_vocab: int
+    context: int
+    batch: int
+    steps: int
+    warmup: int
+    gen_batch: int
+    gen_new: int
+    gen_repeats: int
+    sizes: tuple[int, ...]
+    compile: bool
+
+
+FULL = Setup("gpt2", 576, 30, 9, 3, 1536, 49152, 1024, 32, 20, 3, 16, 64, 3, (1, 2, 4, 8), True)
+SMOKE = Setup("byte", 32, 2, 2, 1, 64, 257, 48, 4, 3, 1, 2, 4, 1, (1, 2), False)
+
+
+def model_params(setup: Setup) -> ModelParams:
+    return ModelParams(
+        tokenizer=setup.tokenizer,  # type: ignore[arg-type]
+        hidden_size=setup.hidden,
+        layers=setup.layers,
+        heads=setup.heads,
+        intermediate_size=setup.intermediate,
+        context_length=setup.context,
+        tie_embeddings=True,
+    )
+
+
+def params_for(setup: Setup, device: str, compile_: bool, model: dict | None = None) -> Params:
+    """One shard, one slice, one epoch of setup.steps full batches; no warm-up of the learning rate."""
+    raw = Params().to_dict()
+    raw["sharding"] = {"shards": 1, "slices": 1}
+    raw["model"] = model or asdict(model_params(setup))
+    raw["train"].update(
+        device=device,
+        compile=compile_,
+        batch_size=setup.batch,
+        epochs_per_slice=1,
+        warmup_steps=0,
+        learning_rate=3e-4,
+        log_every=10**6,
+    )
+    return Params.from_dict(raw)
+
+
+def long_records(setup: Setup, tokenizer, count: int, salt: str) -> list[Record]:
+    """`count` records of at least setup.context tokens each, cut from the shipped TOFU text (real English, so
+    the GPT-2 tokenizer sees ordinary word lengths); one owner per record."""
+    lines = [
+        json.loads(line)
+        for line in (REPO / "data" / "tofu" / "records.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in lines]
+    records, next_text = [], 0
+    for n in range(count):
+        parts: list[str] = []
+        while len(tokenizer.encode("\n\n".join(parts))) < setup.context + 1:
+            parts += [texts[(next_text + j) % len(texts)] for j in range(8)]
+            next_text += 8
+        text, rid = "\n\n".join(parts), f"{salt}-{n:05d}"
+        records.append(Record(rid, rid, text, content_hash(rid, text)))
+    return records
+
+
+def workspace(root: Path, records: list[Record]) -> Workspace:
+    ws = Workspace(root)
+    root.mkdir(parents=True)
+    write_table(ws.corpus_file, to_table(records))
+    shard_corpus(ws, ShardingParams(shards=1, slices=1))
+    return ws
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_loop(model, batch: torch.Tensor, setup: Setup, device: torch.device, compile_: bool) -> dict:
+    """The reference: a plain training loop on one fixed batch (what anyone would write), same model, optimiser
+    settings, autocast and clipping as the library. Returns tokens/s over setup.steps steps after warm-up."""
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        trainable, lr=3e-4, weight_decay=0.0, fused=cuda, foreach=False if not cuda else None
+    )
+    forward = torch.compile(model) if compile_ else model
+    mask = torch.ones_like(batch)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    def step() -> torch.Tensor:
+        with autocast:
+            loss = forward(input_ids=batch, attention_mask=mask, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        return loss.detach()
+
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(setup.warmup):
+        step()
+    sync(device)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(setup.steps):
+        loss = step()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = setup.steps * batch.numel()
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": tokens / seconds,
+        "warmup_seconds": round(warm, 2),
+        "final_loss": float(loss),
+    }
+
+
+def library_runs(setup: Setup, params: Params, records: list[Record], tmp: Path, label: str) -> list[dict]:
+    """train_shard on two fresh one-shard workspaces in turn (the second as a further shard would run)."""
+    out = []
+    for run in ("first", "second"):
+        ws = workspace(tmp / f"{label}-{run}", records)
+        t0 = time.perf_counter()
+        rep = train_shard(ws, 0, params, progress=lambda m: None)
+        total = time.perf_counter() - t0
+        (sl,) = rep.slices
+        out.append(
+            {
+                "run": run,
+                "tokens": sl.tokens,
+                "steps": sl.steps,
+                "seconds": round(sl.seconds, 3),
+                "tokens_per_s": sl.tokens / sl.seconds,
+                "call_seconds": round(total, 2),  # with model build, encoding and the checkpoint write
+                "final_loss": sl.loss,
+            }
+        )
+    return out
+
+
+def flops_per_token(model, setup: Setup) -> tuple[float, float]:
+    """(6 x matmul parameters, the same plus attention's 12 x layers x hidden x sequence), per trained token."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    dense = 6.0 * linear
+    return dense, dense + 12.0 * setup.layers * setup.hidden * setup.context
+
+
+def utilisation(rate: float, flops: tuple[float, float], peak: float | None) -> dict:
+    dense, with_attention = (rate * f for f in flops)
+    return {
+        "tflops": dense / 1e12,
+        "tflops_with_attention": with_attention / 1e12,
+        "mfu": dense / peak if peak else None,
+        "mfu_with_attention": with_attention / peak if peak else None,
+    }
+
+
+def train_section(setup: Setup, device: torch.device, tmp: Path, peak: float | None, save) -> dict:
+    mp = model_params(setup)
+    tok = load_tokenizer(mp.tokenizer)
+    steps_records = setup.batch * setup.steps
+    records = long_records(setup, tok, steps_records, "train")
+    first = [(tok.encode(r.text) + [tok.eos_id])[: setup.context] for r in records[: setup.batch]]
+    batch = torch.tensor(first, device=device)
+    section: dict = {
+        "model": {**mp.identity(), "vocab": tok.vocab_size},
+        "batch": [setup.batch, setup.context],
+    }
+    modes = [False, True] if setup.compile else [False]
+    for compile_ in modes:
+        mode = "compiled" if compile_ else "eager"
+        model = build_model(mp, tok.vocab_size, tok.eos_id, derive_seed(0, "init", 0)).to(device)
+        section["parameters"] = sum(p.numel() for p in model.parameters())
+        flops = flops_per_token(model, setup)
+        bare = bare_loop(model, batch, setup, device, compile_)
+        bare.update(utilisation(bare["tokens_per_s"], flops, peak))
+        del model
+        lib = library_runs(setup, params_for(setup, device.type, compile_), records, tmp, mode)
+        for r in lib:
+            r.update(utilisation(r["tokens_per_s"], flops, peak))
+        section[mode] = {
+            "bare": bare,
+            "library": lib,
+            "library_vs_bare": lib[-1]["tokens_per_s"] / bare["tokens_per_s"],
+        }
+        save()
+    return section
+
+
+def random_base(setup: Setup, directory: Path) -> Path:
+    from tests.lora_base import save_random_base
+
+    return save_random_base(
+        directory,
+        scale=1.0,
+        vocab_size=setup.base_vocab,
+        hidden_size=setup.hidden,
+        intermediate_size=setup.intermediate,
+        num_hidden_layers=setup.layers,
+        num_attention_heads=setup.heads,
+        num_key_value_heads=setup.kv_heads,
+        max_position_embeddings=max(2048, setup.context),
+        tie_word_embeddings=True,
+    )
+
+
+def lora_train_section(
+    setup: Setup, device: torch.device, tmp: Path, base: Path, peak: float | None, save
+) -> dict:
+    from sisaflow.lora import build_lora_model
+    from sisaflow.tokenizer import load_tokenizer as load
+
+    mp = ModelParams(tokenizer="base", base=str(base), context_length=setup.context)
+    tok = load(mp.tokenizer, mp.base)
+    records = long_records(setup, tok, setup.batch * setup.steps, "lora")
+    first = [(tok.encode(r.text) + [tok.eos_id])[: setup.context] for r in records[: setup.batch]]
+    batch = torch.tensor(first, device=device)
+    model = build_lora_model(mp, derive_seed(0, "init", 0), device)
+    flops = flops_per_token(model, setup)
+    # a frozen base does no weight-gradient matmuls: 4 x its parameters per token (forward + input gradients)
+    flops = (flops[0] * 4 / 6, flops[1] - flops[0] * 2 / 6)
+    bare = bare_loop(model, batch, setup, device, False)
+    bare.update(utilisation(bare["tokens_per_s"], flops, peak))
+    del model
+    lib = library_runs(setup, params_for(setup, device.type, False, model=asdict(mp)), records, tmp, "lora")
+    for r in lib:
+        r.update(utilisation(r["tokens_per_s"], flops, peak))
+    save()
+    return {"bare": bare, "library": lib, "library_vs_bare": lib[-1]["tokens_per_s"] / bare["tokens_per_s"]}
+
+
+def ensemble_section(setup: Setup, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    mp = model_params(setup)
+    tok = load_tokenizer(mp.tokenizer)
+    models = [
+        build_model(mp, tok.vocab_size, tok.eos_id, seed=i).to(device=device, dtype=dtype).eval()
+        for i in range(max(setup.sizes))
+    ]
+    rows = scratch_rows(
+        models, tok.eos_id, device, (setup.gen_batch,), setup.sizes, setup.gen_new, setup.gen_repeats
+    )
+    return [
+        {**r, "stacked_vs_one": r["stacked"] / r["one"], "loop_vs_one": r["loop"] / r["one"]} for r in rows
+    ]
+
+
+def lora_ensemble_section(setup: Setup, device: torch.device, dtype: torch.dtype, base: Path) -> list[dict]:
+    from sisaflow.pretrained import load_base_model
+
+    model = load_base_model(str(base))
+    rows = lora_rows(
+        model, str(base), device, dtype, (setup.gen_batch,), setup.sizes, setup.gen_new, setup.gen_repeats
+    )
+    return [
+        {**r, "batched_vs_one": r["batched"] / r["one"], "loop_vs_one": r["loop"] / r["one"]} for r in rows
+    ]
+
+
+def markdown(out: dict) -> str:
+    """The figures as the tables of bench/RESULTS.md."""
+    lines = [f"## GPU figures (`bench/gpu.py`), {out['device']}", ""]
+    lines.append(
+        f"torch {out['torch']}, transformers {out['transformers']}, peft {out.get('peft')}; "
+        f"{out['seconds']:.0f} s in all."
+    )
+    train = out.get("train")
+    if isinstance(train, dict):
+        lines += [
+            "",
+            f"Training, {train['parameters'] / 1e6:.1f} M parameters, batch {train['batch'][0]} x {train['batch'][1]}:",
+            "",
+            "| mode | loop | tokens/s | TFLOP/s (6N) | MFU (6N) | MFU (with attention) | warm-up / call s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for mode in ("eager", "compiled"):
+            if mode not in train:
+                continue
+            rows = [("bare", train[mode]["bare"])] + [
+                (f"library, {r['run']}", r) for r in train[mode]["library"]
+            ]
+            for name, r in rows:
+                mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+                mfu_a = "n/a" if r["mfu_with_attention"] is None else f"{r['mfu_with_attention']:.1%}"
+                extra = r.get("warmup_seconds", r.get("call_seconds"))
+                lines.append(
+                    f"| {mode} | {name} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mfu_a} | {extra} |"
+                )
+            lines.append(f"| {mode} | library / bare | {train[mode]['library_vs_bare']:.2f}x | | | | |")
+    for key, title, fast in (
+        ("ensemble", "Ensemble generation, from-scratch constituents", "stacked"),
+        ("lora_ensemble", "Ensemble generation, LoRA constituents", "batched"),
+    ):
+        rows = out.get(key)
+        if not isinstance(rows, list):
+            continue
+        lines += [
+            "",
+            f"{title} (tokens/s over all rows; batch {rows[0]['batch']}):",
+            "",
+            f"| S | one model | loop | {fast} | loop / one | {fast} / one | {fast} / loop | same tokens |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r[fast]:,.0f} | {r['loop'] / r['one']:.2f} "
+                f"| {r[fast] / r['one']:.2f} | {r[fast] / r['loop']:.2f} | {'yes' if r['same_tokens'] else 'NO'} |"
+            )
+    lt = out.get("lora_train")
+    if isinstance(lt, dict):
+        lines += ["", "LoRA training (eager):", "", "| loop | tokens/s | call s |", "| --- | ---: | ---: |"]
+        lines.append(f"| bare peft | {lt['bare']['tokens_per_s']:,.0f} | {lt['bare']['warmup_seconds']} |")
+        for r in lt["library"]:
+            lines.append(f"| library, {r['run']} | {r['tokens_per_s']:,.0f} | {r['call_seconds']} |")
+        lines.append(f"| library / bare | {lt['library_vs_bare']:.2f}x | |")
+    skipped = [k for k, v in out.items() if isinstance(v, str) and v.startswith("skipped")]
+    if skipped:
+        lines += ["", "Skipped: " + ", ".join(f"{k} ({out[k]})" for k in skipped)]
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("train", "ensemble", "lora-ensemble", "lora-train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for gpu.json and gpu.md")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing"
+    )
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no section after this many seconds")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("no CUDA device here; bench/gpu.py measures a GPU (use --smoke to check the script on CPU)")
+    setup = SMOKE if args.smoke else FULL
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import peft
+    import transformers
+
+    name = device_name(device)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    out: dict = {
+        "device": name,
+        "peak_bf16_flops": peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "setup": setup.__dict__,
+        "smoke": args.smoke,
+    }
+    start = time.perf_counter()
+
+    def save() -> None:
+        out["seconds"] = time.perf_counter() - start
+        (out_dir / "gpu.json").write_text(json.dumps(out, indent=2, default=str))
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        base = random_base(setup, tmp / "base") if {"lora-ensemble", "lora-train"} & set(only) else None
+        for section in SECTIONS:
+            key = section.replace("-", "_")
+            if section not in only:
+                continue
+            if time.perf_counter() - start > args.budget_s:
+                out[key] = f"skipped: {time.perf_counter() - start:.0f} s spent, budget {args.budget_s:.0f} s"
+                save()
+                continue
+            t0 = time.perf_counter()
+            print(f"# {section} ...", flush=True)
+            if section == "train":
+                out[key] = train_section(setup, device, tmp, peak, save)
+            elif section == "ensemble":
+                out[key] = ensemble_section(setup, device, dtype)
+            elif section == "lora-ensemble":
+                assert base is not None
+                out[key] = lora_ensemble_section(setup, device, dtype, base)
+            else:
+                assert base is not None
+                out[key] = lora_train_section(setup, device, tmp, base, peak, save)
+            out[f"{key}_seconds"] = round(time.perf_counter() - t0, 1)
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    save()
+    text = markdown(out)
+    (out_dir / "gpu.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

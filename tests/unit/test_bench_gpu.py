@@ -1,0 +1,63 @@
+"""bench/gpu.py, the script a session with a GPU runs for issue 5's figures: its --smoke mode on CPU (tiny shapes)
+goes through every section, so the script cannot rot between sessions that have a device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import gpu  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("gpu")
+    assert gpu.main(["--smoke", "--out", str(out)]) == 0
+    return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
+
+
+def test_training_compares_the_library_with_a_bare_loop_on_the_same_batches(smoke):
+    figures, _ = smoke
+    s = gpu.SMOKE
+    train = figures["train"]["eager"]
+    assert train["bare"]["tokens"] == s.steps * s.batch * s.context
+    for run in train["library"]:  # every record fills the context, so the library's batches are the bare loop's
+        assert run["steps"] == s.steps and run["tokens"] == s.steps * s.batch * s.context
+        assert run["tokens_per_s"] > 0 and run["final_loss"] > 0
+    assert train["library_vs_bare"] == pytest.approx(
+        train["library"][-1]["tokens_per_s"] / train["bare"]["tokens_per_s"]
+    )
+    lora = figures["lora_train"]
+    assert [r["steps"] for r in lora["library"]] == [s.steps, s.steps]
+
+
+def test_ensembles_are_measured_for_every_size_and_pick_the_loops_tokens(smoke):
+    figures, text = smoke
+    for key, fast in (("ensemble", "stacked"), ("lora_ensemble", "batched")):
+        rows = figures[key]
+        assert [r["S"] for r in rows] == list(gpu.SMOKE.sizes)
+        assert all(r["same_tokens"] and r[fast] > 0 and r["loop"] > 0 for r in rows)
+    assert "Ensemble generation, LoRA constituents" in text and "| library / bare |" in text
+
+
+def test_a_spent_budget_skips_sections_and_says_so(tmp_path):
+    assert gpu.main(["--smoke", "--out", str(tmp_path), "--budget-s", "0", "--only", "ensemble"]) == 0
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert figures["ensemble"].startswith("skipped") and "train" not in figures
+    assert "Skipped: ensemble" in (tmp_path / "gpu.md").read_text()
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu.main(["--smoke", "--out", str(tmp_path), "--only", "train,speed"])
+    assert exc.value.code == 2 and "speed" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            gpu.main(["--out", str(tmp_path)])
+        assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err
