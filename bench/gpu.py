@@ -160,6 +160,8 @@ def bare_loop(model, batch: torch.Tensor, setup: Setup, device: torch.device, co
         opt.step()
         return loss.detach()
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(Params().train.threads)  # as train_shard does (it matters on CPU only)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(setup.warmup):
@@ -171,6 +173,7 @@ def bare_loop(model, batch: torch.Tensor, setup: Setup, device: torch.device, co
         loss = step()
     sync(device)
     seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
     tokens = setup.steps * batch.numel()
     return {
         "tokens": tokens,

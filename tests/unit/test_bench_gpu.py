@@ -27,7 +27,8 @@ def test_training_compares_the_library_with_a_bare_loop_on_the_same_batches(smok
     s = gpu.SMOKE
     train = figures["train"]["eager"]
     assert train["bare"]["tokens"] == s.steps * s.batch * s.context
-    for run in train["library"]:  # every record fills the context, so the library's batches are the bare loop's
+    # every record fills the context, so the library's batches have the bare loop's shape
+    for run in train["library"]:
         assert run["steps"] == s.steps and run["tokens"] == s.steps * s.batch * s.context
         assert run["tokens_per_s"] > 0 and run["final_loss"] > 0
     assert train["library_vs_bare"] == pytest.approx(
