@@ -21,41 +21,16 @@ import math
 import os
 import re
 import subprocess
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sisaflow.certificate_html import render_html
+from sisaflow.certificate_schema import ALG, FORMAT, NAME, check_certificate
 from sisaflow.errors import SisaflowError
 from sisaflow.fsio import read_json, write_text
 
-FORMAT = "sisaflow-deletion-certificate/1"
-ALG = "HMAC-SHA256"
 KEY_ENV = "SISAFLOW_CERTIFICATE_KEY"
-STATES = ("pending", "excluded", "retrained", "purged", "certified")
 REDACTED = "[redacted]"
-FIELDS = (
-    "format",
-    "request",
-    "states",
-    "content_hashes",
-    "affected",
-    "retired_checkpoints",
-    "new_checkpoints",
-    "purge_report",
-    "verify_result",
-    "code_version",
-    "params_hash",
-    "ensemble_version",
-    "issued_at",
-    "signature",
-)
-REQUEST_FIELDS = ("request_id", "owner_count", "record_count", "requested_at", "reason")
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_CHECKPOINT = re.compile(r"shard-(\d+)/slice-(\d+)")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
-"""Request ids, ensemble versions, code versions and report kinds: short names, safe as a file name."""
 
 
 class CertificateError(SisaflowError):
@@ -181,7 +156,7 @@ def _clean_purge(report: dict, depth: int = 0) -> dict:
     """Numbers (bytes per kind), flags and nested groups of them; strings and lists (paths, ids) are dropped."""
     out: dict[str, Any] = {}
     for key, value in report.items():
-        if not isinstance(key, str) or not _NAME.fullmatch(key):
+        if not isinstance(key, str) or not NAME.fullmatch(key):
             continue
         if isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
             out[key] = value
@@ -197,7 +172,7 @@ def _location_kind(finding: Any) -> str:
         kind = loc.get("kind") if isinstance(loc, dict) else finding.get("location_kind", loc)
         if isinstance(kind, str):
             kind = re.split(r"[/\\:]", kind, maxsplit=1)[0]
-            if _NAME.fullmatch(kind):
+            if NAME.fullmatch(kind):
                 return kind
     return "other"
 
@@ -209,7 +184,7 @@ def _clean_verify(result: dict) -> dict:
     findings = result.get("findings")
     if isinstance(given, dict):
         for kind, n in given.items():
-            name = kind if isinstance(kind, str) and _NAME.fullmatch(kind) else "other"
+            name = kind if isinstance(kind, str) and NAME.fullmatch(kind) else "other"
             by_kind[name] = by_kind.get(name, 0) + _count(n, "verify findings")
     elif isinstance(findings, list):
         for f in findings:
@@ -298,132 +273,6 @@ def build_certificate(
             "certificate (for example as its request id); certificates carry counts and hashes only"
         )
     return cert
-
-
-# ---- checking ----
-
-
-def _is_time(value: Any) -> bool:
-    if not isinstance(value, str) or not value:
-        return False
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_checkpoints(name: str, value: Any) -> str | None:
-    if not isinstance(value, dict):
-        return f"{name}: expected a mapping of shard-N/slice-K to sha256"
-    for key, digest in value.items():
-        if not isinstance(key, str) or not _CHECKPOINT.fullmatch(key):
-            return f"{name}: {key!r} is not a checkpoint name shard-N/slice-K"
-        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            return f"{name}[{key}]: not a sha256 hex digest"
-    return None
-
-
-def _check_purge(value: Any, where: str = "purge_report") -> str | None:
-    if not isinstance(value, dict):
-        return f"{where}: expected a mapping"
-    for key, v in value.items():
-        if not isinstance(key, str) or not _NAME.fullmatch(key):
-            return f"{where}: {key!r} is not a kind name"
-        if isinstance(v, dict):
-            problem = _check_purge(v, f"{where}.{key}")
-            if problem:
-                return problem
-        elif not isinstance(v, (bool, int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-            return f"{where}.{key}: expected a finite number"
-    return None
-
-
-def _check_verify(value: Any) -> str | None:
-    if not isinstance(value, dict) or set(value) != {"clean", "findings", "findings_by_location"}:
-        return "verify_result: expected clean, findings and findings_by_location"
-    by_kind = value["findings_by_location"]
-    if (
-        not isinstance(value["clean"], bool)
-        or not _is_count(value["findings"])
-        or not isinstance(by_kind, dict)
-    ):
-        return "verify_result: clean must be true/false, findings a count, findings_by_location a mapping"
-    if not all(isinstance(k, str) and _NAME.fullmatch(k) and _is_count(n) for k, n in by_kind.items()):
-        return "verify_result.findings_by_location: expected counts by kind of location"
-    return None
-
-
-def check_certificate(cert: Any) -> str | None:
-    """None if `cert` is a well-formed certificate of a known format; otherwise what is wrong with it."""
-    if not isinstance(cert, dict):
-        return "expected a JSON object"
-    if cert.get("format") != FORMAT:
-        return f"unknown format {cert.get('format')!r} (this sisaflow reads {FORMAT})"
-    missing, extra = sorted(set(FIELDS) - set(cert)), sorted(set(cert) - set(FIELDS))
-    if missing or extra:
-        return f"missing field(s) {missing}" if missing else f"unexpected field(s) {extra}"
-    req = cert["request"]
-    if not isinstance(req, dict) or set(req) != set(REQUEST_FIELDS):
-        return f"request: expected exactly {', '.join(REQUEST_FIELDS)}"
-    if not isinstance(req["request_id"], str) or not _NAME.fullmatch(req["request_id"]):
-        return f"request.request_id {req['request_id']!r}: expected a name of letters, digits and ._:+-"
-    if not (_is_count(req["owner_count"]) and _is_count(req["record_count"])):
-        return "request: owner_count and record_count must be counts"
-    if not _is_time(req["requested_at"]):
-        return "request.requested_at: expected an ISO-8601 time"
-    if req["reason"] is not None and not isinstance(req["reason"], str):
-        return "request.reason: expected text or null"
-    if not isinstance(cert["states"], list) or not cert["states"]:
-        return "states: expected a non-empty list of {state, at}"
-    for i, s in enumerate(cert["states"]):
-        if not isinstance(s, dict) or set(s) != {"state", "at"} or s["state"] not in STATES:
-            return f"states[{i}]: expected {{state, at}} with state one of {', '.join(STATES)}"
-        if not _is_time(s["at"]):
-            return f"states[{i}].at: expected an ISO-8601 time"
-    hashes = cert["content_hashes"]
-    if not isinstance(hashes, list) or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
-        return "content_hashes: expected a list of sha256 hex digests"
-    if not isinstance(cert["affected"], list):
-        return "affected: expected a list of {shard, from_slice, slices}"
-    for i, a in enumerate(cert["affected"]):
-        ok = isinstance(a, dict) and set(a) == {"shard", "from_slice", "slices"}
-        ok = ok and _is_count(a["shard"]) and _is_count(a["from_slice"]) and isinstance(a["slices"], list)
-        if not ok or not all(_is_count(k) for k in a["slices"]):
-            return f"affected[{i}]: expected {{shard, from_slice, slices}} of non-negative integers"
-    for name in ("retired_checkpoints", "new_checkpoints"):
-        problem = _check_checkpoints(name, cert[name])
-        if problem:
-            return problem
-    if cert["purge_report"] is not None:
-        problem = _check_purge(cert["purge_report"])
-        if problem:
-            return problem
-    if cert["verify_result"] is not None:
-        problem = _check_verify(cert["verify_result"])
-        if problem:
-            return problem
-    for name in ("code_version", "ensemble_version"):
-        if not isinstance(cert[name], str) or not _NAME.fullmatch(cert[name]):
-            return f"{name}: expected a version name"
-    if not isinstance(cert["params_hash"], str) or not _SHA256.fullmatch(cert["params_hash"]):
-        return "params_hash: expected a sha256 hex digest"
-    if not _is_time(cert["issued_at"]):
-        return "issued_at: expected an ISO-8601 time"
-    sig = cert["signature"]
-    if sig is not None and (
-        not isinstance(sig, dict)
-        or set(sig) != {"alg", "value"}
-        or sig["alg"] != ALG
-        or not isinstance(sig["value"], str)
-        or not _SHA256.fullmatch(sig["value"])
-    ):
-        return f"signature: expected null or {{alg: {ALG}, value: hex}}"
-    return None
 
 
 def verify_file(path: Path, key: bytes | None) -> tuple[bool, str]:

@@ -1,396 +1,14 @@
-"""The `sisaflow` command line: a thin adapter over the library (and, for run/forget, the Prefect flows)."""
+"""The `sisaflow` command line: its arguments and main(); the commands themselves are in sisaflow.commands."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 
+from sisaflow import commands
 from sisaflow.errors import SisaflowError
-from sisaflow.paths import Workspace
-
-
-def _ws(args: argparse.Namespace) -> Workspace:
-    ws = Workspace(Path(args.workspace))
-    if args.command != "init" and not ws.params_file.is_file():
-        raise SisaflowError(
-            f"{ws.root} is not a sisaflow workspace (no params.yaml); run `sisaflow init` first"
-        )
-    return ws
-
-
-def _prefect_env(ws: Workspace) -> None:
-    """Local defaults for Prefect: a workspace-local home, no analytics; a configured server wins."""
-    if "PREFECT_HOME" not in os.environ:
-        ws.prefect_home.mkdir(parents=True, exist_ok=True)
-        os.environ["PREFECT_HOME"] = str(ws.prefect_home)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def cmd_init(args) -> int:
-    from sisaflow.config import CorpusParams, ShardingParams
-    from sisaflow.workspace import init_workspace
-
-    # a template typed in a shell carries "\n" literally: read the common escapes
-    template = args.text_template.replace("\\n", "\n").replace("\\t", "\t") if args.text_template else None
-    if args.text_field is None and template is None and args.format != "txt":
-        template = None
-        text_field = "text"
-    else:
-        text_field = args.text_field
-    cp = CorpusParams(
-        path=str(Path(args.corpus).resolve()),
-        format=args.format,
-        id_field=args.id_field or None,
-        owner_field=args.owner_field or None,
-        text_field=text_field,
-        text_template=template,
-    )
-    ws = init_workspace(Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices))
-    print(f"workspace ready in {ws.root}\nnext: cd {ws.root} && sisaflow run")
-    return 0
-
-
-def _print_run(result: dict, kind: str) -> None:
-    rep = result["report"]
-    imp = rep["imported"]
-    print(f"\n== {kind} ==")
-    print(f"corpus: {imp.get('records')} records ({imp.get('excluded', 0)} left out by deletion requests)")
-    if rep["slices_rewritten"]:
-        print(
-            "slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep["slices_rewritten"])
-        )
-    if not rep["trained"]:
-        print("nothing to train: every constituent is up to date")
-    for shard, t in sorted(rep["trained"].items(), key=lambda x: int(x[0])):
-        print(
-            f"trained shard {shard} from slice {t['from_slice']}: {t['tokens']} tokens in {t['seconds']:.1f}s"
-        )
-    before, after = result["checkpoints_before"], result["checkpoints_after"]
-    if kind == "forget":
-        print("checkpoint hashes (weights, after the last slice):")
-        for shard in sorted(after, key=int):
-            b = before.get(shard, {})
-            a = after[shard]
-            last = max(a) if a else None
-            same = b == a
-            tag = "unchanged" if same else "retrained"
-            print(f"  shard {shard}: {tag:9s} {(b.get(last) or '-')[:16]} -> {(a.get(last) or '-')[:16]}")
-        full = rep["full_training_tokens"] or 1
-        print(
-            f"cost: forget trained {rep['training_tokens']} tokens; full training {full} tokens; "
-            f"ratio {rep['training_tokens'] / full:.3f}; cost model (1/S)(R+1)/(2R) = {result['cost_model']:.3f}"
-        )
-    if rep.get("purge"):
-        by_kind = rep["purge"].get("bytes_by_kind", {})
-        print(
-            f"purged {rep['purge'].get('total_bytes', 0) / 2**20:.1f} MiB of old copies ("
-            + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in by_kind.items())
-            + ")"
-        )
-    if rep.get("verify"):
-        v = rep["verify"]
-        print(
-            f"scan for copies of the deleted records: {v['files_scanned']} files, {v['git_objects_scanned']} git "
-            f"objects: {'none found' if v['clean'] else str(v['findings']) + ' FOUND (sisaflow verify)'}"
-        )
-    for rid, paths in rep.get("certificates", {}).items():
-        print(f"certificate for {rid}: {', '.join(paths)}")
-    secs = rep["seconds"]
-    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
-    print(f"dvc.lock entries changed: {', '.join(rep['lock_changed']) or 'none'}")
-    print(
-        f"ensemble version {rep['ensemble_version']}; dvc status {'clean' if rep['dvc_clean'] else 'NOT clean'}"
-    )
-
-
-def cmd_run(args) -> int:
-    ws = _ws(args)
-    _prefect_env(ws)
-    from sisaflow_flows.training import training_flow
-
-    result = training_flow(workspace=str(ws.root), in_process=args.in_process)
-    _print_run(result, "run")
-    return 0
-
-
-def cmd_forget(args) -> int:
-    from sisaflow import pipeline
-
-    ws = _ws(args)
-    owners, records = list(args.owner or []), list(args.record or [])
-    if args.file:
-        from sisaflow.requests import read_request_file
-
-        o, r = read_request_file(Path(args.file))
-        owners += o
-        records += r
-    req, new, warnings = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
-    for w in warnings:
-        print(f"sisaflow: warning: {w}", file=sys.stderr)
-    print(
-        f"request {req.request_id} {'recorded' if new else 'already recorded'}: "
-        f"{len(req.content_hashes)} record(s) of {len(req.owners)} owner(s), {len(req.records)} named record(s)"
-    )
-    if args.no_run:
-        print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
-        return 0
-    if os.environ.get("PREFECT_API_URL") and not args.here:
-        # a Prefect server is configured: its forget deployment applies the request when the event arrives
-        import yaml
-
-        from sisaflow_flows.events import emit_deletion_requested
-
-        name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", ws.root.name)
-        event_id = emit_deletion_requested(name, req.request_id)
-        if event_id:
-            print(
-                f"event sisaflow.deletion.requested sent to {os.environ['PREFECT_API_URL']}; "
-                "the forget deployment applies the request (the drain deployment if no worker is up)"
-            )
-            return 0
-        print("could not reach the Prefect server; applying the request here")
-    _prefect_env(ws)
-    from sisaflow_flows.forget import forget_flow
-
-    result = forget_flow(workspace=str(ws.root), request_id=req.request_id, in_process=args.in_process)
-    _print_run(result, "forget")
-    return 0
-
-
-def cmd_prepare(args) -> int:
-    from sisaflow import pipeline
-
-    ws = _ws(args)
-    info = pipeline.prepare(ws, pipeline.load(ws))
-    print(f"imported {info['records']} records ({info['excluded']} left out by deletion requests)")
-    return 0
-
-
-def cmd_shard(args) -> int:
-    from sisaflow import pipeline
-
-    ws = _ws(args)
-    rep = pipeline.shard(ws, pipeline.load(ws))
-    print(
-        f"{rep.records} records placed; rewrote {len(rep.slices_written)} slice file(s) in shard(s) "
-        f"{', '.join(map(str, rep.shards_written)) or 'none'}"
-    )
-    return 0
-
-
-def cmd_train(args) -> int:
-    from sisaflow import pipeline
-
-    ws = _ws(args)
-    params = pipeline.load(ws)
-    shards = args.shard if args.shard else params.sharding.shard_ids
-    bad = [s for s in shards if s not in params.sharding.shard_ids]
-    if bad:
-        raise SisaflowError(
-            f"unknown shard(s) {bad}; this workspace has shards 0..{params.sharding.shards - 1}"
-        )
-    stale = pipeline.stale_shards(ws, params)
-    todo = [s for s in shards if s in stale]
-    if not todo:
-        print("every requested shard is up to date: nothing to train")
-        return 0
-    rep = pipeline.train(ws, params, todo, progress=print, in_process=args.in_process)
-    for r in rep.shards:
-        print(f"shard {r.shard}: trained from slice {r.start_slice}, {r.tokens} tokens, {r.seconds:.1f}s")
-    return 0
-
-
-def cmd_ensemble(args) -> int:
-    from sisaflow import pipeline
-
-    ws = _ws(args)
-    reg = pipeline.ensemble(ws, pipeline.load(ws))
-    print(
-        f"ensemble version {reg['version']}: shards {', '.join(str(c['shard']) for c in reg['constituents'])}"
-    )
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from sisaflow.ensemble import Ensemble
-
-    ens = Ensemble.load(_ws(args))
-    prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
-    print(prompt + ens.generate(prompt, args.max_new_tokens, args.temperature, args.seed))
-    return 0
-
-
-def cmd_score(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.config import CorpusParams
-    from sisaflow.corpus import read_records
-    from sisaflow.ensemble import Ensemble
-
-    ws = _ws(args)
-    cp = pipeline.load(ws).corpus
-    if args.text_field:
-        cp = CorpusParams(
-            path=cp.path,
-            format=cp.format,
-            id_field=cp.id_field,
-            owner_field=None,
-            text_field=args.text_field,
-            text_template=None,
-        )
-    records = read_records(Path(args.file), cp)
-    ens = Ensemble.load(ws)
-    out = open(args.out, "w") if args.out else sys.stdout
-    try:
-        for r in records:
-            s = ens.score(r.text)
-            out.write(json.dumps({"id": r.record_id, "content_hash": r.content_hash, **s}) + "\n")
-    finally:
-        if args.out:
-            out.close()
-    return 0
-
-
-def cmd_status(args) -> int:
-    from sisaflow.status import workspace_status
-
-    st = workspace_status(_ws(args))
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
-    from sisaflow.status import format_status
-
-    print(format_status(st))
-    return 0
-
-
-def cmd_requests(args) -> int:
-    from sisaflow import ledger
-
-    ws = _ws(args)
-    states = ledger.states(ws.ledger_file)
-    rows: list[dict] = []
-    for r in ledger.read_ledger(ws.ledger_file):
-        seq = states.get(r.request_id, [])
-        rows.append(
-            {
-                "request_id": r.request_id,
-                "owners": len(r.owners),
-                "records": len(r.content_hashes),
-                "reason": r.reason,
-                "states": seq,
-                "state": max((s["state"] for s in seq), key=ledger.STATES.index) if seq else "pending",
-            }
-        )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no deletion requests")
-    for row in rows:
-        times = "  ".join(f"{s['state']} {s['at']}" for s in row["states"])
-        print(
-            f"{row['request_id']}: {row['state']:9s} {row['records']} record(s), {row['owners']} owner(s)  {times}"
-        )
-    return 0
-
-
-def cmd_verify(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.verify import scan_report, targets_from_ledger
-
-    ws = _ws(args)
-    params = pipeline.load(ws)
-    if args.exact:
-        from sisaflow.exactness import verify_exact
-
-        results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
-        for r in results:
-            verdict = "equal" if r.equal else "DIFFERENT"
-            print(f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}")
-        return 0 if all(r.equal for r in results) else 1
-    rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
-    print(
-        f"scanned {rep.files_scanned} files ({rep.bytes_scanned / 2**20:.1f} MiB) and {rep.git_objects_scanned} git "
-        "objects: the workspace, its git history, the DVC cache and remote, the Prefect home"
-    )
-    for note in rep.excluded:
-        print(f"  not scanned: {note}")
-    for f in rep.findings:
-        # where and what, with the request: never the text itself
-        print(f"  FOUND {f.what} of request {f.request_id} in {f.where}")
-    print("clean: no copy of any deleted record" if rep.clean else f"{len(rep.findings)} copies found")
-    return 0 if rep.clean else 1
-
-
-def cmd_purge(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.purge import purge
-
-    ws = _ws(args)
-    with pipeline.workspace_lock(ws, "sisaflow purge", waiting=print):
-        rep = purge(ws, pipeline.load(ws))
-    for item in rep.removed:
-        print(f"removed {item.kind}: {item.path} ({item.bytes} bytes)")
-    for note in rep.notes:
-        print(f"note: {note}")
-    print(f"purged {rep.total_bytes} bytes")
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    from sisaflow import pipeline, versioning
-    from sisaflow.evaluation import evaluate
-    from sisaflow.evaluation_report import write_reports
-
-    ws = _ws(args)
-    params = pipeline.load(ws)
-    result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=print)
-    for path in write_reports(ws, result):
-        print(f"wrote {path.relative_to(ws.root)}")
-    if not args.no_dvc and (ws.root / ".dvc").is_dir():
-        versioning.write_dvc_yaml(ws, params)
-        versioning.commit(ws, ["evaluate"])
-    u, f = result["utility"], result["forgetting"]
-    print(
-        f"ensemble perplexity: retained {u['ensemble']['retained']}, never-seen {u['ensemble']['never_seen']}"
-    )
-    gone = f["attacks_forgotten_vs_never_seen"]
-    if gone:
-        print(
-            "membership AUC, forgotten vs never-seen: "
-            + ", ".join(f"{k} {v['auc']:.3f}" for k, v in gone.items())
-        )
-    return 0
-
-
-def cmd_certificate(args) -> int:
-    from sisaflow.certificate import key_from_env, verify_file
-
-    if args.verify:
-        ok, message = verify_file(Path(args.verify), key_from_env())
-        print(message)
-        return 0 if ok else 1
-    if not args.request_id:
-        raise SisaflowError("give a REQUEST_ID, or --verify FILE")
-    from sisaflow.proof import certify
-
-    json_path, html_path = certify(_ws(args), args.request_id)
-    print(f"certificate written: {json_path}\n                     {html_path}")
-    return 0
-
-
-def cmd_push(args) -> int:
-    from sisaflow import versioning
-
-    versioning.push(_ws(args))
-    print("pushed shards and checkpoints to the DVC remote")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,22 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-template", default=None, help="e.g. 'Question: {question}\\nAnswer: {answer}'")
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--slices", type=int, default=4)
-    s.set_defaults(func=cmd_init)
+    s.set_defaults(func=commands.cmd_init)
 
     s = sub.add_parser("run", parents=[common], help="the whole pipeline (Prefect training flow)")
     s.add_argument("--in-process", action="store_true", help="train in this process instead of on Ray")
-    s.set_defaults(func=cmd_run)
+    s.set_defaults(func=commands.cmd_run)
 
     s = sub.add_parser("prepare", parents=[common], help="import the corpus minus deletions (DVC stage)")
-    s.set_defaults(func=cmd_prepare)
+    s.set_defaults(func=commands.cmd_prepare)
     s = sub.add_parser("shard", parents=[common], help="write shard and slice files (DVC stage)")
-    s.set_defaults(func=cmd_shard)
+    s.set_defaults(func=commands.cmd_shard)
     s = sub.add_parser("train", parents=[common], help="train stale shards (DVC stage)")
     s.add_argument("--shard", type=int, action="append")
     s.add_argument("--in-process", action="store_true")
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=commands.cmd_train)
     s = sub.add_parser("ensemble", parents=[common], help="register the served ensemble (DVC stage)")
-    s.set_defaults(func=cmd_ensemble)
+    s.set_defaults(func=commands.cmd_ensemble)
 
     s = sub.add_parser("forget", parents=[common], help="delete owners or records, exactly")
     what = s.add_argument_group("what to forget (one or more)")
@@ -455,28 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply it in this process even when PREFECT_API_URL names a server",
     )
     s.add_argument("--in-process", action="store_true")
-    s.set_defaults(func=cmd_forget)
+    s.set_defaults(func=commands.cmd_forget)
 
     s = sub.add_parser("generate", parents=[common], help="generate text with the ensemble")
     s.add_argument("prompt")
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_generate)
+    s.set_defaults(func=commands.cmd_generate)
 
     s = sub.add_parser("score", parents=[common], help="log-likelihood and perplexity per record (JSONL)")
     s.add_argument("file")
     s.add_argument("--text-field")
     s.add_argument("--out")
-    s.set_defaults(func=cmd_score)
+    s.set_defaults(func=commands.cmd_score)
 
     s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_status)
+    s.set_defaults(func=commands.cmd_status)
 
     s = sub.add_parser("requests", parents=[common], help="deletion requests and their states, with times")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_requests)
+    s.set_defaults(func=commands.cmd_requests)
 
     s = sub.add_parser("verify", parents=[common], help="scan everything for copies of deleted records")
     s.add_argument("--request", action="append", help="only these request ids (default: all)")
@@ -486,25 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead, retrain shards from scratch elsewhere and compare the weights bitwise",
     )
     s.add_argument("--shard", type=int, action="append", help="with --exact: only these shards")
-    s.set_defaults(func=cmd_verify)
+    s.set_defaults(func=commands.cmd_verify)
 
     s = sub.add_parser("purge", parents=[common], help="remove old copies (DVC cache and remote, temp files)")
-    s.set_defaults(func=cmd_purge)
+    s.set_defaults(func=commands.cmd_purge)
 
     s = sub.add_parser("certificate", parents=[common], help="write or check a deletion certificate")
     s.add_argument("request_id", nargs="?")
     s.add_argument(
         "--verify", metavar="FILE", help="check a certificate (signature with SISAFLOW_CERTIFICATE_KEY)"
     )
-    s.set_defaults(func=cmd_certificate)
+    s.set_defaults(func=commands.cmd_certificate)
 
     s = sub.add_parser("evaluate", parents=[common], help="utility and forgetting metrics, report and plots")
     s.add_argument("--no-baseline", action="store_true", help="skip training the monolithic baseline")
     s.add_argument("--no-dvc", action="store_true", help="do not record the evaluate stage in dvc.lock")
-    s.set_defaults(func=cmd_evaluate)
+    s.set_defaults(func=commands.cmd_evaluate)
 
     s = sub.add_parser("push", parents=[common], help="dvc push to the configured remote")
-    s.set_defaults(func=cmd_push)
+    s.set_defaults(func=commands.cmd_push)
     return p
 
 

@@ -25,22 +25,22 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from sisaflow import ledger, metrics
-from sisaflow.config import Params, ShardingParams
+from sisaflow.baseline import train_baseline
+from sisaflow.config import Params
 from sisaflow.corpus import Record, from_table, read_records, read_table
 from sisaflow.ensemble import Ensemble, combine_log_probs
 from sisaflow.errors import WorkspaceError
 from sisaflow.fsio import write_json
 from sisaflow.paths import Workspace
+from sisaflow.tofu import load_perturbed, tofu_metrics, truth_ratios
 
 log = logging.getLogger("sisaflow.evaluation")
 Progress = Callable[[str], None]
@@ -159,58 +159,6 @@ def verbatim(ens: Ensemble, records: Sequence[Record], n: int, new_tokens: int) 
     return {"rouge_l": float(np.mean(scores)), "records": len(scores)} if scores else None
 
 
-# ---- TOFU ----
-
-
-def _answer_ll(ens: Ensemble, prefix: str, answer: str) -> float:
-    """Mean log-likelihood per token of `answer` after `prefix` under the ensemble."""
-    tok = ens.tokenizer
-    head, tail = tok.encode(prefix), tok.encode(answer)
-    ids = (head + tail)[-ens.context_length :]
-    n = min(len(tail), len(ids) - 1)
-    if n < 1:
-        return float("nan")
-    x = torch.tensor([ids], device=ens.weights.device)
-    with torch.no_grad():
-        lp = ens(x).logits[0, :-1]
-    token_lp = lp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)[-n:]
-    return float(token_lp.mean())
-
-
-def truth_ratios(
-    ens: Ensemble, perturbed: list[dict], records: Sequence[Record], template: str | None
-) -> list[float]:
-    """TOFU truth ratios for the records whose question the perturbed file has (numbers only, unordered)."""
-    if not template or "{answer}" not in template or "{question}" not in template:
-        return []
-    by_question = {e["question"]: e for e in perturbed}
-    prefix_tpl = template.split("{answer}")[0]
-    out = []
-    for r in records:
-        for q, e in by_question.items():
-            if prefix_tpl.format(question=q) in r.text and e["answer"] in r.text:
-                prefix = prefix_tpl.format(question=q)
-                para = _answer_ll(ens, prefix, e["paraphrased_answer"])
-                pert = [_answer_ll(ens, prefix, a) for a in e["perturbed_answer"]]
-                out.append(metrics.truth_ratio(para, pert))
-                break
-    return sorted(out)
-
-
-def load_perturbed(path: Path) -> list[dict]:
-    """A TOFU *_perturbed.json file (a JSON list, or JSON lines) of question/answer/paraphrased/perturbed."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError:
-        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-    for i, row in enumerate(rows, 1):
-        missing = {"question", "answer", "paraphrased_answer", "perturbed_answer"} - set(row)
-        if missing:
-            raise WorkspaceError(f"{path}: entry {i} lacks {', '.join(sorted(missing))}")
-    return rows
-
-
 # ---- the groups ----
 
 
@@ -292,32 +240,6 @@ def snapshot_before(ws: Workspace, params: Params, request_ids: list[str], run_i
     return path
 
 
-# ---- the baseline ----
-
-
-def train_baseline(ws: Workspace, params: Params, progress: Progress | None = None) -> tuple[Ensemble, float]:
-    """One model on all current data, same settings and total compute as the constituents together (same
-    epochs over the same records), trained in a temporary workspace that is removed. Returns it and seconds."""
-    import time
-
-    from sisaflow.registry import build_registry
-    from sisaflow.sharding import shard_corpus
-    from sisaflow.training import train_shard
-
-    mono = dataclasses.replace(params, sharding=ShardingParams(shards=1, slices=params.sharding.slices))
-    with tempfile.TemporaryDirectory(prefix="sisaflow-baseline-") as tmp:
-        tws = Workspace(Path(tmp))
-        tws.corpus_file.parent.mkdir(parents=True, exist_ok=True)
-        tws.corpus_file.write_bytes(ws.corpus_file.read_bytes())
-        tws.params_file.write_text(yaml.safe_dump(mono.to_dict(), sort_keys=False))
-        shard_corpus(tws, mono.sharding)
-        t0 = time.perf_counter()
-        train_shard(tws, 0, mono, progress=progress or (lambda m: None))
-        seconds = time.perf_counter() - t0
-        build_registry(tws, mono)
-        return Ensemble.load(tws), seconds
-
-
 # ---- evaluate ----
 
 
@@ -393,7 +315,7 @@ def evaluate(
     if not forgotten_recs:
         out["notes"].append("no certified deletion request yet: nothing forgotten to measure")
     if perturbed:
-        out["tofu"] = _tofu(ens, params, perturbed, forgotten_recs, retained)
+        out["tofu"] = tofu_metrics(ens, params, perturbed, forgotten_recs, retained)
     out["before_after"] = _before_after(ws, params, ens, never, perturbed, source)
     if baseline if baseline is not None else ep.baseline:
         say("training the monolithic baseline (one model, all current data, same total compute)")
@@ -406,30 +328,6 @@ def evaluate(
             "train_seconds": seconds,
         }
     return out
-
-
-def _tofu(
-    ens: Ensemble, params: Params, perturbed: list[dict], forgotten: list[Record], retained: list[Record]
-) -> dict:
-    """Truth ratios on the forgotten and retained questions the perturbed file has; forget quality."""
-    tpl = params.corpus.text_template
-    gone = truth_ratios(ens, perturbed, forgotten, tpl)
-    kept = truth_ratios(ens, perturbed, retained, tpl)
-    out = {
-        "truth_ratio_forgotten": _summary(gone),
-        "truth_ratio_retained": _summary(kept),
-        # the reference of TOFU's forget quality is the model retrained without the forget set: in SISA
-        # that is the served ensemble itself (bitwise, `verify --exact`), so the KS test compares it with itself
-        "forget_quality": metrics.forget_quality(gone, gone) if gone else None,
-    }
-    return out
-
-
-def _summary(values: Sequence[float]) -> dict | None:
-    if not values:
-        return None
-    v = np.asarray(values, dtype=float)
-    return {"n": len(v), "mean": float(v.mean()), "median": float(np.median(v))}
 
 
 def _before_after(

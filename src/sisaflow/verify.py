@@ -20,443 +20,46 @@ are not searched at all, in the working tree or in git history. The report lists
 
 from __future__ import annotations
 
-import base64
-import binascii
-import bz2
-import contextlib
-import gzip
-import hashlib
-import io
 import json
-import logging
-import lzma
 import os
-import re
 import stat
-import string
 import subprocess
-import zlib
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
+from sisaflow.blobsearch import IN_MEMORY_BYTES, Limited, drain, search_bytes, search_file, search_stream
 from sisaflow.config import Params
 from sisaflow.errors import SisaflowError
-from sisaflow.multisearch import PatternIndex
 from sisaflow.paths import Workspace
+from sisaflow.scan_targets import (
+    Finding,
+    Needles,
+    ScanReport,
+    Target,
+    build_needles,
+    kept_texts,
+    targets_from_ledger,
+    targets_from_source,
+    text_pieces,
+)
 
-log = logging.getLogger("sisaflow.verify")
+__all__ = [
+    "Finding",
+    "ScanReport",
+    "Target",
+    "default_remote",
+    "remote_dir",
+    "scan",
+    "scan_report",
+    "targets_from_ledger",
+    "targets_from_source",
+    "text_pieces",
+]
 
-MIN_DISTINCT = 40
-"""Shortest piece of a text (template field or line) searched on its own."""
-MAX_DISTINCT_PIECES = 3
-MIN_RAW_ID = 4
-"""Shorter record ids are matched only as exact Parquet values (as raw bytes they would match anywhere)."""
 MAX_FILE_BYTES = 2 << 30
 """Larger files are skipped, with a note."""
-IN_MEMORY_BYTES = 64 << 20
-"""Files (and git objects) up to this size are also decoded (compressed streams, base64 in JSON)."""
-CHUNK = 8 << 20
-
 HASH_ONLY_DIRS = ("deletions", "reports/certificates")
 """Places that legitimately hold ids and content hashes (the ledger, certificates): only text is reported there."""
-_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_B64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
-
-
-@dataclass(frozen=True)
-class Target:
-    """A deleted record to look for. `text` is None when only the hash (and maybe the id) is known."""
-
-    request_id: str
-    record_id: str
-    content_hash: str
-    text: str | None = None
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A copy of a target: where ('<relative path>', 'git:<commit>:<path>', 'dvc-cache:<path>',
-    'dvc-remote:<path>', 'prefect-home:<path>', 'ray-tmp:<path>') and what ('text' | 'content_hash' |
-    'record_id')."""
-
-    request_id: str
-    where: str
-    what: str
-    record_id: str = ""
-
-    @property
-    def location_kind(self) -> str:
-        """'git', 'dvc-cache', 'dvc-remote', 'prefect-home', 'ray-tmp', or a workspace path's first part."""
-        if self.where.startswith(("git:", "dvc-cache:", "dvc-remote:", "prefect-home:", "ray-tmp:")):
-            return self.where.split(":", 1)[0]
-        return self.where.split("/", 1)[0]
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "location_kind": self.location_kind}
-
-
-@dataclass
-class ScanReport:
-    findings: list[Finding] = field(default_factory=list)
-    excluded: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    files_scanned: int = 0
-    bytes_scanned: int = 0
-    git_objects_scanned: int = 0
-
-    @property
-    def clean(self) -> bool:
-        return not self.findings
-
-    def findings_by_location(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.findings:
-            out[f.location_kind] = out.get(f.location_kind, 0) + 1
-        return dict(sorted(out.items()))
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["findings"] = [f.to_dict() for f in self.findings]
-        out["findings_by_location"] = self.findings_by_location()
-        out["clean"] = self.clean
-        return out
-
-
-# ---- targets ----
-
-
-def targets_from_source(
-    ws: Workspace,
-    params: Params,
-    content_hashes: Mapping[str, str] | Iterable[str],
-    request_id: str = "",
-) -> list[Target]:
-    """Targets for `content_hashes`: with id and text for those whose record is in the corpus source, hash-only
-    for the rest. `content_hashes` is a set of hashes (all under `request_id`) or a {hash: request_id} map."""
-    from sisaflow.corpus import read_records
-
-    wanted = (
-        dict(content_hashes)
-        if isinstance(content_hashes, Mapping)
-        else dict.fromkeys(content_hashes, request_id)
-    )
-    out: list[Target] = []
-    for r in read_records(ws.source(params.corpus.path), params.corpus):
-        if r.content_hash in wanted:
-            out.append(Target(wanted.pop(r.content_hash), r.record_id, r.content_hash, r.text))
-    out.extend(Target(req, "", h, None) for h, req in sorted(wanted.items()))
-    return out
-
-
-def targets_from_ledger(
-    ws: Workspace, params: Params, request_ids: Iterable[str] | None = None
-) -> list[Target]:
-    """Targets for every content hash the deletion ledger records (or only those of `request_ids`)."""
-    from sisaflow import ledger
-
-    keep = set(request_ids) if request_ids is not None else None
-    hashes: dict[str, str] = {}
-    for req in ledger.read_ledger(ws.ledger_file):
-        if keep is None or req.request_id in keep:
-            for h in req.content_hashes:
-                hashes.setdefault(h, req.request_id)
-    return targets_from_source(ws, params, hashes) if hashes else []
-
-
-# ---- needles ----
-
-
-def _template_values(text: str, template: str | None) -> list[str]:
-    """The field values of `text` if it was built from `template`, else []."""
-    if not template:
-        return []
-    pattern, fields = "", 0
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError:
-        return []
-    for literal, name, _, _ in parsed:
-        pattern += re.escape(literal)
-        if name is not None:
-            pattern += "(.*?)"
-            fields += 1
-    if not fields:
-        return []
-    m = re.fullmatch(pattern, text, flags=re.DOTALL)
-    return list(m.groups()) if m else []
-
-
-def text_pieces(text: str, template: str | None = None) -> list[str]:
-    """The whole text and its distinctive pieces (the longest template fields or lines of >= MIN_DISTINCT)."""
-    parts = _template_values(text, template) or text.splitlines()
-    pieces = sorted({p.strip() for p in parts if len(p.strip()) >= MIN_DISTINCT}, key=lambda p: (-len(p), p))
-    return [text, *[p for p in pieces[:MAX_DISTINCT_PIECES] if p != text]]
-
-
-def _encodings(s: str) -> list[bytes]:
-    """`s` as UTF-8 and as it reads inside JSON (ASCII-escaped or not)."""
-    out = [s.encode("utf-8")]
-    for ascii_only in (True, False):
-        out.append(json.dumps(s, ensure_ascii=ascii_only)[1:-1].encode("utf-8"))
-    return list(dict.fromkeys(out))
-
-
-@dataclass
-class _Needles:
-    """Byte patterns to search, each naming the (target index, what) pairs it proves."""
-
-    patterns: dict[bytes, list[tuple[int, str]]] = field(default_factory=dict)
-    bounded: set[bytes] = field(default_factory=set)
-    exact_ids: dict[str, list[int]] = field(default_factory=dict)
-    _index: PatternIndex | None = field(default=None, repr=False)
-
-    def add(self, pattern: bytes, target: int, what: str, bounded: bool = False) -> None:
-        if not pattern:
-            return
-        self.patterns.setdefault(pattern, []).append((target, what))
-        if bounded:
-            self.bounded.add(pattern)
-
-    @property
-    def overlap(self) -> int:
-        return max((len(p) for p in self.patterns), default=0) + 1
-
-    def search(self, buf: bytes, skip: set[bytes] | None = None) -> set[tuple[int, str]]:
-        if self._index is None or len(self._index.patterns) != len(self.patterns):
-            self._index = PatternIndex(list(self.patterns))
-
-        def accept(pat: bytes, pos: int) -> bool:
-            return pat not in self.bounded or _bounded(buf, pos, len(pat))
-
-        hits: set[tuple[int, str]] = set()
-        for pat in self._index.found(buf, accept, skip):
-            hits.update(self.patterns[pat])
-        return hits
-
-
-def _bounded(buf: bytes, pos: int, n: int) -> bool:
-    before = buf[pos - 1] if pos > 0 else None
-    after = buf[pos + n] if pos + n < len(buf) else None
-    return before not in _ID_CHARS and after not in _ID_CHARS
-
-
-def _kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: ScanReport) -> str | None:
-    """The texts of every source record that is not a target, joined (to drop pieces they share)."""
-    from sisaflow.corpus import read_records
-
-    try:
-        records = read_records(ws.source(params.corpus.path), params.corpus)
-    except SisaflowError as exc:
-        report.notes.append(
-            f"corpus source not readable ({exc}): text pieces are not checked for distinctness"
-        )
-        return None
-    return "\x00".join(r.text for r in records if r.content_hash not in target_hashes)
-
-
-def build_needles(
-    targets: list[Target], template: str | None, kept: str | None, report: ScanReport | None = None
-) -> _Needles:
-    """The byte patterns for `targets`; text pieces that a kept record also contains are left out."""
-    nd = _Needles()
-    shared = 0
-    for i, t in enumerate(targets):
-        if t.text:
-            pieces = [p for p in text_pieces(t.text, template) if kept is None or p not in kept]
-            shared += not pieces
-            if len(pieces) > 1 and pieces[0] == t.text:
-                # every piece lies inside the whole text (also JSON-escaped: escaping is per character), so a
-                # copy of the whole text is found through its pieces; one pattern less per target
-                pieces = pieces[1:]
-            for piece in pieces:
-                for enc in _encodings(piece):
-                    nd.add(enc, i, "text")
-        if t.content_hash:
-            nd.add(t.content_hash.encode(), i, "content_hash")
-        if t.record_id:
-            nd.exact_ids.setdefault(t.record_id, []).append(i)
-            if len(t.record_id) >= MIN_RAW_ID:
-                for enc in _encodings(t.record_id):
-                    nd.add(enc, i, "record_id", bounded=True)
-    if report is not None:
-        if shared:
-            report.notes.append(
-                f"{shared} target text(s) also occur in kept records: searched by hash and id only"
-            )
-        no_text = sum(1 for t in targets if not t.text)
-        if no_text:
-            report.notes.append(f"{no_text} target(s) without text: searched by content hash (and id) only")
-        short = sorted({t.record_id for t in targets if t.record_id and len(t.record_id) < MIN_RAW_ID})
-        if short:
-            report.notes.append(
-                f"record id(s) shorter than {MIN_RAW_ID} characters matched as exact Parquet values only: "
-                + ", ".join(short[:10])
-            )
-    return nd
-
-
-# ---- searching one blob, file or stream ----
-
-
-def _parquet_hits(source, nd: _Needles) -> set[tuple[int, str]]:
-    """Search the string and binary columns of a Parquet file (path or buffer)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(source)
-    schema = pf.schema_arrow
-    cols = [
-        f.name
-        for f in schema
-        if pa.types.is_string(f.type)
-        or pa.types.is_large_string(f.type)
-        or pa.types.is_binary(f.type)
-        or pa.types.is_large_binary(f.type)
-        or pa.types.is_dictionary(f.type)
-        or str(f.type) in ("string_view", "binary_view")
-    ]
-    hits: set[tuple[int, str]] = set()
-    if not cols:
-        return hits
-    ids = pa.array(list(nd.exact_ids), type=pa.string()) if nd.exact_ids else None
-    for batch in pf.iter_batches(columns=cols, batch_size=65536):
-        for arr in batch.columns:
-            if pa.types.is_dictionary(arr.type):
-                arr = arr.dictionary
-            if str(arr.type) in ("string_view", "binary_view"):
-                arr = arr.cast(pa.large_string() if str(arr.type) == "string_view" else pa.large_binary())
-            if not (
-                pa.types.is_string(arr.type)
-                or pa.types.is_large_string(arr.type)
-                or pa.types.is_binary(arr.type)
-                or pa.types.is_large_binary(arr.type)
-            ):
-                continue
-            if ids is not None and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-                present = pc.unique(arr.filter(pc.is_in(arr, value_set=ids.cast(arr.type)))).to_pylist()
-                for rid in present:
-                    hits.update((i, "record_id") for i in nd.exact_ids.get(rid, []))
-            # the values one after another, separated so that whole-token id matches keep their bounds
-            joined = b"\x00".join(v for v in arr.cast(pa.large_binary()).to_pylist() if v is not None)
-            hits |= nd.search(joined)
-    return hits
-
-
-def _decoded(data: bytes, depth: int = 0) -> Iterator[bytes]:
-    """Decoded forms of `data`: compressed streams and base64 payloads inside JSON (two levels deep)."""
-    if depth > 1 or len(data) < 4:
-        return
-    out: list[bytes] = []
-    head = data[:6]
-    with contextlib.suppress(Exception):
-        if head[:2] == b"\x1f\x8b":
-            out.append(gzip.decompress(data))
-        elif head == b"\xfd7zXZ\x00" or head[:3] == b"\x5d\x00\x00":
-            out.append(lzma.decompress(data))
-        elif head[:3] == b"BZh":
-            out.append(bz2.decompress(data))
-        elif head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
-            out.append(zlib.decompress(data))
-    stripped = data.lstrip()
-    if stripped[:1] in (b"{", b"[") and len(data) <= IN_MEMORY_BYTES:
-        with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
-            out.extend(_b64_values(json.loads(data)))
-    for d in out:
-        yield d
-        yield from _decoded(d, depth + 1)
-
-
-def _b64_values(obj) -> Iterator[bytes]:
-    """Base64 payloads among a JSON document's string values (Prefect's persisted results are such)."""
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-        elif isinstance(x, str) and len(x) >= 24:
-            raw = x.encode("ascii", "ignore")
-            if len(raw) == len(x) and _B64.fullmatch(raw):
-                with contextlib.suppress(binascii.Error, ValueError):
-                    yield base64.b64decode(raw)
-
-
-def _is_parquet(data: bytes) -> bool:
-    return len(data) >= 12 and data[:4] == b"PAR1" and data[-4:] == b"PAR1"
-
-
-def search_bytes(
-    data: bytes, nd: _Needles, notes: list[str] | None = None, label: str = ""
-) -> set[tuple[int, str]]:
-    """Every (target, what) found in `data`: raw, as Parquet, and decoded."""
-    import pyarrow as pa
-
-    hits = nd.search(data)
-    if _is_parquet(data):
-        try:
-            hits |= _parquet_hits(pa.BufferReader(data), nd)
-        except Exception as exc:  # a damaged file is still searched raw
-            if notes is not None:
-                notes.append(f"{label}: not readable as Parquet ({exc}); searched raw only")
-    for decoded in _decoded(data):
-        hits |= nd.search(decoded)
-        if _is_parquet(decoded):
-            with contextlib.suppress(Exception):
-                hits |= _parquet_hits(pa.BufferReader(decoded), nd)
-    return hits
-
-
-def _search_stream(fh: io.RawIOBase | io.BufferedIOBase, nd: _Needles) -> set[tuple[int, str]]:
-    """Raw search of a stream in chunks that overlap by the longest pattern."""
-    hits: set[tuple[int, str]] = set()
-    done: set[bytes] = set()
-    overlap = nd.overlap
-    tail = b""
-    while True:
-        block = fh.read(CHUNK)
-        if not block:
-            break
-        buf = tail + block
-        new = nd.search(buf, skip=done)
-        hits |= new
-        done.update(p for p, owners in nd.patterns.items() if all(o in hits for o in owners))
-        tail = buf[-overlap:]
-    return hits
-
-
-def search_file(
-    path: Path, nd: _Needles, report: ScanReport, label: str, seen: dict[bytes, set] | None = None
-) -> set[tuple[int, str]]:
-    """Every (target, what) found in the file at `path`. With `seen`, a content already searched (the DVC
-    cache and remote hold the same bytes as the workspace's outputs) is not searched again: its hits are
-    reused, so every place that holds a copy is still named."""
-    size = path.stat().st_size
-    report.files_scanned += 1
-    report.bytes_scanned += size
-    if size <= IN_MEMORY_BYTES:
-        data = path.read_bytes()
-        if seen is None:
-            return search_bytes(data, nd, report.notes, label)
-        key = hashlib.blake2b(data, digest_size=20).digest()
-        if key not in seen:
-            seen[key] = search_bytes(data, nd, report.notes, label)
-        return set(seen[key])
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-        fh.seek(-4, os.SEEK_END)
-        parquet = head == b"PAR1" and fh.read(4) == b"PAR1"
-        fh.seek(0)
-        hits = _search_stream(fh, nd)
-    if parquet:
-        try:
-            hits |= _parquet_hits(path, nd)
-        except Exception as exc:
-            report.notes.append(f"{label}: not readable as Parquet ({exc}); searched raw only")
-    return hits
 
 
 # ---- places ----
@@ -497,7 +100,7 @@ def _walk_files(
 def _scan_tree(
     root: Path,
     prefix: str,
-    nd: _Needles,
+    nd: Needles,
     targets: list[Target],
     report: ScanReport,
     prune: set[Path] = frozenset(),  # type: ignore[assignment]
@@ -593,7 +196,7 @@ def _ledger_shaped(data: bytes) -> bool:
 
 def _scan_git(
     ws: Workspace,
-    nd: _Needles,
+    nd: Needles,
     targets: list[Target],
     report: ScanReport,
     excluded: list[str],
@@ -642,9 +245,9 @@ def _scan_git(
             only_text = sha in paths and under(paths[sha], text_only_git)
             hits: set[tuple[int, str]] = set()
             if skip:
-                _drain(out, size)
+                drain(out, size)
             elif size > IN_MEMORY_BYTES:
-                hits = _search_stream(_Limited(out, size), nd)
+                hits = search_stream(Limited(out, size), nd)
             else:
                 data = out.read(size)
                 hits = search_bytes(data, nd, report.notes, f"git object {sha}")
@@ -672,27 +275,6 @@ def _scan_git(
         _add(report, targets, hits, where)
 
 
-class _Limited(io.RawIOBase):
-    """The next `n` bytes of a stream, as a stream."""
-
-    def __init__(self, fh, n: int) -> None:
-        self.fh, self.left = fh, n
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.left if size < 0 else min(size, self.left)
-        data = self.fh.read(size) if size else b""
-        self.left -= len(data)
-        return data
-
-
-def _drain(fh, n: int) -> None:
-    while n > 0:
-        chunk = fh.read(min(n, CHUNK))
-        if not chunk:
-            break
-        n -= len(chunk)
-
-
 # ---- the scan ----
 
 
@@ -711,7 +293,7 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
     if not targets:
         report.notes.append("no targets")
         return report
-    kept = _kept_texts(ws, params, {t.content_hash for t in targets}, report)
+    kept = kept_texts(ws, params, {t.content_hash for t in targets}, report)
     nd = build_needles(targets, params.corpus.text_template, kept, report)
 
     source = ws.source(params.corpus.path).resolve()

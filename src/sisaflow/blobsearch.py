@@ -1,0 +1,208 @@
+"""Searching one blob, file or stream for a scan's needles: raw bytes, Parquet string and binary columns (record
+ids as exact values), and decoded forms (gzip/lzma/bz2/zlib streams, base64 payloads inside JSON such as
+Prefect's persisted results). Large files and git objects are read in overlapping chunks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bz2
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from sisaflow.scan_targets import Needles, ScanReport
+
+IN_MEMORY_BYTES = 64 << 20
+"""Files (and git objects) up to this size are also decoded (compressed streams, base64 in JSON)."""
+CHUNK = 8 << 20
+_B64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
+
+
+def _parquet_hits(source, nd: Needles) -> set[tuple[int, str]]:
+    """Search the string and binary columns of a Parquet file (path or buffer)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(source)
+    schema = pf.schema_arrow
+    cols = [
+        f.name
+        for f in schema
+        if pa.types.is_string(f.type)
+        or pa.types.is_large_string(f.type)
+        or pa.types.is_binary(f.type)
+        or pa.types.is_large_binary(f.type)
+        or pa.types.is_dictionary(f.type)
+        or str(f.type) in ("string_view", "binary_view")
+    ]
+    hits: set[tuple[int, str]] = set()
+    if not cols:
+        return hits
+    ids = pa.array(list(nd.exact_ids), type=pa.string()) if nd.exact_ids else None
+    for batch in pf.iter_batches(columns=cols, batch_size=65536):
+        for arr in batch.columns:
+            if pa.types.is_dictionary(arr.type):
+                arr = arr.dictionary
+            if str(arr.type) in ("string_view", "binary_view"):
+                arr = arr.cast(pa.large_string() if str(arr.type) == "string_view" else pa.large_binary())
+            if not (
+                pa.types.is_string(arr.type)
+                or pa.types.is_large_string(arr.type)
+                or pa.types.is_binary(arr.type)
+                or pa.types.is_large_binary(arr.type)
+            ):
+                continue
+            if ids is not None and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+                present = pc.unique(arr.filter(pc.is_in(arr, value_set=ids.cast(arr.type)))).to_pylist()
+                for rid in present:
+                    hits.update((i, "record_id") for i in nd.exact_ids.get(rid, []))
+            # the values one after another, separated so that whole-token id matches keep their bounds
+            joined = b"\x00".join(v for v in arr.cast(pa.large_binary()).to_pylist() if v is not None)
+            hits |= nd.search(joined)
+    return hits
+
+
+def _decoded(data: bytes, depth: int = 0) -> Iterator[bytes]:
+    """Decoded forms of `data`: compressed streams and base64 payloads inside JSON (two levels deep)."""
+    if depth > 1 or len(data) < 4:
+        return
+    out: list[bytes] = []
+    head = data[:6]
+    with contextlib.suppress(Exception):
+        if head[:2] == b"\x1f\x8b":
+            out.append(gzip.decompress(data))
+        elif head == b"\xfd7zXZ\x00" or head[:3] == b"\x5d\x00\x00":
+            out.append(lzma.decompress(data))
+        elif head[:3] == b"BZh":
+            out.append(bz2.decompress(data))
+        elif head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
+            out.append(zlib.decompress(data))
+    stripped = data.lstrip()
+    if stripped[:1] in (b"{", b"[") and len(data) <= IN_MEMORY_BYTES:
+        with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+            out.extend(_b64_values(json.loads(data)))
+    for d in out:
+        yield d
+        yield from _decoded(d, depth + 1)
+
+
+def _b64_values(obj) -> Iterator[bytes]:
+    """Base64 payloads among a JSON document's string values (Prefect's persisted results are such)."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str) and len(x) >= 24:
+            raw = x.encode("ascii", "ignore")
+            if len(raw) == len(x) and _B64.fullmatch(raw):
+                with contextlib.suppress(binascii.Error, ValueError):
+                    yield base64.b64decode(raw)
+
+
+def _is_parquet(data: bytes) -> bool:
+    return len(data) >= 12 and data[:4] == b"PAR1" and data[-4:] == b"PAR1"
+
+
+def search_bytes(
+    data: bytes, nd: Needles, notes: list[str] | None = None, label: str = ""
+) -> set[tuple[int, str]]:
+    """Every (target, what) found in `data`: raw, as Parquet, and decoded."""
+    import pyarrow as pa
+
+    hits = nd.search(data)
+    if _is_parquet(data):
+        try:
+            hits |= _parquet_hits(pa.BufferReader(data), nd)
+        except Exception as exc:  # a damaged file is still searched raw
+            if notes is not None:
+                notes.append(f"{label}: not readable as Parquet ({exc}); searched raw only")
+    for decoded in _decoded(data):
+        hits |= nd.search(decoded)
+        if _is_parquet(decoded):
+            with contextlib.suppress(Exception):
+                hits |= _parquet_hits(pa.BufferReader(decoded), nd)
+    return hits
+
+
+def search_stream(fh: io.RawIOBase | io.BufferedIOBase, nd: Needles) -> set[tuple[int, str]]:
+    """Raw search of a stream in chunks that overlap by the longest pattern."""
+    hits: set[tuple[int, str]] = set()
+    done: set[bytes] = set()
+    overlap = nd.overlap
+    tail = b""
+    while True:
+        block = fh.read(CHUNK)
+        if not block:
+            break
+        buf = tail + block
+        new = nd.search(buf, skip=done)
+        hits |= new
+        done.update(p for p, owners in nd.patterns.items() if all(o in hits for o in owners))
+        tail = buf[-overlap:]
+    return hits
+
+
+def search_file(
+    path: Path, nd: Needles, report: ScanReport, label: str, seen: dict[bytes, set] | None = None
+) -> set[tuple[int, str]]:
+    """Every (target, what) found in the file at `path`. With `seen`, a content already searched (the DVC
+    cache and remote hold the same bytes as the workspace's outputs) is not searched again: its hits are
+    reused, so every place that holds a copy is still named."""
+    size = path.stat().st_size
+    report.files_scanned += 1
+    report.bytes_scanned += size
+    if size <= IN_MEMORY_BYTES:
+        data = path.read_bytes()
+        if seen is None:
+            return search_bytes(data, nd, report.notes, label)
+        key = hashlib.blake2b(data, digest_size=20).digest()
+        if key not in seen:
+            seen[key] = search_bytes(data, nd, report.notes, label)
+        return set(seen[key])
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        fh.seek(-4, os.SEEK_END)
+        parquet = head == b"PAR1" and fh.read(4) == b"PAR1"
+        fh.seek(0)
+        hits = search_stream(fh, nd)
+    if parquet:
+        try:
+            hits |= _parquet_hits(path, nd)
+        except Exception as exc:
+            report.notes.append(f"{label}: not readable as Parquet ({exc}); searched raw only")
+    return hits
+
+
+class Limited(io.RawIOBase):
+    """The next `n` bytes of a stream, as a stream."""
+
+    def __init__(self, fh, n: int) -> None:
+        self.fh, self.left = fh, n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.fh.read(size) if size else b""
+        self.left -= len(data)
+        return data
+
+
+def drain(fh, n: int) -> None:
+    while n > 0:
+        chunk = fh.read(min(n, CHUNK))
+        if not chunk:
+            break
+        n -= len(chunk)

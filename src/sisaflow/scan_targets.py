@@ -1,0 +1,261 @@
+"""What a scan for deleted records looks for, and what it reports.
+
+A target is a deleted record: its content hash, and, when the corpus source still has it, its id and text.
+`build_needles` turns targets into byte patterns: the text (UTF-8, and as it reads inside JSON) or its
+distinctive pieces (a template field or line of at least MIN_DISTINCT characters that no kept record contains),
+the content hash, and the record id as a whole token. sisaflow.blobsearch searches bytes for them;
+sisaflow.verify decides where.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from sisaflow.config import Params
+from sisaflow.errors import SisaflowError
+from sisaflow.multisearch import PatternIndex
+from sisaflow.paths import Workspace
+
+MIN_DISTINCT = 40
+"""Shortest piece of a text (template field or line) searched on its own."""
+MAX_DISTINCT_PIECES = 3
+MIN_RAW_ID = 4
+"""Shorter record ids are matched only as exact Parquet values (as raw bytes they would match anywhere)."""
+_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deleted record to look for. `text` is None when only the hash (and maybe the id) is known."""
+
+    request_id: str
+    record_id: str
+    content_hash: str
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A copy of a target: where ('<relative path>', 'git:<commit>:<path>', 'dvc-cache:<path>',
+    'dvc-remote:<path>', 'prefect-home:<path>', 'ray-tmp:<path>') and what ('text' | 'content_hash' |
+    'record_id')."""
+
+    request_id: str
+    where: str
+    what: str
+    record_id: str = ""
+
+    @property
+    def location_kind(self) -> str:
+        """'git', 'dvc-cache', 'dvc-remote', 'prefect-home', 'ray-tmp', or a workspace path's first part."""
+        if self.where.startswith(("git:", "dvc-cache:", "dvc-remote:", "prefect-home:", "ray-tmp:")):
+            return self.where.split(":", 1)[0]
+        return self.where.split("/", 1)[0]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "location_kind": self.location_kind}
+
+
+@dataclass
+class ScanReport:
+    findings: list[Finding] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files_scanned: int = 0
+    bytes_scanned: int = 0
+    git_objects_scanned: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def findings_by_location(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.findings:
+            out[f.location_kind] = out.get(f.location_kind, 0) + 1
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["findings"] = [f.to_dict() for f in self.findings]
+        out["findings_by_location"] = self.findings_by_location()
+        out["clean"] = self.clean
+        return out
+
+
+# ---- targets ----
+
+
+def targets_from_source(
+    ws: Workspace,
+    params: Params,
+    content_hashes: Mapping[str, str] | Iterable[str],
+    request_id: str = "",
+) -> list[Target]:
+    """Targets for `content_hashes`: with id and text for those whose record is in the corpus source, hash-only
+    for the rest. `content_hashes` is a set of hashes (all under `request_id`) or a {hash: request_id} map."""
+    from sisaflow.corpus import read_records
+
+    wanted = (
+        dict(content_hashes)
+        if isinstance(content_hashes, Mapping)
+        else dict.fromkeys(content_hashes, request_id)
+    )
+    out: list[Target] = []
+    for r in read_records(ws.source(params.corpus.path), params.corpus):
+        if r.content_hash in wanted:
+            out.append(Target(wanted.pop(r.content_hash), r.record_id, r.content_hash, r.text))
+    out.extend(Target(req, "", h, None) for h, req in sorted(wanted.items()))
+    return out
+
+
+def targets_from_ledger(
+    ws: Workspace, params: Params, request_ids: Iterable[str] | None = None
+) -> list[Target]:
+    """Targets for every content hash the deletion ledger records (or only those of `request_ids`)."""
+    from sisaflow import ledger
+
+    keep = set(request_ids) if request_ids is not None else None
+    hashes: dict[str, str] = {}
+    for req in ledger.read_ledger(ws.ledger_file):
+        if keep is None or req.request_id in keep:
+            for h in req.content_hashes:
+                hashes.setdefault(h, req.request_id)
+    return targets_from_source(ws, params, hashes) if hashes else []
+
+
+# ---- needles ----
+
+
+def _template_values(text: str, template: str | None) -> list[str]:
+    """The field values of `text` if it was built from `template`, else []."""
+    if not template:
+        return []
+    pattern, fields = "", 0
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return []
+    for literal, name, _, _ in parsed:
+        pattern += re.escape(literal)
+        if name is not None:
+            pattern += "(.*?)"
+            fields += 1
+    if not fields:
+        return []
+    m = re.fullmatch(pattern, text, flags=re.DOTALL)
+    return list(m.groups()) if m else []
+
+
+def text_pieces(text: str, template: str | None = None) -> list[str]:
+    """The whole text and its distinctive pieces (the longest template fields or lines of >= MIN_DISTINCT)."""
+    parts = _template_values(text, template) or text.splitlines()
+    pieces = sorted({p.strip() for p in parts if len(p.strip()) >= MIN_DISTINCT}, key=lambda p: (-len(p), p))
+    return [text, *[p for p in pieces[:MAX_DISTINCT_PIECES] if p != text]]
+
+
+def _encodings(s: str) -> list[bytes]:
+    """`s` as UTF-8 and as it reads inside JSON (ASCII-escaped or not)."""
+    out = [s.encode("utf-8")]
+    for ascii_only in (True, False):
+        out.append(json.dumps(s, ensure_ascii=ascii_only)[1:-1].encode("utf-8"))
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class Needles:
+    """Byte patterns to search, each naming the (target index, what) pairs it proves."""
+
+    patterns: dict[bytes, list[tuple[int, str]]] = field(default_factory=dict)
+    bounded: set[bytes] = field(default_factory=set)
+    exact_ids: dict[str, list[int]] = field(default_factory=dict)
+    _index: PatternIndex | None = field(default=None, repr=False)
+
+    def add(self, pattern: bytes, target: int, what: str, bounded: bool = False) -> None:
+        if not pattern:
+            return
+        self.patterns.setdefault(pattern, []).append((target, what))
+        if bounded:
+            self.bounded.add(pattern)
+
+    @property
+    def overlap(self) -> int:
+        return max((len(p) for p in self.patterns), default=0) + 1
+
+    def search(self, buf: bytes, skip: set[bytes] | None = None) -> set[tuple[int, str]]:
+        if self._index is None or len(self._index.patterns) != len(self.patterns):
+            self._index = PatternIndex(list(self.patterns))
+
+        def accept(pat: bytes, pos: int) -> bool:
+            return pat not in self.bounded or _bounded(buf, pos, len(pat))
+
+        hits: set[tuple[int, str]] = set()
+        for pat in self._index.found(buf, accept, skip):
+            hits.update(self.patterns[pat])
+        return hits
+
+
+def _bounded(buf: bytes, pos: int, n: int) -> bool:
+    before = buf[pos - 1] if pos > 0 else None
+    after = buf[pos + n] if pos + n < len(buf) else None
+    return before not in _ID_CHARS and after not in _ID_CHARS
+
+
+def kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: ScanReport) -> str | None:
+    """The texts of every source record that is not a target, joined (to drop pieces they share)."""
+    from sisaflow.corpus import read_records
+
+    try:
+        records = read_records(ws.source(params.corpus.path), params.corpus)
+    except SisaflowError as exc:
+        report.notes.append(
+            f"corpus source not readable ({exc}): text pieces are not checked for distinctness"
+        )
+        return None
+    return "\x00".join(r.text for r in records if r.content_hash not in target_hashes)
+
+
+def build_needles(
+    targets: list[Target], template: str | None, kept: str | None, report: ScanReport | None = None
+) -> Needles:
+    """The byte patterns for `targets`; text pieces that a kept record also contains are left out."""
+    nd = Needles()
+    shared = 0
+    for i, t in enumerate(targets):
+        if t.text:
+            pieces = [p for p in text_pieces(t.text, template) if kept is None or p not in kept]
+            shared += not pieces
+            if len(pieces) > 1 and pieces[0] == t.text:
+                # every piece lies inside the whole text (also JSON-escaped: escaping is per character), so a
+                # copy of the whole text is found through its pieces; one pattern less per target
+                pieces = pieces[1:]
+            for piece in pieces:
+                for enc in _encodings(piece):
+                    nd.add(enc, i, "text")
+        if t.content_hash:
+            nd.add(t.content_hash.encode(), i, "content_hash")
+        if t.record_id:
+            nd.exact_ids.setdefault(t.record_id, []).append(i)
+            if len(t.record_id) >= MIN_RAW_ID:
+                for enc in _encodings(t.record_id):
+                    nd.add(enc, i, "record_id", bounded=True)
+    if report is not None:
+        if shared:
+            report.notes.append(
+                f"{shared} target text(s) also occur in kept records: searched by hash and id only"
+            )
+        no_text = sum(1 for t in targets if not t.text)
+        if no_text:
+            report.notes.append(f"{no_text} target(s) without text: searched by content hash (and id) only")
+        short = sorted({t.record_id for t in targets if t.record_id and len(t.record_id) < MIN_RAW_ID})
+        if short:
+            report.notes.append(
+                f"record id(s) shorter than {MIN_RAW_ID} characters matched as exact Parquet values only: "
+                + ", ".join(short[:10])
+            )
+    return nd
