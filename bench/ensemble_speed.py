@@ -162,11 +162,12 @@ def random_adapters(model, lp, count: int) -> list[dict[str, torch.Tensor]]:
 def lora_rows(
     model, base: str, device: torch.device, dtype: torch.dtype, batches, sizes, new: int, repeats: int
 ) -> list[dict]:
-    """One row per (batch, S): tokens/s of the base alone, the peft loop and BatchedLora."""
+    """One row per (batch, S): tokens/s of the base alone, the peft loop, BatchedLora (transformers' base
+    forward over S times the rows) and stacked_lora (StackedLlama's forward; a Llama base only, else None)."""
     import copy
 
     from sisaflow.config import LoraParams, ModelParams
-    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+    from sisaflow.lora_ensemble import BatchedLora, PeftLoop, stacked_lora
 
     lp = LoraParams()
     mp = ModelParams(tokenizer="base", base=base, lora=lp)
@@ -188,25 +189,40 @@ def lora_rows(
                 "loop": functools.partial(generate_stacked, loop, weights, prompt, new),
                 "batched": functools.partial(generate_stacked, fast, weights, prompt, new),
             }
+            try:
+                lean = stacked_lora(model, adapters[:s], lp.alpha / lp.r, PROMPT + new)
+                runs["stacked"] = functools.partial(
+                    generate_stacked, lean.to(device=device, dtype=dtype), weights, prompt, new
+                )
+            except ValueError:
+                lean = None
             r, by = rates(runs, batch, new, repeats, device)
-            rows.append(
-                {"batch": batch, "S": s, **r, "same_tokens": bool(torch.equal(by["loop"], by["batched"]))}
-            )
-            del fast, loop
+            row = {"batch": batch, "S": s, **r, "same_tokens": bool(torch.equal(by["loop"], by["batched"]))}
+            row.setdefault("stacked", None)
+            if lean is not None:
+                row["stacked_same_tokens"] = bool(torch.equal(by["loop"], by["stacked"]))
+            rows.append(row)
+            del fast, loop, lean
     return rows
 
 
 def print_lora(rows: list[dict]) -> None:
     print(
-        "| batch | S | base alone tok/s | peft loop tok/s | batched LoRA tok/s | batched / loop | batched / one "
-        "| same |"
+        "| batch | S | base alone tok/s | peft loop tok/s | batched LoRA tok/s | stacked LoRA tok/s "
+        "| batched / one | stacked / one | stacked / loop | same |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
+        st = r["stacked"]
+        lean = (
+            ("n/a", "n/a", "n/a")
+            if st is None
+            else (f"{st:,.0f}", f"{st / r['one']:.2f}", f"{st / r['loop']:.2f}")
+        )
+        same = r["same_tokens"] and r.get("stacked_same_tokens", True)
         print(
-            f"| {r['batch']} | {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['batched']:,.0f} "
-            f"| {r['batched'] / r['loop']:.2f} | {r['batched'] / r['one']:.2f} "
-            f"| {'yes' if r['same_tokens'] else 'NO'} |",
+            f"| {r['batch']} | {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['batched']:,.0f} | {lean[0]} "
+            f"| {r['batched'] / r['one']:.2f} | {lean[1]} | {lean[2]} | {'yes' if same else 'NO'} |",
             flush=True,
         )
 

@@ -14,7 +14,8 @@ Sections, in this order (a section that would start after --budget-s seconds is 
 - ensemble: greedy generation of an S-model ensemble, S = 1, 2, 4, 8, batch 16, 64 new tokens, bf16: one model,
   the Python loop over S models (what Ensemble does with ensemble.batched false) and StackedLlama.
 - lora-ensemble: the same for LoRA constituents (r 8 on q_proj, v_proj) over a random frozen base of the
-  SmolLM2-135M shape (3 key/value heads): base alone, the peft loop, BatchedLora.
+  SmolLM2-135M shape (3 key/value heads): base alone, the peft loop, BatchedLora (transformers' base forward over
+  S times the rows) and stacked_lora (StackedLlama's forward with shared base weights: what Ensemble serves).
 - lora-train: per-shard LoRA training, the library against a bare peft loop, eager.
 
 Writes DIR/gpu.json after every measurement (a timeout keeps what was measured) and DIR/gpu.md at the end.
@@ -320,9 +321,10 @@ def lora_ensemble_section(setup: Setup, device: torch.device, dtype: torch.dtype
     rows = lora_rows(
         model, str(base), device, dtype, (setup.gen_batch,), setup.sizes, setup.gen_new, setup.gen_repeats
     )
-    return [
-        {**r, "batched_vs_one": r["batched"] / r["one"], "loop_vs_one": r["loop"] / r["one"]} for r in rows
-    ]
+    for r in rows:
+        r["batched_vs_one"], r["loop_vs_one"] = r["batched"] / r["one"], r["loop"] / r["one"]
+        r["stacked_vs_one"] = None if r["stacked"] is None else r["stacked"] / r["one"]
+    return rows
 
 
 def markdown(out: dict) -> str:
@@ -355,24 +357,37 @@ def markdown(out: dict) -> str:
                     f"| {mode} | {name} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mfu_a} | {extra} |"
                 )
             lines.append(f"| {mode} | library / bare | {train[mode]['library_vs_bare']:.2f}x | | | | |")
-    for key, title, fast in (
-        ("ensemble", "Ensemble generation, from-scratch constituents", "stacked"),
-        ("lora_ensemble", "Ensemble generation, LoRA constituents", "batched"),
-    ):
-        rows = out.get(key)
-        if not isinstance(rows, list):
-            continue
+    rows = out.get("ensemble")
+    if isinstance(rows, list):
         lines += [
             "",
-            f"{title} (tokens/s over all rows; batch {rows[0]['batch']}):",
+            f"Ensemble generation, from-scratch constituents (tokens/s over all rows; batch {rows[0]['batch']}):",
             "",
-            f"| S | one model | loop | {fast} | loop / one | {fast} / one | {fast} / loop | same tokens |",
+            "| S | one model | loop | stacked | loop / one | stacked / one | stacked / loop | same tokens |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in rows:
             lines.append(
-                f"| {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r[fast]:,.0f} | {r['loop'] / r['one']:.2f} "
-                f"| {r[fast] / r['one']:.2f} | {r[fast] / r['loop']:.2f} | {'yes' if r['same_tokens'] else 'NO'} |"
+                f"| {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['stacked']:,.0f} | {r['loop_vs_one']:.2f} "
+                f"| {r['stacked_vs_one']:.2f} | {r['stacked'] / r['loop']:.2f} | {'yes' if r['same_tokens'] else 'NO'} |"
+            )
+    rows = out.get("lora_ensemble")
+    if isinstance(rows, list):
+        lines += [
+            "",
+            f"Ensemble generation, LoRA constituents (tokens/s over all rows; batch {rows[0]['batch']}; one model = "
+            "the base alone; stacked = what the Ensemble serves for a Llama base):",
+            "",
+            "| S | base alone | peft loop | BatchedLora | stacked | BatchedLora / one | stacked / one | same tokens |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in rows:
+            st = "n/a" if r["stacked"] is None else f"{r['stacked']:,.0f}"
+            st_one = "n/a" if r["stacked_vs_one"] is None else f"{r['stacked_vs_one']:.2f}"
+            same = r["same_tokens"] and r.get("stacked_same_tokens", True)
+            lines.append(
+                f"| {r['S']} | {r['one']:,.0f} | {r['loop']:,.0f} | {r['batched']:,.0f} | {st} "
+                f"| {r['batched_vs_one']:.2f} | {st_one} | {'yes' if same else 'NO'} |"
             )
     lt = out.get("lora_train")
     if isinstance(lt, dict):

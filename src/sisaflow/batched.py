@@ -6,6 +6,10 @@ batch (`scaled_dot_product_attention` on (S*B, heads, T, d)). The numerics follo
 float32, default RoPE, SiLU MLP, head_dim**-0.5 scaling). Query/key/value and gate/up weights are concatenated so
 a layer costs four matmuls whatever S is; on small models the per-step cost is kernel launches, not FLOPs.
 
+A weight may also be shared by all constituents (leading dim 1: a pretrained base under LoRA adapters, see
+`sisaflow.lora_ensemble.stacked_lora`); it is then one matmul over all S x rows. `deltas` add low-rank terms per
+constituent to a fused projection (LoRA: x A_s^T (scale B_s)^T, one bmm and one baddbmm per projection).
+
 Positions follow a transformers forward without `position_ids`: past length + 0..T-1, whatever the padding.
 RoPE depends only on relative positions, so a left-padded row gives the same outputs for its real tokens as the
 unpadded prompt (up to float rounding). Outputs at padded positions are meaningless.
@@ -13,13 +17,14 @@ unpadded prompt (up to float rounding). Outputs at padded positions are meaningl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
+
+from sisaflow.stacked_cache import StackedCache
 
 # config fields that decide the computation; every constituent must agree on them
 _ARCH_KEYS = (
@@ -39,56 +44,12 @@ _ARCH_KEYS = (
 )
 
 
-@dataclass
-class StackedCache:
-    """Keys and values of every constituent and layer, preallocated and filled in place.
-
-    `keys[l]` and `values[l]` have shape (S, B, heads, capacity, head_dim); positions `0..length-1` are filled.
-    A forward that is given the cache writes into it and advances `length` (like transformers' DynamicCache), and
-    doubles the capacity when a step would overflow it. `key_mask` (B, capacity), True for real tokens, is kept
-    only once a padded attention_mask has been seen; None means every position is real.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    length: int = 0
-    key_mask: torch.Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.keys[0].shape[1])
-
-    @property
-    def capacity(self) -> int:
-        return int(self.keys[0].shape[3])
-
-    def get_seq_length(self) -> int:
-        """The number of cached positions (the name transformers' caches use)."""
-        return self.length
-
-    def reserve(self, needed: int) -> None:
-        """Make room for `needed` positions, growing at least twofold so appends stay amortised O(1)."""
-        if needed <= self.capacity:
-            return
-        extra = max(needed, 2 * self.capacity) - self.capacity
-
-        def grow(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros((*t.shape[:3], extra, t.shape[4]))], dim=3)
-
-        self.keys = [grow(k) for k in self.keys]
-        self.values = [grow(v) for v in self.values]
-        if self.key_mask is not None:
-            self.key_mask = torch.cat(
-                [self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], extra))], 1
-            )
-
-
 class StackedLlama(nn.Module):
     """S transformers Llama causal LMs of one config, as one module whose forward returns (S, B, T, V) logits.
 
     Build it with `from_models`; the weights are copies, so later changes to the models are not seen.
-    Inference only (runs under no_grad). Limits: no GQA (key/value heads must equal heads), default RoPE,
-    SiLU, no biases; left padding only through `attention_mask` (see `forward`).
+    Inference only (runs under no_grad). Limits: default RoPE, SiLU, no biases; left padding only through
+    `attention_mask` (see `forward`). Grouped key/value heads are repeated for attention as transformers does.
     """
 
     rope_cos: torch.Tensor
@@ -106,9 +67,15 @@ class StackedLlama(nn.Module):
         context_length: int,
         inv_freq: torch.Tensor,
         attention_scaling: float,
+        kv_heads: int | None = None,
+        num_models: int | None = None,
+        deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         super().__init__()
         self.heads = heads
+        self.kv_heads = kv_heads or heads
+        if heads % self.kv_heads:
+            raise ValueError(f"{heads} attention heads cannot share {self.kv_heads} key/value heads")
         self.head_dim = head_dim
         self.rms_norm_eps = rms_norm_eps
         self.context_length = context_length
@@ -123,6 +90,15 @@ class StackedLlama(nn.Module):
         self.input_norm = nn.Parameter(weights["input_norm"], requires_grad=False)  # (L, S, 1, H)
         self.post_norm = nn.Parameter(weights["post_norm"], requires_grad=False)  # (L, S, 1, H)
         self.final_norm = nn.Parameter(weights["final_norm"], requires_grad=False)  # (S, 1, H)
+        self._num_models = num_models or int(self.embed.shape[0])
+        # low-rank terms per fused projection: A^T (L, S, in, R) and B^T (L, S, R, out)
+        self.deltas = nn.ParameterDict(
+            {
+                f"{name}_{factor}": nn.Parameter(t, requires_grad=False)
+                for name, pair in (deltas or {}).items()
+                for factor, t in zip("ab", pair, strict=True)
+            }
+        )
         # kept in float32 (not a buffer, so .to(dtype) cannot round it); used only to extend the table
         self._inv_freq = inv_freq.detach().float().clone()
         cos, sin = self._rope_table(max(context_length, 1), self.embed.device)
@@ -131,16 +107,25 @@ class StackedLlama(nn.Module):
 
     @property
     def num_models(self) -> int:
-        return int(self.embed.shape[0])
+        return self._num_models
 
     @property
     def num_layers(self) -> int:
         return int(self.qkv.shape[0])
 
     @classmethod
-    def from_models(cls, models: list[LlamaForCausalLM]) -> StackedLlama:
+    def from_models(
+        cls,
+        models: list[LlamaForCausalLM],
+        context_length: int | None = None,
+        num_models: int | None = None,
+        deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> StackedLlama:
         """Stack the weights of `models`; ValueError if they differ in config, dtype or device, or use a feature
-        this implementation lacks. Tied embeddings are stacked once and serve as the output head."""
+        this implementation lacks. Tied embeddings are stacked once and serve as the output head.
+
+        One model with `num_models` S > 1 shares its weights among S constituents that differ by `deltas`.
+        `context_length` (default: the config's max_position_embeddings) sizes a fresh cache."""
         if not models:
             raise ValueError("StackedLlama needs at least one model")
         for i, m in enumerate(models):
@@ -195,14 +180,17 @@ class StackedLlama(nn.Module):
             heads=arch["num_attention_heads"],
             head_dim=arch["head_dim"] or arch["hidden_size"] // arch["num_attention_heads"],
             rms_norm_eps=arch["rms_norm_eps"],
-            context_length=arch["max_position_embeddings"],
+            context_length=context_length or arch["max_position_embeddings"],
             inv_freq=rotary.inv_freq,
             attention_scaling=float(rotary.attention_scaling),
+            kv_heads=arch["num_key_value_heads"],
+            num_models=num_models,
+            deltas=deltas,
         )
 
     def new_cache(self, batch_size: int, capacity: int | None = None) -> StackedCache:
         """An empty cache for `batch_size` rows; `capacity` defaults to the context length."""
-        shape = (self.num_models, batch_size, self.heads, capacity or self.context_length, self.head_dim)
+        shape = (self.num_models, batch_size, self.kv_heads, capacity or self.context_length, self.head_dim)
         like = self.embed
         return StackedCache(
             keys=[like.new_zeros(shape) for _ in range(self.num_layers)],
@@ -238,13 +226,14 @@ class StackedLlama(nn.Module):
         key_mask = self._key_mask(attention_mask, cache, batch, past, steps, input_ids.device)
         cos, sin = self._rope(past, steps)
 
-        n = self.num_models
-        x = self.embed[:, input_ids].reshape(n, batch * steps, -1)
+        n, heads, kv, d = self.num_models, self.heads, self.kv_heads, self.head_dim
+        deltas = {name: t for name, t in self.deltas.items()}  # one lookup per call, not per layer
+        x = self.embed[:, input_ids].reshape(self.embed.shape[0], batch * steps, -1).expand(n, -1, -1)
         for layer in range(self.num_layers):
             h = self._rms_norm(x, self.input_norm[layer])
-            qkv = torch.bmm(h, self.qkv[layer].transpose(1, 2))
-            qkv = qkv.view(n, batch, steps, 3, self.heads, self.head_dim).transpose(2, 4)  # (S,B,heads,3,T,d)
-            q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+            qkv = self._project(h, self.qkv, "qkv", layer, deltas)
+            qkv = qkv.view(n, batch, steps, heads + 2 * kv, d).transpose(2, 3)  # (S, B, heads + 2 kv, T, d)
+            q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv], qkv[:, :, heads + kv :]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if cache is not None:
@@ -253,20 +242,33 @@ class StackedLlama(nn.Module):
                 k = cache.keys[layer][:, :, :, :total]
                 v = cache.values[layer][:, :, :, :total]
             attn = self._attention(q, k, v, key_mask, past)  # (S*B, heads, T, d)
-            attn = attn.view(n, batch, self.heads, steps, self.head_dim).transpose(2, 3)
-            x = x + torch.bmm(attn.reshape(n, batch * steps, -1), self.o[layer].transpose(1, 2))
+            attn = attn.view(n, batch, heads, steps, d).transpose(2, 3).reshape(n, batch * steps, -1)
+            x = x + self._project(attn, self.o, "o", layer, deltas)
             h = self._rms_norm(x, self.post_norm[layer])
-            gate, up = torch.bmm(h, self.gate_up[layer].transpose(1, 2)).chunk(2, dim=-1)
-            x = x + torch.bmm(F.silu(gate) * up, self.down[layer].transpose(1, 2))
+            gate, up = self._project(h, self.gate_up, "gate_up", layer, deltas).chunk(2, dim=-1)
+            x = x + self._project(F.silu(gate) * up, self.down, "down", layer, deltas)
         x = self._rms_norm(x, self.final_norm).view(n, batch, steps, -1)
         if 0 < logits_to_keep < steps:
             x = x[:, :, -logits_to_keep:]
         kept = x.shape[2]
         head = self.embed if self.lm_head is None else self.lm_head
-        logits = torch.bmm(x.reshape(n, batch * kept, -1), head.transpose(1, 2)).view(n, batch, kept, -1)
+        x = x.reshape(n, batch * kept, -1)
+        logits = F.linear(x, head[0]) if head.shape[0] == 1 else torch.bmm(x, head.transpose(1, 2))
+        logits = logits.view(n, batch, kept, -1)
         if cache is not None:
             cache.length = total
         return logits, cache
+
+    @staticmethod
+    def _project(
+        h: torch.Tensor, weights: torch.Tensor, name: str, layer: int, deltas: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """h (S, N, in) through layer `layer` of a stacked (S) or shared (1) projection, plus its deltas."""
+        w = weights[layer]
+        y = F.linear(h, w[0]) if w.shape[0] == 1 else torch.bmm(h, w.transpose(1, 2))
+        if name + "_a" in deltas:
+            y = torch.baddbmm(y, torch.bmm(h, deltas[name + "_a"][layer]), deltas[name + "_b"][layer])
+        return y
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # as transformers' LlamaRMSNorm: statistics in float32, weight applied in the input dtype
@@ -325,8 +327,14 @@ class StackedLlama(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, past: int
     ) -> torch.Tensor:
         n, batch, heads, steps, d = q.shape
-        total = k.shape[3]
-        q, k, v = (t.reshape(n * batch, heads, -1, d) for t in (q, k, v))
+        kv, total = k.shape[2], k.shape[3]
+        q = q.reshape(n * batch, heads, steps, d)
+        k, v = (t.reshape(n * batch, kv, total, d) for t in (k, v))
+        if kv != heads:  # as transformers' repeat_kv
+            k, v = (
+                t[:, :, None].expand(n * batch, kv, heads // kv, total, d).reshape(n * batch, heads, total, d)
+                for t in (k, v)
+            )
         scale = self.head_dim**-0.5
         if key_mask is None and steps == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -349,8 +357,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _check_supported(arch: dict[str, Any]) -> None:
     problems = []
-    if arch["num_key_value_heads"] not in (None, arch["num_attention_heads"]):
-        problems.append("grouped key/value heads (num_key_value_heads != num_attention_heads)")
+    kv = arch["num_key_value_heads"] or arch["num_attention_heads"]
+    if arch["num_attention_heads"] % kv:
+        problems.append(f"{arch['num_attention_heads']} heads over {kv} key/value heads")
     if arch["hidden_act"] != "silu":
         problems.append(f"hidden_act {arch['hidden_act']!r} (only silu)")
     if arch["attention_bias"] or arch["mlp_bias"]:

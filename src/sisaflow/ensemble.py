@@ -4,11 +4,13 @@
 The Ensemble's forward returns the combined log-probabilities as `.logits`, so generate-style code and
 evaluation harnesses use it unchanged.
 
-The constituents' logits come from one of three computations, all returning (S, B, T, V): `StackedLlama`
-(from-scratch constituents of one architecture, stacked weights, one batched forward per step), `BatchedLora`
-(LoRA constituents: one base forward over S times the rows, batched adapter matmuls), or a Python loop over the
-constituents with one KV cache each (`ensemble.batched: false`, or constituents the batched paths cannot take).
-They agree within float32 rounding (tests/unit/test_batched.py, tests/unit/test_lora.py state the tolerances).
+The constituents' logits come from one of these computations, all returning (S, B, T, V): `StackedLlama`
+(from-scratch constituents of one architecture, stacked weights, one batched forward per step; or LoRA
+constituents over a Llama base, the base's weights shared and the adapters as batched low-rank terms,
+`sisaflow.lora_ensemble.stacked_lora`), `BatchedLora` (LoRA over any other base: one transformers forward over S
+times the rows, batched adapter matmuls), or a Python loop over the constituents with one KV cache each
+(`ensemble.batched: false`, or constituents the batched paths cannot take). They agree within float32 rounding
+(tests/unit/test_batched.py, tests/unit/test_lora.py state the tolerances).
 """
 
 from __future__ import annotations

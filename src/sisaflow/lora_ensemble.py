@@ -8,6 +8,12 @@ The hidden states differ per constituent after the first adapted layer, which is
 Attention, norms, rotary embeddings, grouped key/value heads and the KV cache are the base model's own
 (transformers), on a batch of S*B rows, so any transformers causal LM whose adapted layers are `nn.Linear` works.
 
+`stacked_lora` is the leanest of the three where the base is a Llama that `StackedLlama` supports (SmolLM2 is):
+the base's weights shared by all constituents and applied once to S times the rows, the adapters of each fused
+projection (q/k/v, o, gate/up, down) concatenated so that one bmm and one baddbmm add every adapter's term.
+Its forward is plain torch, not transformers' modules, so a step dispatches fewer operations than one
+transformers model does (bench/ensemble_speed.py --lora BASE measures it).
+
 `PeftLoop` is the straightforward computation: one peft model holding S named adapters, a Python loop that
 activates each in turn, one cache per adapter. Both return logits (S, B, T, V) and take the arguments of
 `StackedLlama.forward`, so the Ensemble drives any of them alike.
@@ -15,12 +21,15 @@ activates each in turn, one cache per adapter. Both return logits (S, B, T, V) a
 
 from __future__ import annotations
 
+import contextlib
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sisaflow.batched import StackedLlama
 from sisaflow.config import ModelParams
 from sisaflow.ensemble import _cache_kwarg, _cache_of
 from sisaflow.lora import attach_adapters, check_context, load_adapter_state, stack_adapters
@@ -146,27 +155,89 @@ class PeftLoop(nn.Module):
         return torch.stack(logits), new if use_cache else None
 
 
+# where each adapted Llama linear layer sits in StackedLlama's fused projections: (projection, part)
+_FUSED = {
+    "self_attn.q_proj": ("qkv", 0),
+    "self_attn.k_proj": ("qkv", 1),
+    "self_attn.v_proj": ("qkv", 2),
+    "self_attn.o_proj": ("o", 0),
+    "mlp.gate_proj": ("gate_up", 0),
+    "mlp.up_proj": ("gate_up", 1),
+    "mlp.down_proj": ("down", 0),
+}
+_LAYER_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<name>[a-z_]+\.[a-z_]+)$")
+
+
+def stacked_lora(
+    base: nn.Module, adapters: list[dict[str, torch.Tensor]], scale: float, context_length: int
+) -> StackedLlama:
+    """S LoRA adapters over a Llama base as one `StackedLlama`: the base's weights shared, each fused
+    projection's adapters as one low-rank term (A's concatenated, scale * B's placed block by block).
+
+    ValueError when the base is not a Llama StackedLlama supports, or an adapter adapts another layer."""
+    from transformers import LlamaForCausalLM
+
+    if not isinstance(base, LlamaForCausalLM):
+        raise ValueError(f"the base is a {type(base).__name__}, not a Llama")
+    cfg = base.config
+    heads = cfg.num_attention_heads
+    kv, d = cfg.num_key_value_heads or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    # (input width, output widths of the fused parts) of each fused projection
+    shapes = {
+        "qkv": (cfg.hidden_size, [heads * d, kv * d, kv * d]),
+        "o": (heads * d, [cfg.hidden_size]),
+        "gate_up": (cfg.hidden_size, [cfg.intermediate_size, cfg.intermediate_size]),
+        "down": (cfg.intermediate_size, [cfg.hidden_size]),
+    }
+    placed: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
+    for module, (a, b) in stack_adapters(adapters).items():
+        m = _LAYER_MODULE.match(module)
+        if m is None or m["name"] not in _FUSED:
+            raise ValueError(f"{module} is not a linear layer of a Llama decoder layer")
+        fused, part = _FUSED[m["name"]]
+        placed.setdefault(fused, {})[(int(m["layer"]), part)] = (a, b)
+    n, dtype = len(adapters), base.model.embed_tokens.weight.dtype
+    deltas = {}
+    for fused, by_place in placed.items():
+        width, outs = shapes[fused]
+        offsets = [sum(outs[:p]) for p in range(len(outs) + 1)]
+        used = sorted({part for _, part in by_place})  # the parts some layer adapts; the rest stay zero
+        rank = next(iter(by_place.values()))[0].shape[1]
+        a_t = torch.zeros(cfg.num_hidden_layers, n, width, rank * len(used))
+        b_t = torch.zeros(cfg.num_hidden_layers, n, rank * len(used), offsets[-1])
+        for (layer, part), (a, b) in by_place.items():
+            cols = slice(used.index(part) * rank, (used.index(part) + 1) * rank)
+            a_t[layer, :, :, cols] = a.transpose(1, 2)
+            b_t[layer, :, cols, offsets[part] : offsets[part + 1]] = (b * scale).transpose(1, 2)
+        deltas[fused] = (a_t.to(dtype), b_t.to(dtype))
+    return StackedLlama.from_models([base], context_length=context_length, num_models=n, deltas=deltas)
+
+
 def lora_runner(
     mp: ModelParams,
     adapters: list[dict[str, torch.Tensor]],
     batched: bool,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, int]:
-    """Load the base once and put the adapters over it: (runner, context length). `batched` picks BatchedLora
-    (falling back to the peft loop when an adapted layer is not nn.Linear) or PeftLoop."""
+    """Load the base once and put the adapters over it: (runner, context length). `batched` picks the leanest
+    batched runner that takes this base and these adapters (`stacked_lora` for a supported Llama, else
+    BatchedLora for any nn.Linear layers) and falls back to the peft loop; without `batched`, the peft loop."""
     if mp.base is None:
         raise ValueError("lora_runner needs model.base")
     base = load_base_model(mp.base)
     check_context(mp, base)
     context = mp.context_length
-    runner: nn.Module
+    scale = mp.lora.alpha / mp.lora.r
+    runner: nn.Module | None = None
     if batched:
-        try:
-            runner = BatchedLora(base, adapters, mp.lora.alpha / mp.lora.r)
-        except ValueError:
-            base = load_base_model(mp.base)  # BatchedLora may have replaced some layers before refusing
-            runner = PeftLoop(base, mp, adapters)
-    else:
+        with contextlib.suppress(ValueError):  # another architecture, or adapters on other layers
+            runner = stacked_lora(base, adapters, scale, context)
+        if runner is None:
+            try:
+                runner = BatchedLora(base, adapters, scale)
+            except ValueError:
+                base = load_base_model(mp.base)  # BatchedLora may have replaced some layers before refusing
+    if runner is None:
         runner = PeftLoop(base, mp, adapters)
     runner.to(device)
     return runner, context

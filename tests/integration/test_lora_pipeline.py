@@ -99,15 +99,15 @@ def test_retrained_adapter_equals_training_from_scratch_without_the_records(stor
 
 
 def test_the_served_ensemble_is_the_batched_lora_over_one_base(story):
+    from sisaflow.batched import StackedLlama
     from sisaflow.ensemble import Ensemble
-    from sisaflow.lora_ensemble import BatchedLora
     from sisaflow.pretrained import base_identity
     from sisaflow.registry import read_registry
 
     reg = read_registry(story["ws"])
     assert reg["base_sha256"] == base_identity(story["params"].model.base)
     ens = Ensemble.load(story["ws"])
-    assert isinstance(ens.runner, BatchedLora) and ens.shards == [0, 1]
+    assert isinstance(ens.runner, StackedLlama) and ens.runner.deltas and ens.shards == [0, 1]
     text = ens.generate("Question: Who is the author?\nAnswer:", max_new_tokens=10)
     assert isinstance(text, str)
     assert ens.score("Question: Who?\nAnswer: An author.")["log_likelihood"] < 0

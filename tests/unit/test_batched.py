@@ -42,6 +42,33 @@ def _models(seeds=(1, 2, 3), tie: bool = True, **kw):
     return models
 
 
+def _scaled(m):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for w in m.parameters():
+            w.copy_(
+                torch.randn(w.shape, generator=g) * 2.0 / w.shape[1] ** 0.5 if w.dim() == 2 else 1 + 0.3 * w
+            )
+    return m.eval()
+
+
+def _gqa_models(seeds=(1, 2)):
+    """Tiny Llamas with 4 query heads over 2 key/value heads (the library builds full heads; pretrained bases
+    such as SmolLM2 group them)."""
+    from transformers import LlamaForCausalLM
+
+    from sisaflow.model import model_config
+
+    out = []
+    for s in seeds:
+        cfg = model_config(_params(heads=4), VOCAB, EOS)
+        cfg.num_key_value_heads = 2
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(s)
+        out.append(_scaled(LlamaForCausalLM(cfg)))
+    return out
+
+
 def _ids(batch: int, steps: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(seed))
 
@@ -186,10 +213,10 @@ def test_models_of_different_configs_or_unsupported_features_are_refused():
         StackedLlama.from_models(base + _models(seeds=(2,), context_length=32))
     with pytest.raises(ValueError, match="dtype"):
         StackedLlama.from_models(base + [_models(seeds=(2,))[0].double()])
-    gqa = _models(seeds=(1,))[0]
-    gqa.config.num_key_value_heads = 1
-    with pytest.raises(ValueError, match="grouped"):
-        StackedLlama.from_models([gqa])
+    odd = _models(seeds=(1,), heads=4)[0]
+    odd.config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="4 heads over 3 key/value heads"):
+        StackedLlama.from_models([odd])
     with pytest.raises(ValueError, match="at least one"):
         StackedLlama.from_models([])
 
@@ -231,8 +258,8 @@ def test_constituents_the_stacked_model_cannot_take_are_looped():
     from sisaflow.ensemble import ModelLoop
 
     models = _models(seeds=(1, 2))
-    for m in models:  # grouped key/value heads: not supported by StackedLlama
-        m.config.num_key_value_heads = 1
+    for m in models:  # a gated activation other than SiLU: not supported by StackedLlama
+        m.config.hidden_act = "gelu"
     ens = Ensemble(models, [1.0, 1.0], "mixture", IdTokenizer())
     assert isinstance(ens.runner, ModelLoop) and not ens.batched
 
@@ -256,3 +283,19 @@ def test_load_follows_params_ensemble_batched(make_workspace, make_records, make
     text = "Question: what is 1 plus 1?"
     slow = Ensemble.load(ws, batched=False)
     assert fast.score(text)["log_likelihood"] == pytest.approx(slow.score(text)["log_likelihood"], abs=1e-6)
+
+
+def test_grouped_key_value_heads_equal_transformers_with_and_without_cache():
+    models = _gqa_models()
+    stacked = StackedLlama.from_models(models)
+    assert stacked.kv_heads == 2 and stacked.heads == 4
+    ids = _ids(2, 12)
+    logits, cache = stacked(ids, use_cache=True)
+    assert cache is not None and cache.keys[0].shape[2] == 2  # the cache keeps the grouped heads only
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    step = _ids(2, 1, seed=5)
+    nxt, _ = stacked(step, cache=cache, use_cache=True)
+    for i, m in enumerate(models):
+        assert _max_diff(lp[i], _hf_log_probs(m, ids)) <= ATOL
+        full = _hf_log_probs(m, torch.cat([ids, step], dim=1))[:, -1]
+        assert _max_diff(torch.log_softmax(nxt[i, :, -1].double(), -1), full) <= ATOL

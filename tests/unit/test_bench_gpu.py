@@ -40,10 +40,11 @@ def test_training_compares_the_library_with_a_bare_loop_on_the_same_batches(smok
 
 def test_ensembles_are_measured_for_every_size_and_pick_the_loops_tokens(smoke):
     figures, text = smoke
-    for key, fast in (("ensemble", "stacked"), ("lora_ensemble", "batched")):
+    for key, fast in (("ensemble", "stacked"), ("lora_ensemble", "batched"), ("lora_ensemble", "stacked")):
         rows = figures[key]
         assert [r["S"] for r in rows] == list(gpu.SMOKE.sizes)
         assert all(r["same_tokens"] and r[fast] > 0 and r["loop"] > 0 for r in rows)
+    assert all(r["stacked_same_tokens"] for r in figures["lora_ensemble"])  # the random base is a Llama
     assert "Ensemble generation, LoRA constituents" in text and "| library / bare |" in text
 
 

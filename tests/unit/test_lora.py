@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sisaflow.batched import StackedLlama
 from sisaflow.checkpoint import MODEL_FILE, OPTIMIZER_FILE
 from sisaflow.config import LoraParams, Params, ShardingParams
 from sisaflow.corpus import from_table, read_table, to_table, write_table
@@ -19,7 +20,7 @@ from sisaflow.ensemble import Ensemble
 from sisaflow.errors import ConfigError, WorkspaceError
 from sisaflow.fsio import sha256_file
 from sisaflow.lora import adapter_state, attach_adapters, build_lora_model
-from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+from sisaflow.lora_ensemble import BatchedLora, PeftLoop, lora_runner, stacked_lora
 from sisaflow.pretrained import base_identity, load_base_model, locate_base
 from sisaflow.sharding import read_slice, shard_corpus
 from sisaflow.tokenizer import load_tokenizer
@@ -31,6 +32,8 @@ from tests.lora_base import save_tiny_base
 # steps up to 3.4e-5, while the peft loop itself differs by up to 6.6e-5 between cached and uncached steps.
 ATOL = 1e-5
 ATOL_CACHED = 1e-4
+# stacked_lora runs StackedLlama's own Llama forward, not transformers': the tolerance of tests/unit/test_batched.py
+STACKED_ATOL = 1e-4
 
 
 def quiet(msg: str) -> None:
@@ -287,6 +290,66 @@ def test_batched_lora_generation_equals_the_peft_loop(base_dir):
     assert batched.generate(prompt, max_new_tokens=20) == loop.generate(prompt, max_new_tokens=20)
 
 
+@pytest.mark.parametrize("lp", LPS, ids=["qv", "qko-down"])
+def test_stacked_lora_equals_the_peft_loop_with_and_without_cache(base_dir, lp):
+    """stacked_lora (shared base weights, fused low-rank terms, grouped key/value heads) against peft."""
+    adapters = _random_adapters(base_dir, lp, 3)
+    stacked = stacked_lora(load_base_model(str(base_dir)), adapters, lp.alpha / lp.r, context_length=96)
+    mp = Params.from_dict(
+        {"model": {"tokenizer": "base", "base": str(base_dir), "lora": dataclasses.asdict(lp)}}
+    )
+    loop = PeftLoop(load_base_model(str(base_dir)), mp.model, adapters)
+    assert stacked.num_models == 3 and stacked.kv_heads == 2 and stacked.qkv.shape[1] == 1  # one base copy
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # the second row left-padded
+    ls, cache = stacked(ids, mask, use_cache=True)
+    ll, caches = loop(ids, mask, use_cache=True)
+    real = mask.bool()
+    full = float((torch.log_softmax(ls, -1) - torch.log_softmax(ll, -1)).abs()[:, real].max())
+    assert full <= STACKED_ATOL
+    assert float((ls[0] - ls[1]).abs()[real].max()) > 0.1  # the constituents differ
+    worst = 0.0
+    for _ in range(10):  # greedy on constituent 0, both with their caches
+        token = ll[0, :, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        ls, cache = stacked(token, mask, cache=cache, use_cache=True)
+        ll, caches = loop(token, mask, cache=caches, use_cache=True)
+        worst = max(worst, float((ls[:, :, -1] - ll[:, :, -1]).abs().max()))
+    assert worst <= STACKED_ATOL
+    # the float32 differences are rounding: in float64 the two computations agree to the last bits
+    wide = stacked_lora(
+        load_base_model(str(base_dir)).double(),
+        [{k: v.double() for k, v in a.items()} for a in adapters],
+        lp.alpha / lp.r,
+        context_length=96,
+    )
+    ls, _ = wide(ids)
+    ll, _ = loop.double()(ids)
+    assert float((ls - ll).abs().max()) <= 1e-12
+
+
+def test_lora_runner_prefers_stacked_lora_and_falls_back(base_dir):
+    """A Llama base with adapters on decoder layers: StackedLlama; an adapter on the output head (a linear
+    layer outside the decoder layers): BatchedLora; a layer that is no nn.Linear would fall back to the loop."""
+    for targets, kind in ((["q_proj", "v_proj"], StackedLlama), (["q_proj", "lm_head"], BatchedLora)):
+        lp = LoraParams(target_modules=targets)
+        mp = Params.from_dict(
+            {
+                "model": {
+                    "tokenizer": "base",
+                    "base": str(base_dir),
+                    "lora": dataclasses.asdict(lp),
+                    "context_length": 96,
+                }
+            }
+        )
+        runner, _ = lora_runner(mp.model, _random_adapters(base_dir, lp, 2), batched=True)
+        assert isinstance(runner, kind), targets
+        looped, _ = lora_runner(mp.model, _random_adapters(base_dir, lp, 2), batched=False)
+        assert isinstance(looped, PeftLoop)
+
+
 def test_the_served_lora_ensemble_from_the_registry(sharded, make_records, lora_params, tmp_path, base_dir):
     from sisaflow.exactness import verify_exact
     from sisaflow.registry import build_registry
@@ -305,7 +368,7 @@ def test_the_served_lora_ensemble_from_the_registry(sharded, make_records, lora_
     ws.params_file.write_text("")  # defaults: ensemble.batched true
     batched = Ensemble.load(ws)
     loop = Ensemble.load(ws, batched=False)
-    assert isinstance(batched.runner, BatchedLora) and isinstance(loop.runner, PeftLoop)
+    assert isinstance(batched.runner, StackedLlama) and isinstance(loop.runner, PeftLoop)
     assert batched.shards == loop.shards == [0, 1]
     text = "Question: what is 1 plus 1?"
     a, b = batched.score(text)["log_likelihood"], loop.score(text)["log_likelihood"]

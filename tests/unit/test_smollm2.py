@@ -28,10 +28,11 @@ def test_smollm2_trains_an_adapter_and_serves_it_batched(make_workspace, make_pa
     import torch
     from safetensors.torch import load_file
 
+    from sisaflow.batched import StackedLlama
     from sisaflow.checkpoint import MODEL_FILE
     from sisaflow.corpus import Record, content_hash
     from sisaflow.ensemble import Ensemble
-    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
+    from sisaflow.lora_ensemble import PeftLoop
     from sisaflow.pretrained import locate_base
     from sisaflow.registry import build_registry
     from sisaflow.tokenizer import load_tokenizer
@@ -67,7 +68,7 @@ def test_smollm2_trains_an_adapter_and_serves_it_batched(make_workspace, make_pa
     build_registry(ws, params)
     ws.params_file.write_text("")
     batched, loop = Ensemble.load(ws), Ensemble.load(ws, batched=False)
-    assert isinstance(batched.runner, BatchedLora) and isinstance(loop.runner, PeftLoop)
+    assert isinstance(batched.runner, StackedLlama) and isinstance(loop.runner, PeftLoop)
     x = torch.tensor([tok.encode(text)])
     diff = float((batched(x).logits - loop(x).logits).abs().max())
     assert diff <= 1e-4, diff

@@ -1,0 +1,51 @@
+"""The KV cache of `sisaflow.batched.StackedLlama`: every constituent's keys and values, preallocated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StackedCache:
+    """Keys and values of every constituent and layer, preallocated and filled in place.
+
+    `keys[l]` and `values[l]` have shape (S, B, heads, capacity, head_dim); positions `0..length-1` are filled.
+    A forward that is given the cache writes into it and advances `length` (like transformers' DynamicCache), and
+    doubles the capacity when a step would overflow it. `key_mask` (B, capacity), True for real tokens, is kept
+    only once a padded attention_mask has been seen; None means every position is real.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+    key_mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.keys[0].shape[1])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[3])
+
+    def get_seq_length(self) -> int:
+        """The number of cached positions (the name transformers' caches use)."""
+        return self.length
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` positions, growing at least twofold so appends stay amortised O(1)."""
+        if needed <= self.capacity:
+            return
+        extra = max(needed, 2 * self.capacity) - self.capacity
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros((*t.shape[:3], extra, t.shape[4]))], dim=3)
+
+        self.keys = [grow(k) for k in self.keys]
+        self.values = [grow(v) for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = torch.cat(
+                [self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], extra))], 1
+            )
