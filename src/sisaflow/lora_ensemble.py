@@ -202,7 +202,10 @@ def stacked_lora(
         width, outs = shapes[fused]
         offsets = [sum(outs[:p]) for p in range(len(outs) + 1)]
         used = sorted({part for _, part in by_place})  # the parts some layer adapts; the rest stay zero
-        rank = next(iter(by_place.values()))[0].shape[1]
+        ranks = {a.shape[1] for a, _ in by_place.values()}
+        if len(ranks) > 1:
+            raise ValueError(f"the adapters of {fused} differ in rank ({sorted(ranks)})")
+        (rank,) = ranks
         a_t = torch.zeros(cfg.num_hidden_layers, n, width, rank * len(used))
         b_t = torch.zeros(cfg.num_hidden_layers, n, rank * len(used), offsets[-1])
         for (layer, part), (a, b) in by_place.items():
