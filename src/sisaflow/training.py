@@ -141,7 +141,13 @@ def train_shard(
     for leftover in ws.model_dir(shard).glob(".slice-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
+    # process-wide settings, put back afterwards so that a caller's own work (a benchmark's loop, inference) runs
+    # as it would have without this call
     threads_before = torch.get_num_threads()
+    deterministic_before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.set_num_threads(tp.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -164,6 +170,7 @@ def train_shard(
             report.slices.append(rep)
     finally:
         torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
     return report
 
 

@@ -358,3 +358,18 @@ def test_context_length_truncates_examples(make_records, make_workspace, make_pa
     ws = make_workspace(records, shards=1, slices=1)
     rep = train_shard(ws, 0, make_params(sharding={"slices": 1}), progress=quiet)
     assert rep.slices[0].tokens == 96
+
+
+def test_process_wide_torch_settings_are_put_back(sharded, make_params):
+    """train_shard fixes the thread count and deterministic algorithms while it trains, then restores the
+    caller's: a benchmark's own loop or inference afterwards runs as it would have without the call."""
+    ws = sharded()
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(False)
+    try:
+        train_shard(ws, 0, make_params(train={"threads": 1}), progress=lambda m: None)
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
