@@ -29,6 +29,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -225,17 +226,17 @@ def utilisation(rate: float, flops: tuple[float, float], peak: float | None) -> 
     }
 
 
-def train_section(setup: Setup, device: torch.device, tmp: Path, peak: float | None, save) -> dict:
+def train_section(
+    setup: Setup, device: torch.device, tmp: Path, peak: float | None, save, section: dict
+) -> None:
+    """Fills `section` as it goes (eager, then compiled), so that a failure keeps what was measured."""
     mp = model_params(setup)
     tok = load_tokenizer(mp.tokenizer)
     steps_records = setup.batch * setup.steps
     records = long_records(setup, tok, steps_records, "train")
     first = [(tok.encode(r.text) + [tok.eos_id])[: setup.context] for r in records[: setup.batch]]
     batch = torch.tensor(first, device=device)
-    section: dict = {
-        "model": {**mp.identity(), "vocab": tok.vocab_size},
-        "batch": [setup.batch, setup.context],
-    }
+    section.update(model={**mp.identity(), "vocab": tok.vocab_size}, batch=[setup.batch, setup.context])
     modes = [False, True] if setup.compile else [False]
     for compile_ in modes:
         mode = "compiled" if compile_ else "eager"
@@ -254,7 +255,6 @@ def train_section(setup: Setup, device: torch.device, tmp: Path, peak: float | N
             "library_vs_bare": lib[-1]["tokens_per_s"] / bare["tokens_per_s"],
         }
         save()
-    return section
 
 
 def random_base(setup: Setup, directory: Path) -> Path:
@@ -335,7 +335,7 @@ def markdown(out: dict) -> str:
         f"{out['seconds']:.0f} s in all."
     )
     train = out.get("train")
-    if isinstance(train, dict):
+    if isinstance(train, dict) and "parameters" in train:
         lines += [
             "",
             f"Training, {train['parameters'] / 1e6:.1f} M parameters, batch {train['batch'][0]} x {train['batch'][1]}:",
@@ -399,6 +399,9 @@ def markdown(out: dict) -> str:
     skipped = [k for k, v in out.items() if isinstance(v, str) and v.startswith("skipped")]
     if skipped:
         lines += ["", "Skipped: " + ", ".join(f"{k} ({out[k]})" for k in skipped)]
+    failed = [k for k in out if k.endswith("_error")]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"{k[: -len('_error')]} ({out[k]})" for k in failed)]
     return "\n".join(lines) + "\n"
 
 
@@ -413,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no section after this many seconds")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="with --smoke: record a failing section and go on, as a GPU run always does",
+    )
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -459,16 +467,23 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             print(f"# {section} ...", flush=True)
-            if section == "train":
-                out[key] = train_section(setup, device, tmp, peak, save)
-            elif section == "ensemble":
-                out[key] = ensemble_section(setup, device, dtype)
-            elif section == "lora-ensemble":
-                assert base is not None
-                out[key] = lora_ensemble_section(setup, device, dtype, base)
-            else:
-                assert base is not None
-                out[key] = lora_train_section(setup, device, tmp, base, peak, save)
+            try:
+                if section == "train":
+                    out[key] = {}
+                    train_section(setup, device, tmp, peak, save, out[key])
+                elif section == "ensemble":
+                    out[key] = ensemble_section(setup, device, dtype)
+                elif section == "lora-ensemble":
+                    assert base is not None
+                    out[key] = lora_ensemble_section(setup, device, dtype, base)
+                else:
+                    assert base is not None
+                    out[key] = lora_train_section(setup, device, tmp, base, peak, save)
+            except Exception as exc:  # one device run is precious: keep the other sections' figures
+                if args.smoke and not args.keep_going:
+                    raise
+                traceback.print_exc()
+                out[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
             out[f"{key}_seconds"] = round(time.perf_counter() - t0, 1)
             save()
             if device.type == "cuda":

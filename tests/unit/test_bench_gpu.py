@@ -63,3 +63,20 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             gpu.main(["--out", str(tmp_path)])
         assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """On the device one run is all there is: an error in one section must not lose the others."""
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(gpu, "ensemble_section", broken)
+    out = ["--smoke", "--keep-going", "--out", str(tmp_path), "--only", "ensemble,lora-ensemble"]
+    assert gpu.main(out) == 0
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert figures["ensemble_error"] == "RuntimeError: no kernel image for this device"
+    assert all(r["same_tokens"] for r in figures["lora_ensemble"])
+    assert "Failed: ensemble (RuntimeError: no kernel image" in (tmp_path / "gpu.md").read_text()
+    with pytest.raises(RuntimeError):  # --smoke alone stops at the error, so tests see it
+        gpu.main(["--smoke", "--out", str(tmp_path), "--only", "ensemble"])
