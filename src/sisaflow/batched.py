@@ -227,7 +227,7 @@ class StackedLlama(nn.Module):
         cos, sin = self._rope(past, steps)
 
         n, heads, kv, d = self.num_models, self.heads, self.kv_heads, self.head_dim
-        deltas = {name: t for name, t in self.deltas.items()}  # one lookup per call, not per layer
+        deltas = dict(self.deltas)  # one lookup per call, not per layer
         x = self.embed[:, input_ids].reshape(self.embed.shape[0], batch * steps, -1).expand(n, -1, -1)
         for layer in range(self.num_layers):
             h = self._rms_norm(x, self.input_norm[layer])

@@ -59,7 +59,6 @@ class StackedLoraLinear(nn.Module):
         # spends nothing on transposes (on a small model the host's time per operation is the cost)
         self.a_t = nn.Parameter(a.to(dtype).transpose(1, 2), requires_grad=False)
         self.b_t = nn.Parameter((b * scale).to(dtype).transpose(1, 2), requires_grad=False)
-        self.scale = scale
         self.num_models, self.in_features, self.out_features = a.shape[0], base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -198,16 +198,7 @@ def test_worker_runs_a_flow_in_the_workspace(server: Server, deployed: Path, tmp
 
     env = {**server.env, "SISAFLOW_WORKSPACE": str(deployed), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [server.prefect, "worker", "start", "--pool", POOL],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    worker = start_logged([server.prefect, "worker", "start", "--pool", POOL], tmp_path, env, log)
     try:
         hits, runs = _wait_for_run(
             server, drain.id, lambda r: r.id == run.id and r.state is not None and r.state.is_final(), 240
