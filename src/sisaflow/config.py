@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from sisaflow.config_parse import build, check_choice, check_positive
 from sisaflow.errors import ConfigError
 from sisaflow.fsio import sha256_bytes
-
-
-def _check_choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
-        )
-
-
-def _check_positive(key: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be {bound}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +35,7 @@ class CorpusParams:
     """Python format string over the record's fields; used when text_field is null."""
 
     def __post_init__(self) -> None:
-        _check_choice("corpus.format", self.format, ("jsonl", "parquet", "csv", "txt"))
+        check_choice("corpus.format", self.format, ("jsonl", "parquet", "csv", "txt"))
         if not self.path:
             raise ConfigError("params: corpus.path is empty; give the corpus file")
         if (self.text_field is None) == (self.text_template is None) and self.format != "txt":
@@ -64,8 +50,8 @@ class ShardingParams:
     slices: int = 4
 
     def __post_init__(self) -> None:
-        _check_positive("sharding.shards", self.shards)
-        _check_positive("sharding.slices", self.slices)
+        check_positive("sharding.shards", self.shards)
+        check_positive("sharding.slices", self.slices)
         if self.shards > 256:
             raise ConfigError(f"params: sharding.shards = {self.shards} is not allowed; it must be 1..256")
 
@@ -89,8 +75,8 @@ class LoraParams:
     """Names of the base's linear layers that get an adapter (e.g. q_proj k_proj v_proj o_proj gate_proj)."""
 
     def __post_init__(self) -> None:
-        _check_positive("model.lora.r", self.r)
-        _check_positive("model.lora.alpha", self.alpha)
+        check_positive("model.lora.r", self.r)
+        check_positive("model.lora.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise ConfigError(
                 f"params: model.lora.dropout = {self.dropout!r} is not allowed; it must be >= 0 and < 1"
@@ -132,9 +118,9 @@ class ModelParams:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # as read back from registry/ensemble.json
             object.__setattr__(self, "lora", LoraParams(**self.lora))
-        _check_choice("model.tokenizer", self.tokenizer, ("gpt2", "byte", "base"))
+        check_choice("model.tokenizer", self.tokenizer, ("gpt2", "byte", "base"))
         for key in ("hidden_size", "layers", "heads", "intermediate_size", "context_length"):
-            _check_positive(f"model.{key}", getattr(self, key))
+            check_positive(f"model.{key}", getattr(self, key))
         if self.hidden_size % self.heads:
             raise ConfigError(
                 f"params: model.hidden_size = {self.hidden_size} must be divisible by model.heads = {self.heads}"
@@ -183,18 +169,21 @@ class TrainParams:
     threads: int = 1
     """CPU threads per shard training; fixed because float reductions can depend on it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """On CUDA: bf16 autocast and a fused AdamW (not bitwise repeatable); CPU is the exact reference."""
+    """On CUDA: bf16 autocast and a fused AdamW; CPU is the exact reference."""
     compile: bool = False
     """torch.compile the model's forward when training on CUDA (ignored on CPU, which stays eager and exact)."""
+    deterministic: bool = True
+    """Deterministic algorithms (on CUDA also cuBLAS's fixed workspace, CUBLAS_WORKSPACE_CONFIG); false trades
+    a GPU run's repeatability for speed. CPU exactness is tested with it on."""
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        _check_choice("train.schedule", self.schedule, ("incremental", "cumulative"))
-        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("train.schedule", self.schedule, ("incremental", "cumulative"))
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("epochs_per_slice", "batch_size", "learning_rate", "threads", "log_every"):
-            _check_positive(f"train.{key}", getattr(self, key))
+            check_positive(f"train.{key}", getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip"):
-            _check_positive(f"train.{key}", getattr(self, key), zero_ok=True)
+            check_positive(f"train.{key}", getattr(self, key), zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -208,8 +197,8 @@ class EnsembleParams:
     they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
 
     def __post_init__(self) -> None:
-        _check_choice("ensemble.weights", self.weights, ("uniform", "size"))
-        _check_choice("ensemble.combine", self.combine, ("mixture", "product"))
+        check_choice("ensemble.weights", self.weights, ("uniform", "size"))
+        check_choice("ensemble.combine", self.combine, ("mixture", "product"))
 
 
 @dataclass(frozen=True)
@@ -226,10 +215,10 @@ class RayParams:
     """0: as many shards at once as resources allow."""
 
     def __post_init__(self) -> None:
-        _check_positive("ray.num_cpus_per_shard", self.num_cpus_per_shard)
-        _check_positive("ray.num_gpus_per_shard", self.num_gpus_per_shard, zero_ok=True)
-        _check_positive("ray.object_store_memory_mb", self.object_store_memory_mb)
-        _check_positive("ray.max_parallel", self.max_parallel, zero_ok=True)
+        check_positive("ray.num_cpus_per_shard", self.num_cpus_per_shard)
+        check_positive("ray.num_gpus_per_shard", self.num_gpus_per_shard, zero_ok=True)
+        check_positive("ray.object_store_memory_mb", self.object_store_memory_mb)
+        check_positive("ray.max_parallel", self.max_parallel, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -243,8 +232,8 @@ class UnlearnParams:
     """An owner or record not in the corpus: refuse the whole request (error) or drop it with a warning."""
 
     def __post_init__(self) -> None:
-        _check_choice("unlearn.mode", self.mode, ("exclude", "wait"))
-        _check_choice("unlearn.unknown", self.unknown, ("error", "warn"))
+        check_choice("unlearn.mode", self.mode, ("exclude", "wait"))
+        check_choice("unlearn.unknown", self.unknown, ("error", "warn"))
 
 
 @dataclass(frozen=True)
@@ -283,8 +272,8 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         for key in ("max_records", "bootstrap", "rouge_new_tokens"):
-            _check_positive(f"evaluate.{key}", getattr(self, key))
-        _check_positive("evaluate.rouge_records", self.rouge_records, zero_ok=True)
+            check_positive(f"evaluate.{key}", getattr(self, key))
+        check_positive("evaluate.rouge_records", self.rouge_records, zero_ok=True)
         if not 0 < self.min_k <= 1:
             raise ConfigError(f"params: evaluate.min_k = {self.min_k} must be in (0, 1]")
 
@@ -306,7 +295,7 @@ class Params:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params") -> Params:
         """Build and validate from a plain dict (as read from YAML)."""
-        return _build(cls, raw or {}, source)
+        return build(cls, raw or {}, source)
 
     @classmethod
     def load(cls, path: Path) -> Params:
@@ -340,64 +329,6 @@ class Params:
         ident["train"].pop("log_every")
         if not self.train.compile:
             ident["train"].pop("compile")  # keeps the identity of workspaces made before the switch existed
+        if self.train.deterministic:
+            ident["train"].pop("deterministic")  # the same: workspaces made before it keep their checkpoints
         return sha256_bytes(json.dumps(ident, sort_keys=True).encode())
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
-        )
-    values = {}
-    for name, value in raw.items():
-        key = name if where == "params" or where.endswith(".yaml") else f"{where}.{name}"
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(typing.cast(type, hint), {} if value is None else value, key)
-        else:
-            values[name] = _coerce(key, value, hint)
-    return cls(**values)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(
-                f"params: {key} = {value!r} is not allowed; choose one of {', '.join(map(str, args))}"
-            )
-        return value
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be a list of strings")
-        return list(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be a number")
-        return float(value)
-    if hint is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"params: {key} = {value!r} is not allowed; it must be a string")
-        return str(value)
-    return value

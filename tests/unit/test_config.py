@@ -207,6 +207,7 @@ def test_training_identity_covers_model_and_train_except_log_every():
     assert Params.from_dict({"sharding": {"shards": 2}}).training_identity() == base.training_identity()
     assert Params.from_dict({"ray": {"max_parallel": 3}}).training_identity() == base.training_identity()
     for change in (
+        {"train": {"deterministic": False}},  # its checkpoints cannot be reproduced: a different identity
         {"train": {"seed": 1}},
         {"train": {"learning_rate": 0.01}},
         {"model": {"layers": 3}},
@@ -214,6 +215,12 @@ def test_training_identity_covers_model_and_train_except_log_every():
         {"model": {"tokenizer": "gpt2"}},
     ):
         assert Params.from_dict(change).training_identity() != base.training_identity(), change
+
+
+def test_the_default_identity_is_pinned():
+    """Workspaces trained before a new train.* switch existed keep their checkpoints: a switch at its default
+    leaves the identity alone (compile, deterministic)."""
+    assert Params().training_identity() == "f73ccfd6b2671fb29a7652b403dbcb37aee4810a7f1cdade3cbedbe9adda1bf2"
 
 
 def test_train_params_direct_construction_validates():
