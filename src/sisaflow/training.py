@@ -8,8 +8,10 @@ and deterministic algorithms, the weights are bitwise equal.
 
 A constituent is either a small Llama built from scratch or, with model.base set, a LoRA adapter over that
 frozen pretrained base (sisaflow.lora): then only the adapter trains and is checkpointed. On CUDA, training runs
-under bf16 autocast with a fused AdamW (and torch.compile with train.compile); that is fast but not bitwise
-repeatable, so CPU, eager and float32, is the computation the exactness guarantee is stated for.
+under bf16 autocast with a fused AdamW (and torch.compile with train.compile). With train.deterministic (the
+default) it also uses deterministic algorithms and cuBLAS's fixed workspace, so a GPU run can repeat bit for bit
+on the same device and software (bench/gpu.py records whether it did); CPU, eager and float32, is the
+computation the exactness guarantee is stated and tested for.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 from sisaflow.checkpoint import CheckpointMeta, load_training_state, read_meta, save_checkpoint
-from sisaflow.config import ModelParams, Params
+from sisaflow.config import ModelParams, Params, TrainParams
 from sisaflow.corpus import Record
 from sisaflow.lineage import chain_hashes, first_stale_slice
 from sisaflow.model import build_model
@@ -141,16 +144,7 @@ def train_shard(
     for leftover in ws.model_dir(shard).glob(".slice-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
-    # process-wide settings, put back afterwards so that a caller's own work (a benchmark's loop, inference) runs
-    # as it would have without this call
-    threads_before = torch.get_num_threads()
-    deterministic_before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.set_num_threads(tp.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with _process_settings(tp, device, say):
         model = _build_constituent(mp, derive_seed(tp.seed, "init", shard), device)
         optimizer = _optimizer(model, tp.learning_rate, tp.weight_decay, device)
         forward = _forward_fn(model, tp.compile, device)  # once per shard: compiling is not free
@@ -168,10 +162,52 @@ def train_shard(
                 ws, shard, k, chain[k], params, model, optimizer, meta, device, say, forward=forward
             )
             report.slices.append(rep)
-    finally:
-        torch.set_num_threads(threads_before)
-        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
     return report
+
+
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+"""The values of CUBLAS_WORKSPACE_CONFIG under which cuBLAS's matmuls are deterministic (NVIDIA's docs)."""
+
+
+@contextlib.contextmanager
+def _process_settings(tp: TrainParams, device: torch.device, say: Callable[[str], None]):
+    """The process-wide settings training needs, put back afterwards, so that a caller's own work (a benchmark's
+    loop, inference) runs as it would have without train_shard."""
+    threads = torch.get_num_threads()
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    torch.set_num_threads(tp.threads)
+    torch.use_deterministic_algorithms(tp.deterministic, warn_only=True)
+    if device.type == "cuda":
+        # deterministic mode also fills every new tensor with NaN, a guard against reading uninitialised memory
+        # (no op here does); on a GPU that is a kernel per allocation, so it is off there
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        if tp.deterministic:
+            _deterministic_cublas(say)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+
+
+def _deterministic_cublas(say: Callable[[str], None]) -> None:
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when this process first multiplies on the GPU: set it before then (a
+    Ray worker trains first thing), or say that the user must export it."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") in CUBLAS_DETERMINISTIC:
+        return
+    if torch.cuda.is_initialized():
+        say(
+            f"CUDA was in use in this process before training, with CUBLAS_WORKSPACE_CONFIG not one of "
+            f"{', '.join(CUBLAS_DETERMINISTIC)}: cuBLAS may not be deterministic; export "
+            f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} before starting, or set train.deterministic false"
+        )
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
 
 
 def _build_constituent(mp: ModelParams, seed: int, device: torch.device) -> torch.nn.Module:

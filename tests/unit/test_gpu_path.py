@@ -3,6 +3,7 @@ was. The choices are checked on CPU; the runs themselves carry the `gpu` marker 
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -44,6 +45,64 @@ def test_cuda_asks_for_bf16_autocast_fused_adamw_and_compile(tiny_params, monkey
     monkeypatch.setattr(torch, "compile", lambda m, **kw: ("compiled", m, kw))
     assert training._forward_fn(model, True, cuda) == ("compiled", model, {"backend": "inductor"})
     assert training._forward_fn(model, False, cuda) is model
+
+
+def _settings_inside(tp_raw: dict, device: str, said: list[str]) -> dict:
+    from sisaflow.config import TrainParams
+
+    with training._process_settings(TrainParams(**tp_raw), torch.device(device), said.append):
+        return {
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "fill": torch.utils.deterministic.fill_uninitialized_memory,
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        }
+
+
+def _without_cublas_setting(monkeypatch) -> None:
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so what the code sets is undone afterwards
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+
+
+def _settings_now() -> tuple:
+    return (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_settings_fix_cublas_and_skip_the_nan_fill_then_are_put_back(monkeypatch, deterministic):
+    """On CUDA, train.deterministic sets cuBLAS's fixed workspace before the first GPU matmul; deterministic mode's
+    NaN fill of new tensors (a kernel per allocation) is off there; and all of it is the caller's again after."""
+    _without_cublas_setting(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    before, said = _settings_now(), []
+    inside = _settings_inside({"deterministic": deterministic}, "cuda", said)
+    assert inside == {
+        "deterministic": deterministic,
+        "fill": False,
+        "cublas": ":4096:8" if deterministic else None,
+    }
+    assert _settings_now() == before and said == []
+
+
+def test_cpu_settings_keep_the_fill_and_never_touch_cublas(monkeypatch):
+    _without_cublas_setting(monkeypatch)
+    inside = _settings_inside({}, "cpu", [])
+    assert inside == {"deterministic": True, "fill": True, "cublas": None}
+
+
+def test_a_cuda_process_started_without_the_cublas_setting_is_told(monkeypatch):
+    """cuBLAS reads the variable once: too late to set it after the process has used the GPU, so say so."""
+    _without_cublas_setting(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    said: list[str] = []
+    assert _settings_inside({}, "cuda", said)["cublas"] is None
+    assert len(said) == 1 and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in said[0]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own deterministic choice is kept
+    said.clear()
+    assert _settings_inside({}, "cuda", said)["cublas"] == ":16:8" and said == []
 
 
 def test_train_compile_changes_nothing_on_cpu(make_workspace, make_records, make_params):
