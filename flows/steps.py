@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 
 from sisaflow import ledger, pipeline
 from sisaflow.paths import Workspace
+from sisaflow.proof import record_impact
 
 
 def _say(message: str) -> None:
@@ -113,7 +114,10 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
         # the requests this run finishes: every one not yet certified, including any recorded while it waited
         # for the lock and any a killed run left half done
         report = pipeline.RunReport(kind=kind, requests=pipeline.open_requests(ws))
-        applying = [r.request_id for r in pipeline.pending_requests(ws)]
+        pending = pipeline.pending_requests(ws)
+        applying = [r.request_id for r in pending]
+        # each request's shards, slices and checkpoints, before anything changes (kept if a crash comes)
+        record_impact(ws, params, pending)
         if applying:
             with pipeline.timed(report, "metrics_before"):
                 snapshot_before(root, applying, report.run_id)

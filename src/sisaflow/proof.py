@@ -1,8 +1,12 @@
 """Proof of a deletion: gathering what a certificate states from the workspace, and issuing it.
 
-The forget flow records, in its run report (runs/*-forget.json), the checkpoints before and after, what it
-retrained, what purge removed and what the scan found. `certify` reads that report and the ledger and writes
-reports/certificates/<request_id>.json and .html (signed when SISAFLOW_CERTIFICATE_KEY is set).
+Before a run changes anything, `record_impact` writes, per request it is about to apply, where the request's
+records sit (shard, slice) and the weights hashes of the checkpoints trained on them (runs/impact/<id>.json,
+written once: a run that finishes a killed one keeps what was true before the first touched anything). The run
+report (runs/*-forget.json) holds the checkpoints after, what purge removed and what the scan found. `certify`
+reads both and the ledger and writes reports/certificates/<request_id>.json and .html (signed when
+SISAFLOW_CERTIFICATE_KEY is set). Each certificate names its own request's shards and checkpoints, also when
+one run applied several requests or finished one a crash interrupted.
 """
 
 from __future__ import annotations
@@ -21,12 +25,80 @@ from sisaflow.certificate import (
     sign,
     write_certificate,
 )
+from sisaflow.checkpoint import read_meta, weights_hash
+from sisaflow.config import Params
+from sisaflow.corpus import read_table
 from sisaflow.errors import DeletionError
+from sisaflow.fsio import read_json, write_json
 from sisaflow.paths import Workspace
+from sisaflow.sharding import load_placement
 
 
 def certificates_dir(ws: Workspace) -> Path:
     return ws.root / "reports" / "certificates"
+
+
+def impact_file(ws: Workspace, request_id: str) -> Path:
+    return ws.runs_dir / "impact" / f"{request_id}.json"
+
+
+def record_impact(ws: Workspace, params: Params, requests: list[ledger.DeletionRequest]) -> list[str]:
+    """For each request without one yet, write where its records are placed and the hashes of the checkpoints
+    that saw them: from the first slice holding one of them on, in every shard that holds one. Call it before
+    the run re-imports or re-shards. Holds shard and slice numbers and weights hashes only, never a record's id
+    or content hash. Returns the requests written."""
+    todo = [r for r in requests if not impact_file(ws, r.request_id).is_file()]
+    placement = load_placement(ws, params.sharding) if todo else {}
+    if not placement or not ws.corpus_file.is_file():
+        return []  # nothing placed yet (or a new layout): certify falls back to what the run retrained
+    corpus = read_table(ws.corpus_file).select(["record_id", "content_hash"]).to_pydict()
+    ids_of: dict[str, list[str]] = {}
+    for rid, h in zip(corpus["record_id"], corpus["content_hash"]):
+        ids_of.setdefault(h, []).append(rid)
+    written = []
+    for req in todo:
+        held: dict[int, set[int]] = {}
+        for rid in (rid for h in req.content_hashes for rid in ids_of.get(h, ())):
+            if rid in placement:
+                shard, slice_ = placement[rid]
+                held.setdefault(shard, set()).add(slice_)
+        if not held:
+            continue
+        shards = {}
+        for shard, slices in sorted(held.items()):
+            first = min(slices)
+            retired = {
+                str(k): weights_hash(ws.checkpoint_dir(shard, k))
+                for k in range(first, params.sharding.slices)
+                if read_meta(ws.checkpoint_dir(shard, k)) is not None
+            }
+            shards[str(shard)] = {"holding": sorted(slices), "from_slice": first, "retired": retired}
+        write_json(
+            impact_file(ws, req.request_id),
+            {"request_id": req.request_id, "slices": params.sharding.slices, "shards": shards},
+        )
+        written.append(req.request_id)
+    return written
+
+
+def _impact(ws: Workspace, request_id: str, run: dict) -> tuple[list[dict], dict, dict] | None:
+    """(affected, retired, new) of one request from its impact record and the run that finished it."""
+    path = impact_file(ws, request_id)
+    if not path.is_file():
+        return None
+    impact = read_json(path)
+    after = run.get("checkpoints_after", {})
+    affected, retired, new = [], {}, {}
+    for shard, s in impact["shards"].items():
+        first = s["from_slice"]
+        affected.append(
+            {"shard": int(shard), "from_slice": first, "slices": list(range(first, impact["slices"]))}
+        )
+        retired.update({f"shard-{shard}/slice-{k}": h for k, h in s["retired"].items()})
+        new.update(
+            {f"shard-{shard}/slice-{k}": h for k, h in after.get(shard, {}).items() if int(k) >= first}
+        )
+    return affected, retired, new
 
 
 def _run_that_applied(ws: Workspace, request_id: str) -> dict:
@@ -57,6 +129,37 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
             f"request {request_id}: the scan after purge found {verify['findings']} copy(ies); run "
             "`sisaflow verify` to see where, remove them, then certify"
         )
+    affected, retired, new = _impact(ws, request_id, run) or _trained_by(run)
+
+    issued_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    states = ledger.states(ws.ledger_file).get(request_id, [])
+    if not any(s["state"] == "certified" for s in states):
+        states = [*states, {"state": "certified", "at": issued_at}]
+    cert = build_certificate(
+        request=asdict(req),
+        states=states,
+        content_hashes=req.content_hashes,
+        affected=affected,
+        retired_checkpoints=retired,
+        new_checkpoints=new,
+        purge_report=run.get("purge"),
+        verify_result=verify or None,
+        code_version=code_version(),
+        params_hash=params_hash(ws.params_file),
+        ensemble_version=run.get("ensemble_version", ""),
+        issued_at=issued_at,
+    )
+    key = key_from_env()
+    if key:
+        cert = sign(cert, key)
+    paths = write_certificate(certificates_dir(ws), cert)
+    ledger.mark(ws.ledger_file, [request_id], "certified")
+    return paths
+
+
+def _trained_by(run: dict) -> tuple[list[dict], dict, dict]:
+    """(affected, retired, new) as everything the run retrained: for a request without an impact record (one
+    applied before impact records existed, or under a new shard layout)."""
     trained = {int(k): v for k, v in run.get("trained", {}).items()}
     slices = run.get("slices", 0)
     affected = [
@@ -73,27 +176,4 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
                         out[f"shard-{shard}/slice-{k}"] = h
         return out
 
-    issued_at = datetime.now(UTC).isoformat(timespec="milliseconds")
-    states = ledger.states(ws.ledger_file).get(request_id, [])
-    if not any(s["state"] == "certified" for s in states):
-        states = [*states, {"state": "certified", "at": issued_at}]
-    cert = build_certificate(
-        request=asdict(req),
-        states=states,
-        content_hashes=req.content_hashes,
-        affected=affected,
-        retired_checkpoints=pick(run.get("checkpoints_before", {})),
-        new_checkpoints=pick(run.get("checkpoints_after", {})),
-        purge_report=run.get("purge"),
-        verify_result=verify or None,
-        code_version=code_version(),
-        params_hash=params_hash(ws.params_file),
-        ensemble_version=run.get("ensemble_version", ""),
-        issued_at=issued_at,
-    )
-    key = key_from_env()
-    if key:
-        cert = sign(cert, key)
-    paths = write_certificate(certificates_dir(ws), cert)
-    ledger.mark(ws.ledger_file, [request_id], "certified")
-    return paths
+    return affected, pick(run.get("checkpoints_before", {})), pick(run.get("checkpoints_after", {}))

@@ -57,7 +57,8 @@ class ShardReport:
     empty_shards: list[int]
 
 
-def _load_placement(ws: Workspace, params: ShardingParams) -> dict[str, tuple[int, int]]:
+def load_placement(ws: Workspace, params: ShardingParams) -> dict[str, tuple[int, int]]:
+    """{record id: (shard, slice)} of the current layout; empty when there is none or params changed it."""
     meta = ws.shards_dir / "sharding.json"
     if not ws.placement_file.is_file() or not meta.is_file():
         return {}
@@ -76,7 +77,7 @@ def shard_corpus(ws: Workspace, params: ShardingParams, allow_empty: bool = Fals
     if not ws.corpus_file.is_file():
         raise ShardingError(f"{ws.corpus_file}: no imported corpus; run `sisaflow run` (or `dvc repro`)")
     records = from_table(read_table(ws.corpus_file))
-    previous = _load_placement(ws, params)
+    previous = load_placement(ws, params)
     first_time = not previous
 
     placed: dict[tuple[int, int], list[Record]] = defaultdict(list)

@@ -122,8 +122,15 @@ def trained(tmp_path_factory):
         "owner": owner,
         "shard_dir": touched.pop(),
         "reference": _constituents(ref),
+        "certificate": _proof(ref),
         "train_seconds": train_seconds,
     }
+
+
+def _proof(ws: Path) -> dict:
+    """What the request's certificate says was touched: its shards and slices, retired and new checkpoints."""
+    cert = json.loads((ws / "reports" / "certificates" / f"{REQUEST}.json").read_text())
+    return {k: cert[k] for k in ("affected", "retired_checkpoints", "new_checkpoints", "content_hashes")}
 
 
 def _slice_rewritten(ws: Path, shard_dir: str) -> Callable[[], bool]:
@@ -231,6 +238,8 @@ def test_sigkill_forget_then_recovery(trained, point, recovery):
     assert versioning.status(Workspace(ws)) == {}, f"{point}: dvc status not clean"
     assert _constituents(ws) == trained["reference"], f"{point}: served ensemble differs from the reference"
     assert not _registry_complete(ws)
+    # the certificate says what an uninterrupted forget's says, though the recovery run retrained less or nothing
+    assert _proof(ws) == trained["certificate"], f"{point}: the certificate differs from the reference"
     assert not _temp_leftovers(ws), f"{point}: temporary files left: {_temp_leftovers(ws)}"
     if incomplete_at_kill:
         raise RegistryIncomplete(

@@ -143,6 +143,14 @@ def test_requests_during_a_run_are_queued_and_batched(tmp_path):
     for rid in ("req-a", "req-b", "req-c", "req-d"):
         seq = [x["state"] for x in history[rid]]
         assert seq == ["pending", "excluded", "retrained", "purged", "certified"], (rid, seq)
+    # each certificate names its own request's shard and checkpoints, not everything its batch retrained
+    for owner, rid in ((a, "req-a"), (b, "req-b"), (c, "req-c"), (d, "req-d")):
+        cert = json.loads((ws / "reports" / "certificates" / f"{rid}.json").read_text())
+        s, k = shard_of(owner, SHARDS), slice_of(owner, SLICES)
+        assert cert["affected"] == [{"shard": s, "from_slice": k, "slices": list(range(k, SLICES))}], rid
+        names = [f"shard-{s}/slice-{j}" for j in range(k, SLICES)]
+        assert list(cert["retired_checkpoints"]) == names == list(cert["new_checkpoints"]), rid
+        assert all(cert["retired_checkpoints"][n] != cert["new_checkpoints"][n] for n in names), rid
     assert versioning.status(Workspace(ws)) == {}
 
     exact = run_sisaflow(sisaflow_cmd(ws, "verify", "--exact"), tmp_path / "prefect-exact", timeout=600)
