@@ -71,6 +71,8 @@ def scan(root: str, request_ids: list[str]) -> dict:
         "clean": rep.clean,
         "findings": len(rep.findings),
         "findings_by_location": rep.findings_by_location(),
+        "not_searched": rep.not_searched(),
+        "source_holds": rep.source_holds,
         "files_scanned": rep.files_scanned,
         "bytes_scanned": rep.bytes_scanned,
         "git_objects_scanned": rep.git_objects_scanned,

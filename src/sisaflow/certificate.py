@@ -194,7 +194,18 @@ def _clean_verify(result: dict) -> dict:
         sum(by_kind.values()) if by_kind or not isinstance(findings, int) else _count(findings, "findings")
     )
     clean = total == 0 and result.get("clean", True) is not False
-    return {"clean": clean, "findings": total, "findings_by_location": dict(sorted(by_kind.items()))}
+    out = {"clean": clean, "findings": total, "findings_by_location": dict(sorted(by_kind.items()))}
+    unsearched = result.get("not_searched")
+    if isinstance(unsearched, dict):
+        out["not_searched"] = {
+            k: _count(n, "not_searched")
+            for k, n in sorted(unsearched.items())
+            if isinstance(k, str) and NAME.fullmatch(k)
+        }
+    if "source_holds" in result:
+        holds = result["source_holds"]
+        out["source_holds"] = None if holds is None else _count(holds, "source_holds")
+    return out
 
 
 def _strings(obj: Any) -> list[str]:

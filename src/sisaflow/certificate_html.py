@@ -29,6 +29,35 @@ def _flat(report: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return rows
 
 
+UNSEARCHED = {
+    "corpus-source": "the corpus source named in params (the user's input, which sisaflow never writes)",
+    "evaluation-input": "evaluation inputs named in params (the user's files, never written)",
+    "dvc-remote": "the DVC remote (not a local directory)",
+    "skipped-file": "files skipped (unreadable, or over the size limit)",
+}
+
+
+def _coverage(verify: dict) -> str:
+    """What the scan did not search, and what is left in the user's own source."""
+    out = ""
+    unsearched = verify.get("not_searched")
+    if unsearched:
+        items = "".join(f"<li>{_e(UNSEARCHED.get(k, k))}: {n}</li>" for k, n in unsearched.items())
+        out += f"<p>Not searched:</p><ul>{items}</ul>"
+    holds = verify.get("source_holds")
+    if holds:
+        out += (
+            f"<p class=bad>The corpus source still holds {holds} of the request's records. sisaflow never "
+            "writes it, and re-imports leave them out; erase them there.</p>"
+        )
+    elif holds == 0:
+        out += (
+            "<p class=ok>The corpus source no longer holds any of the request's records (so the scan had no "
+            "text to look for: it searched by content hash).</p>"
+        )
+    return out
+
+
 def _per_shard(retired: dict[str, str], new: dict[str, str]) -> list[tuple[Any, ...]]:
     def order(name: str) -> tuple[int, int]:
         shard, _, slice_ = name.partition("/")
@@ -63,8 +92,12 @@ def render_html(cert: dict) -> str:
         verify_html = "<p class=muted>no scan recorded</p>"
     else:
         verdict = "clean" if verify["clean"] else f"{verify['findings']} finding(s)"
-        verify_html = f"<p class={'ok' if verify['clean'] else 'bad'}>{_e(verdict)}</p>" + _table(
-            ("location kind", "findings"), list(verify["findings_by_location"].items()), "no findings"
+        verify_html = (
+            f"<p class={'ok' if verify['clean'] else 'bad'}>{_e(verdict)}</p>"
+            + _table(
+                ("location kind", "findings"), list(verify["findings_by_location"].items()), "no findings"
+            )
+            + _coverage(verify)
         )
     purge = cert["purge_report"]
     purge_html = (

@@ -75,9 +75,15 @@ def _check_purge(value: Any, where: str = "purge_report") -> str | None:
     return None
 
 
+VERIFY_FIELDS = {"clean", "findings", "findings_by_location"}
+VERIFY_COVERAGE = {"not_searched", "source_holds"}
+"""What the scan left out, and how many of the records the corpus source still holds (certificates of format 1
+made before these existed lack them)."""
+
+
 def _check_verify(value: Any) -> str | None:
-    if not isinstance(value, dict) or set(value) != {"clean", "findings", "findings_by_location"}:
-        return "verify_result: expected clean, findings and findings_by_location"
+    if not isinstance(value, dict) or not VERIFY_FIELDS <= set(value) <= VERIFY_FIELDS | VERIFY_COVERAGE:
+        return "verify_result: expected clean, findings and findings_by_location (and not_searched, source_holds)"
     by_kind = value["findings_by_location"]
     if (
         not isinstance(value["clean"], bool)
@@ -87,6 +93,14 @@ def _check_verify(value: Any) -> str | None:
         return "verify_result: clean must be true/false, findings a count, findings_by_location a mapping"
     if not all(isinstance(k, str) and NAME.fullmatch(k) and _is_count(n) for k, n in by_kind.items()):
         return "verify_result.findings_by_location: expected counts by kind of location"
+    unsearched = value.get("not_searched", {})
+    if not isinstance(unsearched, dict) or not all(
+        isinstance(k, str) and NAME.fullmatch(k) and _is_count(n) for k, n in unsearched.items()
+    ):
+        return "verify_result.not_searched: expected counts by kind of place"
+    holds = value.get("source_holds")
+    if holds is not None and not _is_count(holds):
+        return "verify_result.source_holds: expected a count or null"
     return None
 
 

@@ -103,6 +103,15 @@ def _print_run(result: dict, kind: str) -> None:
             f"scan for copies of the deleted records: {v['files_scanned']} files, {v['git_objects_scanned']} git "
             f"objects: {'none found' if v['clean'] else str(v['findings']) + ' FOUND (sisaflow verify)'}"
         )
+        if v.get("not_searched", {}).get("dvc-remote"):
+            print(
+                "  not searched: the DVC remote, which is not a local directory (purge's notes say whether DVC collected it)"
+            )
+        if v.get("source_holds"):
+            print(
+                f"  the corpus source still holds {v['source_holds']} of the deleted records: sisaflow never writes "
+                "it (re-imports leave them out); erase them there"
+            )
     for rid, paths in rep.get("certificates", {}).items():
         print(f"certificate for {rid}: {', '.join(paths)}")
     secs = rep["seconds"]

@@ -69,10 +69,22 @@ class ScanReport:
     files_scanned: int = 0
     bytes_scanned: int = 0
     git_objects_scanned: int = 0
+    unsearched: dict[str, int] = field(default_factory=dict)
+    """Places left out, by kind (corpus-source, evaluation-input, dvc-remote): counts, never paths."""
+    source_holds: int | None = None
+    """How many of the targets' records the corpus source still holds (None: the source was not readable).
+    Only those have text to look for; the rest are searched by content hash alone."""
 
     @property
     def clean(self) -> bool:
         return not self.findings
+
+    def not_searched(self) -> dict[str, int]:
+        """What a certificate may say of the scan's coverage: kinds of place left out and files skipped."""
+        out = dict(self.unsearched)
+        if self.skipped:
+            out["skipped-file"] = len(self.skipped)
+        return dict(sorted(out.items()))
 
     def findings_by_location(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -85,6 +97,7 @@ class ScanReport:
         out["findings"] = [f.to_dict() for f in self.findings]
         out["findings_by_location"] = self.findings_by_location()
         out["clean"] = self.clean
+        out["not_searched"] = self.not_searched()
         return out
 
 
@@ -207,7 +220,8 @@ def _bounded(buf: bytes, pos: int, n: int) -> bool:
 
 
 def kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: ScanReport) -> str | None:
-    """The texts of every source record that is not a target, joined (to drop pieces they share)."""
+    """The texts of every source record that is not a target, joined (to drop pieces they share); counts the
+    targets the source still holds into `report`."""
     from sisaflow.corpus import read_records
 
     try:
@@ -217,6 +231,7 @@ def kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: S
             f"corpus source not readable ({exc}): text pieces are not checked for distinctness"
         )
         return None
+    report.source_holds = sum(r.content_hash in target_hashes for r in records)
     return "\x00".join(r.text for r in records if r.content_hash not in target_hashes)
 
 

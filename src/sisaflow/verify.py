@@ -139,7 +139,7 @@ def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | No
             cache = Path(out)
     except SisaflowError as exc:
         report.notes.append(f"`dvc cache dir` failed ({exc}); searching .dvc/cache")
-    remote = remote_dir(ws, report.notes)
+    remote = remote_dir(ws, report)
     return cache, remote
 
 
@@ -164,13 +164,14 @@ def default_remote(ws: Workspace) -> tuple[str, str, Path | None]:
     return name, url, p.resolve()
 
 
-def remote_dir(ws: Workspace, notes: list[str]) -> Path | None:
+def remote_dir(ws: Workspace, report: ScanReport) -> Path | None:
     """The default DVC remote's directory when it is local; None (with a note) otherwise."""
     name, url, local = default_remote(ws)
     if not name:
-        notes.append("no default DVC remote configured")
+        report.notes.append("no default DVC remote configured")
     elif local is None:
-        notes.append(f"DVC remote {name!r} ({url or 'no url'}) is not a local directory: not searched")
+        report.notes.append(f"DVC remote {name!r} ({url or 'no url'}) is not a local directory: not searched")
+        report.unsearched["dvc-remote"] = 1
     return local
 
 
@@ -311,6 +312,9 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
             for p in inputs
         ],
     ]
+    report.unsearched["corpus-source"] = 1
+    if inputs:
+        report.unsearched["evaluation-input"] = len(inputs)
     excluded_rel = [p.relative_to(ws.root).as_posix() for p in (source, *inputs) if _within(p, ws.root)]
     text_only = {ws.root / d for d in HASH_ONLY_DIRS}
 

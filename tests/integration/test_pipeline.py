@@ -279,8 +279,13 @@ def test_forget_purges_scans_and_certifies(story, capsys):
     json_path, html_path = map(Path, rep["certificates"]["req-test"])
     cert = json.loads(json_path.read_text())
     assert cert["request"]["request_id"] == "req-test" and cert["signature"]["alg"] == "HMAC-SHA256"
-    assert [a["shard"] for a in cert["affected"]] == [story["shard"]]
+    assert cert["affected"] == [
+        {"shard": story["shard"], "from_slice": story["slice"], "slices": list(range(story["slice"], 3))}
+    ]
     assert cert["verify_result"]["clean"] is True
+    # what the scan left out is stated: the user's source, which still holds the owner's records
+    assert cert["verify_result"]["not_searched"] == {"corpus-source": 1}
+    assert cert["verify_result"]["source_holds"] == len(story["deleted_ids"]) - 1  # all but the later record
     body = json_path.read_text() + html_path.read_text()
     assert not any(rid in body for rid in story["deleted_ids"])
     assert not any(ans in body for ans in story["deleted_answers"])

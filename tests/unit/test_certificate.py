@@ -110,6 +110,37 @@ def test_no_raw_id_or_text_in_json_or_html(tmp_path, cert):
     assert "[redacted]" in html_path.read_text(encoding="utf-8")
 
 
+def test_the_scan_coverage_is_stated_and_signed(tmp_path):
+    """Places the scan left out, and the records the user's source still holds, go into the certificate (counts
+    only) and under its signature; a certificate from before they existed still verifies."""
+    scan = {
+        "clean": True,
+        "findings": 0,
+        "not_searched": {"corpus-source": 1, "dvc-remote": 1},
+        "source_holds": 4,
+    }
+    cert = build_certificate(**inputs(verify_result=scan))
+    assert cert["verify_result"] == {
+        "clean": True,
+        "findings": 0,
+        "findings_by_location": {},
+        "not_searched": {"corpus-source": 1, "dvc-remote": 1},
+        "source_holds": 4,
+    }
+    json_path, html_path = write_certificate(tmp_path, sign(cert, KEY))
+    page = html_path.read_text(encoding="utf-8")
+    assert "the DVC remote (not a local directory): 1" in page and "still holds 4 of the request" in page
+    assert verify_file(json_path, KEY)[0]
+    tampered = json.loads(json_path.read_text())
+    tampered["verify_result"]["not_searched"] = {"corpus-source": 1}  # hiding the unsearched remote
+    json_path.write_text(json.dumps(tampered))
+    assert not verify_file(json_path, KEY)[0]
+    old = sign(build_certificate(**inputs(verify_result={"clean": True, "findings": 0})), KEY)
+    assert "not_searched" not in old["verify_result"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert verify_file(tmp_path / "old.json", KEY)[0]
+
+
 def test_an_id_that_would_survive_is_refused():
     req = {**inputs()["request"], "request_id": OWNER}
     with pytest.raises(CertificateError, match="id"):
@@ -125,6 +156,10 @@ def test_an_id_that_would_survive_is_refused():
         ({"new_checkpoints": {"shard-3": h(1)}}, "new_checkpoints"),
         ({"affected": [{"shard": -1, "from_slice": 0, "slices": []}]}, "affected"),
         ({"issued_at": ""}, "issued_at"),
+        (
+            {"verify_result": {"clean": True, "findings": 0, "not_searched": {"dvc-remote": -1}}},
+            "not_searched",
+        ),
         ({"request": {**inputs()["request"], "request_id": "../../etc/x"}}, "request_id"),
     ],
 )

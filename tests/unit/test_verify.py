@@ -307,3 +307,23 @@ def test_finding_and_report_are_json_able(planted):
         "reports": 1,
         "shards": 3,
     }
+
+
+def test_the_report_says_what_it_left_out_and_what_the_source_still_holds(planted):
+    """A certificate must not read 'clean' for places nobody searched: the report counts them, by kind."""
+    rep = planted["report"]
+    assert rep.not_searched() == {"corpus-source": 1}
+    assert rep.source_holds == 2  # both of the owner's records: their text was searched for
+    assert json.loads(json.dumps(rep.to_dict()))["not_searched"] == {"corpus-source": 1}
+
+
+def test_a_remote_that_is_not_a_directory_and_an_erased_source_are_counted(tmp_path):
+    ws, params = _base(tmp_path / "ws", tmp_path / "remote")
+    targets = _targets(ws, params)  # made while the source still holds the records
+    source = ws.root / "records.jsonl"
+    source.write_text("".join(ln + "\n" for ln in source.read_text().splitlines() if DELETED_OWNER not in ln))
+    _sh(ws.root, str(Path(sys.executable).parent / "dvc"), "remote", "modify", "storage", "url", "s3://b/x")
+    rep = verify.scan_report(ws, params, targets)
+    assert rep.not_searched() == {"corpus-source": 1, "dvc-remote": 1}
+    assert rep.source_holds == 0
+    assert any("not a local directory: not searched" in n for n in rep.notes)
