@@ -61,22 +61,10 @@ def purge(root: str) -> dict:
 
 @task(name="scan-for-copies")
 def scan(root: str, request_ids: list[str]) -> dict:
-    from sisaflow.verify import scan_report, targets_from_ledger
+    from sisaflow.verify import scan_summary
 
     ws = Workspace(root)
-    params = pipeline.load(ws)
-    rep = scan_report(ws, params, targets_from_ledger(ws, params, request_ids))
-    # counts only: the run report must not carry a deleted record's id or the paths that held it
-    return {
-        "clean": rep.clean,
-        "findings": len(rep.findings),
-        "findings_by_location": rep.findings_by_location(),
-        "not_searched": rep.not_searched(),
-        "source_holds": rep.source_holds,
-        "files_scanned": rep.files_scanned,
-        "bytes_scanned": rep.bytes_scanned,
-        "git_objects_scanned": rep.git_objects_scanned,
-    }
+    return scan_summary(ws, pipeline.load(ws), request_ids)
 
 
 @task(name="certify")
@@ -176,7 +164,8 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
                 logger.error(
                     f"the scan after purge found {report.verify['findings']} copy(ies) of deleted records "
                     "(by location: " + json.dumps(report.verify["findings_by_location"]) + "); requests stay "
-                    "purged, not certified: `sisaflow verify` shows where"
+                    "purged, not certified: `sisaflow verify` shows where; once they are removed, "
+                    "`sisaflow certificate <request id>` scans again and certifies"
                 )
             else:
                 for rid in report.retrained_requests:

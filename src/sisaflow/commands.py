@@ -391,9 +391,14 @@ def cmd_certificate(args) -> int:
         return 0 if ok else 1
     if not args.request_id:
         raise SisaflowError("give a REQUEST_ID, or --verify FILE")
+    from sisaflow import pipeline
     from sisaflow.proof import certify
 
-    json_path, html_path = certify(_ws(args), args.request_id)
+    ws = _ws(args)
+    with pipeline.workspace_lock(
+        ws, "sisaflow certificate", waiting=print
+    ):  # no forget changes what it reads
+        json_path, html_path = certify(ws, args.request_id)
     print(f"certificate written: {json_path}\n                     {html_path}")
     return 0
 

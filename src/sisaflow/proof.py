@@ -125,10 +125,16 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
     run = _run_that_applied(ws, request_id)
     verify = run.get("verify") or {}
     if verify.get("findings"):
-        raise DeletionError(
-            f"request {request_id}: the scan after purge found {verify['findings']} copy(ies); run "
-            "`sisaflow verify` to see where, remove them, then certify"
-        )
+        # the copies the run's scan found may have been removed since: scan again, and certify only if clean
+        from sisaflow.verify import scan_summary
+
+        verify = scan_summary(ws, Params.load(ws.params_file), [request_id])
+        if verify["findings"]:
+            raise DeletionError(
+                f"request {request_id}: {verify['findings']} copy(ies) of its records are still on disk; "
+                f"`sisaflow verify --request {request_id}` shows where; remove them, then run "
+                f"`sisaflow certificate {request_id}` again"
+            )
     affected, retired, new = _impact(ws, request_id, run) or _trained_by(run)
 
     issued_at = datetime.now(UTC).isoformat(timespec="milliseconds")

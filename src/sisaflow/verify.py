@@ -357,6 +357,22 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
     return report
 
 
+def scan_summary(ws: Workspace, params: Params, request_ids: list[str]) -> dict:
+    """The scan for `request_ids`' records as a run report and a certificate keep it: counts only, never a deleted
+    record's id or the paths that held it."""
+    rep = scan_report(ws, params, targets_from_ledger(ws, params, request_ids))
+    return {
+        "clean": rep.clean,
+        "findings": len(rep.findings),
+        "findings_by_location": rep.findings_by_location(),
+        "not_searched": rep.not_searched(),
+        "source_holds": rep.source_holds,
+        "files_scanned": rep.files_scanned,
+        "bytes_scanned": rep.bytes_scanned,
+        "git_objects_scanned": rep.git_objects_scanned,
+    }
+
+
 def scan(ws: Workspace, params: Params, targets: list[Target]) -> list[Finding]:
     """Every copy of `targets` left anywhere (see the module docstring); empty when none is."""
     return scan_report(ws, params, targets).findings

@@ -298,6 +298,29 @@ def test_forget_purges_scans_and_certifies(story, capsys):
     assert cli.main(["--workspace", str(story["a"]), "verify"]) == 0
 
 
+def test_a_request_whose_scan_found_a_copy_is_certified_once_the_copy_is_gone(story, tmp_path, capsys):
+    """The scan after purge found a copy (the user's own file, say): `sisaflow certificate` refuses while it is
+    there and, once it is removed, scans again and certifies."""
+    from sisaflow import cli
+
+    ws = tmp_path / "copy"
+    shutil.copytree(story["a"], ws, symlinks=True)
+    report = sorted((ws / "runs").glob("*-forget.json"))[0]  # the run that applied req-test
+    run = json.loads(report.read_text())
+    assert run["retrained_requests"] == ["req-test"]
+    run["verify"] = {**run["verify"], "clean": False, "findings": 1, "findings_by_location": {"notes.txt": 1}}
+    report.write_text(json.dumps(run))
+    (ws / "notes.txt").write_text("kept from a chat: " + sorted(story["deleted_answers"])[0])
+    capsys.readouterr()
+    assert cli.main(["--workspace", str(ws), "certificate", "req-test"]) == 1
+    err = capsys.readouterr().err
+    assert "still on disk" in err and "sisaflow certificate req-test" in err
+    (ws / "notes.txt").unlink()
+    assert cli.main(["--workspace", str(ws), "certificate", "req-test"]) == 0
+    cert = json.loads((ws / "reports" / "certificates" / "req-test.json").read_text())
+    assert cert["verify_result"]["clean"] is True and cert["verify_result"]["findings"] == 0
+
+
 def test_verify_exact_retrains_from_scratch_and_finds_every_shard_equal(story, capsys):
     from sisaflow import cli
 
