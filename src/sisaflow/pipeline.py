@@ -72,7 +72,17 @@ def workspace_lock(ws: Workspace, what: str = "run", waiting: Progress | None = 
 
 
 def prepare(ws: Workspace, params: Params) -> dict[str, int]:
-    """Import the corpus source minus every record named in the deletion ledger."""
+    """Import the corpus source minus every record named in the deletion ledger. Refuses while the ledger lacks a
+    request that a certificate in the workspace certifies: the records it erased would come back."""
+    from sisaflow.proof import certified_but_unrecorded
+
+    lost = certified_but_unrecorded(ws)
+    if lost:
+        raise DeletionError(
+            f"{ws.ledger_file} lacks {len(lost)} certified request(s) ({', '.join(lost[:5])}): it was rolled back "
+            "(a git checkout, a restored backup?), and importing now would bring their records back. Restore the "
+            "ledger (git log -- deletions/ledger.jsonl), then run again"
+        )
     owners, records = ledger.excluded(ws.ledger_file)
     return import_corpus(ws.source(params.corpus.path), params.corpus, ws.corpus_file, owners, records)
 

@@ -38,6 +38,24 @@ def certificates_dir(ws: Workspace) -> Path:
     return ws.root / "reports" / "certificates"
 
 
+def certified_but_unrecorded(ws: Workspace) -> list[str]:
+    """Request ids that reports/certificates/ certifies but the deletion ledger lacks: the ledger was rolled back
+    (a `git checkout` of deletions/, a restored backup), and importing now would bring their records back."""
+    directory = certificates_dir(ws)
+    if not directory.is_dir():
+        return []
+    recorded = {r.request_id for r in ledger.read_ledger(ws.ledger_file)}
+    missing = set()
+    for path in directory.glob("*.json"):
+        try:
+            rid = json.loads(path.read_text(encoding="utf-8"))["request"]["request_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a certificate
+        if isinstance(rid, str) and rid not in recorded:
+            missing.add(rid)
+    return sorted(missing)
+
+
 def impact_file(ws: Workspace, request_id: str) -> Path:
     return ws.runs_dir / "impact" / f"{request_id}.json"
 

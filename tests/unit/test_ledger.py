@@ -155,3 +155,42 @@ def _append_many(path, p):
 
     for i in range(50):
         append_request(path, DeletionRequest(request_id=f"p{p}-{i}", owners=[f"o{i}"]))
+
+
+def test_importing_refuses_a_ledger_that_lost_a_certified_request(tmp_path):
+    """A rolled-back ledger (git checkout of deletions/) would import the erased records again; the certificates,
+    which git does not track, show it."""
+    from sisaflow import pipeline
+    from sisaflow.certificate import build_certificate, write_certificate
+    from sisaflow.config import Params
+    from sisaflow.paths import Workspace
+    from tests.unit.test_certificate import inputs
+
+    ws = Workspace(tmp_path)
+    (tmp_path / "records.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "owner": f"o{i}", "text": f"text {i}"}) + "\n" for i in range(3))
+    )
+    params = Params.from_dict(
+        {
+            "corpus": {
+                "path": "records.jsonl",
+                "id_field": "id",
+                "owner_field": "owner",
+                "text_field": "text",
+                "text_template": None,
+            }
+        }
+    )
+    append_request(ws.ledger_file, req("req-kept", owners=["o1"]))
+    certs = tmp_path / "reports" / "certificates"
+    certs.mkdir(parents=True)
+    write_certificate(
+        certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-kept"}))
+    )
+    (certs / "notes.json").write_text("{}")  # not a certificate: ignored
+    assert pipeline.prepare(ws, params)["records"] == 2
+    write_certificate(
+        certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-lost"}))
+    )
+    with pytest.raises(DeletionError, match=r"lacks 1 certified request\(s\) \(req-lost\)"):
+        pipeline.prepare(ws, params)
