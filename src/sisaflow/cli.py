@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from sisaflow import commands
+from sisaflow import commands, commands_deletion
 from sisaflow.errors import SisaflowError
 
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply it in this process even when PREFECT_API_URL names a server",
     )
     s.add_argument("--in-process", action="store_true")
-    s.set_defaults(func=commands.cmd_forget)
+    s.set_defaults(func=commands_deletion.cmd_forget)
 
     s = sub.add_parser("generate", parents=[common], help="generate text with the ensemble")
     s.add_argument("prompt")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("requests", parents=[common], help="deletion requests and their states, with times")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=commands.cmd_requests)
+    s.set_defaults(func=commands_deletion.cmd_requests)
 
     s = sub.add_parser("verify", parents=[common], help="scan everything for copies of deleted records")
     s.add_argument("--request", action="append", help="only these request ids (default: all)")
@@ -104,17 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead, retrain shards from scratch elsewhere and compare the weights bitwise",
     )
     s.add_argument("--shard", type=int, action="append", help="with --exact: only these shards")
-    s.set_defaults(func=commands.cmd_verify)
+    s.set_defaults(func=commands_deletion.cmd_verify)
 
     s = sub.add_parser("purge", parents=[common], help="remove old copies (DVC cache and remote, temp files)")
-    s.set_defaults(func=commands.cmd_purge)
+    s.set_defaults(func=commands_deletion.cmd_purge)
 
     s = sub.add_parser("certificate", parents=[common], help="write or check a deletion certificate")
     s.add_argument("request_id", nargs="?")
     s.add_argument(
         "--verify", metavar="FILE", help="check a certificate (signature with SISAFLOW_CERTIFICATE_KEY)"
     )
-    s.set_defaults(func=commands.cmd_certificate)
+    s.set_defaults(func=commands_deletion.cmd_certificate)
 
     s = sub.add_parser("evaluate", parents=[common], help="utility and forgetting metrics, report and plots")
     s.add_argument("--no-baseline", action="store_true", help="skip training the monolithic baseline")

@@ -17,7 +17,7 @@ from sisaflow.errors import SisaflowError
 from sisaflow.paths import Workspace
 
 
-def _ws(args: argparse.Namespace) -> Workspace:
+def workspace_arg(args: argparse.Namespace) -> Workspace:
     ws = Workspace(Path(args.workspace))
     if args.command != "init" and not ws.params_file.is_file():
         raise SisaflowError(
@@ -26,7 +26,7 @@ def _ws(args: argparse.Namespace) -> Workspace:
     return ws
 
 
-def _prefect_env(ws: Workspace) -> None:
+def prefect_env(ws: Workspace) -> None:
     """Local defaults for Prefect: a workspace-local home, no analytics; a configured server wins."""
     if "PREFECT_HOME" not in os.environ:
         ws.prefect_home.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def cmd_init(args) -> int:
     return 0
 
 
-def _print_run(result: dict, kind: str) -> None:
+def print_run(result: dict, kind: str) -> None:
     rep = result["report"]
     imp = rep["imported"]
     print(f"\n== {kind} ==")
@@ -123,64 +123,21 @@ def _print_run(result: dict, kind: str) -> None:
 
 
 def cmd_run(args) -> int:
-    ws = _ws(args)
-    _prefect_env(ws)
+    ws = workspace_arg(args)
+    prefect_env(ws)
     from sisaflow_flows.training import training_flow
 
     result = training_flow(workspace=str(ws.root), in_process=args.in_process)
-    _print_run(result, "run")
-    return 0
-
-
-def cmd_forget(args) -> int:
-    from sisaflow import pipeline
-
-    ws = _ws(args)
-    owners, records = list(args.owner or []), list(args.record or [])
-    if args.file:
-        from sisaflow.requests import read_request_file
-
-        o, r = read_request_file(Path(args.file))
-        owners += o
-        records += r
-    req, new, warnings = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
-    for w in warnings:
-        print(f"sisaflow: warning: {w}", file=sys.stderr)
-    print(
-        f"request {req.request_id} {'recorded' if new else 'already recorded'}: "
-        f"{len(req.content_hashes)} record(s) of {len(req.owners)} owner(s), {len(req.records)} named record(s)"
-    )
-    if args.no_run:
-        print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
-        return 0
-    if os.environ.get("PREFECT_API_URL") and not args.here:
-        # a Prefect server is configured: its forget deployment applies the request when the event arrives
-        import yaml
-
-        from sisaflow_flows.events import emit_deletion_requested
-
-        name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", ws.root.name)
-        event_id = emit_deletion_requested(name, req.request_id)
-        if event_id:
-            print(
-                f"event sisaflow.deletion.requested sent to {os.environ['PREFECT_API_URL']}; "
-                "the forget deployment applies the request (the drain deployment if no worker is up)"
-            )
-            return 0
-        print("could not reach the Prefect server; applying the request here")
-    _prefect_env(ws)
-    from sisaflow_flows.forget import forget_flow
-
-    result = forget_flow(workspace=str(ws.root), request_id=req.request_id, in_process=args.in_process)
-    _print_run(result, "forget")
+    print_run(result, "run")
     return 0
 
 
 def cmd_prepare(args) -> int:
     from sisaflow import pipeline
 
-    ws = _ws(args)
-    info = pipeline.prepare(ws, pipeline.load(ws))
+    ws = workspace_arg(args)
+    with pipeline.workspace_lock(ws, "sisaflow prepare", waiting=print):
+        info = pipeline.prepare(ws, pipeline.load(ws))
     print(f"imported {info['records']} records ({info['excluded']} left out by deletion requests)")
     return 0
 
@@ -188,8 +145,9 @@ def cmd_prepare(args) -> int:
 def cmd_shard(args) -> int:
     from sisaflow import pipeline
 
-    ws = _ws(args)
-    rep = pipeline.shard(ws, pipeline.load(ws))
+    ws = workspace_arg(args)
+    with pipeline.workspace_lock(ws, "sisaflow shard", waiting=print):
+        rep = pipeline.shard(ws, pipeline.load(ws))
     print(
         f"{rep.records} records placed; rewrote {len(rep.slices_written)} slice file(s) in shard(s) "
         f"{', '.join(map(str, rep.shards_written)) or 'none'}"
@@ -200,7 +158,7 @@ def cmd_shard(args) -> int:
 def cmd_train(args) -> int:
     from sisaflow import pipeline
 
-    ws = _ws(args)
+    ws = workspace_arg(args)
     params = pipeline.load(ws)
     shards = args.shard if args.shard else params.sharding.shard_ids
     bad = [s for s in shards if s not in params.sharding.shard_ids]
@@ -208,12 +166,13 @@ def cmd_train(args) -> int:
         raise SisaflowError(
             f"unknown shard(s) {bad}; this workspace has shards 0..{params.sharding.shards - 1}"
         )
-    stale = pipeline.stale_shards(ws, params)
-    todo = [s for s in shards if s in stale]
-    if not todo:
-        print("every requested shard is up to date: nothing to train")
-        return 0
-    rep = pipeline.train(ws, params, todo, progress=print, in_process=args.in_process)
+    with pipeline.workspace_lock(ws, "sisaflow train", waiting=print):  # a forget may be rewriting the shards
+        stale = pipeline.stale_shards(ws, params)
+        todo = [s for s in shards if s in stale]
+        if not todo:
+            print("every requested shard is up to date: nothing to train")
+            return 0
+        rep = pipeline.train(ws, params, todo, progress=print, in_process=args.in_process)
     for r in rep.shards:
         print(f"shard {r.shard}: trained from slice {r.start_slice}, {r.tokens} tokens, {r.seconds:.1f}s")
     return 0
@@ -222,8 +181,9 @@ def cmd_train(args) -> int:
 def cmd_ensemble(args) -> int:
     from sisaflow import pipeline
 
-    ws = _ws(args)
-    reg = pipeline.ensemble(ws, pipeline.load(ws))
+    ws = workspace_arg(args)
+    with pipeline.workspace_lock(ws, "sisaflow ensemble", waiting=print):
+        reg = pipeline.ensemble(ws, pipeline.load(ws))
     print(
         f"ensemble version {reg['version']}: shards {', '.join(str(c['shard']) for c in reg['constituents'])}"
     )
@@ -233,7 +193,7 @@ def cmd_ensemble(args) -> int:
 def cmd_generate(args) -> int:
     from sisaflow.ensemble import Ensemble
 
-    ens = Ensemble.load(_ws(args))
+    ens = Ensemble.load(workspace_arg(args))
     prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
     print(prompt + ens.generate(prompt, args.max_new_tokens, args.temperature, args.seed))
     return 0
@@ -245,7 +205,7 @@ def cmd_score(args) -> int:
     from sisaflow.corpus import read_records
     from sisaflow.ensemble import Ensemble
 
-    ws = _ws(args)
+    ws = workspace_arg(args)
     cp = pipeline.load(ws).corpus
     if args.text_field:
         cp = CorpusParams(
@@ -272,7 +232,7 @@ def cmd_score(args) -> int:
 def cmd_status(args) -> int:
     from sisaflow.status import workspace_status
 
-    st = workspace_status(_ws(args))
+    st = workspace_status(workspace_arg(args))
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -282,86 +242,12 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_requests(args) -> int:
-    from sisaflow import ledger
-
-    ws = _ws(args)
-    states = ledger.states(ws.ledger_file)
-    rows: list[dict] = []
-    for r in ledger.read_ledger(ws.ledger_file):
-        seq = states.get(r.request_id, [])
-        rows.append(
-            {
-                "request_id": r.request_id,
-                "owners": len(r.owners),
-                "records": len(r.content_hashes),
-                "reason": r.reason,
-                "states": seq,
-                "state": max((s["state"] for s in seq), key=ledger.STATES.index) if seq else "pending",
-            }
-        )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no deletion requests")
-    for row in rows:
-        times = "  ".join(f"{s['state']} {s['at']}" for s in row["states"])
-        print(
-            f"{row['request_id']}: {row['state']:9s} {row['records']} record(s), {row['owners']} owner(s)  {times}"
-        )
-    return 0
-
-
-def cmd_verify(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.verify import scan_report, targets_from_ledger
-
-    ws = _ws(args)
-    params = pipeline.load(ws)
-    if args.exact:
-        from sisaflow.exactness import verify_exact
-
-        results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
-        for r in results:
-            verdict = "equal" if r.equal else "DIFFERENT"
-            print(f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}")
-        return 0 if all(r.equal for r in results) else 1
-    rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
-    print(
-        f"scanned {rep.files_scanned} files ({rep.bytes_scanned / 2**20:.1f} MiB) and {rep.git_objects_scanned} git "
-        "objects: the workspace, its git history, the DVC cache and remote, the Prefect home"
-    )
-    for note in rep.excluded:
-        print(f"  not scanned: {note}")
-    for f in rep.findings:
-        # where and what, with the request: never the text itself
-        print(f"  FOUND {f.what} of request {f.request_id} in {f.where}")
-    print("clean: no copy of any deleted record" if rep.clean else f"{len(rep.findings)} copies found")
-    return 0 if rep.clean else 1
-
-
-def cmd_purge(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.purge import purge
-
-    ws = _ws(args)
-    with pipeline.workspace_lock(ws, "sisaflow purge", waiting=print):
-        rep = purge(ws, pipeline.load(ws))
-    for item in rep.removed:
-        print(f"removed {item.kind}: {item.path} ({item.bytes} bytes)")
-    for note in rep.notes:
-        print(f"note: {note}")
-    print(f"purged {rep.total_bytes} bytes")
-    return 0
-
-
 def cmd_evaluate(args) -> int:
     from sisaflow import pipeline, versioning
     from sisaflow.evaluation import evaluate
     from sisaflow.evaluation_report import write_reports
 
-    ws = _ws(args)
+    ws = workspace_arg(args)
     params = pipeline.load(ws)
     result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=print)
     for path in write_reports(ws, result):
@@ -382,30 +268,9 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_certificate(args) -> int:
-    from sisaflow.certificate import key_from_env, verify_file
-
-    if args.verify:
-        ok, message = verify_file(Path(args.verify), key_from_env())
-        print(message)
-        return 0 if ok else 1
-    if not args.request_id:
-        raise SisaflowError("give a REQUEST_ID, or --verify FILE")
-    from sisaflow import pipeline
-    from sisaflow.proof import certify
-
-    ws = _ws(args)
-    with pipeline.workspace_lock(
-        ws, "sisaflow certificate", waiting=print
-    ):  # no forget changes what it reads
-        json_path, html_path = certify(ws, args.request_id)
-    print(f"certificate written: {json_path}\n                     {html_path}")
-    return 0
-
-
 def cmd_push(args) -> int:
     from sisaflow import versioning
 
-    versioning.push(_ws(args))
+    versioning.push(workspace_arg(args))
     print("pushed shards and checkpoints to the DVC remote")
     return 0

@@ -124,3 +124,27 @@ def test_owners_that_hash_into_fewer_shards_than_asked(tmp_path, capsys):
     assert _init(tmp_path, corpus, "--shards", "2") == 1
     assert "leaves shard(s) 1 empty" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("stage", ["prepare", "shard"])
+def test_a_dvc_stage_command_waits_for_a_running_forget(tmp_path, capsys, stage):
+    """`dvc repro` runs these commands; while a forget holds the workspace they wait instead of rewriting what the
+    forget is rewriting."""
+    import threading
+    import time
+
+    from sisaflow import pipeline
+    from sisaflow.paths import Workspace
+
+    assert _init(tmp_path, write_corpus(tmp_path / "c.jsonl", 6)) == 0
+    ws = tmp_path / "ws"
+    assert cli.main(["--workspace", str(ws), "prepare"]) == 0
+    done: list[int] = []
+    with pipeline.workspace_lock(Workspace(ws), "sisaflow forget"):
+        worker = threading.Thread(target=lambda: done.append(cli.main(["--workspace", str(ws), stage])))
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive() and not done  # still waiting
+    worker.join(timeout=120)
+    assert done == [0]
+    assert "waiting for the active sisaflow forget" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""The deletion commands of the `sisaflow` command line: forget, requests, verify, purge, certificate.
+
+Like sisaflow.commands, thin adapters over the library (and, for forget, the Prefect flows). Deleted text never
+reaches the terminal: requests, findings and certificates are named by ids and content hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from sisaflow.commands import prefect_env, print_run, workspace_arg
+from sisaflow.errors import SisaflowError
+
+
+def cmd_forget(args) -> int:
+    from sisaflow import pipeline
+
+    ws = workspace_arg(args)
+    owners, records = list(args.owner or []), list(args.record or [])
+    if args.file:
+        from sisaflow.requests import read_request_file
+
+        o, r = read_request_file(Path(args.file))
+        owners += o
+        records += r
+    req, new, warnings = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
+    for w in warnings:
+        print(f"sisaflow: warning: {w}", file=sys.stderr)
+    print(
+        f"request {req.request_id} {'recorded' if new else 'already recorded'}: "
+        f"{len(req.content_hashes)} record(s) of {len(req.owners)} owner(s), {len(req.records)} named record(s)"
+    )
+    if args.no_run:
+        print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
+        return 0
+    if os.environ.get("PREFECT_API_URL") and not args.here:
+        # a Prefect server is configured: its forget deployment applies the request when the event arrives
+        import yaml
+
+        from sisaflow_flows.events import emit_deletion_requested
+
+        name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", ws.root.name)
+        event_id = emit_deletion_requested(name, req.request_id)
+        if event_id:
+            print(
+                f"event sisaflow.deletion.requested sent to {os.environ['PREFECT_API_URL']}; "
+                "the forget deployment applies the request (the drain deployment if no worker is up)"
+            )
+            return 0
+        print("could not reach the Prefect server; applying the request here")
+    prefect_env(ws)
+    from sisaflow_flows.forget import forget_flow
+
+    result = forget_flow(workspace=str(ws.root), request_id=req.request_id, in_process=args.in_process)
+    print_run(result, "forget")
+    return 0
+
+
+def cmd_requests(args) -> int:
+    from sisaflow import ledger
+
+    ws = workspace_arg(args)
+    states = ledger.states(ws.ledger_file)
+    rows: list[dict] = []
+    for r in ledger.read_ledger(ws.ledger_file):
+        seq = states.get(r.request_id, [])
+        rows.append(
+            {
+                "request_id": r.request_id,
+                "owners": len(r.owners),
+                "records": len(r.content_hashes),
+                "reason": r.reason,
+                "states": seq,
+                "state": max((s["state"] for s in seq), key=ledger.STATES.index) if seq else "pending",
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no deletion requests")
+    for row in rows:
+        times = "  ".join(f"{s['state']} {s['at']}" for s in row["states"])
+        print(
+            f"{row['request_id']}: {row['state']:9s} {row['records']} record(s), {row['owners']} owner(s)  {times}"
+        )
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.verify import scan_report, targets_from_ledger
+
+    ws = workspace_arg(args)
+    params = pipeline.load(ws)
+    if args.exact:
+        from sisaflow.exactness import verify_exact
+
+        results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
+        for r in results:
+            verdict = "equal" if r.equal else "DIFFERENT"
+            print(f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}")
+        return 0 if all(r.equal for r in results) else 1
+    rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
+    print(
+        f"scanned {rep.files_scanned} files ({rep.bytes_scanned / 2**20:.1f} MiB) and {rep.git_objects_scanned} git "
+        "objects: the workspace, its git history, the DVC cache and remote, the Prefect home"
+    )
+    for note in rep.excluded:
+        print(f"  not scanned: {note}")
+    for f in rep.findings:
+        # where and what, with the request: never the text itself
+        print(f"  FOUND {f.what} of request {f.request_id} in {f.where}")
+    print("clean: no copy of any deleted record" if rep.clean else f"{len(rep.findings)} copies found")
+    return 0 if rep.clean else 1
+
+
+def cmd_purge(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.purge import purge
+
+    ws = workspace_arg(args)
+    with pipeline.workspace_lock(ws, "sisaflow purge", waiting=print):
+        rep = purge(ws, pipeline.load(ws))
+    for item in rep.removed:
+        print(f"removed {item.kind}: {item.path} ({item.bytes} bytes)")
+    for note in rep.notes:
+        print(f"note: {note}")
+    print(f"purged {rep.total_bytes} bytes")
+    return 0
+
+
+def cmd_certificate(args) -> int:
+    from sisaflow.certificate import key_from_env, verify_file
+
+    if args.verify:
+        ok, message = verify_file(Path(args.verify), key_from_env())
+        print(message)
+        return 0 if ok else 1
+    if not args.request_id:
+        raise SisaflowError("give a REQUEST_ID, or --verify FILE")
+    from sisaflow import pipeline
+    from sisaflow.proof import certify
+
+    ws = workspace_arg(args)
+    with pipeline.workspace_lock(
+        ws, "sisaflow certificate", waiting=print
+    ):  # no forget changes what it reads
+        json_path, html_path = certify(ws, args.request_id)
+    print(f"certificate written: {json_path}\n                     {html_path}")
+    return 0
