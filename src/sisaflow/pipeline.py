@@ -209,6 +209,9 @@ def resolve_request(
         if bad_records:
             parts.append(f"unknown record(s): {', '.join(bad_records[:10])}")
         message = "; ".join(parts) + " (not in the current corpus; already forgotten or never present)"
+        earlier = _earlier_requests(ws, set(bad_owners), set(bad_records))
+        if earlier:
+            message += "; already forgotten by " + ", ".join(earlier)
         if unknown == "error":
             raise DeletionError(message)
         warnings.append(message)
@@ -218,6 +221,16 @@ def resolve_request(
         raise DeletionError("nothing to forget: " + "; ".join(warnings))
     covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
     return sorted(r.content_hash for r in covered), owners, records, warnings
+
+
+def _earlier_requests(ws: Workspace, owners: set[str], records: set[str]) -> list[str]:
+    """'request R (state)' for each recorded request that names one of `owners` or `records`."""
+    state = ledger.current_state(ws.ledger_file)
+    return [
+        f"request {r.request_id} ({state.get(r.request_id, 'pending')})"
+        for r in ledger.read_ledger(ws.ledger_file)
+        if owners & set(r.owners) or records & set(r.records)
+    ]
 
 
 def request_deletion(

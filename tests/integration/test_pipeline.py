@@ -226,6 +226,10 @@ def test_forget_unknown_owner_fails_and_records_nothing(story, capsys):
     assert cli.main(["--workspace", str(story["a"]), "forget", "--owner", "no-such-author"]) == 1
     assert "unknown owner(s): no-such-author" in capsys.readouterr().err
     assert ledger.read_bytes() == before
+    # a second request for a person already forgotten says by which request, and records nothing
+    assert cli.main(["--workspace", str(story["a"]), "forget", "--owner", story["owner"]]) == 1
+    assert "already forgotten by request req-test (certified)" in capsys.readouterr().err
+    assert ledger.read_bytes() == before
 
 
 def test_dvc_push_and_repro_on_a_fresh_clone(story, tmp_path):
