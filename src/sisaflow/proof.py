@@ -25,7 +25,7 @@ from sisaflow.certificate import (
     sign,
     write_certificate,
 )
-from sisaflow.checkpoint import read_meta, weights_hash
+from sisaflow.checkpoint import MODEL_FILE, read_meta, weights_hash
 from sisaflow.config import Params
 from sisaflow.corpus import read_table
 from sisaflow.errors import DeletionError
@@ -85,18 +85,41 @@ def record_impact(ws: Workspace, params: Params, requests: list[ledger.DeletionR
         shards = {}
         for shard, slices in sorted(held.items()):
             first = min(slices)
-            retired = {
-                str(k): weights_hash(ws.checkpoint_dir(shard, k))
+            complete = [
+                k
                 for k in range(first, params.sharding.slices)
                 if read_meta(ws.checkpoint_dir(shard, k)) is not None
+            ]
+            shards[str(shard)] = {
+                "holding": sorted(slices),
+                "from_slice": first,
+                "retired": {str(k): weights_hash(ws.checkpoint_dir(shard, k)) for k in complete},
+                "retired_bytes": {
+                    str(k): (ws.checkpoint_dir(shard, k) / MODEL_FILE).stat().st_size for k in complete
+                },
             }
-            shards[str(shard)] = {"holding": sorted(slices), "from_slice": first, "retired": retired}
         write_json(
             impact_file(ws, req.request_id),
             {"request_id": req.request_id, "slices": params.sharding.slices, "shards": shards},
         )
         written.append(req.request_id)
     return written
+
+
+def retired_weights(ws: Workspace, request_ids: list[str]) -> dict[str, tuple[str, str, int]]:
+    """{sha256 of weights: (request id, checkpoint name, bytes)} of every checkpoint the requests retired, from
+    their impact records: what the scan looks for besides the records themselves."""
+    out: dict[str, tuple[str, str, int]] = {}
+    for rid in request_ids:
+        path = impact_file(ws, rid)
+        if not path.is_file():
+            continue
+        for shard, s in read_json(path)["shards"].items():
+            for k, h in s["retired"].items():
+                out.setdefault(
+                    h, (rid, f"shard-{shard}/slice-{k}", int(s.get("retired_bytes", {}).get(k, -1)))
+                )
+    return out
 
 
 def _impact(ws: Workspace, request_id: str, run: dict) -> tuple[list[dict], dict, dict] | None:

@@ -9,6 +9,7 @@ sisaflow.verify decides where.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -42,7 +43,8 @@ class Target:
 class Finding:
     """A copy of a target: where ('<relative path>', 'git:<commit>:<path>', 'dvc-cache:<path>',
     'dvc-remote:<path>', 'prefect-home:<path>', 'ray-tmp:<path>') and what ('text' | 'content_hash' |
-    'record_id')."""
+    'record_id', or 'weights': a retired checkpoint's weights file, byte for byte, whose name is then in
+    record_id)."""
 
     request_id: str
     where: str
@@ -99,6 +101,22 @@ class ScanReport:
         out["clean"] = self.clean
         out["not_searched"] = self.not_searched()
         return out
+
+
+class Weights:
+    """Retired checkpoints' weights files, looked for by size, then sha256: a copy of a model trained on deleted
+    records is a copy of them too."""
+
+    def __init__(self, retired: dict[str, tuple[str, str, int]]):
+        self.retired = retired
+        self.sizes = {n for _, _, n in retired.values()}
+
+    def check(self, report: ScanReport, where: str, size: int, read) -> None:
+        """`read()` gives the bytes (called only for a file of a retired checkpoint's size)."""
+        if size in self.sizes:
+            found = self.retired.get(hashlib.sha256(read()).hexdigest())
+            if found:
+                report.findings.append(Finding(found[0], where, "weights", found[1]))
 
 
 # ---- targets ----

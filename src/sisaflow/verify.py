@@ -9,7 +9,9 @@ directory, in the Prefect home and in Ray's temporary directory for the workspac
   or line of at least MIN_DISTINCT characters that no kept record of the source contains), so that a copy in
   another layout (the source's own fields, a JSON dump) is found too;
 - 'content_hash': the record's content hash (64 hex digits);
-- 'record_id': the record's id, as a whole token (in Parquet string columns: an exact value).
+- 'record_id': the record's id, as a whole token (in Parquet string columns: an exact value);
+- 'weights': a byte-for-byte copy of the weights file of a checkpoint the request retired (trained on its
+  records), as its impact record names them (sisaflow.proof).
 
 Exclusions. The deletion ledger (deletions/) and deletion certificates (reports/certificates/) legitimately hold
 ids and content hashes, so there (in the working tree and in git history, and in ledger-shaped git objects no
@@ -36,6 +38,7 @@ from sisaflow.scan_targets import (
     Needles,
     ScanReport,
     Target,
+    Weights,
     build_needles,
     kept_texts,
     targets_from_ledger,
@@ -107,6 +110,7 @@ def _scan_tree(
     excluded: set[Path] = frozenset(),  # type: ignore[assignment]
     text_only: set[Path] = frozenset(),  # type: ignore[assignment]
     seen: dict[bytes, set] | None = None,
+    weights: Weights | None = None,
 ) -> None:
     if not root.is_dir():
         return
@@ -123,6 +127,8 @@ def _scan_tree(
         if any(_within(p, d) for d in text_only):
             hits = {h for h in hits if h[1] == "text"}
         _add(report, targets, hits, label(p))
+        if weights is not None:
+            weights.check(report, label(p), p.stat().st_size, p.read_bytes)
 
 
 def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | None]:
@@ -202,6 +208,7 @@ def _scan_git(
     report: ScanReport,
     excluded: list[str],
     text_only: list[str],
+    weights: Weights | None = None,
 ) -> None:
     """Every object of the repository (commits, tags, blobs; reachable or not, loose or packed). `excluded` and
     `text_only` are paths relative to the workspace."""
@@ -253,6 +260,9 @@ def _scan_git(
                 data = out.read(size)
                 hits = search_bytes(data, nd, report.notes, f"git object {sha}")
                 only_text = only_text or (bool(hits) and sha not in paths and _ledger_shaped(data))
+                if weights is not None and kind == "blob":
+                    where = f"git:{sha}:{paths[sha]}" if sha in paths else f"git:unreachable:{sha}"
+                    weights.check(report, where, size, lambda d=data: d)
             out.read(1)  # the newline after each object
             report.git_objects_scanned += 1
             if only_text:
@@ -295,6 +305,9 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
         report.notes.append("no targets")
         return report
     kept = kept_texts(ws, params, {t.content_hash for t in targets}, report)
+    from sisaflow.proof import retired_weights
+
+    weights = Weights(retired_weights(ws, sorted({t.request_id for t in targets})))
     nd = build_needles(targets, params.corpus.text_template, kept, report)
 
     source = ws.source(params.corpus.path).resolve()
@@ -341,18 +354,19 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
         excluded={source, *inputs},
         text_only=text_only,
         seen=seen,
+        weights=weights,
     )
     if cache is not None:
-        _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen)
+        _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen, weights=weights)
     if remote is not None:
         if remote.is_dir():
-            _scan_tree(remote, "dvc-remote:", nd, targets, report, seen=seen)
+            _scan_tree(remote, "dvc-remote:", nd, targets, report, seen=seen, weights=weights)
         else:
             report.notes.append(f"DVC remote {remote} does not exist (nothing pushed yet)")
-    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report, seen=seen)
+    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report, seen=seen, weights=weights)
     if ws.ray_tmp_dir.is_dir():
-        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report, seen=seen)
-    _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS))
+        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report, seen=seen, weights=weights)
+    _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS), weights)
     report.findings = sorted(set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id))
     return report
 

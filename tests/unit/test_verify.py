@@ -7,6 +7,7 @@ must search; the expected findings are compared as a whole set, so a false posit
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import pickle
@@ -327,3 +328,45 @@ def test_a_remote_that_is_not_a_directory_and_an_erased_source_are_counted(tmp_p
     assert rep.not_searched() == {"corpus-source": 1, "dvc-remote": 1}
     assert rep.source_holds == 0
     assert any("not a local directory: not searched" in n for n in rep.notes)
+
+
+def test_a_copy_of_a_retired_checkpoints_weights_is_found(tmp_path):
+    """A model trained on deleted records is a copy of them too: the weights files the requests retired (their
+    impact records name them) are looked for byte for byte, in the tree, the DVC cache and git history."""
+    from sisaflow.fsio import write_json
+    from sisaflow.proof import impact_file
+
+    ws, params = _base(tmp_path / "ws", tmp_path / "remote")
+    weights = os.urandom(4096)
+    write_json(
+        impact_file(ws, "req-1"),
+        {
+            "request_id": "req-1",
+            "slices": 2,
+            "shards": {
+                "0": {
+                    "holding": [1],
+                    "from_slice": 1,
+                    "retired": {"1": hashlib.sha256(weights).hexdigest()},
+                    "retired_bytes": {"1": len(weights)},
+                }
+            },
+        },
+    )
+    (ws.root / "backup").mkdir()
+    (ws.root / "backup" / "model.safetensors").write_bytes(weights)
+    (ws.root / "backup" / "same-size.bin").write_bytes(os.urandom(4096))  # same size, other bytes
+    cached = ws.root / ".dvc" / "cache" / "files" / "md5" / "0f" / ("1" * 30)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(weights)
+    _sh(ws.root, "git", "add", "backup/model.safetensors")
+    _sh(ws.root, "git", "commit", "-q", "-m", "a backup")
+    blob = _sh(ws.root, "git", "rev-parse", "HEAD:backup/model.safetensors")
+    rep = verify.scan_report(ws, params, _targets(ws, params))
+    found = {(f.where, f.record_id) for f in rep.findings if f.what == "weights"}
+    assert found == {
+        ("backup/model.safetensors", "shard-0/slice-1"),
+        (f"dvc-cache:files/md5/0f/{'1' * 30}", "shard-0/slice-1"),
+        (f"git:{blob}:backup/model.safetensors", "shard-0/slice-1"),
+    }
+    assert all(f.request_id == "req-1" for f in rep.findings if f.what == "weights")
