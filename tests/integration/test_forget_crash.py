@@ -139,14 +139,16 @@ def _slice_rewritten(ws: Path, shard_dir: str) -> Callable[[], bool]:
 
 
 def _checkpoint_appeared(ws: Path, shard_dir: str) -> Callable[[], bool]:
+    """A retrained checkpoint is complete: a meta.json that was not there before (a new file, so a new inode).
+    Not the directory's stamp: the forget first removes the stale checkpoints, and a directory half removed
+    changes its stamp while its old meta.json may still be there for a moment."""
     model_dir = ws / "models" / shard_dir
-    before = {p.name: _stamp(p) for p in model_dir.glob("slice-*")}
+    before = {p: _stamp(p) for p in model_dir.glob("slice-*/meta.json")}
 
     def hit() -> bool:
-        for p in model_dir.glob("slice-*"):
-            if (p / "meta.json").is_file() and before.get(p.name) != _stamp(p):
-                return True
-        return False
+        return any(
+            before.get(p) != (s := _stamp(p)) and s is not None for p in model_dir.glob("slice-*/meta.json")
+        )
 
     return hit
 
