@@ -11,6 +11,11 @@ constituents over a Llama base, the base's weights shared and the adapters as ba
 times the rows, batched adapter matmuls), or a Python loop over the constituents with one KV cache each
 (`ensemble.batched: false`, or constituents the batched paths cannot take). They agree within float32 rounding
 (tests/unit/test_batched.py, tests/unit/test_lora.py state the tolerances).
+
+An ensemble loaded for serving stays honest in a long-lived process: `generate` and `score` first check that the
+deletion ledger and the registry have not changed in a way that changes what may be served (a request recorded
+that excludes a loaded constituent, a new version promoted), and refuse with StaleEnsembleError if they have;
+`Ensemble.load` again gives the current one.
 """
 
 from __future__ import annotations
@@ -89,6 +94,30 @@ class ModelLoop:
         return torch.stack([o.logits for o in outs]), [_cache_of(o) for o in outs] if use_cache else None
 
 
+class StaleEnsembleError(WorkspaceError):
+    """The workspace now serves something else than this loaded ensemble: load it again."""
+
+
+def _stamp(ws: Workspace) -> tuple:
+    """What changes when a request is recorded or a version promoted: the ledger's and the registry's files."""
+    out: list[tuple[int, int, int] | None] = []
+    for p in (ws.ledger_file, ws.registry_file):
+        try:
+            st = p.stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _serving(ws: Workspace, mode: str) -> tuple[dict, list[dict], list[int]]:
+    """(registry, constituents to serve, shards excluded) as of now."""
+    reg = read_registry(ws)
+    requested = {h for r in read_ledger(ws.ledger_file) for h in r.content_hashes}
+    served, excluded = serving_view(ws, reg, mode, requested)
+    return reg, served, excluded
+
+
 class Ensemble(torch.nn.Module):
     """The served ensemble: constituents, their weights, and the shared tokenizer.
 
@@ -120,6 +149,10 @@ class Ensemble(torch.nn.Module):
         self.version = ""
         self.shards: list[int] = []
         self.excluded: list[int] = []
+        self.served_from: tuple[Workspace, str] | None = (
+            None  # (workspace, unlearn.mode) when loaded to serve
+        )
+        self._stamp: tuple = ()
         self.runner: Any = runner
         if runner is None:
             self.runner = ModelLoop(models)
@@ -144,17 +177,14 @@ class Ensemble(torch.nn.Module):
 
         `batched` None follows params' ensemble.batched. `respect_requests=False` loads every registered
         constituent, excluded or not: for measuring the model a deletion is about to replace, never for serving."""
-        reg = read_registry(ws)
+        stamp = _stamp(ws)  # before reading: a change while loading shows at the first check
+        params = Params.load(ws.params_file) if ws.params_file.is_file() else Params()
+        reg, served, excluded = _serving(ws, params.unlearn.mode if respect_requests else "keep")
         if not reg["constituents"]:
             raise WorkspaceError(
                 "the served ensemble is empty: every record of the corpus has been deleted, so there is no model "
                 "to generate or score with"
             )
-        params = Params.load(ws.params_file) if ws.params_file.is_file() else Params()
-        requested = (
-            {h for r in read_ledger(ws.ledger_file) for h in r.content_hashes} if respect_requests else set()
-        )
-        served, excluded = serving_view(ws, reg, params.unlearn.mode, requested)
         if not served:
             raise WorkspaceError(
                 f"every constituent (shards {', '.join(map(str, excluded))}) was trained on records of a recorded "
@@ -178,7 +208,27 @@ class Ensemble(torch.nn.Module):
         ens.version = reg["version"]
         ens.shards = [c["shard"] for c in served]
         ens.excluded = excluded
+        if respect_requests:
+            ens.served_from, ens._stamp = (ws, params.unlearn.mode), stamp
         return ens.to(device)
+
+    def check_current(self) -> None:
+        """Refuse (StaleEnsembleError) when the workspace would now serve other constituents or another version
+        than this object holds; nothing to do for an ensemble not loaded to serve."""
+        if self.served_from is None:
+            return
+        ws, mode = self.served_from
+        stamp = _stamp(ws)
+        if stamp == self._stamp:
+            return
+        reg, served, _ = _serving(ws, mode)
+        if reg["version"] != self.version or [c["shard"] for c in served] != self.shards:
+            raise StaleEnsembleError(
+                f"{ws.root}: the served ensemble changed since this one was loaded (a deletion request recorded, "
+                f"or a new version promoted): now version {reg['version'] or '-'}, shards "
+                f"{', '.join(str(c['shard']) for c in served) or 'none'}; load it again (Ensemble.load)"
+            )
+        self._stamp = stamp
 
     @classmethod
     def _load_lora(cls, reg, mp, params, dirs, weights, batched, device) -> Ensemble:
@@ -225,6 +275,7 @@ class Ensemble(torch.nn.Module):
     @torch.no_grad()
     def score(self, text: str) -> dict[str, float]:
         """Log-likelihood (nats) of `text` followed by end-of-text, as in training, and its perplexity."""
+        self.check_current()
         ids = (self.tokenizer.encode(text) + [self.tokenizer.eos_id])[: self._context()]
         if len(ids) < 2:
             raise ValueError("a text needs at least one token to score")
@@ -238,6 +289,7 @@ class Ensemble(torch.nn.Module):
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> str:
         """Continue `prompt`: greedy when temperature is 0, else sampling; stops at end-of-text."""
+        self.check_current()
         ids = self.tokenizer.encode(prompt)
         if not ids:
             ids = [self.tokenizer.eos_id]

@@ -290,3 +290,38 @@ def test_load_from_registry_serves_the_trained_constituents(
     lp = _direct_log_probs(direct_models, expected_w, ids)
     ll = sum(float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1))
     assert ens.score(text)["log_likelihood"] == pytest.approx(ll, rel=1e-9)
+
+
+def test_a_loaded_ensemble_refuses_once_a_request_excludes_one_of_its_constituents(
+    make_records, make_workspace, make_params
+):
+    """A long-lived process holding an Ensemble must not go on serving a constituent that a deletion request
+    recorded since excludes: score and generate refuse until it loads again. A ledger change that excludes
+    nothing it serves does not stop it."""
+    from sisaflow.ensemble import StaleEnsembleError
+    from sisaflow.ledger import DeletionRequest, append_request
+    from sisaflow.registry import build_registry
+    from sisaflow.sharding import read_slice
+    from sisaflow.training import train_shard
+
+    params = make_params(sharding={"shards": 2, "slices": 1})
+    ws = make_workspace(make_records(owners=6, per_owner=2), shards=2, slices=1)
+    for shard in (0, 1):
+        train_shard(ws, shard, params, progress=lambda m: None)
+    build_registry(ws, params)
+    ens = Ensemble.load(ws)
+    assert ens.shards == [0, 1] and ens.score("hello")["tokens"] > 0
+
+    append_request(ws.ledger_file, DeletionRequest("req-none", ["nobody"], [], content_hashes=["0" * 64]))
+    assert ens.generate("hello", max_new_tokens=2) is not None  # nothing it serves is excluded
+
+    victim = read_slice(ws, 0, 0)[0]
+    append_request(
+        ws.ledger_file, DeletionRequest("req-x", [victim.owner], [], content_hashes=[victim.content_hash])
+    )
+    with pytest.raises(StaleEnsembleError, match="load it again"):
+        ens.score("hello")
+    with pytest.raises(StaleEnsembleError):
+        ens.generate("hello")
+    assert Ensemble.load(ws).shards == [1]
+    assert Ensemble.load(ws, respect_requests=False).shards == [0, 1]
