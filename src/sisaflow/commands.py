@@ -269,8 +269,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from sisaflow import versioning
+    from sisaflow import pipeline, versioning
 
-    versioning.push(workspace_arg(args))
+    ws = workspace_arg(args)
+    versioning.ensure_remote(ws, pipeline.load(ws))  # params' dvc.remote, even if it changed since init
+    versioning.push(ws)
     print("pushed shards and checkpoints to the DVC remote")
     return 0

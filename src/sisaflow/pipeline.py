@@ -134,6 +134,8 @@ def record(ws: Workspace, params: Params) -> dict:
     """Write dvc.yaml if the shard count changed, and commit the training stages' outputs to dvc.lock
     (`sisaflow evaluate` records its own stage)."""
     versioning.write_dvc_yaml(ws, params)
+    if versioning.ensure_remote(ws, params):  # before purge collects it and the scan searches it
+        log.info("DVC remote now %s, as params' dvc.remote says", params.dvc.remote)
     stages = versioning.stage_names(params)
     versioning.commit(ws, stages)
     return versioning.status(ws, stages)

@@ -8,6 +8,7 @@ stage brings existing files up to date (rewriting only what changed) instead of 
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -164,6 +165,26 @@ def configure_remote(ws: Workspace, params: Params) -> None:
     # `dvc remote add` reads a relative path from the working directory (the workspace) and stores it
     # relative to .dvc/config, so the workspace can move and clones keep working.
     _run(ws, "dvc", "remote", "add", "-f", "-d", "storage", url)
+
+
+def ensure_remote(ws: Workspace, params: Params) -> bool:
+    """Point the default DVC remote at params' dvc.remote when params changed it since `init` (True if so).
+    Reads .dvc/config without running DVC, so a run whose remote is already right pays nothing."""
+    path = ws.root / ".dvc" / "config"
+    if not path.is_file():
+        return False
+    cfg = configparser.ConfigParser()
+    cfg.read(path)
+    url = cfg.get("'remote \"storage\"'", "url", fallback=None)
+    wanted = params.dvc.remote
+    if cfg.get("core", "remote", fallback="") == "storage" and url is not None:
+        if "://" in wanted or "://" in url:
+            if url == wanted:
+                return False
+        elif (ws.root / ".dvc" / url).resolve() == (ws.root / Path(wanted).expanduser()).resolve():
+            return False
+    configure_remote(ws, params)
+    return True
 
 
 def commit(ws: Workspace, stages: list[str] | None = None) -> None:
