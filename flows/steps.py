@@ -160,7 +160,13 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
             report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         report.save(ws)
         if report.verify is not None:
-            if report.verify["findings"]:
+            if report.purge and report.purge.get("remote_not_collected"):
+                logger.error(
+                    "the DVC remote could not be garbage-collected (see the purge notes in the run report): it may "
+                    "still hold old copies, so requests stay purged, not certified; the next `sisaflow run` "
+                    "purges again and certifies once the remote is reachable"
+                )
+            elif report.verify["findings"]:
                 logger.error(
                     f"the scan after purge found {report.verify['findings']} copy(ies) of deleted records "
                     "(by location: " + json.dumps(report.verify["findings_by_location"]) + "); requests stay "
@@ -174,5 +180,8 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
     out = {"report": report.__dict__, "checkpoints_before": before, "checkpoints_after": after}
     out["cost_model"] = pipeline.cost_model(
         params.sharding.shards, params.sharding.slices, params.train.schedule
+    )
+    out["cost_model_formula"] = (
+        "(1/S)(2R+1)/(3R)" if params.train.schedule == "cumulative" else "(1/S)(R+1)/(2R)"
     )
     return out

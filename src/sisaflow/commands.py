@@ -88,7 +88,8 @@ def print_run(result: dict, kind: str) -> None:
         full = rep["full_training_tokens"] or 1
         print(
             f"cost: forget trained {rep['training_tokens']} tokens; full training {full} tokens; "
-            f"ratio {rep['training_tokens'] / full:.3f}; cost model (1/S)(R+1)/(2R) = {result['cost_model']:.3f}"
+            f"ratio {rep['training_tokens'] / full:.3f}; cost model "
+            f"{result.get('cost_model_formula', '(1/S)(R+1)/(2R)')} = {result['cost_model']:.3f}"
         )
     if rep.get("purge"):
         by_kind = rep["purge"].get("bytes_by_kind", {})
@@ -97,6 +98,10 @@ def print_run(result: dict, kind: str) -> None:
             + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in by_kind.items())
             + ")"
         )
+        if rep["purge"].get("remote_not_collected"):
+            print(
+                "  the DVC remote could not be garbage-collected: not certified until a later run collects it"
+            )
     if rep.get("verify"):
         v = rep["verify"]
         print(

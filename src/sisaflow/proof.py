@@ -164,6 +164,11 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
     if ledger.STATES.index(state) < ledger.STATES.index("purged"):
         raise DeletionError(f"request {request_id} is {state}: it is certified once retrained and purged")
     run = _run_that_applied(ws, request_id)
+    if (run.get("purge") or {}).get("remote_not_collected"):
+        raise DeletionError(
+            f"request {request_id}: the DVC remote could not be garbage-collected when it was purged, so it may "
+            "still hold old copies; `sisaflow run` purges again (and certifies) once the remote is reachable"
+        )
     verify = run.get("verify") or {}
     if verify.get("findings"):
         # the copies the run's scan found may have been removed since: scan again, and certify only if clean

@@ -48,6 +48,9 @@ class Removed:
 class PurgeReport:
     removed: list[Removed] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    remote_not_collected: bool = False
+    """A DVC remote is configured but could not be garbage-collected: it may still hold old copies, so no request
+    is certified until a later purge collects it."""
 
     @property
     def total_bytes(self) -> int:
@@ -65,6 +68,7 @@ class PurgeReport:
             "total_bytes": self.total_bytes,
             "bytes_by_kind": self.bytes_by_kind(),
             "notes": list(self.notes),
+            "remote_not_collected": self.remote_not_collected,
         }
 
 
@@ -189,6 +193,7 @@ def _gc_remote(ws: Workspace, report: PurgeReport) -> None:
         return
     if not url:
         report.notes.append(f"DVC remote {name!r} has no url: skipped")
+        report.remote_not_collected = True
         return
     if local is not None and not local.is_dir():
         report.notes.append(f"DVC remote {name!r} ({local}) does not exist yet (nothing pushed): skipped")
@@ -198,6 +203,7 @@ def _gc_remote(ws: Workspace, report: PurgeReport) -> None:
         _dvc(ws, "gc", "--workspace", "--cloud", "--force", "-r", name)
     except ExternalToolError as exc:
         report.notes.append(f"DVC remote {name!r} not garbage-collected (unreachable?): {exc}")
+        report.remote_not_collected = True
         return
     if local is None:
         report.notes.append(

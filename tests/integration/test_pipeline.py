@@ -325,6 +325,31 @@ def test_a_request_whose_scan_found_a_copy_is_certified_once_the_copy_is_gone(st
     assert cert["verify_result"]["clean"] is True and cert["verify_result"]["findings"] == 0
 
 
+def test_a_remote_that_cannot_be_collected_holds_back_the_certificate(story, tmp_path, capsys):
+    """The DVC remote may still hold the old copies when purge cannot reach it: the request stays purged, not
+    certified, until a run that reaches the remote purges again."""
+    from sisaflow import cli, ledger
+
+    ws = tmp_path / "copy"
+    shutil.copytree(story["a"], ws, symlinks=True)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["dvc"]["remote"] = "http://127.0.0.1:9/unreachable"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from sisaflow.corpus import read_table
+
+    owner = sorted(set(read_table(ws / "corpus" / "records.parquet").column("owner").to_pylist()))[0]
+    args = ["--workspace", str(ws), "forget", "--owner", owner, "--request-id", "req-remote"]
+    assert cli.main(args) == 0
+    assert "could not be garbage-collected" in capsys.readouterr().out
+    assert ledger.current_state(ws / "deletions" / "ledger.jsonl")["req-remote"] == "purged"
+    assert cli.main(["--workspace", str(ws), "certificate", "req-remote"]) == 1
+    assert "could not be garbage-collected" in capsys.readouterr().err
+    params["dvc"]["remote"] = ".dvc-remote"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert cli.main(["--workspace", str(ws), "run"]) == 0
+    assert ledger.current_state(ws / "deletions" / "ledger.jsonl")["req-remote"] == "certified"
+
+
 def test_verify_exact_retrains_from_scratch_and_finds_every_shard_equal(story, capsys):
     from sisaflow import cli
 
