@@ -14,7 +14,6 @@ PREFECT="${VENV_DIR}/bin/prefect"
 PY="${VENV_DIR}/bin/python"
 HOST=127.0.0.1
 PORT="${PREFECT_PORT:-4200}"
-POOL=sisaflow                      # the work pool named in prefect.yaml
 STATE="$WS/.sisaflow/prefect-server"
 TIMEOUT="${SISAFLOW_SERVE_TIMEOUT:-120}"
 
@@ -24,6 +23,9 @@ die() { echo "serve: $*" >&2; exit 1; }
 [[ -f "$WS/prefect.yaml" ]] || die "no prefect.yaml in $WS: run this from a sisaflow workspace"
 PREFECT="$(cd "$(dirname "$PREFECT")" && pwd -P)/prefect"
 PY="$(cd "$(dirname "$PY")" && pwd -P)/$(basename "$PY")"
+# the work pool prefect.yaml's deployments name (sisaflow-<workspace name>)
+POOL="$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["deployments"][0]["work_pool"]["name"])' "$WS/prefect.yaml")" \
+    || die "$WS/prefect.yaml: no work pool named in its deployments"
 
 if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
     die "port $PORT on $HOST is already in use (a server already running?); stop it or set PREFECT_PORT"

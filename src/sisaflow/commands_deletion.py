@@ -40,9 +40,10 @@ def cmd_forget(args) -> int:
         # a Prefect server is configured: its forget deployment applies the request when the event arrives
         import yaml
 
+        from sisaflow.workspace import workspace_name
         from sisaflow_flows.events import emit_deletion_requested
 
-        name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", ws.root.name)
+        name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", workspace_name(ws.root))
         event_id = emit_deletion_requested(name, req.request_id)
         if event_id:
             print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def _flows_source() -> Path:
     import sisaflow_flows
 
     return Path(sisaflow_flows.__file__).parent
+
+
+def workspace_name(directory: Path) -> str:
+    """The name a workspace's deployments, work pool and events carry on a Prefect server: its directory's name,
+    reduced to letters, digits, '.', '_' and '-' (Prefect names and event resource ids take those)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", directory.name).strip("-.") or "workspace"
 
 
 def prefect_yaml(name: str) -> str:
@@ -86,7 +93,7 @@ def init_workspace(
             + yaml.safe_dump(params.to_dict(), sort_keys=False),
         )
         versioning.write_dvc_yaml(ws, params)
-        write_text(ws.prefect_file, prefect_yaml(directory.name))
+        write_text(ws.prefect_file, prefect_yaml(workspace_name(directory)))
         flows_dir = directory / "flows"
         flows_dir.mkdir(exist_ok=True)
         for src in _flows_source().glob("*.py"):

@@ -29,13 +29,15 @@ from tests.integration.procs import (
     tail,
     wait_healthy,
 )
-from tests.integration.test_prefect_deploy import POOL, STARTUP_TIMEOUT_S, Server, start_server
+from tests.integration.test_prefect_deploy import STARTUP_TIMEOUT_S, Server, start_server
 
 pytestmark = pytest.mark.integration
 
 AUTHORS = 6
-FORGET = "sisaflow-forget/forget"
-DRAIN = "sisaflow-drain/drain-deletions"
+# the workspace is tmp_path/"ws": `sisaflow init` names its deployments and pool after it
+FORGET = "sisaflow-forget/ws-forget"
+DRAIN = "sisaflow-drain/ws-drain-deletions"
+POOL = "sisaflow-ws"
 CERTIFIED_TIMEOUT_S = 150
 FORGET_RETURN_LIMIT_S = 30
 

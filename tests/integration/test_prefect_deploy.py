@@ -33,13 +33,14 @@ from tests.integration.procs import (
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-POOL = "sisaflow"
+NAME = "demo"  # the shipped prefect.yaml: the repository is the demo workspace
+POOL = f"sisaflow-{NAME}"
 EVENT = "sisaflow.deletion.requested"
 # "<flow name>/<deployment name>" -> entrypoint
 DEPLOYMENTS = {
-    "sisaflow-train/full-retraining": "flows/training.py:training_flow",
-    "sisaflow-forget/forget": "flows/forget.py:forget_flow",
-    "sisaflow-drain/drain-deletions": "flows/drain.py:drain_flow",
+    f"sisaflow-train/{NAME}-full-retraining": "flows/training.py:training_flow",
+    f"sisaflow-forget/{NAME}-forget": "flows/forget.py:forget_flow",
+    f"sisaflow-drain/{NAME}-drain-deletions": "flows/drain.py:drain_flow",
 }
 PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SISAFLOW_WORKSPACE }}"}}]
 # A loaded 2-core machine can take a while to migrate the database and start the services.
@@ -128,8 +129,22 @@ def test_template_renders_to_shipped_prefect_yaml():
     shipped = (REPO / "prefect.yaml").read_text()
     template = (REPO / "flows" / "prefect.template.yaml").read_text()
     assert "{{NAME}}" in template
-    assert prefect_yaml("sisaflow") == shipped
-    assert template.replace("{{NAME}}", "sisaflow") == shipped
+    assert prefect_yaml(NAME) == shipped
+    assert template.replace("{{NAME}}", NAME) == shipped
+
+
+def test_a_workspace_is_named_after_its_directory_in_prefect_safe_characters():
+    from sisaflow.workspace import prefect_yaml, workspace_name
+
+    assert workspace_name(Path("/data/tofu-prod")) == "tofu-prod"
+    assert workspace_name(Path("/data/my models (v2)")) == "my-models-v2"
+    assert workspace_name(Path("/data/...")) == "workspace"
+    text = prefect_yaml("tofu-prod")
+    assert (
+        "{{NAME}}" not in text
+        and "sisaflow.workspace.tofu-prod" in text
+        and "name: sisaflow-tofu-prod" in text
+    )
 
 
 def test_deploy_all_creates_the_three_deployments(server: Server, deployed: Path):
@@ -141,16 +156,16 @@ def test_deploy_all_creates_the_three_deployments(server: Server, deployed: Path
         assert d.parameters.get("workspace") == ".", name
         assert d.pull_steps == PULL_STEPS, name
 
-    train = deps["sisaflow-train/full-retraining"].schedules
+    train = deps[f"sisaflow-train/{NAME}-full-retraining"].schedules
     assert len(train) == 1 and train[0].active
     assert train[0].schedule.cron == "0 3 * * 0"
     assert train[0].schedule.timezone == "UTC"
 
-    drain = deps["sisaflow-drain/drain-deletions"].schedules
+    drain = deps[f"sisaflow-drain/{NAME}-drain-deletions"].schedules
     assert len(drain) == 1 and drain[0].active
     assert drain[0].schedule.interval == timedelta(seconds=900)
 
-    assert deps["sisaflow-forget/forget"].schedules == []
+    assert deps[f"sisaflow-forget/{NAME}-forget"].schedules == []
 
 
 def test_forget_deployment_has_the_deletion_event_trigger(server: Server, deployed: Path):
@@ -162,17 +177,17 @@ def test_forget_deployment_has_the_deletion_event_trigger(server: Server, deploy
             for name, d in deps.items():
                 if getattr(action, "deployment_id", None) == d.id:
                     by_target[name].append((a, action))
-    assert not by_target["sisaflow-train/full-retraining"]
-    assert not by_target["sisaflow-drain/drain-deletions"]
-    assert len(by_target["sisaflow-forget/forget"]) == 1, automations
+    assert not by_target[f"sisaflow-train/{NAME}-full-retraining"]
+    assert not by_target[f"sisaflow-drain/{NAME}-drain-deletions"]
+    assert len(by_target[f"sisaflow-forget/{NAME}-forget"]) == 1, automations
 
-    automation, action = by_target["sisaflow-forget/forget"][0]
+    automation, action = by_target[f"sisaflow-forget/{NAME}-forget"][0]
     assert automation.enabled
     trigger = automation.trigger.model_dump(mode="json")
     assert trigger["type"] == "event"
     assert trigger["posture"] == "Reactive" and trigger["threshold"] == 1
     assert set(trigger["expect"]) == {EVENT}
-    assert trigger["match"] == {"prefect.resource.id": "sisaflow.workspace.*"}
+    assert trigger["match"] == {"prefect.resource.id": f"sisaflow.workspace.{NAME}"}
     assert action.type == "run-deployment"
     assert "event.payload.request_id" in json.dumps(action.parameters)
 
@@ -193,7 +208,7 @@ def _wait_for_run(server: Server, deployment_id, predicate, timeout_s: float):
 def test_worker_runs_a_flow_in_the_workspace(server: Server, deployed: Path, tmp_path: Path):
     """A process worker with SISAFLOW_WORKSPACE runs the drain flow: the pull step moves it into the workspace,
     where the relative entrypoint flows/drain.py is found (it would not be from the worker's temp directory)."""
-    drain = _deployments(server)["sisaflow-drain/drain-deletions"]
+    drain = _deployments(server)[f"sisaflow-drain/{NAME}-drain-deletions"]
     run = server.api(lambda c: c.create_flow_run_from_deployment(drain.id))
 
     env = {**server.env, "SISAFLOW_WORKSPACE": str(deployed), "PREFECT_WORKER_QUERY_SECONDS": "2"}
@@ -210,14 +225,14 @@ def test_worker_runs_a_flow_in_the_workspace(server: Server, deployed: Path, tmp
 
 
 def test_deletion_event_starts_a_forget_run(server: Server, deployed: Path):
-    forget = _deployments(server)["sisaflow-forget/forget"]
+    forget = _deployments(server)[f"sisaflow-forget/{NAME}-forget"]
     request_id = f"test-{uuid.uuid4().hex[:12]}"
     r = server.run(
         "event",
         "emit",
         EVENT,
         "--resource-id",
-        "sisaflow.workspace.sisaflow",
+        f"sisaflow.workspace.{NAME}",
         "--payload",
         json.dumps({"request_id": request_id}),
         cwd=deployed,
@@ -229,3 +244,40 @@ def test_deletion_event_starts_a_forget_run(server: Server, deployed: Path):
     )
     assert hits[0].parameters.get("workspace") == "."
     server.api(lambda c: c.delete_flow_run(hits[0].id))  # nobody is to run it
+
+
+def test_two_workspaces_on_one_server_keep_apart(server: Server, deployed: Path, tmp_path: Path):
+    """A second workspace deployed to the same server gets deployments, a work pool and a trigger of its own: its
+    deletion event starts its own forget deployment, never the first workspace's."""
+    from sisaflow.workspace import prefect_yaml
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "prefect.yaml").write_text(prefect_yaml("other"))
+    shutil.copytree(REPO / "flows", other / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    assert server.run("work-pool", "create", "sisaflow-other", "--type", "process", cwd=other).returncode == 0
+    r = server.run("--no-prompt", "deploy", "--all", cwd=other)
+    assert r.returncode == 0, f"prefect deploy --all failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+
+    mine = _deployments(server)  # the first workspace's are still there, unchanged
+    assert {d.work_pool_name for d in mine.values()} == {POOL}
+    theirs = server.api(lambda c: c.read_deployment_by_name("sisaflow-forget/other-forget"))
+    assert (
+        theirs.work_pool_name == "sisaflow-other" and theirs.id != mine[f"sisaflow-forget/{NAME}-forget"].id
+    )
+
+    request_id = f"other-{uuid.uuid4().hex[:12]}"
+    payload = json.dumps({"request_id": request_id})
+    r = server.run(
+        "event", "emit", EVENT, "--resource-id", "sisaflow.workspace.other", "--payload", payload, cwd=other
+    )
+    assert r.returncode == 0, f"event emit failed:\n{r.stdout}\n{r.stderr}"
+    hits, _ = _wait_for_run(server, theirs.id, lambda x: x.parameters.get("request_id") == request_id, 90)
+    assert hits, f"no forget run of the other workspace for {request_id}\n{tail(server.log)}"
+    ours, _ = _wait_for_run(
+        server,
+        mine[f"sisaflow-forget/{NAME}-forget"].id,
+        lambda x: x.parameters.get("request_id") == request_id,
+        5,
+    )
+    assert ours == []
