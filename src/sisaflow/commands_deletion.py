@@ -103,7 +103,15 @@ def cmd_verify(args) -> int:
         results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
         for r in results:
             verdict = "equal" if r.equal else "DIFFERENT"
-            print(f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}")
+            if not r.from_source:
+                data = "data: the workspace's slice files (the corpus source is not readable)"
+            elif r.same_data:
+                data = "data: the source minus the deletion ledger, the workspace's own slices"
+            else:
+                data = "data: the source minus the ledger gives OTHER slices (source changed since the last run?)"
+            print(
+                f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}  {data}"
+            )
         return 0 if all(r.equal for r in results) else 1
     rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
     print(

@@ -1,9 +1,14 @@
-"""`sisaflow verify --exact`: retrain shards from scratch on their current data, elsewhere, and compare.
+"""`sisaflow verify --exact`: rebuild shards from the source without the deleted records, retrain them from
+scratch elsewhere, and compare.
 
-The served constituent of a shard must be bitwise equal to one trained from nothing on the shard's current slice
-files: that is what "the model after forget is the model trained without those records" means. This retrains in
-a temporary workspace (same code, same params, in this process) and compares the sha256 of the weight files.
-On CPU they are equal; on CUDA they are not expected to be.
+The served constituent of a shard must be bitwise equal to one trained from nothing on the corpus source minus
+every record the deletion ledger names: that is what "the model after forget is the model trained without those
+records" means. This re-imports the source without the ledger's records into a temporary workspace, places them
+with the workspace's recorded placement (slices are fixed at first placement), retrains there (same code, same
+params, in this process) and compares the sha256 of the weight files. It also says whether the rebuilt slice
+files are the workspace's own, so a bug in importing or sharding shows as such. Without a readable source (a
+workspace built by hand) it retrains from the workspace's slice files. On CPU the weights are equal; on CUDA they
+are not expected to be.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sisaflow import ledger
 from sisaflow.checkpoint import weights_hash
 from sisaflow.config import Params
+from sisaflow.corpus import import_corpus
+from sisaflow.errors import SisaflowError
 from sisaflow.paths import Workspace
 from sisaflow.registry import read_registry
+from sisaflow.sharding import read_shard_manifest, shard_corpus
 from sisaflow.training import train_shard
 
 
@@ -27,11 +36,42 @@ class ExactResult:
     served: str
     """sha256 of the served constituent's weights."""
     scratch: str
-    """sha256 of the weights trained from scratch on the shard's current data."""
+    """sha256 of the weights trained from scratch on the source minus the ledger's records."""
+    from_source: bool = True
+    """False when the source was not readable and the workspace's slice files were used instead."""
+    same_data: bool = True
+    """The rebuilt slice files are the workspace's own (always true without the source)."""
 
     @property
     def equal(self) -> bool:
         return self.served == self.scratch
+
+
+def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
+    """Import the source minus the ledger's records into `scratch` and place them as `ws` placed them; False
+    (nothing written) when the source cannot be read."""
+    source = ws.source(params.corpus.path)
+    if not source.is_file():
+        return False
+    owners, records = ledger.excluded(ws.ledger_file)
+    try:
+        import_corpus(source, params.corpus, scratch.corpus_file, owners, records)
+    except SisaflowError:
+        return False
+    scratch.shards_dir.mkdir(parents=True, exist_ok=True)
+    for recorded in (ws.placement_file, ws.shards_dir / "sharding.json"):
+        if recorded.is_file():
+            shutil.copy2(recorded, scratch.shards_dir / recorded.name)
+    shard_corpus(scratch, params.sharding, allow_empty=True)
+    return True
+
+
+def _slice_digests(ws: Workspace, shard: int) -> list[str] | None:
+    try:
+        manifest = read_shard_manifest(ws, shard)
+    except (OSError, ValueError, KeyError):
+        return None
+    return [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
 
 
 def verify_exact(
@@ -47,12 +87,15 @@ def verify_exact(
     results = []
     with tempfile.TemporaryDirectory(prefix="sisaflow-exact-") as tmp:
         scratch = Workspace(Path(tmp))
+        from_source = _rebuild(ws, scratch, params)
         for s in todo:
-            shutil.copytree(ws.shard_dir(s), scratch.shard_dir(s))
+            if not from_source:
+                shutil.copytree(ws.shard_dir(s), scratch.shard_dir(s))
+            same_data = _slice_digests(scratch, s) == _slice_digests(ws, s)
             train_shard(scratch, s, params, progress=progress or (lambda m: None))
             last = int(served[s]["checkpoint"].rsplit("slice-", 1)[1])
             served_dir = ws.root / served[s].get("served", served[s]["checkpoint"])
-            results.append(
-                ExactResult(s, weights_hash(served_dir), weights_hash(scratch.checkpoint_dir(s, last)))
-            )
+            scratch_dir = scratch.checkpoint_dir(s, last)
+            scratch_hash = weights_hash(scratch_dir) if (scratch_dir / "model.safetensors").is_file() else "-"
+            results.append(ExactResult(s, weights_hash(served_dir), scratch_hash, from_source, same_data))
     return results
