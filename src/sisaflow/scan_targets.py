@@ -15,6 +15,7 @@ import re
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from sisaflow.config import Params
 from sisaflow.errors import SisaflowError
@@ -111,12 +112,17 @@ class Weights:
         self.retired = retired
         self.sizes = {n for _, _, n in retired.values()}
 
-    def check(self, report: ScanReport, where: str, size: int, read) -> None:
-        """`read()` gives the bytes (called only for a file of a retired checkpoint's size)."""
+    def check(self, report: ScanReport, where: str, size: int, digest) -> None:
+        """`digest()` gives the sha256 hex digest (called only for a blob of a retired checkpoint's size)."""
         if size in self.sizes:
-            found = self.retired.get(hashlib.sha256(read()).hexdigest())
+            found = self.retired.get(digest())
             if found:
                 report.findings.append(Finding(found[0], where, "weights", found[1]))
+
+    @staticmethod
+    def file_digest(path: Path) -> str:
+        with open(path, "rb") as fh:  # streamed: a model's weights can be larger than memory allows
+            return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # ---- targets ----

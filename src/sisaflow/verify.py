@@ -22,6 +22,7 @@ are not searched at all, in the working tree or in git history. The report lists
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -128,7 +129,7 @@ def _scan_tree(
             hits = {h for h in hits if h[1] == "text"}
         _add(report, targets, hits, label(p))
         if weights is not None:
-            weights.check(report, label(p), p.stat().st_size, p.read_bytes)
+            weights.check(report, label(p), p.stat().st_size, lambda p=p: Weights.file_digest(p))
 
 
 def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | None]:
@@ -262,7 +263,7 @@ def _scan_git(
                 only_text = only_text or (bool(hits) and sha not in paths and _ledger_shaped(data))
                 if weights is not None and kind == "blob":
                     where = f"git:{sha}:{paths[sha]}" if sha in paths else f"git:unreachable:{sha}"
-                    weights.check(report, where, size, lambda d=data: d)
+                    weights.check(report, where, size, lambda d=data: hashlib.sha256(d).hexdigest())
             out.read(1)  # the newline after each object
             report.git_objects_scanned += 1
             if only_text:
