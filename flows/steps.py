@@ -106,13 +106,13 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
         report = pipeline.RunReport(kind=kind, requests=pipeline.open_requests(ws))
         pending = pipeline.pending_requests(ws)
         applying = [r.request_id for r in pending]
+        before = pipeline.checkpoint_hashes(ws, params)
         # each request's shards, slices and checkpoints, before anything changes (kept if a crash comes)
-        record_impact(ws, params, pending)
+        record_impact(ws, params, pending, before)
         if applying:
             with pipeline.timed(report, "metrics_before"):
                 snapshot_before(root, applying, report.run_id)
         report.full_training_tokens = pipeline.full_training_tokens(ws, params)
-        before = pipeline.checkpoint_hashes(ws, params)
         with pipeline.timed(report, "prepare"):
             report.imported = prepare(root)
         with pipeline.timed(report, "shard"):
@@ -181,7 +181,5 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
     out["cost_model"] = pipeline.cost_model(
         params.sharding.shards, params.sharding.slices, params.train.schedule
     )
-    out["cost_model_formula"] = (
-        "(1/S)(2R+1)/(3R)" if params.train.schedule == "cumulative" else "(1/S)(R+1)/(2R)"
-    )
+    out["cost_model_formula"] = pipeline.cost_model_formula(params.train.schedule)
     return out

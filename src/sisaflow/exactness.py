@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sisaflow import ledger
+from sisaflow import pipeline
 from sisaflow.checkpoint import weights_hash
 from sisaflow.config import Params
-from sisaflow.corpus import import_corpus
-from sisaflow.errors import SisaflowError
+from sisaflow.errors import CorpusError, ShardingError
 from sisaflow.paths import Workspace
 from sisaflow.registry import read_registry
-from sisaflow.sharding import read_shard_manifest, shard_corpus
+from sisaflow.sharding import read_shard_manifest, shard_corpus, slice_digests
 from sisaflow.training import train_shard
 
 
@@ -50,13 +49,11 @@ class ExactResult:
 def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
     """Import the source minus the ledger's records into `scratch` and place them as `ws` placed them; False
     (nothing written) when the source cannot be read."""
-    source = ws.source(params.corpus.path)
-    if not source.is_file():
+    if not ws.source(params.corpus.path).is_file():
         return False
-    owners, records = ledger.excluded(ws.ledger_file)
     try:
-        import_corpus(source, params.corpus, scratch.corpus_file, owners, records)
-    except SisaflowError:
+        pipeline.prepare(ws, params, scratch.corpus_file)
+    except CorpusError:
         return False
     scratch.shards_dir.mkdir(parents=True, exist_ok=True)
     for recorded in (ws.placement_file, ws.shards_dir / "sharding.json"):
@@ -68,10 +65,9 @@ def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
 
 def _slice_digests(ws: Workspace, shard: int) -> list[str] | None:
     try:
-        manifest = read_shard_manifest(ws, shard)
-    except (OSError, ValueError, KeyError):
+        return slice_digests(read_shard_manifest(ws, shard))
+    except ShardingError:  # no manifest: the shard holds nothing there
         return None
-    return [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
 
 
 def verify_exact(

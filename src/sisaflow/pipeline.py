@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sisaflow import ledger, versioning
 from sisaflow.checkpoint import read_meta, weights_hash
@@ -24,7 +25,7 @@ from sisaflow.fsio import write_json
 from sisaflow.lineage import chain_hashes, first_stale_slice
 from sisaflow.paths import Workspace
 from sisaflow.registry import build_registry
-from sisaflow.sharding import ShardReport, read_shard_manifest, shard_corpus
+from sisaflow.sharding import ShardReport, read_shard_manifest, shard_corpus, slice_digests
 
 log = logging.getLogger("sisaflow")
 Progress = Callable[[str], None]
@@ -71,7 +72,7 @@ def workspace_lock(ws: Workspace, what: str = "run", waiting: Progress | None = 
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare(ws: Workspace, params: Params) -> dict[str, int]:
+def prepare(ws: Workspace, params: Params, corpus_file: Path | None = None) -> dict[str, int]:
     """Import the corpus source minus every record named in the deletion ledger. Refuses while the ledger lacks a
     request that a certificate in the workspace certifies: the records it erased would come back."""
     from sisaflow.proof import certified_but_unrecorded
@@ -84,7 +85,8 @@ def prepare(ws: Workspace, params: Params) -> dict[str, int]:
             "ledger (git log -- deletions/ledger.jsonl), then run again"
         )
     owners, records = ledger.excluded(ws.ledger_file)
-    return import_corpus(ws.source(params.corpus.path), params.corpus, ws.corpus_file, owners, records)
+    target = ws.corpus_file if corpus_file is None else corpus_file  # elsewhere: verify --exact's rebuild
+    return import_corpus(ws.source(params.corpus.path), params.corpus, target, owners, records)
 
 
 def shard(ws: Workspace, params: Params) -> ShardReport:
@@ -97,7 +99,7 @@ def stale_shards(ws: Workspace, params: Params) -> dict[int, int]:
     out = {}
     for s in params.sharding.shard_ids:
         manifest = read_shard_manifest(ws, s)
-        digests = [x["digest"] for x in sorted(manifest["slices"], key=lambda x: x["slice"])]
+        digests = slice_digests(manifest)
         k = first_stale_slice(ws, s, chain_hashes(params.training_identity(), digests))
         if k < params.sharding.slices:
             out[s] = k
@@ -174,6 +176,10 @@ def checkpoint_hashes(ws: Workspace, params: Params) -> dict[int, dict[int, str]
             if read_meta(d) is not None:
                 out[s][k] = weights_hash(d)
     return out
+
+
+def cost_model_formula(schedule: str) -> str:
+    return "(1/S)(2R+1)/(3R)" if schedule == "cumulative" else "(1/S)(R+1)/(2R)"
 
 
 def cost_model(shards: int, slices: int, schedule: str) -> float:

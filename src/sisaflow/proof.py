@@ -25,7 +25,7 @@ from sisaflow.certificate import (
     sign,
     write_certificate,
 )
-from sisaflow.checkpoint import MODEL_FILE, read_meta, weights_hash
+from sisaflow.checkpoint import MODEL_FILE
 from sisaflow.config import Params
 from sisaflow.corpus import read_table
 from sisaflow.errors import DeletionError
@@ -60,11 +60,17 @@ def impact_file(ws: Workspace, request_id: str) -> Path:
     return ws.runs_dir / "impact" / f"{request_id}.json"
 
 
-def record_impact(ws: Workspace, params: Params, requests: list[ledger.DeletionRequest]) -> list[str]:
+def record_impact(
+    ws: Workspace,
+    params: Params,
+    requests: list[ledger.DeletionRequest],
+    checkpoints: dict[int, dict[int, str]],
+) -> list[str]:
     """For each request without one yet, write where its records are placed and the hashes of the checkpoints
-    that saw them: from the first slice holding one of them on, in every shard that holds one. Call it before
-    the run re-imports or re-shards. Holds shard and slice numbers and weights hashes only, never a record's id
-    or content hash. Returns the requests written."""
+    that saw them (`checkpoints`: pipeline.checkpoint_hashes, taken before the run changes anything): from the
+    first slice holding one of them on, in every shard that holds one. Call it before the run re-imports or
+    re-shards. Holds shard and slice numbers and weights hashes only, never a record's id or content hash.
+    Returns the requests written."""
     todo = [r for r in requests if not impact_file(ws, r.request_id).is_file()]
     placement = load_placement(ws, params.sharding) if todo else {}
     if not placement or not ws.corpus_file.is_file():
@@ -85,17 +91,13 @@ def record_impact(ws: Workspace, params: Params, requests: list[ledger.DeletionR
         shards = {}
         for shard, slices in sorted(held.items()):
             first = min(slices)
-            complete = [
-                k
-                for k in range(first, params.sharding.slices)
-                if read_meta(ws.checkpoint_dir(shard, k)) is not None
-            ]
+            retired = {k: h for k, h in checkpoints.get(shard, {}).items() if k >= first}
             shards[str(shard)] = {
                 "holding": sorted(slices),
                 "from_slice": first,
-                "retired": {str(k): weights_hash(ws.checkpoint_dir(shard, k)) for k in complete},
+                "retired": {str(k): h for k, h in retired.items()},
                 "retired_bytes": {
-                    str(k): (ws.checkpoint_dir(shard, k) / MODEL_FILE).stat().st_size for k in complete
+                    str(k): (ws.checkpoint_dir(shard, k) / MODEL_FILE).stat().st_size for k in retired
                 },
             }
         write_json(

@@ -26,7 +26,7 @@ from sisaflow.errors import WorkspaceError
 from sisaflow.fsio import atomic_dir, digest, read_json, write_json
 from sisaflow.lineage import chain_hashes
 from sisaflow.paths import Workspace
-from sisaflow.sharding import read_shard_manifest
+from sisaflow.sharding import read_shard_manifest, slice_digests
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def build_registry(ws: Workspace, params: Params) -> dict:
             continue  # a shard whose records were all deleted leaves the ensemble
         ckpt = ws.checkpoint_dir(shard, last)
         meta = read_meta(ckpt)
-        digests = [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
+        digests = slice_digests(manifest)
         if meta is None or meta.chain != chain_hashes(params.training_identity(), digests)[-1]:
             raise WorkspaceError(
                 f"shard {shard} is not trained on its current data; run `sisaflow train --shard {shard}`"

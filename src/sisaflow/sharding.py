@@ -169,6 +169,11 @@ def read_shard_manifest(ws: Workspace, shard: int) -> dict:
     return read_json(path)
 
 
+def slice_digests(manifest: dict) -> list[str]:
+    """A shard manifest's slice digests in slice order: what a checkpoint's chain hash is built from."""
+    return [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
+
+
 def read_slice(ws: Workspace, shard: int, slice_: int) -> list[Record]:
     """The records of one slice, in canonical order."""
     return from_table(read_table(ws.slice_file(shard, slice_)))

@@ -35,7 +35,7 @@ from sisaflow.corpus import Record
 from sisaflow.lineage import chain_hashes, first_stale_slice
 from sisaflow.model import build_model
 from sisaflow.paths import Workspace
-from sisaflow.sharding import read_shard_manifest, read_slice
+from sisaflow.sharding import read_shard_manifest, read_slice, slice_digests
 from sisaflow.tokenizer import load_tokenizer
 
 log = logging.getLogger("sisaflow.training")
@@ -128,7 +128,7 @@ def train_shard(
     say = progress or log.info
     tp, mp = params.train, params.model
     manifest = read_shard_manifest(ws, shard)
-    digests = [s["digest"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
+    digests = slice_digests(manifest)
     chain = chain_hashes(params.training_identity(), digests)
     start = first_stale_slice(ws, shard, chain)
     device = resolve_device(tp.device)
