@@ -16,7 +16,7 @@ random rank-8 adapters on q_proj and v_proj over that base, and the columns comp
 Constituents are freshly initialised at the default ModelParams with the byte tokenizer (speed does not depend
 on the weights). Each run: a prompt of 32 random tokens per row, then 64 new tokens, greedy on the combined
 mixture, never stopping at end-of-text. Rates are new tokens per second over all rows, prefill included; the
-median of the repeats after one warm-up; the
+median of the repeats after a warm-up of a few tokens; the
 three take turns, and the one-model rate is measured again for each row. The last column says whether the stacked and the loop ensembles picked
 the same tokens.
 """
@@ -85,18 +85,24 @@ def generate_stacked(stacked, weights: torch.Tensor, prompt: torch.Tensor, new: 
     return torch.cat(tokens, dim=1)
 
 
+WARMUP_NEW = 4
+"""New tokens of each run's warm-up: prefill and a few cached steps load every kernel a full run uses (a full
+warm-up would cost as much as a repeat, and a GPU run's minutes are few)."""
+
+
 def rates(
-    runs: dict[str, Callable[[], torch.Tensor]], rows: int, new: int, repeats: int, device: torch.device
+    runs: dict[str, Callable[[int], torch.Tensor]], rows: int, new: int, repeats: int, device: torch.device
 ):
-    """Median new tokens per second of each run, and its last tokens. The runs take turns (one warm-up each,
-    then `repeats` rounds) so that a slow spell of a shared machine falls on all of them alike."""
+    """Median new tokens per second of each run (each called with the number of new tokens), and its last
+    tokens. The runs take turns (a short warm-up each, then `repeats` rounds, at least one) so that a slow
+    spell of a shared machine falls on all of them alike."""
     times: dict[str, list[float]] = {k: [] for k in runs}
-    tokens = {k: run() for k, run in runs.items()}
-    for _ in range(repeats):
+    tokens = {k: run(min(new, WARMUP_NEW)) for k, run in runs.items()}
+    for _ in range(max(1, repeats)):
         for k, run in runs.items():
             _sync(device)
             start = time.perf_counter()
-            tokens[k] = run()
+            tokens[k] = run(new)
             _sync(device)
             times[k].append(time.perf_counter() - start)
     return {k: rows * new / statistics.median(t) for k, t in times.items()}, tokens
@@ -104,9 +110,17 @@ def rates(
 
 @torch.no_grad()
 def scratch_rows(
-    models: list, vocab: int, device: torch.device, batches, sizes, new: int, repeats: int
+    models: list,
+    vocab: int,
+    device: torch.device,
+    batches,
+    sizes,
+    new: int,
+    repeats: int,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One row per (batch, S): tokens/s of one model, the loop over S and StackedLlama; same tokens or not."""
+    """One row per (batch, S): tokens/s of one model, the loop over S and StackedLlama; same tokens or not.
+    `on_row` sees each row as soon as it is measured."""
     rows = []
     for batch in batches:
         prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
@@ -116,14 +130,16 @@ def scratch_rows(
             weights = torch.full((s,), 1 / s, dtype=torch.float64, device=device)
             stacked = StackedLlama.from_models(ms)
             runs = {
-                "one": functools.partial(generate_one, models[0], prompt, new),
-                "loop": functools.partial(generate_loop, ms, weights, prompt, new),
-                "stacked": functools.partial(generate_stacked, stacked, weights, prompt, new),
+                "one": functools.partial(generate_one, models[0], prompt),
+                "loop": functools.partial(generate_loop, ms, weights, prompt),
+                "stacked": functools.partial(generate_stacked, stacked, weights, prompt),
             }
             r, by = rates(runs, batch, new, repeats, device)
             rows.append(
                 {"batch": batch, "S": s, **r, "same_tokens": bool(torch.equal(by["loop"], by["stacked"]))}
             )
+            if on_row:
+                on_row(rows[-1])
             del stacked
     return rows
 
@@ -160,10 +176,19 @@ def random_adapters(model, lp, count: int) -> list[dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def lora_rows(
-    model, base: str, device: torch.device, dtype: torch.dtype, batches, sizes, new: int, repeats: int
+    model,
+    base: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    batches,
+    sizes,
+    new: int,
+    repeats: int,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One row per (batch, S): tokens/s of the base alone, the peft loop, BatchedLora (transformers' base
-    forward over S times the rows) and stacked_lora (StackedLlama's forward; a Llama base only, else None)."""
+    forward over S times the rows) and stacked_lora (StackedLlama's forward; a Llama base only, else None).
+    `on_row` sees each row as soon as it is measured."""
     import copy
 
     from sisaflow.config import LoraParams, ModelParams
@@ -185,14 +210,14 @@ def lora_rows(
             )
             loop = PeftLoop(copy.deepcopy(model), mp, adapters[:s]).to(device=device, dtype=dtype)
             runs = {
-                "one": functools.partial(generate_one, one, prompt, new),
-                "loop": functools.partial(generate_stacked, loop, weights, prompt, new),
-                "batched": functools.partial(generate_stacked, fast, weights, prompt, new),
+                "one": functools.partial(generate_one, one, prompt),
+                "loop": functools.partial(generate_stacked, loop, weights, prompt),
+                "batched": functools.partial(generate_stacked, fast, weights, prompt),
             }
             try:
                 lean = stacked_lora(model, adapters[:s], lp.alpha / lp.r, PROMPT + new)
                 runs["stacked"] = functools.partial(
-                    generate_stacked, lean.to(device=device, dtype=dtype), weights, prompt, new
+                    generate_stacked, lean.to(device=device, dtype=dtype), weights, prompt
                 )
             except ValueError:
                 lean = None
@@ -202,6 +227,8 @@ def lora_rows(
             if lean is not None:
                 row["stacked_same_tokens"] = bool(torch.equal(by["loop"], by["stacked"]))
             rows.append(row)
+            if on_row:
+                on_row(row)
             del fast, loop, lean
     return rows
 

@@ -47,9 +47,9 @@ def inference_rates(mp: ModelParams, sizes: list[int], new: int, repeats: int) -
         if not batched.batched:
             raise RuntimeError("the constituents did not stack: the batched path is not what is measured")
         runs = {
-            "one": functools.partial(generate_one, models[0], prompt, new),
-            "batched": functools.partial(generate_ensemble, batched, prompt, new),
-            "loop": functools.partial(generate_ensemble, loop, prompt, new),
+            "one": functools.partial(generate_one, models[0], prompt),
+            "batched": functools.partial(generate_ensemble, batched, prompt),
+            "loop": functools.partial(generate_ensemble, loop, prompt),
         }
         r, chosen = rates(runs, 1, new, repeats, torch.device("cpu"))
         rows.append({"S": s, **r, "same_tokens": bool(torch.equal(chosen["batched"], chosen["loop"]))})

@@ -180,34 +180,46 @@ def _process_settings(tp: TrainParams, device: torch.device, say: Callable[[str]
     )
     fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     torch.set_num_threads(tp.threads)
-    torch.use_deterministic_algorithms(tp.deterministic, warn_only=True)
+    strict = False
     if device.type == "cuda":
         # deterministic mode also fills every new tensor with NaN, a guard against reading uninitialised memory
         # (no op here does); on a GPU that is a kernel per allocation, so it is off there
         torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
-        if tp.deterministic:
-            _deterministic_cublas(say)
+        # warn-only mode leaves the attention kernels' backward (flash, memory-efficient, cuDNN) on their
+        # non-deterministic algorithms: only the strict mode picks the deterministic ones (measured on an H200:
+        # two warn-only runs gave different weights); strict needs cuBLAS's fixed workspace
+        strict = tp.deterministic and _deterministic_cublas(say)
+    torch.use_deterministic_algorithms(tp.deterministic, warn_only=not strict)
     try:
         yield
+    except RuntimeError as exc:
+        if strict and "deterministic" in str(exc):
+            raise RuntimeError(
+                f"{exc}\ntrain.deterministic asks torch for deterministic algorithms on CUDA, and this operation "
+                "has none: set train.deterministic: false in params.yaml to train anyway (a GPU run then does not "
+                "repeat bit for bit, and the training identity changes)"
+            ) from exc
+        raise
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
 
 
-def _deterministic_cublas(say: Callable[[str], None]) -> None:
+def _deterministic_cublas(say: Callable[[str], None]) -> bool:
     """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when this process first multiplies on the GPU: set it before then (a
-    Ray worker trains first thing), or say that the user must export it."""
+    Ray worker trains first thing), or say that the user must export it. True when cuBLAS is deterministic."""
     if os.environ.get("CUBLAS_WORKSPACE_CONFIG") in CUBLAS_DETERMINISTIC:
-        return
+        return True
     if torch.cuda.is_initialized():
         say(
             f"CUDA was in use in this process before training, with CUBLAS_WORKSPACE_CONFIG not one of "
             f"{', '.join(CUBLAS_DETERMINISTIC)}: cuBLAS may not be deterministic; export "
             f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} before starting, or set train.deterministic false"
         )
-        return
+        return False
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+    return True
 
 
 def _build_constituent(mp: ModelParams, seed: int, device: torch.device) -> torch.nn.Module:
