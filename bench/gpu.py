@@ -351,6 +351,10 @@ def ensemble_section(setup: Setup, device: torch.device, dtype: torch.dtype, row
     def on_row(r: dict) -> None:
         rows.append({**r, "stacked_vs_one": r["stacked"] / r["one"], "loop_vs_one": r["loop"] / r["one"]})
         save()
+        print(
+            f"  S={r['S']}: stacked / one {r['stacked'] / r['one']:.2f}, loop / one {r['loop'] / r['one']:.2f}",
+            flush=True,
+        )
 
     mp = model_params(setup)
     tok = load_tokenizer(mp.tokenizer)
@@ -374,6 +378,10 @@ def lora_ensemble_section(
         r["stacked_vs_one"] = None if r["stacked"] is None else r["stacked"] / r["one"]
         rows.append(r)
         save()
+        stacked = "n/a" if r["stacked_vs_one"] is None else f"{r['stacked_vs_one']:.2f}"
+        print(
+            f"  S={r['S']}: BatchedLora / one {r['batched_vs_one']:.2f}, stacked / one {stacked}", flush=True
+        )
 
     model = load_base_model(str(base))
     lora_rows(
@@ -552,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 continue
             t0 = time.perf_counter()
-            print(f"# {section} ...", flush=True)
+            print(f"# {section} ({time.perf_counter() - start:.0f} s in) ...", flush=True)
             try:
                 if section == "train":
                     out[key] = {}
