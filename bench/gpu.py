@@ -4,7 +4,8 @@
         [--no-compile] [--compiled-fast]
     PYTHONPATH=src:. python bench/gpu.py --smoke --out DIR   # CPU, tiny shapes: checks this script (a unit test)
 
-Sections, in this order (a section that would start after --budget-s seconds is skipped and says so):
+Sections, in this order unless --only orders them (a section that would start after --budget-s seconds is
+skipped and says so):
 - train: per-shard training tokens/s of the library's `train_shard` (what a Ray worker runs) against a bare torch
   loop on the same model and batch: a from-scratch Llama of the SmolLM2-135M shape (hidden 576, 30 layers,
   9 heads, intermediate 1536, tied embeddings, GPT-2's 50,257 tokens; full key/value heads, as the library builds
@@ -551,10 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         base = random_base(setup, tmp / "base") if {"lora-ensemble", "lora-train"} & set(only) else None
-        for section in SECTIONS:
+        for section in dict.fromkeys(only):  # in the order asked: what matters most first
             key = section.replace("-", "_")
-            if section not in only:
-                continue
             if time.perf_counter() - start > args.budget_s:
                 out[key] = f"skipped: {time.perf_counter() - start:.0f} s spent, budget {args.budget_s:.0f} s"
                 save()
