@@ -73,6 +73,28 @@ def _settings_now() -> tuple:
     )
 
 
+@pytest.mark.parametrize("compile_", [True, False])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_compiled_deterministic_cuda_training_always_pads_misaligned_matmuls(
+    monkeypatch, deterministic, compile_
+):
+    """Deterministic mode stops inductor benchmarking whether to pad a matmul, so it would never pad: compiled
+    strict training pads always (a fixed choice), for the training only."""
+    import torch._inductor.config as inductor_config
+
+    _without_cublas_setting(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    from sisaflow.config import TrainParams
+
+    tp = TrainParams(deterministic=deterministic, compile=compile_)
+    assert inductor_config.force_shape_pad is False
+    with training._process_settings(tp, torch.device("cuda"), quiet):
+        inside = inductor_config.force_shape_pad
+    assert inside is (deterministic and compile_) and inductor_config.force_shape_pad is False
+    with training._process_settings(tp, torch.device("cpu"), quiet):  # CPU never compiles
+        assert inductor_config.force_shape_pad is False
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_cuda_settings_fix_cublas_and_skip_the_nan_fill_then_are_put_back(monkeypatch, deterministic):
     """On CUDA, train.deterministic sets cuBLAS's fixed workspace before the first GPU matmul and turns on the
