@@ -212,6 +212,43 @@ def test_training_trains_and_resumes(
     assert again.start_slice == 2 and (ws.checkpoint_dir(0, 2) / MODEL_FILE).is_file()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_forgetting_on_the_device_equals_training_from_scratch(
+    make_workspace, make_records, make_params, device, compile_
+):
+    """The exactness guarantee where training runs: with train.deterministic (the default) two trainings give
+    the same bytes, and retraining after a deletion (resumed from the last untouched slice's checkpoint, fused
+    AdamW state included) gives the bytes of a training from scratch without the deleted owner."""
+    from sisaflow.corpus import from_table, read_table, to_table, write_table
+    from sisaflow.sharding import read_slice, shard_corpus
+
+    params = make_params(train={"device": device, "compile": compile_})
+    records = make_records(owners=12, per_owner=3)
+    a, b = make_workspace(records, name="a"), make_workspace(records, name="b")
+    assert all(read_slice(a, 0, k) for k in range(3))  # every slice trains
+    for ws in (a, b):
+        train_shard(ws, 0, params, progress=quiet)
+
+    def files(ws) -> dict:
+        return {
+            (k, f): (ws.checkpoint_dir(0, k) / f).read_bytes()
+            for k in range(3)
+            for f in (MODEL_FILE, OPTIMIZER_FILE)
+        }
+
+    assert files(a) == files(b)
+    owner = read_slice(a, 0, 1)[0].owner
+    kept = [r for r in from_table(read_table(a.corpus_file)) if r.owner != owner]
+    write_table(a.corpus_file, to_table(kept))
+    shard_corpus(a, params.sharding)
+    assert train_shard(a, 0, params, progress=quiet).start_slice == 1
+    scratch = make_workspace(kept, name="scratch")
+    train_shard(scratch, 0, params, progress=quiet)
+    assert files(a) == files(scratch) and files(a)[(0, MODEL_FILE)] == files(b)[(0, MODEL_FILE)]
+    assert files(a)[(2, MODEL_FILE)] != files(b)[(2, MODEL_FILE)]  # the deletion changed the later slices
+
+
 @pytest.mark.gpu
 @CUDA
 def test_batched_ensembles_on_cuda_equal_their_loops(tmp_path):
