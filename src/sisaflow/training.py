@@ -9,9 +9,10 @@ and deterministic algorithms, the weights are bitwise equal.
 A constituent is either a small Llama built from scratch or, with model.base set, a LoRA adapter over that
 frozen pretrained base (sisaflow.lora): then only the adapter trains and is checkpointed. On CUDA, training runs
 under bf16 autocast with a fused AdamW (and torch.compile with train.compile). With train.deterministic (the
-default) it also uses deterministic algorithms and cuBLAS's fixed workspace, so a GPU run can repeat bit for bit
-on the same device and software (bench/gpu.py records whether it did); CPU, eager and float32, is the
-computation the exactness guarantee is stated and tested for.
+default) it also uses torch's strict deterministic algorithms and cuBLAS's fixed workspace, so a GPU run repeats
+bit for bit on the same device and software (two eager trainings on an H200 gave equal weights; bench/gpu.py
+records it, and the `gpu` tests check forgetting against training from scratch there); CPU, eager and float32,
+is the computation the exactness guarantee is stated for and CI tests.
 """
 
 from __future__ import annotations
