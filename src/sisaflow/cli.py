@@ -75,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--in-process", action="store_true")
     s.set_defaults(func=commands_deletion.cmd_forget)
 
-    s = sub.add_parser("generate", parents=[common], help="generate text with the ensemble")
-    s.add_argument("prompt")
+    s = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="generate text with the ensemble: one prompt, several (one batch), or a file of them",
+    )
+    s.add_argument("prompt", nargs="*", help="prompts; \\n in one stands for a new line")
+    s.add_argument(
+        "--prompts-file", metavar="PATH", help="a text file of prompts, one per line (\\n for a new line)"
+    )
+    s.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)

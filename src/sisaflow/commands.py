@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from sisaflow.errors import SisaflowError
+from sisaflow.errors import ConfigError, SisaflowError
 from sisaflow.paths import Workspace
 
 
@@ -198,10 +198,41 @@ def cmd_ensemble(args) -> int:
 def cmd_generate(args) -> int:
     from sisaflow.ensemble import Ensemble
 
+    prompts = [_unescape(p) for p in args.prompt]
+    if args.prompts_file:
+        prompts += _prompts_from(Path(args.prompts_file))
+    if not prompts:
+        raise ConfigError("generate needs a prompt, or --prompts-file with one prompt per line")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
     ens = Ensemble.load(workspace_arg(args))
-    prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
-    print(prompt + ens.generate(prompt, args.max_new_tokens, args.temperature, args.seed))
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        for i, (prompt, text) in enumerate(
+            zip(batch, ens.generate(batch, args.max_new_tokens, args.temperature, args.seed)), start
+        ):
+            if i:
+                print()  # a blank line between generations
+            print(prompt + text, flush=True)
     return 0
+
+
+def _unescape(prompt: str) -> str:
+    return prompt.encode().decode("unicode_escape") if "\\n" in prompt else prompt
+
+
+def _prompts_from(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such prompts file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    prompts = [_unescape(line) for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{path}: holds no prompt (one per line)")
+    return prompts
 
 
 def cmd_score(args) -> int:

@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -286,35 +286,70 @@ class Ensemble(torch.nn.Module):
         n = len(ids) - 1
         return {"tokens": n, "log_likelihood": ll, "perplexity": math.exp(-ll / n)}
 
+    @overload
+    def generate(
+        self, prompt: str, max_new_tokens: int = ..., temperature: float = ..., seed: int = ...
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self, prompt: list[str], max_new_tokens: int = ..., temperature: float = ..., seed: int = ...
+    ) -> list[str]: ...
+
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> str:
-        """Continue `prompt`: greedy when temperature is 0, else sampling; stops at end-of-text."""
+    def generate(
+        self, prompt: str | list[str], max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
+    ) -> str | list[str]:
+        """Continue `prompt`, or each of a list of prompts in one batch (left-padded; a list gives a list):
+        greedy when temperature is 0, else sampling; a row stops at end-of-text.
+
+        A batch gives each prompt what it gets alone (up to float rounding: rotary positions are relative, so
+        left padding shifts nothing a prompt sees; a test compares): when sampling, each row draws from its own
+        generator seeded by `seed`."""
         self.check_current()
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            ids = [self.tokenizer.eos_id]
+        single = isinstance(prompt, str)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            return []
+        eos = self.tokenizer.eos_id
         # a prompt longer than the context keeps its end, leaving room for the new tokens
         room = max(1, self._context() - max_new_tokens)
-        ids = ids[-room:]
-        budget = max(0, min(max_new_tokens, self._context() - len(ids)))
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.tensor([ids], device=self.weights.device)
-        out = self(x, use_cache=True, logits_to_keep=1)
-        new: list[int] = []
+        rows = [(self.tokenizer.encode(p) or [eos])[-room:] for p in prompts]
+        width = max(len(r) for r in rows)
+        budget = max(0, min(max_new_tokens, self._context() - width))
+        device = self.weights.device
+        x = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=device)
+        mask = None
+        if any(len(r) < width for r in rows):
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        gens = [torch.Generator().manual_seed(seed) for _ in rows]
+        out = self(x, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        new: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
         for _ in range(budget):
-            lp = out.logits[0, -1]
+            lp = out.logits[:, -1]
             if temperature > 0:
                 probs = torch.softmax(lp / temperature, dim=-1).float().cpu()
-                token = int(torch.multinomial(probs, 1, generator=gen))
+                tokens = [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
             else:
-                token = int(lp.argmax())
-            if token == self.tokenizer.eos_id:
+                tokens = lp.argmax(-1).tolist()
+            for i, token in enumerate(tokens):
+                if done[i] or token == eos:
+                    done[i] = True
+                else:
+                    new[i].append(token)
+            if all(done):
                 break
-            new.append(token)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self(
-                torch.tensor([[token]], device=x.device), past_key_values=out.past_key_values, use_cache=True
+                torch.tensor([[t] for t in tokens], device=device),
+                attention_mask=mask,
+                past_key_values=out.past_key_values,
+                use_cache=True,
             )
-        return self.tokenizer.decode(new)
+        texts = [self.tokenizer.decode(t) for t in new]
+        return texts[0] if single else texts
 
     def _context(self) -> int:
         return self.context_length

@@ -237,6 +237,28 @@ def test_sampling_with_a_fixed_seed_is_reproducible(make_params):
     assert ens.generate("Hello", max_new_tokens=10, temperature=1e-4, seed=3) == ",".join(map(str, greedy))
 
 
+PROMPTS = ["Question: what is 2 plus 2?", "Hi", "", "The author of the book was born in"]
+
+
+def assert_a_batch_generates_what_each_prompt_alone_does(ens, prompts=PROMPTS, new=20) -> None:
+    """A left-padded batch generates what each prompt does alone, greedy or sampled (shared with the LoRA
+    tests)."""
+    alone = [ens.generate(p, max_new_tokens=new) for p in prompts]
+    assert len({len(p) for p in prompts}) > 1 and len(set(alone)) == len(prompts)  # padding, varied output
+    assert ens.generate(prompts, max_new_tokens=new) == alone
+    assert ens.generate(prompts[:1], max_new_tokens=new) == alone[:1] and ens.generate([]) == []
+    sampled = ens.generate(prompts, max_new_tokens=new, temperature=1.0, seed=3)
+    assert sampled == [ens.generate(p, max_new_tokens=new, temperature=1.0, seed=3) for p in prompts]
+    assert sampled != alone
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["stacked", "loop"])
+def test_a_batch_of_prompts_generates_what_each_alone_does(models, batched):
+    ens = Ensemble(models, [1.0, 2.0, 3.0], "mixture", IdTokenizer(), batched=batched)
+    assert ens.batched is batched
+    assert_a_batch_generates_what_each_prompt_alone_does(ens)
+
+
 def test_empty_prompt_starts_from_end_of_text(models):
     ens = Ensemble(models, [1, 1, 1], "mixture", IdTokenizer())
     expected, _ = _greedy_without_cache(ens, [256], 5)
@@ -325,3 +347,43 @@ def test_a_loaded_ensemble_refuses_once_a_request_excludes_one_of_its_constituen
         ens.generate("hello")
     assert Ensemble.load(ws).shards == [1]
     assert Ensemble.load(ws, respect_requests=False).shards == [0, 1]
+
+
+def test_the_cli_generates_for_several_prompts_and_a_prompts_file(
+    make_records, make_workspace, make_params, tmp_path, capsys
+):
+    import yaml
+
+    from sisaflow import cli
+    from sisaflow.registry import build_registry
+    from sisaflow.training import train_shard
+
+    params = make_params(sharding={"shards": 1, "slices": 1})
+    ws = make_workspace(make_records(owners=3, per_owner=2), shards=1, slices=1)
+    train_shard(ws, 0, params, progress=lambda m: None)
+    build_registry(ws, params)
+    ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    ens = Ensemble.load(ws)
+    prompts = ["Question: who?", "Hi", "A\nB"]
+    alone = [p + ens.generate(p, max_new_tokens=6) for p in prompts]
+    run = ["--workspace", str(ws.root), "generate", "--max-new-tokens", "6"]
+
+    assert cli.main(run + ["Question: who?"]) == 0
+    assert capsys.readouterr().out == alone[0] + "\n"  # one prompt: as before
+    assert cli.main(run + ["--batch-size", "2", "Question: who?", "Hi", "A\\nB"]) == 0
+    assert capsys.readouterr().out == "\n\n".join(alone) + "\n"  # batches of 2 and 1, blank lines between
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("Question: who?\n\nHi\nA\\nB\n")
+    assert cli.main(run + ["--prompts-file", str(listed)]) == 0
+    assert capsys.readouterr().out == "\n\n".join(alone) + "\n"
+
+    for bad, message in [
+        ([], "needs a prompt"),
+        (["--prompts-file", str(tmp_path / "missing.txt")], "missing.txt: no such prompts file"),
+        (["--batch-size", "0", "Hi"], "--batch-size must be at least 1"),
+    ]:
+        assert cli.main(run + bad) == 1
+        assert message in capsys.readouterr().err
+    listed.write_bytes(b"ok\n\xff\n")
+    assert cli.main(run + ["--prompts-file", str(listed)]) == 1
+    assert "prompts.txt: not UTF-8 text (byte 3)" in capsys.readouterr().err

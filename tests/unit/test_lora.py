@@ -246,6 +246,18 @@ def _lora_ensembles(base_dir, lp, n=3, weights=(1.0, 2.0, 3.0)):
 LPS = [LoraParams(), LoraParams(r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])]
 
 
+@pytest.mark.parametrize("runner", ["batched", "loop", "stacked"])
+def test_a_batch_of_prompts_generates_what_each_alone_does_over_lora(base_dir, runner):
+    from tests.unit.test_ensemble import assert_a_batch_generates_what_each_prompt_alone_does
+
+    batched, loop = _lora_ensembles(base_dir, LPS[0])
+    ens = {"batched": batched, "loop": loop}.get(runner)
+    if ens is None:
+        lean = stacked_lora(load_base_model(str(base_dir)), _random_adapters(base_dir, LPS[0], 3), 2.0, 96)
+        ens = Ensemble([], [1.0, 2.0, 3.0], "mixture", batched.tokenizer, runner=lean, context_length=96)
+    assert_a_batch_generates_what_each_prompt_alone_does(ens, new=12)
+
+
 @pytest.mark.parametrize("lp", LPS, ids=["qv", "qko-down"])
 def test_batched_lora_equals_the_peft_loop(base_dir, lp):
     batched, loop = _lora_ensembles(base_dir, lp)
