@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A device call as one prepared script: the `gpu`-marked tests, then bench/gpu.py's sections in the order given.
 # Run from the repository root on the GPU machine (torch, transformers, peft, pyarrow; no Ray, Prefect or DVC).
-# With the defaults it takes at most 9 minutes (tests 200 s, sections 340 s); a session's 15 device-minutes fit
+# With the defaults it takes at most 9 minutes (tests 180 s, sections 360 s); a session's 15 device-minutes fit
 # this call and a shorter second one for the sections it skipped:
 #     bash bench/gpu_session.sh                                                   # call 1 (timeout 570 s)
 #     GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=150 bash bench/gpu_session.sh   # call 2
@@ -15,13 +15,13 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     # the tests set cuBLAS's workspace themselves (the library's own path): not exported here
-    timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu \
+    timeout "${GPU_TEST_TIMEOUT:-180}" python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu \
         tests/unit/test_gpu_path.py >"$out/pytest.log" 2>&1
     echo "pytest exit $?"
     grep -v -i warn "$out/pytest.log" | tail -25
 fi
 # shellcheck disable=SC2086  # GPU_FLAGS holds several flags
-timeout "${GPU_BENCH_TIMEOUT:-340}" python3 bench/gpu.py --out "$out/gpu" \
+timeout "${GPU_BENCH_TIMEOUT:-360}" python3 bench/gpu.py --out "$out/gpu" \
     --only "${GPU_SECTIONS:-ensemble,train,lora-ensemble,lora-train}" --budget-s "${GPU_BUDGET:-200}" ${GPU_FLAGS:-} \
     >"$out/gpu.log" 2>&1
 echo "bench exit $?"
