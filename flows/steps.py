@@ -119,12 +119,7 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
             report.seconds["metrics_before"] = snapshot_before(root, applying, report.run_id)["seconds"]
         elif applying:
             # in a thread while Ray retrains: the snapshot reads nothing the run changes before promotion, and a
-            # forget usually retrains one shard, leaving the other cores to it. What both threads import is
-            # imported here first: transformers' lazy module fails when two threads import it at once (seen:
-            # "cannot import name 'LlamaForCausalLM'")
-            import sisaflow.evaluation  # noqa: F401
-            import sisaflow.parallel  # noqa: F401
-
+            # forget usually retrains one shard, leaving the other cores to it
             measuring = snapshot_before.submit(root, applying, report.run_id)
         report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         with pipeline.timed(report, "prepare"):
