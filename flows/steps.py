@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from prefect import get_run_logger, task
 
@@ -76,20 +75,17 @@ def certify(root: str, request_id: str) -> list[str]:
 
 
 @task(name="metrics-before-deletion")
-def snapshot_before(root: str, request_ids: list[str], run_id: str) -> dict:
-    """Aggregates of the to-be-forgotten records under the ensemble trained on them (reports/before/), and the
-    seconds it took. It reads only the corpus source, the holdout, the registry and the served copies of the
-    constituents, none of which changes before promotion, so it can run while the shards retrain."""
+def snapshot_before(root: str, request_ids: list[str], run_id: str) -> str | None:
+    """Aggregates of the to-be-forgotten records under the ensemble trained on them (reports/before/)."""
     from sisaflow.evaluation import snapshot_before as snapshot
 
     ws = Workspace(root)
-    t0 = time.perf_counter()
     try:
         path = snapshot(ws, pipeline.load(ws), request_ids, run_id)
     except Exception as exc:  # measuring must never stop a deletion; the run goes on without the numbers
         get_run_logger().warning(f"before-deletion metrics not recorded ({type(exc).__name__}: {exc})")
-        path = None
-    return {"path": str(path) if path else None, "seconds": time.perf_counter() - t0}
+        return None
+    return str(path) if path else None
 
 
 @task(name="record-in-dvc")
@@ -113,14 +109,9 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
         before = pipeline.checkpoint_hashes(ws, params)
         # each request's shards, slices and checkpoints, before anything changes (kept if a crash comes)
         record_impact(ws, params, pending, before)
-        measuring = None
-        if applying and in_process:
-            # training shares this process (and its torch settings): measure first, alone
-            report.seconds["metrics_before"] = snapshot_before(root, applying, report.run_id)["seconds"]
-        elif applying:
-            # in a thread while Ray retrains: the snapshot reads nothing the run changes before promotion, and a
-            # forget usually retrains one shard, leaving the other cores to it
-            measuring = snapshot_before.submit(root, applying, report.run_id)
+        if applying:
+            with pipeline.timed(report, "metrics_before"):
+                snapshot_before(root, applying, report.run_id)
         report.full_training_tokens = pipeline.full_training_tokens(ws, params)
         with pipeline.timed(report, "prepare"):
             report.imported = prepare(root)
@@ -143,9 +134,6 @@ def run_steps(root: str, kind: str, in_process: bool = False) -> dict:
             report.training_tokens = sum(r.tokens for r in trained.shards)
         else:
             logger.info("every shard is up to date: nothing to train")
-        if measuring is not None:
-            with pipeline.timed(report, "metrics_before_wait"):  # what the overlap did not hide
-                report.seconds["metrics_before"] = measuring.result()["seconds"]
         with pipeline.timed(report, "ensemble"):
             report.ensemble_version = ensemble(root)["version"]
         # requests this run applied, then any a killed forget left retrained or purged: purge, scan, certify both
