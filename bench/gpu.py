@@ -1,7 +1,7 @@
 """Issue 5's GPU figures, on one CUDA device, calling the library directly (no Ray, Prefect or DVC).
 
     PYTHONPATH=src:. python bench/gpu.py --out DIR [--budget-s 420] [--only train,ensemble,lora-ensemble,lora-train]
-        [--no-compile] [--compiled-fast]
+        [--train-modes eager,compiled] [--compiled-fast]
     PYTHONPATH=src:. python bench/gpu.py --smoke --out DIR   # CPU, tiny shapes: checks this script (a unit test)
 
 Sections, in this order unless --only orders them (a section that would start after --budget-s seconds is
@@ -256,6 +256,7 @@ def train_section(
     save,
     section: dict,
     compiled_fast: bool = False,
+    train_modes: tuple[str, ...] = ("eager", "compiled"),
 ) -> None:
     """Fills `section` as it goes (eager, then compiled), so that a failure keeps what was measured."""
     mp = model_params(setup)
@@ -265,8 +266,8 @@ def train_section(
     first = [(tok.encode(r.text) + [tok.eos_id])[: setup.context] for r in records[: setup.batch]]
     batch = torch.tensor(first, device=device)
     section.update(model={**mp.identity(), "vocab": tok.vocab_size}, batch=[setup.batch, setup.context])
-    modes = [False, True] if setup.compile else [False]
-    for compile_ in modes:
+    modes = [m == "compiled" for m in ("eager", "compiled") if m in train_modes]
+    for compile_ in [c for c in modes if setup.compile or not c]:
         mode = "compiled" if compile_ else "eager"
         model = build_model(mp, tok.vocab_size, tok.eos_id, derive_seed(0, "init", 0)).to(device)
         section["parameters"] = sum(p.numel() for p in model.parameters())
@@ -519,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with --smoke: record a failing section and go on, as a GPU run always does",
     )
     ap.add_argument(
-        "--no-compile", action="store_true", help="train section: eager only (skips torch.compile)"
+        "--train-modes",
+        default="eager,compiled",
+        help="train section: eager, compiled or both (default; compiled is skipped where setup.compile is off)",
     )
     ap.add_argument(
         "--compiled-fast",
@@ -534,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA device here; bench/gpu.py measures a GPU (use --smoke to check the script on CPU)")
     setup = SMOKE if args.smoke else FULL
-    if args.no_compile:
-        setup = Setup(**{**setup.__dict__, "compile": False})
+    train_modes = [m.strip() for m in args.train_modes.split(",") if m.strip()]
+    if not train_modes or set(train_modes) - {"eager", "compiled"}:
+        ap.error(f"--train-modes: choose eager, compiled or both, not {args.train_modes!r}")
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     out_dir = Path(args.out)
@@ -576,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if section == "train":
                     out[key] = {}
-                    train_section(setup, device, tmp, peak, save, out[key], args.compiled_fast)
+                    train_section(
+                        setup, device, tmp, peak, save, out[key], args.compiled_fast, tuple(train_modes)
+                    )
                 elif section == "ensemble":
                     out[key] = []
                     ensemble_section(setup, device, dtype, out[key], save)

@@ -5,7 +5,7 @@
 # this call and a shorter second one for the sections it skipped:
 #     bash bench/gpu_session.sh                                                   # call 1 (timeout 570 s)
 #     GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=150 bash bench/gpu_session.sh   # call 2
-#     GPU_SECTIONS=train GPU_FLAGS=--compiled-fast bash bench/gpu_session.sh      # diagnosis of compiled training
+#     GPU_SECTIONS=train GPU_FLAGS="--train-modes compiled --compiled-fast" bash bench/gpu_session.sh      # diagnosis of compiled training
 # Results under $OUT (the device tool's folder) or /tmp/gpu-out; every measurement is in gpu/gpu.json as soon
 # as it is taken, so a timeout keeps what was measured.
 set -u
@@ -20,9 +20,10 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
     echo "pytest exit $?"
     grep -v -i warn "$out/pytest.log" | tail -25
 fi
+# GPU_FLAGS defaults to compiled training only (eager was measured on 2026-11-28); GPU_FLAGS= measures both
 # shellcheck disable=SC2086  # GPU_FLAGS holds several flags
 timeout "${GPU_BENCH_TIMEOUT:-360}" python3 bench/gpu.py --out "$out/gpu" \
-    --only "${GPU_SECTIONS:-ensemble,train,lora-ensemble,lora-train}" --budget-s "${GPU_BUDGET:-200}" ${GPU_FLAGS:-} \
+    --only "${GPU_SECTIONS:-ensemble,train,lora-ensemble,lora-train}" --budget-s "${GPU_BUDGET:-200}" ${GPU_FLAGS---train-modes compiled} \
     >"$out/gpu.log" 2>&1
 echo "bench exit $?"
 grep -v -i warn "$out/gpu.log" | tail -60
