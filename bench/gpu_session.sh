@@ -23,7 +23,7 @@ fi
 # GPU_FLAGS defaults to compiled training only (eager was measured on 2026-11-28); GPU_FLAGS= measures both
 # shellcheck disable=SC2086  # GPU_FLAGS holds several flags
 timeout "${GPU_BENCH_TIMEOUT:-360}" python3 bench/gpu.py --out "$out/gpu" \
-    --only "${GPU_SECTIONS:-ensemble,train,lora-ensemble,lora-train}" --budget-s "${GPU_BUDGET:-200}" ${GPU_FLAGS---train-modes compiled} \
+    --only "${GPU_SECTIONS:-ensemble,train,lora-ensemble,lora-train}" --budget-s "${GPU_BUDGET:-250}" ${GPU_FLAGS---train-modes compiled} \
     >"$out/gpu.log" 2>&1
 echo "bench exit $?"
 grep -v -i warn "$out/gpu.log" | tail -60
