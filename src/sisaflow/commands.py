@@ -218,7 +218,8 @@ def cmd_generate(args) -> int:
 
 
 def _unescape(prompt: str) -> str:
-    return prompt.encode().decode("unicode_escape") if "\\n" in prompt else prompt
+    """`\\n` (backslash, n) stands for a new line; nothing else changes (non-ASCII text included)."""
+    return prompt.replace("\\n", "\n")
 
 
 def _prompts_from(path: Path) -> list[str]:

@@ -364,16 +364,16 @@ def test_the_cli_generates_for_several_prompts_and_a_prompts_file(
     build_registry(ws, params)
     ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     ens = Ensemble.load(ws)
-    prompts = ["Question: who?", "Hi", "A\nB"]
+    prompts = ["Question: who?", "Hi", "Ça va?\nOui"]
     alone = [p + ens.generate(p, max_new_tokens=6) for p in prompts]
     run = ["--workspace", str(ws.root), "generate", "--max-new-tokens", "6"]
 
     assert cli.main(run + ["Question: who?"]) == 0
     assert capsys.readouterr().out == alone[0] + "\n"  # one prompt: as before
-    assert cli.main(run + ["--batch-size", "2", "Question: who?", "Hi", "A\\nB"]) == 0
+    assert cli.main(run + ["--batch-size", "2", "Question: who?", "Hi", "Ça va?\\nOui"]) == 0
     assert capsys.readouterr().out == "\n\n".join(alone) + "\n"  # batches of 2 and 1, blank lines between
     listed = tmp_path / "prompts.txt"
-    listed.write_text("Question: who?\n\nHi\nA\\nB\n")
+    listed.write_text("Question: who?\n\nHi\nÇa va?\\nOui\n", encoding="utf-8")
     assert cli.main(run + ["--prompts-file", str(listed)]) == 0
     assert capsys.readouterr().out == "\n\n".join(alone) + "\n"
 
