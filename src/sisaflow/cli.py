@@ -11,6 +11,19 @@ from sisaflow import commands, commands_deletion
 from sisaflow.errors import SisaflowError
 
 
+def serving_options(s: argparse.ArgumentParser) -> None:
+    """Where and in which precision the ensemble runs (generate, score)."""
+    s.add_argument(
+        "--device", default="cpu", help="torch device for the ensemble: cpu (default), cuda, cuda:1"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the constituents' weights (bfloat16 halves a GPU's memory and time; the mixture stays float64)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --workspace is accepted before or after the subcommand; SUPPRESS keeps the subparser from
     # overwriting a value given before it with its default
@@ -85,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-file", metavar="PATH", help="a text file of prompts, one per line (\\n for a new line)"
     )
     s.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    serving_options(s)
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
@@ -94,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--text-field")
     s.add_argument("--out")
+    serving_options(s)
     s.set_defaults(func=commands.cmd_score)
 
     s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")

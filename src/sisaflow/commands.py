@@ -196,8 +196,6 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from sisaflow.ensemble import Ensemble
-
     prompts = [_unescape(p) for p in args.prompt]
     if args.prompts_file:
         prompts += _prompts_from(Path(args.prompts_file))
@@ -205,7 +203,7 @@ def cmd_generate(args) -> int:
         raise ConfigError("generate needs a prompt, or --prompts-file with one prompt per line")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
-    ens = Ensemble.load(workspace_arg(args))
+    ens = load_served(args)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         for i, (prompt, text) in enumerate(
@@ -215,6 +213,22 @@ def cmd_generate(args) -> int:
                 print()  # a blank line between generations
             print(prompt + text, flush=True)
     return 0
+
+
+def load_served(args: argparse.Namespace, ws: Workspace | None = None):
+    """The served ensemble on --device in --dtype; a device torch cannot use is named."""
+    import torch
+
+    from sisaflow.ensemble import Ensemble
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: torch sees no CUDA device here")
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    return Ensemble.load(ws or workspace_arg(args), device=args.device, dtype=dtype)
 
 
 def _unescape(prompt: str) -> str:
@@ -240,7 +254,6 @@ def cmd_score(args) -> int:
     from sisaflow import pipeline
     from sisaflow.config import CorpusParams
     from sisaflow.corpus import read_records
-    from sisaflow.ensemble import Ensemble
 
     ws = workspace_arg(args)
     cp = pipeline.load(ws).corpus
@@ -254,7 +267,7 @@ def cmd_score(args) -> int:
             text_template=None,
         )
     records = read_records(Path(args.file), cp)
-    ens = Ensemble.load(ws)
+    ens = load_served(args, ws)
     out = open(args.out, "w") if args.out else sys.stdout
     try:
         for r in records:

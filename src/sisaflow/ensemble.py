@@ -170,13 +170,20 @@ class Ensemble(torch.nn.Module):
 
     @classmethod
     def load(
-        cls, ws: Workspace, device: str = "cpu", batched: bool | None = None, respect_requests: bool = True
+        cls,
+        ws: Workspace,
+        device: str = "cpu",
+        batched: bool | None = None,
+        respect_requests: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> Ensemble:
         """Load the served version from the registry, less every constituent a recorded deletion request
         excludes (unlearn.mode: exclude) until its retrained version is promoted.
 
         `batched` None follows params' ensemble.batched. `respect_requests=False` loads every registered
-        constituent, excluded or not: for measuring the model a deletion is about to replace, never for serving."""
+        constituent, excluded or not: for measuring the model a deletion is about to replace, never for serving.
+        `dtype` (e.g. torch.bfloat16 on a GPU) casts the constituents' weights; the mixture weights and the
+        combination stay float64."""
         stamp = _stamp(ws)  # before reading: a change while loading shows at the first check
         params = Params.load(ws.params_file) if ws.params_file.is_file() else Params()
         reg, served, excluded = _serving(ws, params.unlearn.mode if respect_requests else "keep")
@@ -210,7 +217,12 @@ class Ensemble(torch.nn.Module):
         ens.excluded = excluded
         if respect_requests:
             ens.served_from, ens._stamp = (ws, params.unlearn.mode), stamp
-        return ens.to(device)
+        ens = ens.to(device)
+        if dtype is not None:
+            mixture = ens.weights
+            ens.to(dtype=dtype)
+            ens.weights = mixture  # kept float64: 1/3 in bfloat16 is 0.333984
+        return ens
 
     def check_current(self) -> None:
         """Refuse (StaleEnsembleError) when the workspace would now serve other constituents or another version

@@ -377,7 +377,22 @@ def test_the_cli_generates_for_several_prompts_and_a_prompts_file(
     assert cli.main(run + ["--prompts-file", str(listed)]) == 0
     assert capsys.readouterr().out == "\n\n".join(alone) + "\n"
 
+    half = Ensemble.load(ws, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.runner.parameters()} == {torch.bfloat16}
+    assert half.weights.dtype == torch.float64 and torch.equal(half.weights, ens.weights)
+    assert cli.main(run + ["--dtype", "bfloat16", "Hi"]) == 0
+    assert capsys.readouterr().out == "Hi" + half.generate("Hi", max_new_tokens=6) + "\n"
+    assert half.score("Question: who?")["log_likelihood"] == pytest.approx(
+        ens.score("Question: who?")["log_likelihood"], rel=0.02
+    )
+
     for bad, message in [
+        (["--device", "gpu0", "Hi"], "--device 'gpu0': not a torch device"),
+        *(
+            [(["--device", "cuda", "Hi"], "torch sees no CUDA device")]
+            if not torch.cuda.is_available()
+            else []
+        ),
         ([], "needs a prompt"),
         (["--prompts-file", str(tmp_path / "missing.txt")], "missing.txt: no such prompts file"),
         (["--batch-size", "0", "Hi"], "--batch-size must be at least 1"),

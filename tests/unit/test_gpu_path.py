@@ -277,3 +277,22 @@ def test_batched_ensembles_on_cuda_equal_their_loops(tmp_path):
     lean = Ensemble([], [1.0, 2.0, 3.0], "mixture", batched.tokenizer, runner=stacked, context_length=96)
     # its own Llama forward rounds differently from transformers' in float32 (equal in float64: test_lora.py)
     assert float((lean(x).logits - peft_loop(x).logits).abs().max()) <= 5e-3
+
+
+@pytest.mark.gpu
+@CUDA
+def test_a_served_ensemble_on_cuda_in_bfloat16(make_workspace, make_records, make_params):
+    """`Ensemble.load(device="cuda", dtype=bfloat16)`, as `generate --device cuda --dtype bfloat16` serves: batched
+    prompts run, and the log-likelihood stays near float32 on the CPU."""
+    from sisaflow.ensemble import Ensemble
+    from sisaflow.registry import build_registry
+
+    params = make_params(sharding={"shards": 1, "slices": 1})
+    ws = make_workspace(make_records(owners=3, per_owner=2), shards=1, slices=1)
+    train_shard(ws, 0, params, progress=quiet)
+    build_registry(ws, params)
+    cpu, gpu = Ensemble.load(ws), Ensemble.load(ws, device="cuda", dtype=torch.bfloat16)
+    assert gpu.weights.dtype == torch.float64 and gpu.weights.device.type == "cuda"
+    assert len(gpu.generate(["Question: who?", "Hi"], max_new_tokens=8)) == 2
+    text = "Question: who wrote it?"
+    assert gpu.score(text)["log_likelihood"] == pytest.approx(cpu.score(text)["log_likelihood"], rel=0.02)

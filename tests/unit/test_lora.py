@@ -385,6 +385,10 @@ def test_the_served_lora_ensemble_from_the_registry(sharded, make_records, lora_
     text = "Question: what is 1 plus 1?"
     a, b = batched.score(text)["log_likelihood"], loop.score(text)["log_likelihood"]
     assert a == pytest.approx(b, abs=1e-4) and a < 0
+    half = Ensemble.load(ws, dtype=torch.bfloat16)  # the serving precision on a GPU, here on CPU
+    assert {p.dtype for p in half.runner.parameters()} == {torch.bfloat16}
+    assert half.weights.dtype == torch.float64 and torch.equal(half.weights, batched.weights)
+    assert half.score(text)["log_likelihood"] == pytest.approx(a, rel=0.02)
 
     assert all(r.equal for r in verify_exact(ws, params))
     tensors = load_file(str(served))
