@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sisaflow import pipeline
-from sisaflow.checkpoint import weights_hash
+from sisaflow.checkpoint import MODEL_FILE, weights_hash
 from sisaflow.config import Params
 from sisaflow.errors import CorpusError, ShardingError
 from sisaflow.paths import Workspace
@@ -56,7 +56,7 @@ def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
     except CorpusError:
         return False
     scratch.shards_dir.mkdir(parents=True, exist_ok=True)
-    for recorded in (ws.placement_file, ws.shards_dir / "sharding.json"):
+    for recorded in (ws.placement_file, ws.sharding_file):
         if recorded.is_file():
             shutil.copy2(recorded, scratch.shards_dir / recorded.name)
     shard_corpus(scratch, params.sharding, allow_empty=True)
@@ -92,6 +92,6 @@ def verify_exact(
             last = int(served[s]["checkpoint"].rsplit("slice-", 1)[1])
             served_dir = ws.root / served[s].get("served", served[s]["checkpoint"])
             scratch_dir = scratch.checkpoint_dir(s, last)
-            scratch_hash = weights_hash(scratch_dir) if (scratch_dir / "model.safetensors").is_file() else "-"
+            scratch_hash = weights_hash(scratch_dir) if (scratch_dir / MODEL_FILE).is_file() else "-"
             results.append(ExactResult(s, weights_hash(served_dir), scratch_hash, from_source, same_data))
     return results

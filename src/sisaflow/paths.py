@@ -81,6 +81,11 @@ class Workspace:
         """Where every record was placed (shard, slice); slices are fixed at first placement."""
         return self.shards_dir / "placement.parquet"
 
+    @property
+    def sharding_file(self) -> Path:
+        """The shard and slice counts the placement was made with."""
+        return self.shards_dir / "sharding.json"
+
     # models
     @property
     def models_dir(self) -> Path:

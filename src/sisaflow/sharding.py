@@ -59,7 +59,7 @@ class ShardReport:
 
 def load_placement(ws: Workspace, params: ShardingParams) -> dict[str, tuple[int, int]]:
     """{record id: (shard, slice)} of the current layout; empty when there is none or params changed it."""
-    meta = ws.shards_dir / "sharding.json"
+    meta = ws.sharding_file
     if not ws.placement_file.is_file() or not meta.is_file():
         return {}
     info = read_json(meta)
@@ -157,7 +157,7 @@ def shard_corpus(ws: Workspace, params: ShardingParams, allow_empty: bool = Fals
         schema=PLACEMENT_SCHEMA,
     )
     write_table(ws.placement_file, table)
-    write_json(ws.shards_dir / "sharding.json", {"shards": params.shards, "slices": params.slices})
+    write_json(ws.sharding_file, {"shards": params.shards, "slices": params.slices})
     return ShardReport(shards_written, slices_written, len(records), empty)
 
 

@@ -222,6 +222,7 @@ def test_forgetting_on_the_device_equals_training_from_scratch(
     AdamW state included) gives the bytes of a training from scratch without the deleted owner."""
     from sisaflow.corpus import from_table, read_table, to_table, write_table
     from sisaflow.sharding import read_slice, shard_corpus
+    from tests.unit.test_training import ckpt_files as files  # every checkpoint file, slice by slice
 
     params = make_params(train={"device": device, "compile": compile_})
     records = make_records(owners=12, per_owner=3)
@@ -229,13 +230,6 @@ def test_forgetting_on_the_device_equals_training_from_scratch(
     assert all(read_slice(a, 0, k) for k in range(3))  # every slice trains
     for ws in (a, b):
         train_shard(ws, 0, params, progress=quiet)
-
-    def files(ws) -> dict:
-        return {
-            (k, f): (ws.checkpoint_dir(0, k) / f).read_bytes()
-            for k in range(3)
-            for f in (MODEL_FILE, OPTIMIZER_FILE)
-        }
 
     assert files(a) == files(b)
     owner = read_slice(a, 0, 1)[0].owner
