@@ -47,7 +47,8 @@ _ARCH_KEYS = (
 class StackedLlama(nn.Module):
     """S transformers Llama causal LMs of one config, as one module whose forward returns (S, B, T, V) logits.
 
-    Build it with `from_models`; the weights are copies, so later changes to the models are not seen.
+    Build it with `from_models`; the weights are copies, so later changes to the models are not seen, unless
+    `share_with` then makes the models' weights views of the stacked ones (one copy in memory, not two).
     Inference only (runs under no_grad). Limits: default RoPE, SiLU, no biases; left padding only through
     `attention_mask` (see `forward`). Grouped key/value heads are repeated for attention as transformers does.
     """
@@ -187,6 +188,48 @@ class StackedLlama(nn.Module):
             num_models=num_models,
             deltas=deltas,
         )
+
+    @torch.no_grad()
+    def share_with(self, models: list[LlamaForCausalLM]) -> None:
+        """Point each model's weights at its slice of the stacked weights (the models given to `from_models`,
+        in order), freeing the models' own copies: an ensemble then holds its weights once, not twice. The
+        models and this module see the same tensors from then on; moving or casting one of them alone copies
+        again, so move and cast the models before stacking. ValueError if a model does not fit its slice."""
+        if self.deltas or len(models) != self.num_models or self.embed.shape[0] != self.num_models:
+            raise ValueError("share_with takes the models this module stacked, one per constituent")
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        for i, m in enumerate(models):
+            views = {"model.embed_tokens.weight": self.embed[i], "model.norm.weight": self.final_norm[i, 0]}
+            if self.lm_head is not None:
+                views["lm_head.weight"] = self.lm_head[i]
+            for j in range(self.num_layers):
+                at = f"model.layers.{j}."
+                q, k, v = self.qkv[j, i].split([heads * d, kv * d, kv * d])
+                gate, up = self.gate_up[j, i].chunk(2)
+                views |= {
+                    at + "self_attn.q_proj.weight": q,
+                    at + "self_attn.k_proj.weight": k,
+                    at + "self_attn.v_proj.weight": v,
+                    at + "self_attn.o_proj.weight": self.o[j, i],
+                    at + "mlp.gate_proj.weight": gate,
+                    at + "mlp.up_proj.weight": up,
+                    at + "mlp.down_proj.weight": self.down[j, i],
+                    at + "input_layernorm.weight": self.input_norm[j, i, 0],
+                    at + "post_attention_layernorm.weight": self.post_norm[j, i, 0],
+                }
+            params = dict(m.named_parameters())  # a tied head is listed once, as the embedding
+            missing = sorted(set(params) - set(views))
+            if missing:
+                raise ValueError(f"model {i} has weights the stack does not hold: {', '.join(missing[:3])}")
+            for name, p in params.items():
+                view = views[name]
+                if view.shape != p.shape or view.dtype != p.dtype:
+                    raise ValueError(
+                        f"model {i} {name} is {tuple(p.shape)} {p.dtype}; its slice {tuple(view.shape)}"
+                    )
+                if not torch.equal(view, p):
+                    raise ValueError(f"model {i} {name} changed since it was stacked")
+                p.data = view
 
     def new_cache(self, batch_size: int, capacity: int | None = None) -> StackedCache:
         """An empty cache for `batch_size` rows; `capacity` defaults to the context length."""

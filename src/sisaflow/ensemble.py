@@ -122,8 +122,9 @@ class Ensemble(torch.nn.Module):
     """The served ensemble: constituents, their weights, and the shared tokenizer.
 
     From-scratch constituents are given as `models`; with `batched` (the default) they are stacked into one
-    `StackedLlama` when they share one supported architecture, else evaluated in a loop. LoRA constituents come
-    as a ready `runner` (see `sisaflow.lora_ensemble`) with `models` empty."""
+    `StackedLlama` when they share one supported architecture, else evaluated in a loop; stacked, the models'
+    weights become views of the stack, so the ensemble holds them once. LoRA constituents come as a ready
+    `runner` (see `sisaflow.lora_ensemble`) with `models` empty."""
 
     weights: torch.Tensor
 
@@ -159,6 +160,7 @@ class Ensemble(torch.nn.Module):
             if batched:
                 try:
                     self.runner = StackedLlama.from_models(models)  # type: ignore[arg-type]
+                    self.runner.share_with(models)  # type: ignore[arg-type]  # one copy of the weights
                 except ValueError as exc:
                     log.info("ensemble: evaluating the constituents one by one (%s)", exc)
         if self.runner.num_models != len(weights):
@@ -209,7 +211,9 @@ class Ensemble(torch.nn.Module):
             for d in dirs:
                 m = build_model(mp, tok.vocab_size, tok.eos_id, seed=0)
                 load_weights(d, m)
-                m.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
+                # cast before stacking: the constituents become views of the stacked weights (one copy), and
+                # casting them afterwards would copy each again
+                m.to(device=device, dtype=dtype)  # type: ignore[arg-type,call-arg]  # in place
                 models.append(m.eval())
             ens = cls(models, weights, reg["combine"], tok, batched)
         ens.version = reg["version"]

@@ -299,3 +299,58 @@ def test_grouped_key_value_heads_equal_transformers_with_and_without_cache():
         assert _max_diff(lp[i], _hf_log_probs(m, ids)) <= ATOL
         full = _hf_log_probs(m, torch.cat([ids, step], dim=1))[:, -1]
         assert _max_diff(torch.log_softmax(nxt[i, :, -1].double(), -1), full) <= ATOL
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "models", [_models(tie=True), _models(tie=False), _gqa_models()], ids=["tied", "untied", "gqa"]
+)
+def test_share_with_leaves_one_copy_of_the_weights_and_changes_no_output(models):
+    ids = _ids(2, 16, seed=3)
+    before = [_hf_log_probs(m, ids) for m in models]
+    stacked = StackedLlama.from_models(models)
+    own = _storage_bytes(p for m in models for p in m.parameters())
+    stack = _storage_bytes(stacked.parameters())
+    assert (
+        _storage_bytes([*stacked.parameters(), *(p for m in models for p in m.parameters())]) == own + stack
+    )
+    stacked.share_with(models)
+    # every model weight now lies in the stack's storage: the two together take what the stack alone takes
+    assert _storage_bytes([*stacked.parameters(), *(p for m in models for p in m.parameters())]) == stack
+    for m, lp in zip(models, before):
+        torch.testing.assert_close(_hf_log_probs(m, ids), lp, rtol=0, atol=0)
+    logits, _ = stacked(ids)
+    for i, lp in enumerate(before):
+        assert _max_diff(torch.log_softmax(logits[i].double(), dim=-1), lp) <= ATOL
+    # a change through a model shows in the stack: they are one tensor now
+    with torch.no_grad():
+        models[0].model.norm.weight.add_(1.0)
+    assert torch.equal(stacked.final_norm[0, 0], models[0].model.norm.weight)
+
+
+def test_share_with_refuses_models_it_did_not_stack():
+    models = _models(seeds=(1, 2))
+    stacked = StackedLlama.from_models(models)
+    with pytest.raises(ValueError, match="one per constituent"):
+        stacked.share_with(models[:1])
+    with pytest.raises(ValueError, match="changed since it was stacked"):
+        stacked.share_with(list(reversed(models)))
+
+
+def test_a_batched_ensemble_holds_its_constituents_weights_once():
+    models = _models(seeds=(1, 2, 3))
+    ids = _ids(1, 10, seed=4)
+    loop = Ensemble(_models(seeds=(1, 2, 3)), [1.0, 1.0, 1.0], "mixture", ByteTokenizer(), batched=False)
+    ens = Ensemble(models, [1.0, 1.0, 1.0], "mixture", ByteTokenizer())
+    assert ens.batched
+    stack = _storage_bytes(ens.runner.parameters())
+    assert _storage_bytes(ens.parameters()) == stack  # the constituents add nothing
+    torch.testing.assert_close(ens(ids).logits, loop(ids).logits, rtol=0, atol=1e-4)

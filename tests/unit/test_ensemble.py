@@ -380,6 +380,10 @@ def test_the_cli_generates_for_several_prompts_and_a_prompts_file(
     half = Ensemble.load(ws, dtype=torch.bfloat16)
     assert {p.dtype for p in half.runner.parameters()} == {torch.bfloat16}
     assert half.weights.dtype == torch.float64 and torch.equal(half.weights, ens.weights)
+    for e in (ens, half):  # cast before stacking, so the constituents stay views of the stack: one copy
+        assert {p.untyped_storage().data_ptr() for p in e.parameters()} == {
+            p.untyped_storage().data_ptr() for p in e.runner.parameters()
+        }
     assert cli.main(run + ["--dtype", "bfloat16", "Hi"]) == 0
     assert capsys.readouterr().out == "Hi" + half.generate("Hi", max_new_tokens=6) + "\n"
     assert half.score("Question: who?")["log_likelihood"] == pytest.approx(
