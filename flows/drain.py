@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from sisaflow import pipeline
-from sisaflow.paths import Workspace
-from sisaflow_flows.steps import run_steps
+from sisaflow import sequence
+from sisaflow_flows.steps import PrefectSteps
 
 
 @flow(name="sisaflow-drain", log_prints=True)
 def drain_flow(workspace: str = ".", in_process: bool = False) -> dict:
     """Run the forget steps if any request is not yet certified (recorded while nothing ran, or left
     unfinished by a run that was killed at any step); otherwise do nothing."""
-    ws = Workspace(workspace)
-    pending = pipeline.open_requests(ws)
-    if not pending:
-        print("no pending deletion requests")
-        return {"requests": []}
-    return run_steps(workspace, "forget", in_process=in_process)
+    return sequence.drain(workspace, in_process, PrefectSteps())

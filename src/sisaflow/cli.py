@@ -24,6 +24,12 @@ def serving_options(s: argparse.ArgumentParser) -> None:
     )
 
 
+NO_PREFECT = (
+    "run the same steps in this process without Prefect (no flow or task runs recorded, no retries; saves "
+    "starting a throwaway Prefect server when PREFECT_API_URL names none)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --workspace is accepted before or after the subcommand; SUPPRESS keeps the subparser from
     # overwriting a value given before it with its default
@@ -59,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", parents=[common], help="the whole pipeline (Prefect training flow)")
     s.add_argument("--in-process", action="store_true", help="train in this process instead of on Ray")
+    s.add_argument("--no-prefect", action="store_true", help=NO_PREFECT)
     s.set_defaults(func=commands.cmd_run)
 
     s = sub.add_parser("prepare", parents=[common], help="import the corpus minus deletions (DVC stage)")
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply it in this process even when PREFECT_API_URL names a server",
     )
     s.add_argument("--in-process", action="store_true")
+    s.add_argument("--no-prefect", action="store_true", help=NO_PREFECT)
     s.set_defaults(func=commands_deletion.cmd_forget)
 
     s = sub.add_parser(

@@ -1,8 +1,8 @@
 """The commands of the `sisaflow` command line, one function per subcommand (cmd_<name>(args) -> exit status).
 
-Each is a thin adapter: it reads the workspace, calls the library (or, for run and forget, the Prefect flows)
-and prints what happened. Deleted text never reaches the terminal: requests, findings and certificates are
-named by ids and content hashes.
+Each is a thin adapter: it reads the workspace, calls the library (for run and forget, the Prefect flows over
+the library's run sequence, or with --no-prefect that sequence directly) and prints what happened. Deleted text
+never reaches the terminal: requests, findings and certificates are named by ids and content hashes.
 """
 
 from __future__ import annotations
@@ -127,12 +127,28 @@ def print_run(result: dict, kind: str) -> None:
     )
 
 
+def local_steps():
+    """The run sequence's steps without Prefect (--no-prefect): progress on stdout, problems on stderr."""
+    from sisaflow.sequence import Steps
+
+    return Steps(
+        say=print,
+        warn=lambda m: print(f"sisaflow: warning: {m}", file=sys.stderr),
+        error=lambda m: print(f"sisaflow: error: {m}", file=sys.stderr),
+    )
+
+
 def cmd_run(args) -> int:
     ws = workspace_arg(args)
-    prefect_env(ws)
-    from sisaflow_flows.training import training_flow
+    if args.no_prefect:
+        from sisaflow.sequence import run_steps
 
-    result = training_flow(workspace=str(ws.root), in_process=args.in_process)
+        result = run_steps(str(ws.root), "run", args.in_process, local_steps())
+    else:
+        prefect_env(ws)
+        from sisaflow_flows.training import training_flow
+
+        result = training_flow(workspace=str(ws.root), in_process=args.in_process)
     print_run(result, "run")
     return 0
 

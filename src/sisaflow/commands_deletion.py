@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from sisaflow.commands import prefect_env, print_run, workspace_arg
+from sisaflow.commands import local_steps, prefect_env, print_run, workspace_arg
 from sisaflow.errors import SisaflowError
 
 
@@ -35,6 +35,12 @@ def cmd_forget(args) -> int:
     )
     if args.no_run:
         print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
+        return 0
+    if args.no_prefect:
+        from sisaflow.sequence import forget
+
+        result = forget(str(ws.root), req.request_id, args.in_process, local_steps())
+        print_run(result, "forget")
         return 0
     if os.environ.get("PREFECT_API_URL") and not args.here:
         # a Prefect server is configured: its forget deployment applies the request when the event arrives

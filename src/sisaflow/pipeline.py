@@ -351,6 +351,8 @@ class RunReport:
     purge: dict | None = None
     verify: dict | None = None
     certificates: dict[str, list[str]] = field(default_factory=dict)
+    orchestration: str = ""
+    """What ran the steps: a Prefect flow run (named), or the library alone (--no-prefect)."""
 
     def save(self, ws: Workspace) -> None:
         write_json(ws.runs_dir / f"{self.run_id}-{self.kind}.json", asdict(self))

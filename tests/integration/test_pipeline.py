@@ -91,7 +91,8 @@ def story(tmp_path_factory, prefect_server):
     s["record_slice"] = slice_of(str(other["author_id"]), 3)
     s["deleted_ids"].add(other["id"])
     s["deleted_answers"].add(other["answer"])
-    assert cli.main(["--workspace", str(a), "forget", "--record", other["id"]]) == 0
+    # without Prefect this time: the library runs the same sequence (the tests below check what it left)
+    assert cli.main(["--workspace", str(a), "forget", "--record", other["id"], "--no-prefect"]) == 0
     s["record_report"] = _latest_report(a, "forget")
     s["models_final"] = {sh: tree_hashes(ws.model_dir(sh)) for sh in params.sharding.shard_ids}
     s["status_final"] = versioning.status(ws)
@@ -102,10 +103,21 @@ def story(tmp_path_factory, prefect_server):
         "".join(ln + "\n" for ln in corpus_b.read_text().splitlines() if json.loads(ln)["id"] != other["id"])
     )
     b = make_workspace(tmp / "b", corpus_b)
-    assert cli.main(["--workspace", str(b), "run", "--in-process"]) == 0
+    assert cli.main(["--workspace", str(b), "run", "--in-process", "--no-prefect"]) == 0
+    s["b_report"] = _latest_report(b, "run")
     s["b"] = b
     s["models_b"] = {sh: tree_hashes(Workspace(b).model_dir(sh)) for sh in params.sharding.shard_ids}
     return s
+
+
+def test_the_flows_and_no_prefect_run_the_same_sequence(story):
+    """A's run and owner forget ran as Prefect flow runs; the record forget and B's run without Prefect (their
+    results are checked by the tests below: certified, only the touched shard, equal to B's models)."""
+    for key in ("run_report", "forget_report"):
+        assert story[key]["orchestration"].startswith("prefect flow run "), story[key]["orchestration"]
+    for key in ("record_report", "b_report"):
+        assert story[key]["orchestration"] == "the library, without Prefect"
+    assert story["record_report"]["certificates"] and story["b_report"]["dvc_clean"]
 
 
 def test_run_trains_every_shard_and_dvc_is_clean(story):
