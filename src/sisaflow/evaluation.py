@@ -143,19 +143,26 @@ def attacks(
     return out
 
 
+GENERATE_BATCH = 16
+"""Records per batched generation in `verbatim` (each gets what it gets alone: Ensemble.generate)."""
+
+
 def verbatim(ens: Ensemble, records: Sequence[Record], n: int, new_tokens: int) -> dict | None:
     """ROUGE-L (F1, words) of the greedy continuation of each record's first half against its true next
     `new_tokens` tokens; mean and count over at most `n` records."""
     tok = ens.tokenizer
-    scores = []
+    prompts, references = [], []
     for r in list(records)[:n]:
         ids = tok.encode(r.text)
         half = len(ids) // 2
         if half < 1 or len(ids) - half < 1:
             continue
-        reference = tok.decode(ids[half : half + new_tokens])
-        continuation = ens.generate(tok.decode(ids[:half]), max_new_tokens=new_tokens)
-        scores.append(metrics.rouge_l_text(reference, continuation))
+        prompts.append(tok.decode(ids[:half]))
+        references.append(tok.decode(ids[half : half + new_tokens]))
+    continuations: list[str] = []
+    for i in range(0, len(prompts), GENERATE_BATCH):  # one batched generation per GENERATE_BATCH records
+        continuations += ens.generate(prompts[i : i + GENERATE_BATCH], max_new_tokens=new_tokens)
+    scores = [metrics.rouge_l_text(ref, cont) for ref, cont in zip(references, continuations, strict=True)]
     return {"rouge_l": float(np.mean(scores)), "records": len(scores)} if scores else None
 
 

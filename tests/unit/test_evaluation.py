@@ -104,3 +104,31 @@ def test_attacks_tell_a_memorised_group_from_an_unseen_one():
     )
     # two halves of one unseen group: every interval covers 0.5
     assert all(v["low"] <= 0.5 <= v["high"] for v in same.values()), same
+
+
+def test_verbatim_generates_in_batches_what_each_record_gets_alone(monkeypatch):
+    """The batched continuations are the ones each record's first half gets generated on its own."""
+    ens = _ensemble(2)
+    with torch.no_grad():  # sharper than the default init, so greedy choices are not near-ties
+        for p in ens.runner.parameters():
+            if p.dim() >= 3:
+                p.mul_(40.0)
+    texts = [f"record {i}: {'abc ' * (i % 4 + 1)}and some words {i * 7} here" for i in range(11)] + ["a"]
+    recs = _records(texts)
+    tok = ens.tokenizer
+    alone = []
+    for r in recs[:11]:
+        ids = tok.encode(r.text)
+        half = len(ids) // 2
+        alone.append(
+            (tok.decode(ids[half : half + 8]), ens.generate(tok.decode(ids[:half]), max_new_tokens=8))
+        )
+    assert len({c for _, c in alone}) > 3  # the continuations differ, so a mix-up of rows would show
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(evaluation.metrics, "rouge_l_text", lambda ref, cont: seen.append((ref, cont)) or 0.5)
+    monkeypatch.setattr(
+        evaluation, "GENERATE_BATCH", 4
+    )  # batches of 4, 4 and 3 (the one-byte record is skipped)
+    got = evaluation.verbatim(ens, recs, n=12, new_tokens=8)
+    assert got == {"rouge_l": 0.5, "records": 11}
+    assert seen == alone
