@@ -132,3 +132,44 @@ def test_verbatim_generates_in_batches_what_each_record_gets_alone(monkeypatch):
     got = evaluation.verbatim(ens, recs, n=12, new_tokens=8)
     assert got == {"rouge_l": 0.5, "records": 11}
     assert seen == alone
+
+
+def test_truth_ratios_equal_scoring_each_answer_after_its_question():
+    """TOFU truth ratios against an independent computation: each answer scored alone after its question."""
+    from sisaflow import metrics, tofu
+
+    ens = _ensemble(2)
+    with torch.no_grad():
+        for p in ens.runner.parameters():
+            if p.dim() >= 3:
+                p.mul_(20.0)
+    tpl = "Question: {question}\nAnswer: {answer}"
+    perturbed = [
+        {
+            "question": f"who wrote book {i}?",
+            "answer": f"author {i} did",
+            "paraphrased_answer": f"it was written by author {i}" + "!" * i,
+            "perturbed_answer": [f"nobody {j}" * (j + 1) for j in range(3 + i % 2)],
+        }
+        for i in range(7)
+    ]
+    texts = [tpl.format(question=e["question"], answer=e["answer"]) for e in perturbed] + ["unrelated text"]
+    recs = _records(texts)
+
+    def alone(prefix: str, answer: str) -> float:
+        head, tail = ens.tokenizer.encode(prefix), ens.tokenizer.encode(answer)
+        x = torch.tensor([head + tail])
+        lp = ens(x).logits[0, :-1].gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)
+        return float(lp[-len(tail) :].mean())
+
+    expected = sorted(
+        metrics.truth_ratio(
+            alone(f"Question: {e['question']}\nAnswer: ", e["paraphrased_answer"]),
+            [alone(f"Question: {e['question']}\nAnswer: ", a) for a in e["perturbed_answer"]],
+        )
+        for e in perturbed
+    )
+    got = tofu.truth_ratios(ens, perturbed, recs, tpl)
+    assert len(got) == 7 and len(set(got)) == 7
+    for g, e in zip(got, expected, strict=True):
+        assert math.isclose(g, e, rel_tol=1e-5)
