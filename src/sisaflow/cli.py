@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--text-field", default=None)
     g.add_argument("--text-template", default=None, help="e.g. 'Question: {question}\\nAnswer: {answer}'")
+    s.add_argument("--label-field", default=None, help="a classification corpus: the field holding the class")
+    s.add_argument(
+        "--labels", default=None, help="with --label-field: the classes, comma-separated (e.g. ham,spam)"
+    )
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--slices", type=int, default=4)
     s.set_defaults(func=commands.cmd_init)
@@ -118,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     serving_options(s)
     s.set_defaults(func=commands.cmd_score)
+
+    s = sub.add_parser(
+        "classify",
+        parents=[common],
+        help="classify each record of a file (a classification corpus; JSONL out)",
+    )
+    s.add_argument("file", help="records read like the corpus; a class field, if present, gives the accuracy")
+    s.add_argument("--out", help="write the JSONL here (default: standard output, the summary on stderr)")
+    s.add_argument("--rule", choices=["mean", "vote"], help="default: params' ensemble.classify")
+    s.add_argument("--batch-size", type=int, default=16, help="records per batched forward (default 16)")
+    serving_options(s)
+    s.set_defaults(func=commands.cmd_classify)
 
     s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")
     s.add_argument("--json", action="store_true")

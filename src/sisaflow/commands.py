@@ -54,6 +54,8 @@ def cmd_init(args) -> int:
         owner_field=args.owner_field or None,
         text_field=text_field,
         text_template=template,
+        label_field=args.label_field,
+        labels=[c.strip() for c in args.labels.split(",")] if args.labels else None,
     )
     ws = init_workspace(Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices))
     print(f"workspace ready in {ws.root}\nnext: cd {ws.root} && sisaflow run")
@@ -292,6 +294,43 @@ def cmd_score(args) -> int:
     finally:
         if args.out:
             out.close()
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.classify import classify, read_inputs, require_classes
+
+    ws = workspace_arg(args)
+    params = pipeline.load(ws)
+    labels = require_classes(params.corpus)
+    inputs = read_inputs(Path(args.file), params.corpus)
+    ens = load_served(args, ws)
+    rule = args.rule or params.ensemble.classify
+    out = open(args.out, "w") if args.out else sys.stdout
+    right = judged = 0
+    try:
+        for i in range(0, len(inputs), args.batch_size):
+            batch = inputs[i : i + args.batch_size]
+            for x, p in zip(batch, classify(ens, [x.prompt for x in batch], labels, rule), strict=True):
+                row = {
+                    "id": x.record_id,
+                    "label": p.label,
+                    "probabilities": p.probabilities,
+                    "votes": p.votes,
+                }
+                if x.gold is not None:
+                    row["gold"] = x.gold
+                    judged += 1
+                    right += p.label == x.gold
+                out.write(json.dumps(row) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    summary = f"{len(inputs)} record(s) classified ({rule} of {len(ens.shards)} constituent(s))"
+    if judged:
+        summary += f"; accuracy {right / judged:.4f} on the {judged} with a class in field {params.corpus.label_field!r}"
+    print(summary, file=sys.stderr if not args.out else sys.stdout)
     return 0
 
 

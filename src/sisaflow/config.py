@@ -33,6 +33,12 @@ class CorpusParams:
     text_field: str | None = None
     text_template: str | None = "Question: {question}\nAnswer: {answer}"
     """Python format string over the record's fields; used when text_field is null."""
+    label_field: str | None = None
+    """A classification corpus: the field holding each record's class. text_template must end with it (e.g.
+    "Message: {text}\nClass: {label}"), so each constituent learns the class as the text's continuation and
+    the ensemble classifies by the likelihood of each class after the rest (`sisaflow classify`)."""
+    labels: list[str] | None = None
+    """The classes, fixed here: never taken from the data, which deletions change."""
 
     def __post_init__(self) -> None:
         check_choice("corpus.format", self.format, ("jsonl", "parquet", "csv", "txt"))
@@ -40,6 +46,38 @@ class CorpusParams:
             raise ConfigError("params: corpus.path is empty; give the corpus file")
         if (self.text_field is None) == (self.text_template is None) and self.format != "txt":
             raise ConfigError("params: set exactly one of corpus.text_field and corpus.text_template")
+        if self.label_field is None and self.labels is None:
+            return
+        if not self.label_field or not self.labels:
+            raise ConfigError(
+                "params: corpus.label_field and corpus.labels go together: the field holding each record's class, "
+                "and the list of classes"
+            )
+        if len(set(self.labels)) != len(self.labels) or not all(c.strip() for c in self.labels):
+            raise ConfigError(
+                f"params: corpus.labels = {self.labels!r}: the classes must be distinct and non-empty"
+            )
+        slot = "{" + self.label_field + "}"
+        if self.format == "txt" or not self.text_template or not self.text_template.endswith(slot):
+            raise ConfigError(
+                f"params: corpus.label_field {self.label_field!r} needs a corpus.text_template that ends with {slot} "
+                "(e.g. 'Message: {text}\\nClass: "
+                + slot
+                + "'): the class is what follows the rest of the text"
+            )
+        if self.text_template.count(slot) != 1 or not self.prompt_template:
+            raise ConfigError(
+                f"params: corpus.text_template must hold {slot} once, at its end, after some text to classify"
+            )
+
+    @property
+    def prompt_template(self) -> str:
+        """text_template up to the class: what a constituent reads before the class (classification only)."""
+        return (
+            (self.text_template or "")[: -len("{" + (self.label_field or "") + "}")]
+            if self.label_field
+            else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -195,10 +233,14 @@ class EnsembleParams:
     batched: bool = True
     """Evaluate all constituents in one batched computation per step (stacked weights, or batched LoRA) where
     they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
+    classify: Literal["mean", "vote"] = "mean"
+    """A classification corpus: the mean of the constituents' class probabilities, or a vote of their most
+    likely classes (`sisaflow classify`)."""
 
     def __post_init__(self) -> None:
         check_choice("ensemble.weights", self.weights, ("uniform", "size"))
         check_choice("ensemble.combine", self.combine, ("mixture", "product"))
+        check_choice("ensemble.classify", self.classify, ("mean", "vote"))
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class Record:
     content_hash: str
 
 
-def _rows(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
+def source_rows(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """Yield (location, row) pairs; location is 'file:line' for error messages."""
     if fmt == "jsonl":
         with open(path, encoding="utf-8") as fh:
@@ -86,7 +86,7 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
         raise CorpusError(f"unknown corpus format {fmt!r}; choose one of jsonl, parquet, csv, txt")
 
 
-def _field(row: dict[str, Any], name: str, where: str) -> str:
+def required_field(row: dict[str, Any], name: str, where: str) -> str:
     if name not in row:
         raise CorpusError(
             f"{where}: missing field {name!r} (fields present: {', '.join(sorted(row)) or 'none'})"
@@ -97,7 +97,18 @@ def _field(row: dict[str, Any], name: str, where: str) -> str:
     return str(value)
 
 
-def _template_fields(template: str) -> list[str]:
+def check_label(row: dict[str, Any], params: CorpusParams, where: str) -> str:
+    """The row's class, which must be one of corpus.labels (a class name is not record content)."""
+    label = required_field(row, params.label_field or "", where)
+    if label not in (params.labels or []):
+        raise CorpusError(
+            f"{where}: field {params.label_field!r} is {label!r}, not one of the classes in corpus.labels "
+            f"({', '.join(params.labels or [])})"
+        )
+    return label
+
+
+def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
@@ -111,18 +122,20 @@ def read_records(path: Path, params: CorpusParams) -> list[Record]:
     records: list[Record] = []
     seen: dict[str, str] = {}
     n = 0
-    for where, row in _rows(path, params.format):
+    for where, row in source_rows(path, params.format):
         n += 1
         if isinstance(row, str):  # txt: one record per non-empty line
             record_id, owner, text = f"line-{where.rsplit(':', 1)[1]}", None, row
         else:
-            record_id = _field(row, params.id_field, where) if params.id_field else f"row-{n}"
-            owner = _field(row, params.owner_field, where) if params.owner_field else None
+            record_id = required_field(row, params.id_field, where) if params.id_field else f"row-{n}"
+            owner = required_field(row, params.owner_field, where) if params.owner_field else None
             if params.text_field:
-                text = _field(row, params.text_field, where)
+                text = required_field(row, params.text_field, where)
             else:
-                for name in _template_fields(params.text_template or ""):
-                    _field(row, name, where)
+                for name in template_fields(params.text_template or ""):
+                    required_field(row, name, where)
+                if params.label_field:
+                    check_label(row, params, where)
                 text = (params.text_template or "").format(**row)
         if record_id in seen:
             raise CorpusError(f"{where}: duplicate record id {record_id!r} (first seen at {seen[record_id]})")

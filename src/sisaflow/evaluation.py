@@ -323,6 +323,21 @@ def evaluate(
         out["notes"].append("no certified deletion request yet: nothing forgotten to measure")
     if perturbed:
         out["tofu"] = tofu_metrics(ens, params, perturbed, forgotten_recs, retained)
+    if params.corpus.label_field:
+        from sisaflow.classify import accuracy
+
+        rule = params.ensemble.classify
+        out["classification"] = {
+            "rule": rule,
+            **{
+                name: accuracy(ens, recs, params.corpus, rule)
+                for name, recs in (
+                    ("retained", retained),
+                    ("never_seen", never_recs),
+                    ("forgotten", forgotten_recs),
+                )
+            },
+        }
     out["before_after"] = _before_after(ws, params, ens, never, perturbed, source)
     if baseline if baseline is not None else ep.baseline:
         say("training the monolithic baseline (one model, all current data, same total compute)")

@@ -117,6 +117,18 @@ def markdown(r: dict, plots: list[str]) -> str:
             f"{_f(t['forget_quality'])}. In SISA that reference is the served ensemble itself, bitwise "
             "(`sisaflow verify --exact`), so the value is 1 by construction.",
         ]
+    if "classification" in r:
+        c = r["classification"]
+        lines += [
+            "",
+            f"## Classification ({c['rule']} of the constituents' class probabilities)",
+            "",
+            "| group | records | accuracy |",
+            "| --- | --- | --- |",
+        ]
+        for k in ("retained", "never_seen", "forgotten"):
+            acc = c[k] or {}
+            lines.append(f"| {k.replace('_', '-')} | {acc.get('records', 0)} | {_f(acc.get('accuracy'))} |")
     for e in r["before_after"]:
         b, a = e["before"], e["after"]
         lines += [

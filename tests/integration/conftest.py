@@ -38,21 +38,22 @@ def write_corpus(path: Path, authors: int, skip_owners: set[str] = frozenset()) 
     return path
 
 
-def make_workspace(directory: Path, corpus: Path, shards: int = 3, slices: int = 3) -> Path:
-    """`sisaflow init` a workspace, then shrink the model and training for tests."""
+def make_workspace(
+    directory: Path, corpus: Path, shards: int = 3, slices: int = 3, fields: list[str] | None = None
+) -> Path:
+    """`sisaflow init` a workspace (TOFU's fields unless `fields` gives the init options), then shrink the model
+    and training for tests."""
     from sisaflow import cli, versioning
     from sisaflow.paths import Workspace
 
+    fields = fields or ["--owner-field", "author_id", "--text-template", TEMPLATE]
     rc = cli.main(
         [
             "init",
             str(directory),
             "--corpus",
             str(corpus),
-            "--owner-field",
-            "author_id",
-            "--text-template",
-            TEMPLATE,
+            *fields,
             "--shards",
             str(shards),
             "--slices",
