@@ -111,6 +111,11 @@ class Workspace:
         return self.root / "runs"
 
     @property
+    def certificates_dir(self) -> Path:
+        """reports/certificates/: one JSON and one HTML certificate per certified request (not in git)."""
+        return self.root / "reports" / "certificates"
+
+    @property
     def state_dir(self) -> Path:
         """Local, untracked state: Ray temp files, Prefect home, locks."""
         return self.root / ".sisaflow"

@@ -232,13 +232,18 @@ def resolve_request(
 
 
 def _earlier_requests(ws: Workspace, owners: set[str], records: set[str]) -> list[str]:
-    """'request R (state)' for each recorded request that names one of `owners` or `records`."""
+    """'request R (state)' for each recorded request that names one of `owners` or `records`, with its
+    certificate's path once certified: the proof to hand over for the same person's later request."""
     state = ledger.current_state(ws.ledger_file)
-    return [
-        f"request {r.request_id} ({state.get(r.request_id, 'pending')})"
-        for r in ledger.read_ledger(ws.ledger_file)
-        if owners & set(r.owners) or records & set(r.records)
-    ]
+    out = []
+    for r in ledger.read_ledger(ws.ledger_file):
+        if owners & set(r.owners) or records & set(r.records):
+            s = state.get(r.request_id, "pending")
+            cert = ws.certificates_dir / f"{r.request_id}.json"
+            out.append(
+                f"request {r.request_id} ({s}" + (f"; certificate {cert}" if cert.is_file() else "") + ")"
+            )
+    return out
 
 
 def request_deletion(

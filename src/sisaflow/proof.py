@@ -35,7 +35,7 @@ from sisaflow.sharding import load_placement
 
 
 def certificates_dir(ws: Workspace) -> Path:
-    return ws.root / "reports" / "certificates"
+    return ws.certificates_dir
 
 
 def certified_but_unrecorded(ws: Workspace) -> list[str]:

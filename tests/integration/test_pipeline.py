@@ -240,7 +240,8 @@ def test_forget_unknown_owner_fails_and_records_nothing(story, capsys):
     assert ledger.read_bytes() == before
     # a second request for a person already forgotten says by which request, and records nothing
     assert cli.main(["--workspace", str(story["a"]), "forget", "--owner", story["owner"]]) == 1
-    assert "already forgotten by request req-test (certified)" in capsys.readouterr().err
+    cert = story["a"] / "reports" / "certificates" / "req-test.json"
+    assert f"already forgotten by request req-test (certified; certificate {cert})" in capsys.readouterr().err
     assert ledger.read_bytes() == before
 
 
