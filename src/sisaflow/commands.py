@@ -301,6 +301,8 @@ def cmd_classify(args) -> int:
     from sisaflow import pipeline
     from sisaflow.classify import classify, read_inputs, require_classes
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
     ws = workspace_arg(args)
     params = pipeline.load(ws)
     labels = require_classes(params.corpus)

@@ -185,6 +185,12 @@ def test_a_trained_classification_workspace_classifies_unseen_messages(
     assert "CASH" not in out.read_text() and "tonight" not in out.read_text()  # no text of the records
     said = capsys.readouterr().out
     assert "20 record(s) classified (vote of 2 constituent(s)); accuracy" in said
+    assert cli.main(["--workspace", str(ws.root), "classify", str(unseen), "--batch-size", "0"]) == 1
+    assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "text": "hi", "label": "ham"}\n{"id": "y", "label": "spam"}\n')
+    assert cli.main(["--workspace", str(ws.root), "classify", str(bad)]) == 1
+    assert "bad.jsonl:2: missing field 'text'" in capsys.readouterr().err
 
 
 def test_classify_in_a_generative_workspace_says_what_to_set(
