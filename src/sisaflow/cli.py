@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from sisaflow import commands, commands_deletion
+from sisaflow import commands, commands_deletion, commands_serving
 from sisaflow.errors import SisaflowError
 
 
@@ -114,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=commands.cmd_generate)
+    s.set_defaults(func=commands_serving.cmd_generate)
 
     s = sub.add_parser("score", parents=[common], help="log-likelihood and perplexity per record (JSONL)")
     s.add_argument("file")
     s.add_argument("--text-field")
     s.add_argument("--out")
     serving_options(s)
-    s.set_defaults(func=commands.cmd_score)
+    s.set_defaults(func=commands_serving.cmd_score)
 
     s = sub.add_parser(
         "classify",
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rule", choices=["mean", "vote"], help="default: params' ensemble.classify")
     s.add_argument("--batch-size", type=int, default=16, help="records per batched forward (default 16)")
     serving_options(s)
-    s.set_defaults(func=commands.cmd_classify)
+    s.set_defaults(func=commands_serving.cmd_classify)
 
     s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")
     s.add_argument("--json", action="store_true")

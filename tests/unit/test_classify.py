@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from sisaflow import cli
+from sisaflow import cli, commands_serving
 from sisaflow.classify import class_log_likelihoods, classify, read_inputs, split_text
 from sisaflow.config import CorpusParams, ModelParams
 from sisaflow.corpus import read_records
@@ -139,7 +139,7 @@ def _labelled(n: int, start: int = 0) -> list[dict]:
 
 
 def test_a_trained_classification_workspace_classifies_unseen_messages(
-    tmp_path, make_workspace, make_params, capsys
+    tmp_path, make_workspace, make_params, capsys, monkeypatch
 ):
     """Two constituents trained on labelled messages tell unseen spam from ham; `sisaflow classify` writes one
     JSONL row per record (ids and classes, no text) and the accuracy."""
@@ -175,22 +175,24 @@ def test_a_trained_classification_workspace_classifies_unseen_messages(
     }
 
     out = tmp_path / "classes.jsonl"
-    assert (
-        cli.main(["--workspace", str(ws.root), "classify", str(unseen), "--out", str(out), "--rule", "vote"])
-        == 0
-    )
+    monkeypatch.setattr(commands_serving, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    args = ["--workspace", str(ws.root), "classify", str(unseen), "--out", str(out), "--rule", "vote"]
+    assert cli.main([*args, "--batch-size", "8"]) == 0
+    said = capsys.readouterr()
+    assert said.err.splitlines() == [f"classified {n}/20 records" for n in (8, 16, 20)]
+    assert "20 record(s) classified (vote of 2 constituent(s)); accuracy" in said.out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [x.record_id for x in inputs]
     assert all(set(r) == {"id", "label", "probabilities", "votes", "gold"} for r in rows)
     assert "CASH" not in out.read_text() and "tonight" not in out.read_text()  # no text of the records
-    said = capsys.readouterr().out
-    assert "20 record(s) classified (vote of 2 constituent(s)); accuracy" in said
     assert cli.main(["--workspace", str(ws.root), "classify", str(unseen), "--batch-size", "0"]) == 1
     assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "text": "hi", "label": "ham"}\n{"id": "y", "label": "spam"}\n')
-    assert cli.main(["--workspace", str(ws.root), "classify", str(bad)]) == 1
+    none = tmp_path / "none.jsonl"
+    assert cli.main(["--workspace", str(ws.root), "classify", str(bad), "--out", str(none)]) == 1
     assert "bad.jsonl:2: missing field 'text'" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if "none" in p.name]  # no output, partial or whole
 
 
 def test_classify_in_a_generative_workspace_says_what_to_set(

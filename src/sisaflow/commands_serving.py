@@ -1,0 +1,153 @@
+"""The serving commands of the `sisaflow` command line: generate, score, classify.
+
+Like sisaflow.commands, thin adapters over the library. They write ids, classes and numbers, never a record's
+text; a JSONL output file appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from sisaflow.commands import workspace_arg
+from sisaflow.errors import ConfigError
+from sisaflow.fsio import atomic_path
+from sisaflow.paths import Workspace
+
+PROGRESS_EVERY_S = 10.0
+"""How often a long classify says how far it is (on stderr)."""
+
+
+@contextlib.contextmanager
+def jsonl_output(path: str | None) -> Iterator[TextIO]:
+    """Standard output, or a file written to a temporary name and renamed into place when complete."""
+    if path is None:
+        yield sys.stdout
+        return
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        yield fh
+
+
+def cmd_generate(args) -> int:
+    prompts = [_unescape(p) for p in args.prompt]
+    if args.prompts_file:
+        prompts += _prompts_from(Path(args.prompts_file))
+    if not prompts:
+        raise ConfigError("generate needs a prompt, or --prompts-file with one prompt per line")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    ens = load_served(args)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        for i, (prompt, text) in enumerate(
+            zip(batch, ens.generate(batch, args.max_new_tokens, args.temperature, args.seed)), start
+        ):
+            if i:
+                print()  # a blank line between generations
+            print(prompt + text, flush=True)
+    return 0
+
+
+def load_served(args: argparse.Namespace, ws: Workspace | None = None):
+    """The served ensemble on --device in --dtype; a device torch cannot use is named."""
+    import torch
+
+    from sisaflow.ensemble import Ensemble
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: torch sees no CUDA device here")
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    return Ensemble.load(ws or workspace_arg(args), device=args.device, dtype=dtype)
+
+
+def _unescape(prompt: str) -> str:
+    """`\\n` (backslash, n) stands for a new line; nothing else changes (non-ASCII text included)."""
+    return prompt.replace("\\n", "\n")
+
+
+def _prompts_from(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such prompts file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    prompts = [_unescape(line) for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{path}: holds no prompt (one per line)")
+    return prompts
+
+
+def cmd_score(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.config import CorpusParams
+    from sisaflow.corpus import read_records
+
+    ws = workspace_arg(args)
+    cp = pipeline.load(ws).corpus
+    if args.text_field:
+        cp = CorpusParams(
+            path=cp.path,
+            format=cp.format,
+            id_field=cp.id_field,
+            owner_field=None,
+            text_field=args.text_field,
+            text_template=None,
+        )
+    records = read_records(Path(args.file), cp)
+    ens = load_served(args, ws)
+    with jsonl_output(args.out) as out:
+        for r in records:
+            s = ens.score(r.text)
+            out.write(json.dumps({"id": r.record_id, "content_hash": r.content_hash, **s}) + "\n")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from sisaflow import pipeline
+    from sisaflow.classify import classify, read_inputs, require_classes
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    ws = workspace_arg(args)
+    params = pipeline.load(ws)
+    labels = require_classes(params.corpus)
+    inputs = read_inputs(Path(args.file), params.corpus)
+    ens = load_served(args, ws)
+    rule = args.rule or params.ensemble.classify
+    right = judged = 0
+    last = time.monotonic()
+    with jsonl_output(args.out) as out:
+        for i in range(0, len(inputs), args.batch_size):
+            batch = inputs[i : i + args.batch_size]
+            for x, p in zip(batch, classify(ens, [x.prompt for x in batch], labels, rule), strict=True):
+                row = {
+                    "id": x.record_id,
+                    "label": p.label,
+                    "probabilities": p.probabilities,
+                    "votes": p.votes,
+                }
+                if x.gold is not None:
+                    row["gold"] = x.gold
+                    judged += 1
+                    right += p.label == x.gold
+                out.write(json.dumps(row) + "\n")
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                print(f"classified {i + len(batch)}/{len(inputs)} records", file=sys.stderr, flush=True)
+    summary = f"{len(inputs)} record(s) classified ({rule} of {len(ens.shards)} constituent(s))"
+    if judged:
+        summary += f"; accuracy {right / judged:.4f} on the {judged} with a class in field {params.corpus.label_field!r}"
+    print(summary, file=sys.stderr if not args.out else sys.stdout)
+    return 0
