@@ -19,7 +19,7 @@ import torch
 
 from sisaflow.config import CorpusParams
 from sisaflow.corpus import Record, check_label, required_field, source_rows, template_fields
-from sisaflow.ensemble import Ensemble
+from sisaflow.ensemble import Ensemble, length_batches
 from sisaflow.errors import CorpusError, WorkspaceError
 
 RULES = ("mean", "vote")
@@ -114,16 +114,10 @@ def class_log_likelihoods(
             cut = max(0, len(ids) - ens.context_length)  # too long: keep the end, as generate does
             rows.append((ids[cut:], max(1, first - cut)))
     out = torch.empty(ens.runner.num_models, len(rows), dtype=torch.float64)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     device = ens.weights.device
     with torch.no_grad():
-        for begin in range(0, len(order), batch_size):
-            chunk = order[begin : begin + batch_size]
-            width = max(len(rows[i][0]) for i in chunk)
-            x = torch.full((len(chunk), width), eos, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                x[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
-            logits, _ = ens.runner(x.to(device))  # (S, B, T, V); right padding: causal, so never seen
+        for chunk, x in length_batches([ids for ids, _ in rows], batch_size, eos):
+            logits, _ = ens.runner(x.to(device))  # (S, B, T, V)
             for r, i in enumerate(chunk):
                 ids, first = rows[i]
                 lp = torch.log_softmax(logits[:, r, first - 1 : len(ids) - 1].double(), dim=-1)

@@ -12,7 +12,7 @@ from sisaflow.errors import SisaflowError
 
 
 def serving_options(s: argparse.ArgumentParser) -> None:
-    """Where and in which precision the ensemble runs (generate, score)."""
+    """Where and in which precision the ensemble runs (generate, score, classify)."""
     s.add_argument(
         "--device", default="cpu", help="torch device for the ensemble: cpu (default), cuda, cuda:1"
     )

@@ -40,11 +40,9 @@ def cmd_generate(args) -> int:
         prompts += _prompts_from(Path(args.prompts_file))
     if not prompts:
         raise ConfigError("generate needs a prompt, or --prompts-file with one prompt per line")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    batches = _batches(prompts, args.batch_size)
     ens = load_served(args)
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
+    for start, batch in batches:
         for i, (prompt, text) in enumerate(
             zip(batch, ens.generate(batch, args.max_new_tokens, args.temperature, args.seed)), start
         ):
@@ -52,6 +50,13 @@ def cmd_generate(args) -> int:
                 print()  # a blank line between generations
             print(prompt + text, flush=True)
     return 0
+
+
+def _batches(items: list, size: int) -> list[tuple[int, list]]:
+    """(offset, items) per batch of `size`; a size below 1 is refused (before any model is loaded)."""
+    if size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {size}")
+    return [(i, items[i : i + size]) for i in range(0, len(items), size)]
 
 
 def load_served(args: argparse.Namespace, ws: Workspace | None = None):
@@ -118,19 +123,17 @@ def cmd_classify(args) -> int:
     from sisaflow import pipeline
     from sisaflow.classify import classify, read_inputs, require_classes
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
     ws = workspace_arg(args)
     params = pipeline.load(ws)
     labels = require_classes(params.corpus)
     inputs = read_inputs(Path(args.file), params.corpus)
+    batches = _batches(inputs, args.batch_size)
     ens = load_served(args, ws)
     rule = args.rule or params.ensemble.classify
     right = judged = 0
     last = time.monotonic()
     with jsonl_output(args.out) as out:
-        for i in range(0, len(inputs), args.batch_size):
-            batch = inputs[i : i + args.batch_size]
+        for i, batch in batches:
             for x, p in zip(batch, classify(ens, [x.prompt for x in batch], labels, rule), strict=True):
                 row = {
                     "id": x.record_id,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -67,6 +68,20 @@ def combine_log_probs(log_probs: torch.Tensor, weights: torch.Tensor, combine: s
     if combine == "product":
         return torch.log_softmax((log_probs * w).sum(dim=0), dim=-1)
     raise ValueError(f"unknown combine {combine!r}; choose mixture or product")
+
+
+def length_batches(
+    rows: Sequence[Sequence[int]], batch_size: int, pad: int
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Token rows in batches of similar length: each batch's row indices and its (B, T) tensor, right-padded
+    with `pad` (causal attention: a position never sees the padding after it)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        x = torch.full((len(chunk), max(len(rows[i]) for i in chunk)), pad, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            x[r, : len(rows[i])] = torch.tensor(rows[i])
+        yield chunk, x
 
 
 class ModelLoop:

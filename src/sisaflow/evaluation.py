@@ -36,7 +36,7 @@ from sisaflow import ledger, metrics
 from sisaflow.baseline import train_baseline
 from sisaflow.config import Params
 from sisaflow.corpus import Record, from_table, read_records, read_table
-from sisaflow.ensemble import Ensemble, combine_log_probs
+from sisaflow.ensemble import Ensemble, combine_log_probs, length_batches
 from sisaflow.errors import WorkspaceError
 from sisaflow.fsio import write_json
 from sisaflow.paths import Workspace
@@ -76,14 +76,8 @@ def score_records(
     tok = ens.tokenizer
     encoded = [(r, (tok.encode(r.text) + [tok.eos_id])[: ens.context_length]) for r in records]
     encoded = [(r, ids) for r, ids in encoded if len(ids) >= 2]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
     scored: dict[int, Scored] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(encoded[i][1]) for i in chunk)
-        x = torch.full((len(chunk), width), tok.eos_id, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            x[row, : len(encoded[i][1])] = torch.tensor(encoded[i][1])
+    for chunk, x in length_batches([ids for _, ids in encoded], batch_size, tok.eos_id):
         with torch.no_grad():
             logits, _ = ens.runner(x.to(ens.weights.device))
         lp = torch.log_softmax(logits.double(), dim=-1).cpu()  # (S, B, T, V)
