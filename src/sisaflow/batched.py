@@ -240,6 +240,10 @@ class StackedLlama(nn.Module):
             values=[like.new_zeros(shape) for _ in range(self.num_layers)],
         )
 
+    def select_cache_rows(self, cache: StackedCache, rows: torch.Tensor) -> StackedCache:
+        """The cache of the rows `rows` names, in that order (beam search)."""
+        return cache.select_rows(rows)
+
     @torch.no_grad()
     def forward(
         self,

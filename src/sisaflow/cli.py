@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
+    decoding = s.add_argument_group(
+        "transformers' decoding (any of these decodes with transformers' generate over the same ensemble)"
+    )
+    decoding.add_argument(
+        "--top-k", type=int, help="sample among the k most likely tokens (needs --temperature)"
+    )
+    decoding.add_argument(
+        "--top-p", type=float, help="sample among the most likely tokens of mass p (needs --temperature)"
+    )
+    decoding.add_argument(
+        "--num-beams", type=int, help="beam search with this many beams (greedy without sampling)"
+    )
+    decoding.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeating tokens")
     s.set_defaults(func=commands_serving.cmd_generate)
 
     s = sub.add_parser("score", parents=[common], help="log-likelihood and perplexity per record (JSONL)")

@@ -41,15 +41,64 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise ConfigError("generate needs a prompt, or --prompts-file with one prompt per line")
     batches = _batches(prompts, args.batch_size)
+    decoding = _decoding_options(args)
     ens = load_served(args)
+    generate = ens.generate if decoding is None else _transformers_generate(ens, decoding)
     for start, batch in batches:
         for i, (prompt, text) in enumerate(
-            zip(batch, ens.generate(batch, args.max_new_tokens, args.temperature, args.seed)), start
+            zip(batch, generate(batch, args.max_new_tokens, args.temperature, args.seed)), start
         ):
             if i:
                 print()  # a blank line between generations
             print(prompt + text, flush=True)
     return 0
+
+
+def _decoding_options(args) -> dict | None:
+    """transformers' `generate` options for --top-k, --top-p, --num-beams, --repetition-penalty; None when
+    none is given (then `Ensemble.generate` decodes). Checked before any model is loaded."""
+    given = {
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    if not options:
+        return None
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.num_beams is not None and args.num_beams < 1:
+        raise ConfigError(f"--num-beams must be at least 1, not {args.num_beams}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise ConfigError(f"--repetition-penalty must be above 0, not {args.repetition_penalty}")
+    if args.temperature <= 0 and ("top_k" in options or "top_p" in options):
+        raise ConfigError("--top-k and --top-p choose among sampled tokens: give --temperature above 0 too")
+    return options
+
+
+def _transformers_generate(ens, options: dict):
+    """A function like `Ensemble.generate` (prompts, max_new_tokens, temperature, seed) -> texts that decodes
+    with transformers' `generate` over the same ensemble (`sisaflow.hf`). Sampling draws from torch's generator
+    seeded by `seed` once per batch, so the same command gives the same output."""
+    import torch
+
+    from sisaflow.hf import EnsembleForCausalLM
+
+    model = EnsembleForCausalLM(ens)
+
+    def generate(prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        batch = model.encode(prompts, max_new_tokens)
+        sampling = (
+            {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        )
+        torch.manual_seed(seed)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, **options)
+        return model.decode(out, batch["input_ids"].shape[1])
+
+    return generate
 
 
 def _batches(items: list, size: int) -> list[tuple[int, list]]:

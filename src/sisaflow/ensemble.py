@@ -48,7 +48,9 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 
 
 def _cache_of(output) -> object:
-    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    # read the field the output declares: transformers 5.2x warns on every read of the old name
+    fields = getattr(output, "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
 
 
 @dataclass
@@ -107,6 +109,17 @@ class ModelLoop:
             for m, c in zip(self.models, caches)
         ]
         return torch.stack([o.logits for o in outs]), [_cache_of(o) for o in outs] if use_cache else None
+
+    def select_cache_rows(self, cache: list[Any], rows: torch.Tensor) -> list[Any]:
+        """The caches of the rows `rows` names, in that order (beam search)."""
+        return select_rows_each(cache, rows)
+
+
+def select_rows_each(caches: list[Any], rows: torch.Tensor) -> list[Any]:
+    """Reorder each of transformers' caches (one per constituent) to the rows `rows` names, in place."""
+    for c in caches:
+        c.reorder_cache(rows)
+    return caches
 
 
 class StaleEnsembleError(WorkspaceError):
@@ -343,20 +356,13 @@ class Ensemble(torch.nn.Module):
         if not prompts:
             return []
         eos = self.tokenizer.eos_id
-        # a prompt longer than the context keeps its end, leaving room for the new tokens
-        room = max(1, self._context() - max_new_tokens)
-        rows = [(self.tokenizer.encode(p) or [eos])[-room:] for p in prompts]
-        width = max(len(r) for r in rows)
-        budget = max(0, min(max_new_tokens, self._context() - width))
+        x, mask = self.encode_prompts(prompts, max_new_tokens)
+        budget = max(0, min(max_new_tokens, self._context() - x.shape[1]))
         device = self.weights.device
-        x = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=device)
-        mask = None
-        if any(len(r) < width for r in rows):
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        gens = [torch.Generator().manual_seed(seed) for _ in rows]
+        gens = [torch.Generator().manual_seed(seed) for _ in prompts]
         out = self(x, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        new: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
+        new: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
         for _ in range(budget):
             lp = out.logits[:, -1]
             if temperature > 0:
@@ -372,7 +378,7 @@ class Ensemble(torch.nn.Module):
             if all(done):
                 break
             if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             out = self(
                 torch.tensor([[t] for t in tokens], device=device),
                 attention_mask=mask,
@@ -381,6 +387,23 @@ class Ensemble(torch.nn.Module):
             )
         texts = [self.tokenizer.decode(t) for t in new]
         return texts[0] if single else texts
+
+    def encode_prompts(
+        self, prompts: Sequence[str], max_new_tokens: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, W) of `prompts`, left-padded with end-of-text on the ensemble's device, and the attention
+        mask (None when no row is padded). An empty prompt starts from end-of-text; a prompt longer than the
+        context keeps its end, leaving room for `max_new_tokens`."""
+        eos = self.tokenizer.eos_id
+        room = max(1, self._context() - max_new_tokens)
+        rows = [(self.tokenizer.encode(p) or [eos])[-room:] for p in prompts]
+        width = max(len(r) for r in rows)
+        device = self.weights.device
+        x = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=device)
+        if all(len(r) == width for r in rows):
+            return x, None
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        return x, mask
 
     def _context(self) -> int:
         return self.context_length

@@ -31,7 +31,7 @@ from torch import nn
 
 from sisaflow.batched import StackedLlama
 from sisaflow.config import ModelParams
-from sisaflow.ensemble import _cache_kwarg, _cache_of
+from sisaflow.ensemble import _cache_kwarg, _cache_of, select_rows_each
 from sisaflow.lora import attach_adapters, check_context, load_adapter_state, stack_adapters
 from sisaflow.pretrained import load_base_model
 
@@ -112,6 +112,13 @@ class BatchedLora(nn.Module):
         logits = out.logits
         return logits.view(n, batch, *logits.shape[1:]), _cache_of(out) if use_cache else None
 
+    def select_cache_rows(self, cache: Any, rows: torch.Tensor) -> Any:
+        """The base's cache (adapter-major, S*B rows) of the rows `rows` names for every adapter (beam search)."""
+        n, batch = self.num_models, rows.numel()
+        offsets = torch.arange(n, device=rows.device).unsqueeze(1) * batch
+        cache.reorder_cache((offsets + rows.unsqueeze(0)).reshape(-1))
+        return cache
+
 
 class PeftLoop(nn.Module):
     """The reference: S adapters in one peft model, evaluated one after another, one cache each."""
@@ -152,6 +159,10 @@ class PeftLoop(nn.Module):
             if use_cache:
                 new.append(_cache_of(out))
         return torch.stack(logits), new if use_cache else None
+
+    def select_cache_rows(self, cache: list[Any], rows: torch.Tensor) -> list[Any]:
+        """The adapters' caches of the rows `rows` names, in that order (beam search)."""
+        return select_rows_each(cache, rows)
 
 
 # where each adapted Llama linear layer sits in StackedLlama's fused projections: (projection, part)

@@ -49,3 +49,20 @@ class StackedCache:
             self.key_mask = torch.cat(
                 [self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], extra))], 1
             )
+
+    def select_rows(self, rows: torch.Tensor) -> StackedCache:
+        """Keep the rows `rows` names, in that order (beam search reorders its beams so), in place. Only the
+        filled positions are copied: beam search does this every step, and the capacity is the whole context."""
+        rows = rows.to(self.keys[0].device)
+
+        def select(t: torch.Tensor) -> torch.Tensor:
+            chosen = t[:, :, :, : self.length].index_select(1, rows)
+            out = t if rows.numel() == t.shape[1] else t.new_empty((t.shape[0], rows.numel(), *t.shape[2:]))
+            out[:, :, :, : self.length] = chosen  # later positions are never read before they are written
+            return out
+
+        self.keys = [select(k) for k in self.keys]
+        self.values = [select(v) for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, rows)
+        return self

@@ -354,3 +354,23 @@ def test_a_batched_ensemble_holds_its_constituents_weights_once():
     stack = _storage_bytes(ens.runner.parameters())
     assert _storage_bytes(ens.parameters()) == stack  # the constituents add nothing
     torch.testing.assert_close(ens(ids).logits, loop(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_a_cache_keeps_the_rows_it_is_told_in_their_order():
+    """StackedCache.select_rows (beam search): in place for as many rows, a new cache for more or fewer; the
+    filled positions and the padding mask follow their rows, and decoding goes on from them."""
+    stacked = StackedLlama.from_models(_models(seeds=(1, 2)))
+    ids = _ids(3, 6, seed=4)
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0  # row 2 left-padded
+    for rows in ([2, 0, 0], [1, 2], [0, 1, 2, 2]):
+        _, cache = stacked(ids, attention_mask=mask, use_cache=True)
+        picked = torch.tensor(rows)
+        cache.select_rows(picked)
+        assert cache.batch_size == len(rows) and cache.length == 6
+        step = _ids(len(rows), 1, seed=5)
+        sub_mask = torch.cat([mask[picked], torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        want, _ = stacked(torch.cat([ids[picked], step], dim=1), attention_mask=sub_mask)
+        # no mask with the new token: the cache's own padding mask must have followed its rows
+        got, _ = stacked(step, cache=cache)
+        assert _max_diff(got[:, :, -1], want[:, :, -1]) <= ATOL

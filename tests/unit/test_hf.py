@@ -1,0 +1,173 @@
+"""hf: the ensemble behind transformers' `generate()`. Over every runner (stacked, loop, batched LoRA, stacked
+LoRA, peft loop): greedy decoding picks what `Ensemble.generate` picks; beam search with the runner's cache picks
+what it picks recomputing every step without a cache (so the cache is reordered right); the scores transformers
+sees are the ensemble's combined distribution; and a stale ensemble is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sisaflow.ensemble import Ensemble
+from sisaflow.hf import EnsembleForCausalLM
+from sisaflow.lora_ensemble import stacked_lora
+from sisaflow.pretrained import load_base_model
+from tests.unit.test_ensemble import PROMPTS, IdTokenizer, _models
+from tests.unit.test_lora import LPS, _lora_ensembles, _random_adapters, base_dir  # noqa: F401  (fixture)
+
+RUNNERS = ["stacked", "loop", "lora-batched", "lora-loop", "lora-stacked"]
+
+
+@pytest.fixture(params=RUNNERS)
+def ensemble(request, make_params, base_dir) -> Ensemble:  # noqa: F811
+    kind = request.param
+    if kind in ("stacked", "loop"):
+        return Ensemble(
+            _models(make_params), [1.0, 2.0, 3.0], "mixture", IdTokenizer(), batched=kind == "stacked"
+        )
+    batched, loop = _lora_ensembles(base_dir, LPS[0])
+    if kind == "lora-batched":
+        return batched
+    if kind == "lora-loop":
+        return loop
+    lean = stacked_lora(load_base_model(str(base_dir)), _random_adapters(base_dir, LPS[0], 3), 2.0, 96)
+    return Ensemble([], [1.0, 2.0, 3.0], "mixture", batched.tokenizer, runner=lean, context_length=96)
+
+
+def test_greedy_generate_picks_what_the_ensemble_picks(ensemble):
+    model = EnsembleForCausalLM(ensemble)
+    batch = model.encode(PROMPTS, max_new_tokens=12)
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # left padding in play
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    texts = model.decode(out, batch["input_ids"].shape[1])
+    assert texts == ensemble.generate(PROMPTS, max_new_tokens=12)
+    assert len(set(texts)) == len(PROMPTS)  # varied output: the comparison is not vacuous
+    # one prompt alone: the same continuation as inside the batch
+    alone = model.encode(PROMPTS[0])
+    first = model.generate(**alone, max_new_tokens=12, do_sample=False)
+    assert model.decode(first, alone["input_ids"].shape[1]) == texts[:1]
+
+
+def test_beam_search_with_the_runners_cache_equals_recomputing_without_one(ensemble):
+    """Beam search reorders the cache every step (`_reorder_cache`); with no cache nothing is reordered."""
+    model = EnsembleForCausalLM(ensemble)
+    batch = model.encode(PROMPTS[:2])
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False)
+    cached = model.generate(**batch, use_cache=True, **kw)
+    fresh = model.generate(**batch, use_cache=False, **kw)
+    assert cached.shape[0] == 6 and torch.equal(cached, fresh)
+    greedy = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    # the beams differ from each other, and the best differs from greedy somewhere: reordering mattered
+    assert len({tuple(r) for r in cached.tolist()}) == 6
+    assert not torch.equal(cached[::3], greedy)
+
+
+def test_the_scores_transformers_sees_are_the_ensembles_distribution(ensemble):
+    model = EnsembleForCausalLM(ensemble)
+    batch = model.encode(PROMPTS[:2])
+    out = model.generate(
+        **batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    width = batch["input_ids"].shape[1]
+    for step, logits in enumerate(out.logits):
+        seen = out.sequences[:, : width + step]
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, step, dtype=torch.long)], dim=1)
+        expected = ensemble(seen, attention_mask=mask).logits[:, -1]
+        torch.testing.assert_close(logits, expected.float(), rtol=0, atol=2e-5)
+        torch.testing.assert_close(logits.exp().sum(-1), torch.ones(2), rtol=0, atol=1e-5)
+
+
+def test_sampling_options_act_on_the_ensembles_distribution(make_params):
+    ens = Ensemble(_models(make_params), [1.0, 2.0, 3.0], "mixture", IdTokenizer())
+    model = EnsembleForCausalLM(ens)
+    batch = model.encode(PROMPTS)
+    greedy = model.generate(**batch, max_new_tokens=10, do_sample=False)
+    torch.manual_seed(0)
+    top1 = model.generate(**batch, max_new_tokens=10, do_sample=True, top_k=1)
+    assert torch.equal(top1, greedy)  # sampling from the single most likely token is greedy
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(
+            model.generate(**batch, max_new_tokens=10, do_sample=True, top_p=0.95, num_return_sequences=2)
+        )
+    assert runs[0].shape[0] == 2 * len(PROMPTS) and torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][::2], greedy)
+    penalised = model.generate(**batch, max_new_tokens=10, do_sample=False, repetition_penalty=5.0)
+    assert not torch.equal(penalised, greedy)
+
+
+def test_generation_stops_at_end_of_text_and_respects_max_new_tokens(make_params):
+    ens = Ensemble(_models(make_params), [1.0, 1.0, 1.0], "mixture", IdTokenizer())
+    model = EnsembleForCausalLM(ens)
+    batch = model.encode(["Hi"])
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] <= batch["input_ids"].shape[1] + 6
+    assert model.config.eos_token_id == model.config.pad_token_id == ens.tokenizer.eos_id
+    assert model.config.vocab_size == ens.tokenizer.vocab_size and model.config.num_constituents == 3
+    # the wrapper holds the ensemble's modules, not copies
+    assert {p.data_ptr() for p in model.parameters()} == {p.data_ptr() for p in ens.parameters()}
+
+
+def test_a_stale_ensemble_is_refused(make_records, make_workspace, make_params):
+    from sisaflow.ensemble import StaleEnsembleError
+    from sisaflow.ledger import DeletionRequest, append_request
+    from sisaflow.registry import build_registry
+    from sisaflow.sharding import read_slice
+    from sisaflow.training import train_shard
+
+    params = make_params(sharding={"shards": 2, "slices": 1})
+    ws = make_workspace(make_records(owners=6, per_owner=2), shards=2, slices=1)
+    for shard in (0, 1):
+        train_shard(ws, shard, params, progress=lambda m: None)
+    build_registry(ws, params)
+    model = EnsembleForCausalLM(Ensemble.load(ws))
+    batch = model.encode("hello")
+    assert model.generate(**batch, max_new_tokens=2).shape[0] == 1
+    victim = read_slice(ws, 0, 0)[0]
+    append_request(
+        ws.ledger_file, DeletionRequest("req-x", [victim.owner], [], content_hashes=[victim.content_hash])
+    )
+    with pytest.raises(StaleEnsembleError, match="load it again"):
+        model.generate(**batch, max_new_tokens=2)
+
+
+def test_the_cli_decodes_with_transformers_when_asked(make_records, make_workspace, make_params, capsys):
+    import yaml
+
+    from sisaflow import cli
+    from sisaflow.registry import build_registry
+    from sisaflow.training import train_shard
+
+    params = make_params(sharding={"shards": 1, "slices": 1})
+    ws = make_workspace(make_records(owners=3, per_owner=2), shards=1, slices=1)
+    train_shard(ws, 0, params, progress=lambda m: None)
+    build_registry(ws, params)
+    ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    model = EnsembleForCausalLM(Ensemble.load(ws))
+    prompts = ["Question: who?", "Hi"]
+    batch = model.encode(prompts, 6)
+    width = batch["input_ids"].shape[1]
+    run = ["--workspace", str(ws.root), "generate", "--max-new-tokens", "6", *prompts]
+
+    beams = model.decode(model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False), width)
+    assert cli.main(run + ["--num-beams", "3"]) == 0
+    assert capsys.readouterr().out == "\n\n".join(p + t for p, t in zip(prompts, beams)) + "\n"
+
+    torch.manual_seed(4)
+    sampled = model.decode(
+        model.generate(**batch, max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9), width
+    )
+    options = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]
+    for _ in range(2):  # the same command, the same output
+        assert cli.main(run + options) == 0
+        assert capsys.readouterr().out == "\n\n".join(p + t for p, t in zip(prompts, sampled)) + "\n"
+
+    for bad, message in [
+        (["--top-k", "5"], "give --temperature above 0"),
+        (["--top-p", "1.5", "--temperature", "1"], "--top-p must be in"),
+        (["--num-beams", "0"], "--num-beams must be at least 1"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be above 0"),
+    ]:
+        assert cli.main(run + bad) != 0
+        assert message in capsys.readouterr().err
