@@ -20,6 +20,10 @@ cache over S times the rows, or one cache per constituent), opaque to transforme
 make one, the forward hands it back, and beam search reorders it through `_reorder_cache`. Like
 `Ensemble.generate`, each call first checks that the loaded ensemble is still the one to serve
 (`StaleEnsembleError` if a deletion request or a promotion changed it).
+
+`model.hf_tokenizer()` gives the tokenizer as a transformers one (`ByteLevelTokenizer` for bytes), for
+`pipeline("text-generation", model=model, tokenizer=...)` and `stop_strings`; importing this module registers
+the config and model with transformers' Auto classes, which pipelines consult.
 """
 
 from __future__ import annotations
@@ -30,10 +34,70 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizer
 from transformers.utils import ModelOutput
 
 from sisaflow.ensemble import Ensemble
+from sisaflow.tokenizer import BaseTokenizer, ByteTokenizer, Gpt2Tokenizer, Tokenizer
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class ByteLevelTokenizer(PreTrainedTokenizer):
+    """sisaflow's byte tokenizer (UTF-8 bytes 0..255, end-of-text 256) as a transformers tokenizer, for
+    pipelines, `stop_strings` and evaluation harnesses. Text is always bytes, "<|endoftext|>" written in a text
+    included (`split_special_tokens`), so its ids are `ByteTokenizer.encode`'s. Pads on the left, for
+    generation."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name in ("eos_token", "pad_token"):
+            kwargs.setdefault(name, EOS_TOKEN)
+        kwargs.setdefault("padding_side", "left")
+        kwargs.setdefault("split_special_tokens", True)
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**{chr(i): i for i in range(256)}, EOS_TOKEN: 256}
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        return [chr(b) for b in text.encode("utf-8")]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return 256 if token == EOS_TOKEN else ord(token)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return EOS_TOKEN if index == 256 else chr(index)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Bytes back to text (invalid UTF-8 replaced, as `ByteTokenizer.decode`); end-of-text kept as written."""
+        parts, run = [], bytearray()
+        for t in tokens:
+            if len(t) == 1:
+                run.append(ord(t))
+                continue
+            parts += [run.decode("utf-8", errors="replace"), t]
+            run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        return ()  # the vocabulary is fixed: nothing to write
+
+
+def hf_tokenizer(tokenizer: Tokenizer) -> Any:
+    """The transformers tokenizer of an ensemble's tokenizer: `ByteLevelTokenizer` for bytes, the shipped GPT-2
+    tokenizer, or the pretrained base's own (which may add the base's special tokens where sisaflow's encoding
+    does not: pass `add_special_tokens=False`)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return ByteLevelTokenizer()
+    if isinstance(tokenizer, Gpt2Tokenizer | BaseTokenizer):
+        return tokenizer._tok
+    raise TypeError(f"no transformers tokenizer for {type(tokenizer).__name__}")
 
 
 class EnsembleConfig(PretrainedConfig):
@@ -186,7 +250,26 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             texts.append(self.ensemble.tokenizer.decode(row[: row.index(eos)] if eos in row else row))
         return texts
 
+    def hf_tokenizer(self) -> Any:
+        """The ensemble's tokenizer as a transformers tokenizer (`hf_tokenizer`), for pipelines and
+        `stop_strings`."""
+        return hf_tokenizer(self.ensemble.tokenizer)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """transformers' `generate`, after checking that this ensemble is still the one to serve."""
         self.ensemble.check_current()
         return super().generate(*args, **kwargs)
+
+
+def _register() -> None:
+    """Make the Auto classes (and so pipelines) know the ensemble's config and model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(EnsembleConfig.model_type, EnsembleConfig)
+        AutoModelForCausalLM.register(EnsembleConfig, EnsembleForCausalLM)
+    except ValueError:  # registered already (the module imported again)
+        pass
+
+
+_register()

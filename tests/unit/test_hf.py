@@ -171,3 +171,79 @@ def test_the_cli_decodes_with_transformers_when_asked(make_records, make_workspa
     ]:
         assert cli.main(run + bad) != 0
         assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- transformers tokenizers
+
+
+TEXTS = ["Question: who?", "Ça va? 日本 🙂", "", "a literal <|endoftext|> stays bytes", "\n\t"]
+
+
+def test_the_byte_level_tokenizer_gives_the_byte_tokenizers_ids_and_text():
+    from sisaflow.hf import ByteLevelTokenizer
+    from sisaflow.tokenizer import ByteTokenizer
+
+    ours, theirs = ByteTokenizer(), ByteLevelTokenizer()
+    assert len(theirs) == ours.vocab_size and theirs.eos_token_id == theirs.pad_token_id == ours.eos_id
+    for text in TEXTS:
+        ids = theirs(text)["input_ids"]
+        assert ids == ours.encode(text)
+        assert theirs.decode(ids) == text == ours.decode(ids)
+    broken = [0xFF, 65, 0xC3, 256, 66]  # invalid UTF-8, end-of-text inside
+    assert theirs.decode(broken, skip_special_tokens=True) == "\ufffdA\ufffdB"
+    assert theirs.decode(broken) == "\ufffdA\ufffd<|endoftext|>B"
+    padded = theirs(["a", "bcd"], padding=True)
+    assert padded["input_ids"] == [[256, 256, 97], [98, 99, 100]]
+    assert padded["attention_mask"] == [[0, 0, 1], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+def test_a_transformers_pipeline_generates_what_the_ensemble_does(make_params, tokenizer):
+    from transformers import pipeline
+
+    from sisaflow.model import build_model
+    from sisaflow.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    params = make_params(model={"tie_embeddings": False, "tokenizer": tokenizer})
+    models = []
+    for seed in (1, 2):
+        m = build_model(params.model, tok.vocab_size, tok.eos_id, seed)
+        with torch.no_grad():
+            for w in m.parameters():
+                if w.dim() == 2:
+                    w.normal_(0, 2.0 / w.shape[1] ** 0.5, generator=torch.Generator().manual_seed(seed))
+        models.append(m.eval())
+    ens = Ensemble(models, [1.0, 3.0], "mixture", tok)
+    model = EnsembleForCausalLM(ens)
+    prompts = ["Question: who wrote it?", "Hi"]
+    expected = ens.generate(prompts, max_new_tokens=8)
+    generator = pipeline("text-generation", model=model, tokenizer=model.hf_tokenizer())
+    got = generator(prompts, max_new_tokens=8, do_sample=False, return_full_text=False)
+    assert [g[0]["generated_text"] for g in got] == expected
+    assert len(set(expected)) == 2 and all(expected)
+
+
+def test_generation_stops_at_a_stop_string(make_params):
+    """transformers' stop strings match token by token; the byte tokenizer's tokens are bytes, so an ASCII
+    stop string (the first pair of printable characters of the greedy output) stops right after itself."""
+    ens = Ensemble(_models(make_params), [1.0, 2.0, 3.0], "mixture", load_byte())
+    model = EnsembleForCausalLM(ens)
+    batch = model.encode("Question: what is 2 plus 2?")
+    width = batch["input_ids"].shape[1]
+    full = model.decode(model.generate(**batch, max_new_tokens=40, do_sample=False), width)[0]
+    end = next(
+        i + 2 for i in range(len(full) - 1) if full[i : i + 2].isascii() and full[i : i + 2].isprintable()
+    )
+    stop = full[end - 2 : end]
+    assert end < len(full) and stop not in full[: end - 1]
+    out = model.generate(
+        **batch, max_new_tokens=40, do_sample=False, stop_strings=[stop], tokenizer=model.hf_tokenizer()
+    )
+    assert model.decode(out, width)[0] == full[:end]
+
+
+def load_byte():
+    from sisaflow.tokenizer import load_tokenizer
+
+    return load_tokenizer("byte")
