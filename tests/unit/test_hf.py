@@ -247,3 +247,32 @@ def load_byte():
     from sisaflow.tokenizer import load_tokenizer
 
     return load_tokenizer("byte")
+
+
+# ------------------------------------------------------------------------------- an evaluation harness
+
+
+def test_lm_evaluation_harness_scores_and_generates_with_the_ensemble_unchanged(make_params):
+    """EleutherAI's lm-evaluation-harness takes the model as any transformers causal LM (`HFLM(pretrained=
+    model, tokenizer=...)`): its log-likelihoods are the ensemble's, its generations `Ensemble.generate`'s."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    ens = Ensemble(_models(make_params), [1.0, 2.0, 3.0], "mixture", load_byte())
+    model = EnsembleForCausalLM(ens)
+    lm = HFLM(pretrained=model, tokenizer=model.hf_tokenizer(), batch_size=3)
+    pairs = [("Question: who?\nAnswer:", " Ada"), ("Q", "uestion"), ("Hi", " there, Ça va?")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (ll, _greedy) in zip(pairs, got):
+        ids = ens.tokenizer.encode(context + continuation)
+        lp = ens(torch.tensor([ids])).logits[0]
+        start = len(ens.tokenizer.encode(context))
+        assert ll == pytest.approx(sum(float(lp[t - 1, ids[t]]) for t in range(start, len(ids))), abs=1e-5)
+    prompts = PROMPTS[:2]
+    requests = [
+        Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 10, "do_sample": False}), i)
+        for i, p in enumerate(prompts)
+    ]
+    expected = [t.split("\n")[0] for t in ens.generate(prompts, max_new_tokens=10)]
+    assert all(expected) and len(set(expected)) == 2
+    assert lm.generate_until(requests) == expected
