@@ -106,6 +106,27 @@ def make_workspace(tmp_path: Path) -> Callable[..., Workspace]:
     return make
 
 
+@pytest.fixture
+def make_served(make_workspace) -> Callable[..., Workspace]:
+    """make_served(records, params, name="ws") -> a workspace sharded as params say, every shard trained, the
+    ensemble registered (served) and params.yaml written."""
+    import yaml
+
+    from sisaflow.registry import build_registry
+    from sisaflow.training import train_shard
+
+    def make(records: list[Record], params: Params, name: str = "ws") -> Workspace:
+        sp = params.sharding
+        ws = make_workspace(records, shards=sp.shards, slices=sp.slices, name=name)
+        for shard in range(sp.shards):
+            train_shard(ws, shard, params, progress=lambda m: None)
+        build_registry(ws, params)
+        ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+        return ws
+
+    return make
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run fastest (and steadiest on a shared machine) on one thread."""

@@ -264,16 +264,10 @@ def test_constituents_the_stacked_model_cannot_take_are_looped():
     assert isinstance(ens.runner, ModelLoop) and not ens.batched
 
 
-def test_load_follows_params_ensemble_batched(make_workspace, make_records, make_params):
+def test_load_follows_params_ensemble_batched(make_served, make_records, make_params):
     from sisaflow.ensemble import ModelLoop
-    from sisaflow.registry import build_registry
-    from sisaflow.training import train_shard
 
-    params = make_params(sharding={"shards": 2, "slices": 1})
-    ws = make_workspace(make_records(owners=4, per_owner=2), shards=2, slices=1)
-    for s in (0, 1):
-        train_shard(ws, s, params, progress=lambda m: None)
-    build_registry(ws, params)
+    ws = make_served(make_records(owners=4, per_owner=2), make_params(sharding={"shards": 2, "slices": 1}))
     ws.params_file.write_text("ensemble:\n  batched: false\n")
     assert isinstance(Ensemble.load(ws).runner, ModelLoop)
     assert isinstance(Ensemble.load(ws, batched=True).runner, StackedLlama)

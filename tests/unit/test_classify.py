@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from sisaflow import cli, commands_serving
 from sisaflow.classify import class_log_likelihoods, classify, read_inputs, split_text
@@ -139,13 +138,10 @@ def _labelled(n: int, start: int = 0) -> list[dict]:
 
 
 def test_a_trained_classification_workspace_classifies_unseen_messages(
-    tmp_path, make_workspace, make_params, capsys, monkeypatch
+    tmp_path, make_served, make_params, capsys, monkeypatch
 ):
     """Two constituents trained on labelled messages tell unseen spam from ham; `sisaflow classify` writes one
     JSONL row per record (ids and classes, no text) and the accuracy."""
-    from sisaflow.registry import build_registry
-    from sisaflow.training import train_shard
-
     corpus = {**CP, "path": "records.jsonl", "text_field": None, "labels": ["ham", "spam"]}
     params = make_params(
         corpus=corpus,
@@ -154,11 +150,7 @@ def test_a_trained_classification_workspace_classifies_unseen_messages(
     )
     source = tmp_path / "records.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in _labelled(64)))
-    ws = make_workspace(read_records(source, params.corpus), shards=2, slices=1)
-    ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-    for shard in (0, 1):
-        train_shard(ws, shard, params, progress=lambda m: None)
-    build_registry(ws, params)
+    ws = make_served(read_records(source, params.corpus), params)
 
     unseen = tmp_path / "unseen.jsonl"
     unseen.write_text("".join(json.dumps(r) + "\n" for r in _labelled(20, start=1000)))
@@ -196,16 +188,10 @@ def test_a_trained_classification_workspace_classifies_unseen_messages(
 
 
 def test_classify_in_a_generative_workspace_says_what_to_set(
-    make_workspace, make_records, make_params, tmp_path, capsys
+    make_served, make_records, make_params, tmp_path, capsys
 ):
-    from sisaflow.registry import build_registry
-    from sisaflow.training import train_shard
-
     params = make_params(sharding={"shards": 1, "slices": 1})
-    ws = make_workspace(make_records(owners=2, per_owner=2), shards=1, slices=1)
-    ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-    train_shard(ws, 0, params, progress=lambda m: None)
-    build_registry(ws, params)
+    ws = make_served(make_records(owners=2, per_owner=2), params)
     f = tmp_path / "x.jsonl"
     f.write_text('{"id": "a", "text": "hi"}\n')
     assert cli.main(["--workspace", str(ws.root), "classify", str(f)]) == 1

@@ -315,22 +315,16 @@ def test_load_from_registry_serves_the_trained_constituents(
 
 
 def test_a_loaded_ensemble_refuses_once_a_request_excludes_one_of_its_constituents(
-    make_records, make_workspace, make_params
+    make_records, make_served, make_params
 ):
     """A long-lived process holding an Ensemble must not go on serving a constituent that a deletion request
     recorded since excludes: score and generate refuse until it loads again. A ledger change that excludes
     nothing it serves does not stop it."""
     from sisaflow.ensemble import StaleEnsembleError
     from sisaflow.ledger import DeletionRequest, append_request
-    from sisaflow.registry import build_registry
     from sisaflow.sharding import read_slice
-    from sisaflow.training import train_shard
 
-    params = make_params(sharding={"shards": 2, "slices": 1})
-    ws = make_workspace(make_records(owners=6, per_owner=2), shards=2, slices=1)
-    for shard in (0, 1):
-        train_shard(ws, shard, params, progress=lambda m: None)
-    build_registry(ws, params)
+    ws = make_served(make_records(owners=6, per_owner=2), make_params(sharding={"shards": 2, "slices": 1}))
     ens = Ensemble.load(ws)
     assert ens.shards == [0, 1] and ens.score("hello")["tokens"] > 0
 
@@ -350,19 +344,11 @@ def test_a_loaded_ensemble_refuses_once_a_request_excludes_one_of_its_constituen
 
 
 def test_the_cli_generates_for_several_prompts_and_a_prompts_file(
-    make_records, make_workspace, make_params, tmp_path, capsys
+    make_records, make_served, make_params, tmp_path, capsys
 ):
-    import yaml
-
     from sisaflow import cli
-    from sisaflow.registry import build_registry
-    from sisaflow.training import train_shard
 
-    params = make_params(sharding={"shards": 1, "slices": 1})
-    ws = make_workspace(make_records(owners=3, per_owner=2), shards=1, slices=1)
-    train_shard(ws, 0, params, progress=lambda m: None)
-    build_registry(ws, params)
-    ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    ws = make_served(make_records(owners=3, per_owner=2), make_params(sharding={"shards": 1, "slices": 1}))
     ens = Ensemble.load(ws)
     prompts = ["Question: who?", "Hi", "Ça va?\nOui"]
     alone = [p + ens.generate(p, max_new_tokens=6) for p in prompts]

@@ -109,18 +109,12 @@ def test_generation_stops_at_end_of_text_and_respects_max_new_tokens(make_params
     assert {p.data_ptr() for p in model.parameters()} == {p.data_ptr() for p in ens.parameters()}
 
 
-def test_a_stale_ensemble_is_refused(make_records, make_workspace, make_params):
+def test_a_stale_ensemble_is_refused(make_records, make_served, make_params):
     from sisaflow.ensemble import StaleEnsembleError
     from sisaflow.ledger import DeletionRequest, append_request
-    from sisaflow.registry import build_registry
     from sisaflow.sharding import read_slice
-    from sisaflow.training import train_shard
 
-    params = make_params(sharding={"shards": 2, "slices": 1})
-    ws = make_workspace(make_records(owners=6, per_owner=2), shards=2, slices=1)
-    for shard in (0, 1):
-        train_shard(ws, shard, params, progress=lambda m: None)
-    build_registry(ws, params)
+    ws = make_served(make_records(owners=6, per_owner=2), make_params(sharding={"shards": 2, "slices": 1}))
     model = EnsembleForCausalLM(Ensemble.load(ws))
     batch = model.encode("hello")
     assert model.generate(**batch, max_new_tokens=2).shape[0] == 1
@@ -132,18 +126,10 @@ def test_a_stale_ensemble_is_refused(make_records, make_workspace, make_params):
         model.generate(**batch, max_new_tokens=2)
 
 
-def test_the_cli_decodes_with_transformers_when_asked(make_records, make_workspace, make_params, capsys):
-    import yaml
-
+def test_the_cli_decodes_with_transformers_when_asked(make_records, make_served, make_params, capsys):
     from sisaflow import cli
-    from sisaflow.registry import build_registry
-    from sisaflow.training import train_shard
 
-    params = make_params(sharding={"shards": 1, "slices": 1})
-    ws = make_workspace(make_records(owners=3, per_owner=2), shards=1, slices=1)
-    train_shard(ws, 0, params, progress=lambda m: None)
-    build_registry(ws, params)
-    ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    ws = make_served(make_records(owners=3, per_owner=2), make_params(sharding={"shards": 1, "slices": 1}))
     model = EnsembleForCausalLM(Ensemble.load(ws))
     prompts = ["Question: who?", "Hi"]
     batch = model.encode(prompts, 6)
