@@ -113,7 +113,8 @@ class BatchedLora(nn.Module):
         return logits.view(n, batch, *logits.shape[1:]), _cache_of(out) if use_cache else None
 
     def select_cache_rows(self, cache: Any, rows: torch.Tensor) -> Any:
-        """The base's cache (adapter-major, S*B rows) of the rows `rows` names for every adapter (beam search)."""
+        """The base's cache (adapter-major, S*B rows) of the rows `rows` names for every adapter, as many rows as
+        it holds per adapter (beam search reorders its beams so)."""
         n, batch = self.num_models, rows.numel()
         offsets = torch.arange(n, device=rows.device).unsqueeze(1) * batch
         cache.reorder_cache((offsets + rows.unsqueeze(0)).reshape(-1))
