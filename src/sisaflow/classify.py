@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sisaflow.config import CorpusParams
+from sisaflow.config import CLASSIFY_RULES, CorpusParams
 from sisaflow.corpus import Record, check_label, required_field, source_rows, template_fields
 from sisaflow.ensemble import Ensemble, length_batches
 from sisaflow.errors import CorpusError, WorkspaceError
-
-RULES = ("mean", "vote")
 
 
 @dataclass(frozen=True)
@@ -131,8 +129,8 @@ def classify(
     ens: Ensemble, prompts: Sequence[str], labels: Sequence[str], rule: str = "mean", batch_size: int = 16
 ) -> list[Prediction]:
     """One prediction per prompt: `mean` (the class of highest mean probability) or `vote`."""
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    if rule not in CLASSIFY_RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(CLASSIFY_RULES)}")
     ens.check_current()
     if not prompts:
         return []

@@ -8,6 +8,7 @@ import os
 import sys
 
 from sisaflow import commands, commands_deletion, commands_serving
+from sisaflow.config import CLASSIFY_RULES
 from sisaflow.errors import SisaflowError
 
 
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("file", help="records read like the corpus; a class field, if present, gives the accuracy")
     s.add_argument("--out", help="write the JSONL here (default: standard output, the summary on stderr)")
-    s.add_argument("--rule", choices=["mean", "vote"], help="default: params' ensemble.classify")
+    s.add_argument("--rule", choices=CLASSIFY_RULES, help="default: params' ensemble.classify")
     s.add_argument("--batch-size", type=int, default=16, help="records per batched forward (default 16)")
     serving_options(s)
     s.set_defaults(func=commands_serving.cmd_classify)

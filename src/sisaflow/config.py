@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -224,6 +224,11 @@ class TrainParams:
             check_positive(f"train.{key}", getattr(self, key), zero_ok=True)
 
 
+ClassifyRule = Literal["mean", "vote"]
+CLASSIFY_RULES: tuple[str, ...] = get_args(ClassifyRule)
+"""How a classification corpus's constituents decide (ensemble.classify, `sisaflow classify --rule`)."""
+
+
 @dataclass(frozen=True)
 class EnsembleParams:
     """How constituents' next-token distributions are combined."""
@@ -233,14 +238,14 @@ class EnsembleParams:
     batched: bool = True
     """Evaluate all constituents in one batched computation per step (stacked weights, or batched LoRA) where
     they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
-    classify: Literal["mean", "vote"] = "mean"
+    classify: ClassifyRule = "mean"
     """A classification corpus: the mean of the constituents' class probabilities, or a vote of their most
     likely classes (`sisaflow classify`)."""
 
     def __post_init__(self) -> None:
         check_choice("ensemble.weights", self.weights, ("uniform", "size"))
         check_choice("ensemble.combine", self.combine, ("mixture", "product"))
-        check_choice("ensemble.classify", self.classify, ("mean", "vote"))
+        check_choice("ensemble.classify", self.classify, CLASSIFY_RULES)
 
 
 @dataclass(frozen=True)
