@@ -1,8 +1,9 @@
 """Aggregation at inference: per token, a weighted combination of the constituents' next-token distributions.
 
 `mixture` (default) is log(sum_i w_i p_i); `product` is the normalised weighted mean of log-probabilities.
-The Ensemble's forward returns the combined log-probabilities as `.logits`, so generate-style code and
-evaluation harnesses use it unchanged.
+The Ensemble's forward returns the combined log-probabilities as `.logits` and takes a cache back, so
+generate-style code uses it unchanged; `sisaflow.hf.EnsembleForCausalLM` puts it behind transformers' `generate()`,
+pipelines and lm-evaluation-harness.
 
 The constituents' logits come from one of these computations, all returning (S, B, T, V): `StackedLlama`
 (from-scratch constituents of one architecture, stacked weights, one batched forward per step; or LoRA
