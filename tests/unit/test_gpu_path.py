@@ -275,18 +275,24 @@ def test_batched_ensembles_on_cuda_equal_their_loops(tmp_path):
 
 @pytest.mark.gpu
 @CUDA
-def test_a_served_ensemble_on_cuda_in_bfloat16(make_workspace, make_records, make_params):
+def test_a_served_ensemble_on_cuda_in_bfloat16(make_served, make_records, make_params):
     """`Ensemble.load(device="cuda", dtype=bfloat16)`, as `generate --device cuda --dtype bfloat16` serves: batched
-    prompts run, and the log-likelihood stays near float32 on the CPU."""
+    prompts run, transformers' generate() over it picks the same tokens and runs beam search, and the
+    log-likelihood stays near float32 on the CPU."""
     from sisaflow.ensemble import Ensemble
-    from sisaflow.registry import build_registry
+    from sisaflow.hf import EnsembleForCausalLM
 
-    params = make_params(sharding={"shards": 1, "slices": 1})
-    ws = make_workspace(make_records(owners=3, per_owner=2), shards=1, slices=1)
-    train_shard(ws, 0, params, progress=quiet)
-    build_registry(ws, params)
+    ws = make_served(make_records(owners=3, per_owner=2), make_params(sharding={"shards": 1, "slices": 1}))
     cpu, gpu = Ensemble.load(ws), Ensemble.load(ws, device="cuda", dtype=torch.bfloat16)
     assert gpu.weights.dtype == torch.float64 and gpu.weights.device.type == "cuda"
-    assert len(gpu.generate(["Question: who?", "Hi"], max_new_tokens=8)) == 2
+    prompts = ["Question: who?", "Hi"]  # of two lengths: both paths pass the same padding mask
+    texts = gpu.generate(prompts, max_new_tokens=8)
+    assert len(texts) == 2
+    model = EnsembleForCausalLM(gpu)
+    batch = model.encode(prompts, 8)
+    assert batch["input_ids"].device.type == "cuda"
+    width = batch["input_ids"].shape[1]
+    assert model.decode(model.generate(**batch, max_new_tokens=8, do_sample=False), width) == texts
+    assert model.generate(**batch, max_new_tokens=4, num_beams=3, num_return_sequences=3).shape[0] == 6
     text = "Question: who wrote it?"
     assert gpu.score(text)["log_likelihood"] == pytest.approx(cpu.score(text)["log_likelihood"], rel=0.02)
