@@ -152,6 +152,10 @@ else:  # transformers before the rename
         past_key_values: Any = None
 
 
+_UNSUPPORTED = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
+"""What a transformers forward may be asked for that a mixture of constituents does not have."""
+
+
 class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     """A loaded `Ensemble` behind transformers' `PreTrainedModel` and `GenerationMixin` interface. It holds the
     ensemble's modules (no copy of any weight) and is for inference only: its forward runs without gradients."""
@@ -194,6 +198,12 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> EnsembleLMOutput:
         """The ensemble's combined log-probabilities as `.logits` and, with `use_cache`, the runner's cache
         (pass it back as `cache` with only the new tokens, and the mask over all of them)."""
+        unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None and kwargs[k] is not False]
+        if unsupported:
+            raise ValueError(
+                f"the ensemble's forward takes token ids and returns combined log-probabilities only; it has no "
+                f"{', '.join(unsupported)}"
+            )
         given = cache if cache is not None else past_key_values
         out = self.ensemble(
             input_ids,
@@ -257,6 +267,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """transformers' `generate`, after checking that this ensemble is still the one to serve."""
+        asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if asked:
+            raise ValueError(f"a mixture of constituents has no {', '.join(asked)} to return")
         self.ensemble.check_current()
         return super().generate(*args, **kwargs)
 

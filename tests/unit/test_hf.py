@@ -105,6 +105,11 @@ def test_generation_stops_at_end_of_text_and_respects_max_new_tokens(make_params
     assert out.shape[1] <= batch["input_ids"].shape[1] + 6
     assert model.config.eos_token_id == model.config.pad_token_id == ens.tokenizer.eos_id
     assert model.config.vocab_size == ens.tokenizer.vocab_size and model.config.num_constituents == 3
+    for unsupported in ({"labels": batch["input_ids"]}, {"output_attentions": True}):
+        with pytest.raises(ValueError, match="it has no"):
+            model(**batch, **unsupported)
+    with pytest.raises(ValueError, match="no output_hidden_states"):
+        model.generate(**batch, max_new_tokens=2, output_hidden_states=True, return_dict_in_generate=True)
     # the wrapper holds the ensemble's modules, not copies
     assert {p.data_ptr() for p in model.parameters()} == {p.data_ptr() for p in ens.parameters()}
 
