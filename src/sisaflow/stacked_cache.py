@@ -41,7 +41,7 @@ class StackedCache:
         extra = max(needed, 2 * self.capacity) - self.capacity
 
         def grow(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros((*t.shape[:3], extra, t.shape[4]))], dim=3)
+            return torch.cat([t, t.new_empty((*t.shape[:3], extra, t.shape[4]))], dim=3)
 
         self.keys = [grow(k) for k in self.keys]
         self.values = [grow(v) for v in self.values]
