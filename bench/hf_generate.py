@@ -74,25 +74,19 @@ def main() -> int:
             ens.tokenizer.eos_id = tok.eos_id
 
     rows = {
-        "Ensemble.generate, greedy": (ours, args.batch),
-        "transformers generate, greedy": (lambda: model.generate(**batch, do_sample=False, **hf), args.batch),
-        "transformers generate, top-p 0.9": (
-            lambda: model.generate(**batch, do_sample=True, top_p=0.9, **hf),
-            args.batch,
-        ),
-        "transformers generate, 4 beams": (
-            lambda: model.generate(**batch, do_sample=False, num_beams=4, **hf),
-            args.batch,
-        ),
+        "Ensemble.generate, greedy": ours,
+        "transformers generate, greedy": lambda: model.generate(**batch, do_sample=False, **hf),
+        "transformers generate, top-p 0.9": lambda: model.generate(**batch, do_sample=True, top_p=0.9, **hf),
+        "transformers generate, 4 beams": lambda: model.generate(**batch, do_sample=False, num_beams=4, **hf),
     }
     print(
         f"ensemble of S={args.shards} default models (byte h{mp.hidden_size} x{mp.layers}), batch {args.batch}, "
         f"{new} new tokens, {device}, {torch.get_num_threads()} threads"
     )
     base = None
-    for name, (fn, count) in rows.items():
+    for name, fn in rows.items():
         seconds = timed(fn, args.repeats, device)
-        rate = count * new / seconds
+        rate = args.batch * new / seconds
         base = base or rate
         print(f"{name:<36} {rate:>9.0f} tokens/s   {rate / base:5.2f}x")
     return 0
