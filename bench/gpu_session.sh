@@ -5,12 +5,13 @@
 # this call and a shorter second one for the sections it skipped:
 #     bash bench/gpu_session.sh                                                   # call 1 (timeout 570 s)
 #     GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=150 bash bench/gpu_session.sh   # call 2
+#     GPU_SECTIONS=train GPU_FLAGS="--train-modes compiled --compiled-fast" bash bench/gpu_session.sh      # diagnosis of compiled training
 # With SmolLM2 on the GPU as well (its file travels in two halves, one per call; bench/smollm2_gpu.sh's head):
 #     bash bench/smollm2_gpu.sh prepare                                           # here, first
 #     bash bench/smollm2_gpu.sh stash && GPU_BENCH_TIMEOUT=330 bash bench/gpu_session.sh   # call 1 (timeout 530 s)
-#     bash bench/smollm2_gpu.sh run; GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=60 \
-#         GPU_BENCH_TIMEOUT=120 bash bench/gpu_session.sh                          # call 2 at once (timeout 290 s)
-#     GPU_SECTIONS=train GPU_FLAGS="--train-modes compiled --compiled-fast" bash bench/gpu_session.sh      # diagnosis of compiled training
+#     bash bench/smollm2_gpu.sh run; GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=40 \
+#         GPU_BENCH_TIMEOUT=100 bash bench/gpu_session.sh                          # call 2 at once (timeout 240 s)
+# (a machine's start takes 1-2 of the 15 minutes; give_back right after call 2)
 # Results under $OUT (the device tool's folder) or /tmp/gpu-out; every measurement is in gpu/gpu.json as soon
 # as it is taken, so a timeout keeps what was measured.
 set -u

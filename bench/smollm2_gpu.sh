@@ -54,7 +54,7 @@ run)
     }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl || exit 1
     export PYTHONPATH=src:.:/tmp/site PYTHONUNBUFFERED=1 SISAFLOW_SMOLLM2="$stash/$GGUF"
-    timeout "${SMOL_TIMEOUT:-150}" python3 -m pytest -q -rfEs -p no:cacheprovider -m "${SMOL_MARK:-gpu}" --durations=0 \
+    timeout "${SMOL_TIMEOUT:-120}" python3 -m pytest -q -rfEs -p no:cacheprovider -m "${SMOL_MARK:-gpu}" --durations=0 \
         tests/unit/test_smollm2.py >"$out/smollm2.log" 2>&1
     echo "smollm2 pytest exit $?"
     grep -v -i warn "$out/smollm2.log" | tail -20
