@@ -61,3 +61,67 @@ def save_random_base(directory: Path, seed: int = 0, scale: float = 1.5, **shape
     model.save_pretrained(str(directory))
     save_tokenizer(directory)
     return directory
+
+
+# SmolLM2's special tokens; its GGUF names <|im_start|> the beginning and <|im_end|> the end of text
+GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def save_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """The tiny base's Llama shape as a GGUF file (float32 tensors, GGUF names) with a byte-level BPE tokenizer
+    (two merges) and SmolLM2's special tokens at the end of its vocabulary: begin <|im_start|>, end and padding
+    <|im_end|>. Needs the `gguf` package (the dev extra); transformers de-quantises it like any GGUF base."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    merges = ["h e", "l l"]
+    tokens = (
+        sorted(pre_tokenizers.ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges] + GGUF_SPECIALS
+    )
+    first_special = len(tokens) - len(GGUF_SPECIALS)
+    hidden, layers, heads, kv_heads, ff = 32, 2, 4, 2, 64
+    kv = hidden // heads * kv_heads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * first_special + [3] * len(GGUF_SPECIALS))  # normal, then control tokens
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<|im_end|>"))
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd": (len(tokens), hidden), "output": (len(tokens), hidden)}
+    for i in range(layers):
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ff, hidden)),
+            ("ffn_up", (ff, hidden)),
+            ("ffn_down", (hidden, ff)),
+        ):
+            shapes[f"blk.{i}.{name}"] = shape
+    for name, shape in shapes.items():
+        w.add_tensor(
+            f"{name}.weight", (rng.standard_normal(shape) * 1.5 / shape[1] ** 0.5).astype(np.float32)
+        )
+    for name in [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")] + ["output_norm"]:
+        w.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -131,8 +131,32 @@ def load_base_model(spec: str, device: str | torch.device = "cpu") -> torch.nn.M
 
 
 def load_base_tokenizer(spec: str) -> Any:
-    """The base's own transformers tokenizer (from its directory or GGUF file, offline)."""
+    """The base's own transformers tokenizer (from its directory or GGUF file, offline).
+
+    For a GGUF file, its end-of-text token is the one the file's metadata names: transformers 5.17 took SmolLM2's
+    <|im_start|> (the file's beginning-of-text) for it, where 5.24 reads <|im_end|> as the file says, so the same
+    file gave records another last token, and so other adapters, under the two versions."""
     from transformers import AutoTokenizer
 
     base = locate_base(spec)
-    return AutoTokenizer.from_pretrained(str(base.directory), **_from_pretrained_kwargs(base))
+    tok = AutoTokenizer.from_pretrained(str(base.directory), **_from_pretrained_kwargs(base))
+    if base.gguf_file:
+        ids = gguf_special_ids(base.directory / base.gguf_file)
+        if "eos" in ids and tok.eos_token_id != ids["eos"]:
+            tok.eos_token = tok.convert_ids_to_tokens(ids["eos"])
+        if "padding" in ids and tok.pad_token_id is None:
+            tok.pad_token = tok.convert_ids_to_tokens(ids["padding"])
+    return tok
+
+
+def gguf_special_ids(path: Path) -> dict[str, int]:
+    """The special token ids (`bos`, `eos`, `padding`) a GGUF file's metadata names."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    found = {}
+    for name in ("bos", "eos", "padding"):
+        field = reader.get_field(f"tokenizer.ggml.{name}_token_id")
+        if field is not None:
+            found[name] = int(field.parts[field.data[0]][0])  # a scalar field's one value
+    return found

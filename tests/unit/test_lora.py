@@ -25,7 +25,7 @@ from sisaflow.pretrained import base_identity, load_base_model, locate_base
 from sisaflow.sharding import read_slice, shard_corpus
 from sisaflow.tokenizer import load_tokenizer
 from sisaflow.training import train_shard
-from tests.lora_base import save_tiny_base
+from tests.lora_base import GGUF_SPECIALS, save_tiny_base, save_tiny_gguf
 
 # Max abs difference of log-probabilities, batched LoRA vs the peft loop (float32; the adapters' deltas added by
 # bmm or by peft's nn.Linear layers). Measured on this base: a full forward 0 to 2e-6; 20 cached generation
@@ -130,6 +130,70 @@ def test_locating_a_base(tmp_path, base_dir):
         locate_base(str(base_dir / "config.json"))
     names = [p.name for p in locate_base(str(base_dir)).identity_files()]
     assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+
+
+# ------------------------------------------------------------------------------------------------ a GGUF base
+
+
+@pytest.fixture(scope="module")
+def gguf_base(tmp_path_factory):
+    pytest.importorskip("gguf")
+    return save_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_a_gguf_bases_tokenizer_ends_text_where_the_file_says(gguf_base, monkeypatch):
+    """The end-of-text token is the one the file's metadata names; transformers 5.17 took <|im_start|> for it
+    (SmolLM2's file, and this one, checked in a venv of that version), which the second half plays back."""
+    from transformers import AutoTokenizer
+
+    from sisaflow.hf import hf_tokenizer
+    from sisaflow.pretrained import gguf_special_ids, load_base_tokenizer
+    from sisaflow.tokenizer import BaseTokenizer
+
+    end = len(GGUF_SPECIALS) - 1
+    ids = gguf_special_ids(gguf_base)
+    assert ids == {"bos": ids["eos"] - 1, "eos": ids["eos"], "padding": ids["eos"]}
+    tok = BaseTokenizer(str(gguf_base))
+    assert tok.eos_id == ids["eos"] and tok.vocab_size == ids["eos"] + 1
+    assert hf_tokenizer(tok).eos_token == GGUF_SPECIALS[end]
+    text = "hello, wörld <|im_end|>"
+    assert tok.decode(tok.encode(text)) == text.replace(" <|im_end|>", " ")  # special tokens are dropped
+
+    loaded = AutoTokenizer.from_pretrained
+
+    def as_transformers_5_17(*args, **kwargs):
+        t = loaded(*args, **kwargs)
+        t.eos_token, t.pad_token = GGUF_SPECIALS[1], None
+        return t
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", as_transformers_5_17)
+    mended = load_base_tokenizer(str(gguf_base))
+    assert (mended.eos_token_id, mended.pad_token_id) == (ids["eos"], ids["padding"])
+
+
+def test_adapters_over_a_gguf_base_train_exactly_and_serve_batched(
+    gguf_base, sharded, make_records, make_params
+):
+    params = make_params(
+        model={"tokenizer": "base", "base": str(gguf_base)}, sharding={"shards": 1, "slices": 3}
+    )
+    a, b = sharded("a"), sharded("b")
+    report = train_shard(a, 0, params, progress=quiet)
+    assert report.tokens > 0 and all(s.steps > 0 for s in report.slices)
+    train_shard(b, 0, params, progress=quiet)
+    assert _files(a) == _files(b)
+
+    from sisaflow.registry import build_registry
+
+    build_registry(a, params)
+    a.params_file.write_text("")
+    batched, loop = Ensemble.load(a), Ensemble.load(a, batched=False)
+    assert isinstance(batched.runner, StackedLlama) and isinstance(loop.runner, PeftLoop)
+    text = "Question: hello there?"
+    assert batched.score(text)["log_likelihood"] == pytest.approx(
+        loop.score(text)["log_likelihood"], abs=1e-4
+    )
+    assert batched.generate([text], max_new_tokens=6) == loop.generate([text], max_new_tokens=6)
 
 
 # --------------------------------------------------------------------------------------------------- training
