@@ -4,14 +4,15 @@ Layout of models/shard-<n>/slice-<k>/ (safetensors only, never pickle):
   model.safetensors      the weights (the constituent served after slice k); for a LoRA constituent only the
                          adapter's (peft's adapter state dict): the frozen base is not part of any checkpoint
   optimizer.safetensors  AdamW moments and step per parameter, and the torch RNG state
-  meta.json              counters and the chain hash that says which data and settings produced it
+  meta.json              counters, the chain hash that says which data and settings produced it, and the
+                         environments (library versions, processor kind) that trained slices 0..k
   lineage.json           content hashes of the records of slice k (hashes only, never text)
 Files carry no timestamps, so the same training gives the same bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +37,23 @@ class CheckpointMeta:
     tokens_seen: int
     examples_seen: int
     last_loss: float | None
+    environments: list[dict[str, str]] = field(default_factory=list)
+    """The environments that trained slices 0..slice, in order (one entry per change): what besides the
+    settings and the data decides the bits. Not in the chain: a new library version does not retrain every shard,
+    but a resume under another environment says so, and so does `verify --exact`."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+UNRECORDED = {
+    "unrecorded": "an unrecorded environment (the checkpoint is older than sisaflow's recording of them)"
+}
+
+
+def describe_environment(env: dict[str, str]) -> str:
+    """'torch 2.13.0, transformers 5.24.0, cpu AVX2' for the environment of numerics_environment()."""
+    return ", ".join(v if k in ("device", "unrecorded") else f"{k} {v}" for k, v in env.items())
 
 
 def save_checkpoint(
@@ -76,7 +91,9 @@ def read_meta(directory: Path) -> CheckpointMeta | None:
     path = Path(directory) / META_FILE
     if not path.is_file() or not (Path(directory) / MODEL_FILE).is_file():
         return None
-    return CheckpointMeta(**read_json(path))
+    data = read_json(path)
+    data.setdefault("environments", [UNRECORDED])
+    return CheckpointMeta(**data)
 
 
 def load_weights(directory: Path, model: torch.nn.Module) -> None:

@@ -118,6 +118,15 @@ def cmd_verify(args) -> int:
             print(
                 f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}  {data}"
             )
+            if not r.equal and r.environment_changed and r.environment is not None:
+                from sisaflow.checkpoint import describe_environment
+
+                print(
+                    f"  the served weights were trained under "
+                    f"{'; then '.join(describe_environment(e) for e in r.served_environments)}; this run under "
+                    f"{describe_environment(r.environment)}: training repeats bit for bit within one environment "
+                    "only"
+                )
         return 0 if all(r.equal for r in results) else 1
     rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
     print(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sisaflow import pipeline
-from sisaflow.checkpoint import MODEL_FILE, weights_hash
+from sisaflow.checkpoint import MODEL_FILE, read_meta, weights_hash
 from sisaflow.config import Params
 from sisaflow.errors import CorpusError, ShardingError
 from sisaflow.paths import Workspace
@@ -40,10 +40,20 @@ class ExactResult:
     """False when the source was not readable and the workspace's slice files were used instead."""
     same_data: bool = True
     """The rebuilt slice files are the workspace's own (always true without the source)."""
+    served_environments: tuple[dict[str, str], ...] = ()
+    """The environments that trained the served weights (their checkpoint's meta); empty if not known."""
+    environment: dict[str, str] | None = None
+    """The environment of this run's training from scratch."""
 
     @property
     def equal(self) -> bool:
         return self.served == self.scratch
+
+    @property
+    def environment_changed(self) -> bool:
+        """The served weights were trained, in whole or in part, under another environment than this run's:
+        then bitwise equality is not to be expected (CPU training repeats within one environment)."""
+        return bool(self.served_environments) and list(self.served_environments) != [self.environment]
 
 
 def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
@@ -93,5 +103,13 @@ def verify_exact(
             served_dir = ws.root / served[s].get("served", served[s]["checkpoint"])
             scratch_dir = scratch.checkpoint_dir(s, last)
             scratch_hash = weights_hash(scratch_dir) if (scratch_dir / MODEL_FILE).is_file() else "-"
-            results.append(ExactResult(s, weights_hash(served_dir), scratch_hash, from_source, same_data))
+            served_hash = weights_hash(served_dir)
+            trained = read_meta(ws.root / served[s]["checkpoint"])
+            # the checkpoint in models/ tells, while it still holds the served weights
+            history: tuple[dict[str, str], ...] = ()
+            if trained is not None and weights_hash(ws.root / served[s]["checkpoint"]) == served_hash:
+                history = tuple(trained.environments)
+            here = read_meta(scratch_dir)
+            env = here.environments[-1] if here is not None and here.environments else None
+            results.append(ExactResult(s, served_hash, scratch_hash, from_source, same_data, history, env))
     return results

@@ -25,12 +25,18 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from sisaflow.checkpoint import CheckpointMeta, load_training_state, read_meta, save_checkpoint
+from sisaflow.checkpoint import (
+    CheckpointMeta,
+    describe_environment,
+    load_training_state,
+    read_meta,
+    save_checkpoint,
+)
 from sisaflow.config import ModelParams, Params, TrainParams
 from sisaflow.corpus import Record
 from sisaflow.lineage import chain_hashes, first_stale_slice
@@ -134,6 +140,7 @@ def train_shard(
     start = first_stale_slice(ws, shard, chain)
     device = resolve_device(tp.device)
     report = ShardTrainReport(shard=shard, start_slice=start, device=str(device))
+    env = numerics_environment(device, mp.base is not None)
     if start == len(chain):
         say(f"shard {shard}: up to date ({len(chain)} slices), nothing to train")
         return report
@@ -149,7 +156,7 @@ def train_shard(
         model = _build_constituent(mp, derive_seed(tp.seed, "init", shard), device)
         optimizer = _optimizer(model, tp.learning_rate, tp.weight_decay, device)
         forward = _forward_fn(model, tp.compile, device)  # once per shard: compiling is not free
-        meta = CheckpointMeta(shard, -1, params.training_identity(), 0, 0, 0, None)
+        meta = CheckpointMeta(shard, -1, params.training_identity(), 0, 0, 0, None, [env])
         if start > 0:
             prev_dir = ws.checkpoint_dir(shard, start - 1)
             load_training_state(prev_dir, model, optimizer)
@@ -158,12 +165,39 @@ def train_shard(
                 raise RuntimeError(f"{prev_dir}: checkpoint vanished while resuming")
             meta = resumed
             say(f"shard {shard}: resuming from the checkpoint after slice {start - 1}")
+            if resumed.environments[-1:] != [env]:
+                meta = replace(resumed, environments=[*resumed.environments, env])
+                before = describe_environment(resumed.environments[-1]) if resumed.environments else "unknown"
+                say(
+                    f"shard {shard}: note: the checkpoint after slice {start - 1} was made under {before}; this "
+                    f"process runs {describe_environment(env)}. Training is bit for bit repeatable within one "
+                    "environment, so the result will not be the bits that training from scratch gives under "
+                    f"either (verify --exact says DIFFERENT). Remove {ws.model_dir(shard)} and run again to "
+                    "retrain the shard from its first slice here"
+                )
         for k in range(start, len(chain)):
             rep, meta = _train_slice(
                 ws, shard, k, chain[k], params, model, optimizer, meta, device, say, forward=forward
             )
             report.slices.append(rep)
     return report
+
+
+def numerics_environment(device: torch.device, lora: bool) -> dict[str, str]:
+    """What besides settings and data decides a checkpoint's bits: the versions of the libraries that compute it
+    and the kind of processor their kernels were chosen for (the CPU's instruction set, or the GPU's name)."""
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if lora:
+        import peft
+
+        env["peft"] = peft.__version__
+    if device.type == "cuda":
+        env["device"] = f"cuda {torch.cuda.get_device_name(device)}"
+    else:
+        env["device"] = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    return env
 
 
 CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
@@ -341,6 +375,7 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
         meta.tokens_seen + tokens,
         meta.examples_seen + len(examples) * tp.epochs_per_slice,
         last_loss,
+        meta.environments,  # train_shard's entry for this process is the last one
     )
     save_checkpoint(
         ws.checkpoint_dir(shard, k), model, optimizer, new_meta, [r.content_hash for r in slice_records]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from sisaflow.config import Params, ShardingParams
@@ -34,6 +35,41 @@ def test_equal_then_different_after_tampering(make_workspace, make_records, tiny
     save_file(tensors, str(weights))
     by_shard = {r.shard: r.equal for r in verify_exact(ws, params)}
     assert by_shard == {0: True, 1: False}
+
+
+def test_a_difference_names_the_environments_that_trained_the_served_weights(
+    make_workspace, make_records, tiny_params, capsys
+):
+    from sisaflow import cli
+    from sisaflow.checkpoint import META_FILE
+    from sisaflow.fsio import read_json, write_json
+
+    params = Params.from_dict(
+        {**tiny_params.to_dict(), "sharding": dataclasses.asdict(ShardingParams(shards=1, slices=2))}
+    )
+    ws = make_workspace(make_records(owners=3, per_owner=3), shards=1, slices=2)
+    ws.params_file.write_text(yaml.safe_dump(params.to_dict()))
+    train_shard(ws, 0, params, progress=lambda m: None)
+    build_registry(ws, params)
+    (result,) = verify_exact(ws, params)
+    assert result.equal and not result.environment_changed
+    assert list(result.served_environments) == [result.environment]
+
+    meta = ws.checkpoint_dir(0, 1) / META_FILE
+    other = {**result.environment, "torch": "2.0.0"}
+    write_json(meta, {**read_json(meta), "environments": [other, result.environment]})
+    (result,) = verify_exact(ws, params)
+    assert result.equal and result.environment_changed  # equal all the same: the note is for differences
+    weights = ws.checkpoint_dir(0, 1) / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + torch.finfo(tensors[name].dtype).eps
+    save_file(tensors, str(weights))
+    build_registry(ws, params)
+    capsys.readouterr()
+    assert cli.main(["--workspace", str(ws.root), "verify", "--exact"]) == 1
+    out = capsys.readouterr().out
+    assert "shard 0: DIFFERENT" in out and "torch 2.0.0" in out and "within one environment only" in out
 
 
 def test_served_copy_survives_retraining_in_models(make_workspace, make_records, tiny_params):

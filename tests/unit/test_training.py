@@ -176,6 +176,39 @@ def test_resume_after_losing_last_checkpoints_equals_uninterrupted(sharded, tiny
     assert all(after[p] == m for p, m in kept_mtimes.items())
 
 
+def test_a_checkpoint_records_its_environment_and_a_resume_under_another_says_so(sharded, tiny_params):
+    from sisaflow.checkpoint import UNRECORDED
+    from sisaflow.fsio import write_json
+
+    ws = sharded()
+    train_shard(ws, 0, tiny_params, progress=quiet)
+    here = training.numerics_environment(torch.device("cpu"), lora=False)
+    assert here["torch"] == torch.__version__ and here["device"].startswith("cpu ")
+    assert all(read_meta(ws.checkpoint_dir(0, k)).environments == [here] for k in range(SLICES))
+
+    other = {**here, "torch": "2.0.0"}  # as if slice 0 had been trained before an upgrade
+    meta_0 = ws.checkpoint_dir(0, 0) / META_FILE
+    write_json(meta_0, {**read_json(meta_0), "environments": [other]})
+    for k in (1, 2):
+        shutil.rmtree(ws.checkpoint_dir(0, k))
+    msgs: list[str] = []
+    train_shard(ws, 0, tiny_params, progress=msgs.append)
+    note = [m for m in msgs if "note:" in m]
+    assert len(note) == 1 and "torch 2.0.0" in note[0] and f"torch {torch.__version__}" in note[0]
+    assert str(ws.model_dir(0)) in note[0]  # how to retrain the shard from its first slice
+    assert read_meta(ws.checkpoint_dir(0, 2)).environments == [other, here]
+
+    quiet_msgs: list[str] = []  # a resume in the same environment says nothing of it
+    shutil.rmtree(ws.checkpoint_dir(0, 2))
+    train_shard(ws, 0, tiny_params, progress=quiet_msgs.append)
+    assert not [m for m in quiet_msgs if "note:" in m]
+
+    data = read_json(meta_0)  # a checkpoint made before environments were recorded
+    del data["environments"]
+    write_json(meta_0, data)
+    assert read_meta(ws.checkpoint_dir(0, 0)).environments == [UNRECORDED]
+
+
 def test_crash_while_saving_then_resume_equals_uninterrupted(sharded, tiny_params, monkeypatch):
     ref, ws = sharded(name="ref"), sharded(name="crashed")
     train_shard(ref, 0, tiny_params, progress=quiet)
