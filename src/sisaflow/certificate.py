@@ -232,6 +232,7 @@ def build_certificate(
     params_hash: str,
     ensemble_version: str,
     issued_at: str,
+    training_environments: dict[str, list[dict[str, str]]] | None = None,
 ) -> dict:
     """An unsigned certificate (signature null) after checking every field; pass it to `sign` to sign it.
 
@@ -267,6 +268,14 @@ def build_certificate(
         "issued_at": issued_at,
         "signature": None,
     }
+    if training_environments:  # copied where well-typed; check_certificate names what is not
+        envs: Any = training_environments
+        if isinstance(envs, dict):
+            envs = {
+                k: [dict(e) if isinstance(e, dict) else e for e in v] if isinstance(v, list) else v
+                for k, v in envs.items()
+            }
+        cert["training_environments"] = envs
     problem = check_certificate(cert)
     if problem:
         raise CertificateError(problem)

@@ -69,6 +69,20 @@ def _per_shard(retired: dict[str, str], new: dict[str, str]) -> list[tuple[Any, 
     ]
 
 
+def _environments(envs: dict | None) -> list[str]:
+    """The environments that retrained each shard, if the certificate records them."""
+    if not envs:
+        return []
+    from sisaflow.checkpoint import describe_environment
+
+    rows = [(shard, "; then ".join(describe_environment(e) for e in v)) for shard, v in sorted(envs.items())]
+    return [
+        "<h2>Training environments</h2>",
+        "<p>Retraining repeats bit for bit within one environment: check the new checkpoints under this one.</p>",
+        _table(("shard", "library versions, processor"), rows),
+    ]
+
+
 _CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:.4em 0 1em}th,td{border:1px solid #ccc;padding:.25em .6em;"
@@ -138,6 +152,7 @@ def render_html(cert: dict) -> str:
             ("shard", "slice", "retired", "new"),
             _per_shard(cert["retired_checkpoints"], cert["new_checkpoints"]),
         ),
+        *_environments(cert.get("training_environments")),
         "<h2>Purge</h2>",
         purge_html,
         "<h2>Post-deletion scan</h2>",

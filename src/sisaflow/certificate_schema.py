@@ -27,6 +27,9 @@ FIELDS = (
     "issued_at",
     "signature",
 )
+OPTIONAL_FIELDS = ("training_environments",)
+"""Fields a certificate may carry (format 1 certificates made before them lack them): per retrained shard
+(`shard-N`), the environments (library versions, processor kind) that trained its new checkpoints."""
 REQUEST_FIELDS = ("request_id", "owner_count", "record_count", "requested_at", "reason")
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -57,6 +60,31 @@ def _check_checkpoints(name: str, value: Any) -> str | None:
             return f"{name}: {key!r} is not a checkpoint name shard-N/slice-K"
         if not isinstance(digest, str) or not SHA256.fullmatch(digest):
             return f"{name}[{key}]: not a sha256 hex digest"
+    return None
+
+
+SHARD = re.compile(r"shard-\d+")
+
+
+def _check_environments(value: Any) -> str | None:
+    name = "training_environments"
+    if not isinstance(value, dict):
+        return f"{name}: expected a mapping of shard-N to a list of environments"
+    for shard, envs in value.items():
+        if not isinstance(shard, str) or not SHARD.fullmatch(shard):
+            return f"{name}: {shard!r} is not a shard name shard-N"
+        if not isinstance(envs, list) or not envs:
+            return f"{name}[{shard}]: expected a non-empty list of environments"
+        for env in envs:
+            if (
+                not isinstance(env, dict)
+                or not env
+                or not all(
+                    isinstance(k, str) and NAME.fullmatch(k) and isinstance(v, str) and 0 < len(v) <= 200
+                    for k, v in env.items()
+                )
+            ):
+                return f"{name}[{shard}]: an environment is a mapping of names to short texts (versions)"
     return None
 
 
@@ -110,7 +138,7 @@ def check_certificate(cert: Any) -> str | None:
         return "expected a JSON object"
     if cert.get("format") != FORMAT:
         return f"unknown format {cert.get('format')!r} (this sisaflow reads {FORMAT})"
-    missing, extra = sorted(set(FIELDS) - set(cert)), sorted(set(cert) - set(FIELDS))
+    missing, extra = sorted(set(FIELDS) - set(cert)), sorted(set(cert) - set(FIELDS) - set(OPTIONAL_FIELDS))
     if missing or extra:
         return f"missing field(s) {missing}" if missing else f"unexpected field(s) {extra}"
     req = cert["request"]
@@ -143,6 +171,10 @@ def check_certificate(cert: Any) -> str | None:
             return f"affected[{i}]: expected {{shard, from_slice, slices}} of non-negative integers"
     for name in ("retired_checkpoints", "new_checkpoints"):
         problem = _check_checkpoints(name, cert[name])
+        if problem:
+            return problem
+    if "training_environments" in cert:
+        problem = _check_environments(cert["training_environments"])
         if problem:
             return problem
     if cert["purge_report"] is not None:

@@ -46,7 +46,13 @@ def _train_task(root: str, shard: int, params_dict: dict) -> dict:
 
 def _report_from_dict(d: dict) -> ShardTrainReport:
     slices = [SliceReport(**s) for s in d["slices"]]
-    return ShardTrainReport(shard=d["shard"], start_slice=d["start_slice"], slices=slices, device=d["device"])
+    return ShardTrainReport(
+        shard=d["shard"],
+        start_slice=d["start_slice"],
+        slices=slices,
+        device=d["device"],
+        environments=d.get("environments", []),
+    )
 
 
 def connect(ws: Workspace, rp: RayParams) -> bool:

@@ -184,6 +184,12 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
                 f"`sisaflow certificate {request_id}` again"
             )
     affected, retired, new = _impact(ws, request_id, run) or _trained_by(run)
+    trained = run.get("trained", {})
+    environments = {
+        f"shard-{a['shard']}": trained[str(a["shard"])]["environments"]
+        for a in affected
+        if trained.get(str(a["shard"]), {}).get("environments")
+    }
 
     issued_at = datetime.now(UTC).isoformat(timespec="milliseconds")
     states = ledger.states(ws.ledger_file).get(request_id, [])
@@ -202,6 +208,7 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
         params_hash=params_hash(ws.params_file),
         ensemble_version=run.get("ensemble_version", ""),
         issued_at=issued_at,
+        training_environments=environments,
     )
     key = key_from_env()
     if key:

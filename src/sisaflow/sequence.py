@@ -144,6 +144,7 @@ def run_steps(root: str, kind: str, in_process: bool = False, steps: Steps | Non
                     "from_slice": r.start_slice,
                     "tokens": r.tokens,
                     "seconds": r.seconds,
+                    "environments": r.environments,
                 }
             report.training_tokens = sum(r.tokens for r in trained.shards)
         else:

@@ -71,6 +71,8 @@ class ShardTrainReport:
     """The first slice trained (== slices when nothing was stale)."""
     slices: list[SliceReport] = field(default_factory=list)
     device: str = "cpu"
+    environments: list[dict[str, str]] = field(default_factory=list)
+    """The environments that trained the shard's last checkpoint (its meta's); empty when nothing trained."""
 
     @property
     def tokens(self) -> int:
@@ -180,6 +182,7 @@ def train_shard(
                 ws, shard, k, chain[k], params, model, optimizer, meta, device, say, forward=forward
             )
             report.slices.append(rep)
+    report.environments = meta.environments
     return report
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sisaflow import ledger, versioning
@@ -151,6 +152,8 @@ def test_requests_during_a_run_are_queued_and_batched(tmp_path):
         names = [f"shard-{s}/slice-{j}" for j in range(k, SLICES)]
         assert list(cert["retired_checkpoints"]) == names == list(cert["new_checkpoints"]), rid
         assert all(cert["retired_checkpoints"][n] != cert["new_checkpoints"][n] for n in names), rid
+        (env,) = cert["training_environments"][f"shard-{s}"]  # one environment trained every slice
+        assert env["torch"] == torch.__version__ and env["device"].startswith("cpu "), rid
     assert versioning.status(Workspace(ws)) == {}
 
     exact = run_sisaflow(sisaflow_cmd(ws, "verify", "--exact"), tmp_path / "prefect-exact", timeout=600)

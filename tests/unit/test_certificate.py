@@ -238,6 +238,46 @@ def test_signed_certificate_without_a_key_is_not_called_valid(tmp_path, cert):
     assert not ok and KEY_ENV in msg
 
 
+ENVS = {
+    "shard-3": [
+        {"torch": "2.12.0", "transformers": "5.24.0", "device": "cpu AVX2"},
+        {"torch": "2.13.0", "transformers": "5.24.0", "device": "cpu AVX2"},
+    ]
+}
+
+
+def test_the_training_environments_are_stated_and_signed(tmp_path):
+    """Per retrained shard, the environments that trained its new checkpoints: in the JSON, on the page, under
+    the signature; a certificate without them (made before they existed) stays valid."""
+    cert = build_certificate(**inputs(training_environments=ENVS))
+    assert cert["training_environments"] == ENVS
+    json_path, html_path = write_certificate(tmp_path, sign(cert, KEY))
+    page = html_path.read_text(encoding="utf-8")
+    assert "Training environments" in page
+    assert "torch 2.12.0, transformers 5.24.0, cpu AVX2; then torch 2.13.0" in page
+    assert verify_file(json_path, KEY)[0]
+    tampered = json.loads(json_path.read_text())
+    tampered["training_environments"]["shard-3"].pop(0)  # hiding the older library
+    json_path.write_text(json.dumps(tampered))
+    assert not verify_file(json_path, KEY)[0]
+    assert "training_environments" not in build_certificate(**inputs())
+
+
+@pytest.mark.parametrize(
+    "envs",
+    [
+        {"3": ENVS["shard-3"]},
+        {"shard-3": []},
+        {"shard-3": [{"torch": 2}]},
+        {"shard-3": [{"bad key!": "x"}]},
+        {"shard-3": ["torch 2.13.0"]},
+    ],
+)
+def test_bad_training_environments_are_refused(envs):
+    with pytest.raises(CertificateError, match="training_environments"):
+        build_certificate(**inputs(training_environments=envs))
+
+
 @pytest.mark.parametrize(
     "mutate, match",
     [
