@@ -14,6 +14,7 @@ key can both sign and verify: keep it where the auditor's verifier, not the oper
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -268,14 +269,8 @@ def build_certificate(
         "issued_at": issued_at,
         "signature": None,
     }
-    if training_environments:  # copied where well-typed; check_certificate names what is not
-        envs: Any = training_environments
-        if isinstance(envs, dict):
-            envs = {
-                k: [dict(e) if isinstance(e, dict) else e for e in v] if isinstance(v, list) else v
-                for k, v in envs.items()
-            }
-        cert["training_environments"] = envs
+    if training_environments:  # a copy of whatever was given: check_certificate names what is wrong in it
+        cert["training_environments"] = copy.deepcopy(training_environments)
     problem = check_certificate(cert)
     if problem:
         raise CertificateError(problem)
