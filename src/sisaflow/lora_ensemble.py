@@ -227,6 +227,37 @@ def stacked_lora(
     return StackedLlama.from_models([base], context_length=context_length, num_models=n, deltas=deltas)
 
 
+def merged_model(
+    mp: ModelParams,
+    adapters: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """One model: the base with the weighted mean of the adapters' weight deltas added to each adapted layer,
+    W + (alpha / r) * sum_s w_s B_s A_s (w normalised to sum 1; computed in float64, stored in the base's dtype).
+
+    A fixed function of the adapters, so exact adapters give an exact merge; it serves at one model's cost."""
+    if mp.base is None:
+        raise ValueError("merged_model needs model.base")
+    base = load_base_model(mp.base)
+    check_context(mp, base)
+    if dtype is not None:
+        base.to(dtype)  # type: ignore[arg-type]  # in place, before the deltas are added (float64 in tests)
+    scale = mp.lora.alpha / mp.lora.r
+    total = float(sum(weights))
+    w = torch.tensor([x / total for x in weights], dtype=torch.float64)
+    with torch.no_grad():
+        for module, (a, b) in stack_adapters(adapters).items():  # a (S, r, in), b (S, out, r)
+            layer = base.get_submodule(module)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"{module} is a {type(layer).__name__}, not a linear layer; it cannot be merged")
+            delta = torch.einsum("s,sor,sri->oi", w, b.double(), a.double()) * scale
+            layer.weight.add_(delta.to(layer.weight.dtype))
+    base.to(device)  # type: ignore[arg-type]  # in place
+    return base.eval()
+
+
 def lora_runner(
     mp: ModelParams,
     adapters: list[dict[str, torch.Tensor]],

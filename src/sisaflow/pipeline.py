@@ -117,6 +117,10 @@ def train(
     from sisaflow.parallel import ParallelReport, train_shards
     from sisaflow.training import train_shard
 
+    if shards and params.model.base is not None:
+        from sisaflow.pretrained import check_base
+
+        check_base(params.model)  # here, before Ray starts: a bad base fails the run as this ConfigError
     if not in_process:
         return train_shards(ws, params, shards, progress)
     report = ParallelReport(address="in-process")

@@ -111,6 +111,10 @@ def run_steps(root: str, kind: str, in_process: bool = False, steps: Steps | Non
     steps = steps or Steps()
     ws = _ws(root)
     params = pipeline.load(ws)
+    if params.model.base is not None:
+        from sisaflow.pretrained import check_base
+
+        check_base(params.model)  # a bad base fails the run before it imports, shards or trains anything
     with pipeline.workspace_lock(ws, f"sisaflow {kind}", waiting=steps.say):
         # made once the lock is held, so reports are named in the order runs applied their changes
         # the requests this run finishes: every one not yet certified, including any recorded while it waited

@@ -146,6 +146,10 @@ def train_shard(
     if start == len(chain):
         say(f"shard {shard}: up to date ({len(chain)} slices), nothing to train")
         return report
+    if mp.base is not None:
+        from sisaflow.pretrained import check_base
+
+        check_base(mp)  # a bad base or LoRA setting fails here, before a checkpoint is removed or written
 
     for k in range(start, params.sharding.slices + 64):
         stale = ws.checkpoint_dir(shard, k)

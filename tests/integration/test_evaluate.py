@@ -80,6 +80,7 @@ def test_metrics_report_and_plots(evaluated):
             assert 0 <= a["low"] <= a["auc"] <= a["high"] <= 1
     assert m["forgetting"]["attacks_forgotten_vs_never_seen"]["loss"]["members"] == len(forgotten)
     assert 0 <= m["forgetting"]["verbatim"]["forgotten"]["rouge_l"] <= 1
+    assert 0 <= m["forgetting"]["verbatim"]["forgotten"]["rouge_l_recall"] <= 1
     assert m["tofu"]["truth_ratio_forgotten"]["n"] == len(forgotten)
     assert m["tofu"]["forget_quality"] == 1.0
 
@@ -92,6 +93,7 @@ def test_metrics_report_and_plots(evaluated):
 
     report = (ws / "reports" / "report.md").read_text()
     assert "## Utility" in report and "## Forgetting" in report and "## Before and after" in report
+    assert "| ROUGE-L F1 / recall of continuations |" in report
     plots = sorted(p.name for p in (ws / "reports" / "plots").glob("*.png"))
     assert plots == ["before_after.png", "membership_auc.png", "utility.png"]
     for name in plots:

@@ -2,8 +2,9 @@
 bitwise equal to one trained from scratch without that owner's records, untouched shards keep their adapters,
 and the served ensemble is the batched LoRA over one shared base.
 
-The base is a tiny random Llama saved next to the workspaces and named by a relative path (`../base`), as a
-user would name a base they keep beside their workspace.
+The base is in the format `make base` gives SmolLM2: a tiny GGUF (byte-level BPE, SmolLM2's special tokens)
+converted by `sisaflow.base_setup.convert_gguf` into a transformers directory, saved next to the workspaces and
+named by a relative path (`../base`), as a user would name a base they keep beside their workspace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.integration.conftest import make_workspace, tree_hashes, write_corpus
-from tests.lora_base import save_tiny_base
+from tests.lora_base import save_tiny_gguf
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +50,10 @@ def story(tmp_path_factory, prefect_server):
     from sisaflow.sharding import shard_of, slice_of
 
     os.environ["SISAFLOW_CERTIFICATE_KEY"] = "test-key-0123456789abcdef0123456789abcdef"
+    from sisaflow.base_setup import convert_gguf
+
     tmp = tmp_path_factory.mktemp("lora")
-    save_tiny_base(tmp / "base")
+    convert_gguf(save_tiny_gguf(tmp / "gguf" / "tiny.gguf"), tmp / "base")
     base_files = tree_hashes(tmp / "base")
     corpus = write_corpus(tmp / "corpus.jsonl", AUTHORS)
     a = _lora_workspace(tmp / "a", corpus)

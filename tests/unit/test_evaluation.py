@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from sisaflow import evaluation
+from sisaflow import evaluation, metrics
 from sisaflow.config import ModelParams
 from sisaflow.corpus import Record, content_hash
 from sisaflow.ensemble import Ensemble
@@ -125,18 +126,21 @@ def test_verbatim_generates_in_batches_what_each_record_gets_alone(monkeypatch):
         )
     assert len({c for _, c in alone}) > 3  # the continuations differ, so a mix-up of rows would show
     seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(evaluation.metrics, "rouge_l_text", lambda ref, cont: seen.append((ref, cont)) or 0.5)
+    scores = iter([metrics.RougeL(1.0, 0.25 * (i % 2), 0.5) for i in range(11)])
+    monkeypatch.setattr(
+        evaluation.metrics, "rouge_l_scores", lambda ref, cont: seen.append((ref, cont)) or next(scores)
+    )
     monkeypatch.setattr(
         evaluation, "GENERATE_BATCH", 4
     )  # batches of 4, 4 and 3 (the one-byte record is skipped)
     got = evaluation.verbatim(ens, recs, n=12, new_tokens=8)
-    assert got == {"rouge_l": 0.5, "records": 11}
+    assert got == {"rouge_l": 0.5, "rouge_l_recall": pytest.approx(0.25 * 5 / 11), "records": 11}
     assert seen == alone
 
 
 def test_truth_ratios_equal_scoring_each_answer_after_its_question():
     """TOFU truth ratios against an independent computation: each answer scored alone after its question."""
-    from sisaflow import metrics, tofu
+    from sisaflow import tofu
 
     ens = _ensemble(2)
     with torch.no_grad():

@@ -12,8 +12,10 @@ import torch
 
 from sisaflow.metrics import (
     AttackResult,
+    RougeL,
     TokenStats,
     _kolmogorov_sf,
+    _rouge_scorer,
     auc,
     auc_with_ci,
     forget_quality,
@@ -23,7 +25,7 @@ from sisaflow.metrics import (
     min_k_score,
     perplexity,
     priv_leak,
-    rouge_l,
+    rouge_l_scores,
     rouge_l_text,
     run_attacks,
     sequence_log_likelihood,
@@ -256,22 +258,50 @@ def test_attack_results_hold_no_text_and_check_their_inputs():
 # -------------------------------------------------------------------------------------------------- ROUGE-L
 
 
-def test_rouge_l_known_answers():
-    assert rouge_l_text("the cat sat", "the cat sat") == 1.0
-    assert rouge_l_text("the cat sat", "dogs run fast") == 0.0
+def _rouge_score_reference(reference: str, candidate: str):
+    """Google's rouge-score as TOFU calls it, a scorer of its own."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, candidate)["rougeL"]
+
+
+def test_rouge_l_is_rouge_score_as_tofu_runs_it():
+    ref, cand = "The author's name is Hsiao Yun-Hwa.", "the author is named Hsiao Yun Hwa"
+    # rouge-score's words: the author s name is hsiao yun hwa / the author is name hsiao yun hwa ("named" stems
+    # to "name"); LCS 6 of 8 and 7 words. Lowercased whitespace tokens (the former rouge_l_text) gave F1 6/13.
+    p, r = 6 / 7, 6 / 8
+    got = rouge_l_scores(ref, cand)
+    assert got == RougeL(p, r, 2 * p * r / (p + r))  # exactly, as rouge-score computes the F-measure
+    assert got.f1 == 0.7999999999999999 and rouge_l_text(ref, cand) == got.f1
+    want = _rouge_score_reference(ref, cand)
+    assert got == (want.precision, want.recall, want.fmeasure)
     # LCS "the cat on mat" = 4: P = 4/4, R = 4/6, F1 = 2 * (2/3) / (5/3) = 0.8
-    assert rouge_l_text("the cat sat on the mat", "the cat on mat") == pytest.approx(0.8, abs=1e-15)
-    assert rouge_l_text("a b c d", "a b") == pytest.approx(2 / 3, abs=1e-15)
+    assert rouge_l_scores("the cat sat on the mat", "the cat on mat") == RougeL(1.0, 2 / 3, 0.8)
+    assert rouge_l_scores("a b c d", "a b") == RougeL(1.0, 0.5, 2 / 3)
     # the textbook LCS: ABCBDAB vs BDCABA has length 4; P = 4/6, R = 4/7, F1 = 8/13
-    assert rouge_l(list("ABCBDAB"), list("BDCABA")) == pytest.approx(8 / 13, abs=1e-15)
-    assert rouge_l([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(0.25, abs=1e-15)  # token ids work too
+    assert rouge_l_text("A B C B D A B", "B D C A B A") == pytest.approx(8 / 13, abs=1e-15)
+    assert rouge_l_text("1 2 3 4", "4 3 2 1") == pytest.approx(0.25, abs=1e-15)  # numbers are words too
 
 
-def test_rouge_l_case_and_empty_inputs():
-    assert rouge_l_text("The Cat  SAT", "the cat sat") == 1.0
-    assert rouge_l_text("", "") == 0.0
-    assert rouge_l_text("the cat", "") == 0.0
-    assert rouge_l([], [1, 2]) == 0.0
+def test_rouge_l_stems_words():
+    from rouge_score import rouge_scorer
+
+    # Porter stems: writes, writing -> write; novels -> novel
+    assert rouge_l_scores("writes novels", "writing novel") == RougeL(1.0, 1.0, 1.0)
+    unstemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(
+        "writes novels", "writing novel"
+    )
+    assert unstemmed["rougeL"].fmeasure == 0.0  # without the stemmer no word matches
+
+
+def test_rouge_l_identical_disjoint_case_punctuation_and_empty_inputs():
+    assert rouge_l_scores("the cat sat", "the cat sat") == RougeL(1.0, 1.0, 1.0)
+    assert rouge_l_scores("the cat sat", "dogs run fast") == RougeL(0.0, 0.0, 0.0)
+    assert rouge_l_text("The Cat  SAT!", "the cat sat") == 1.0  # case and punctuation do not count
+    for ref, cand in (("", ""), ("the cat", ""), ("", "the cat"), ("?!", "the cat")):
+        assert rouge_l_scores(ref, cand) == RougeL(0.0, 0.0, 0.0)
+        assert all(type(x) is float for x in rouge_l_scores(ref, cand))
+    assert _rouge_scorer() is _rouge_scorer()  # built once
 
 
 # ----------------------------------------------------------------------------------------------------- TOFU

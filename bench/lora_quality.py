@@ -1,0 +1,523 @@
+"""LoRA over a pretrained base: the sisaflow ensemble against an ordinary fine-tune, and what a forget costs, all
+measured in one run (issue 15).
+
+    python bench/lora_quality.py --base bases/smollm2-135m-instruct --out bench/results/lora   # make bench-lora
+    python bench/lora_quality.py --smoke --out DIR        # a tiny random base on CPU (a unit test runs it)
+    python bench/lora_quality.py --sweep-lr 3e-4,1e-3,3e-3 --base ... --out DIR   # how the default lr was chosen
+
+Every layout trains the same LoRA adapters (same base, settings, epochs over the same records: the same total
+compute) on a TOFU subset, with the library's own code and no Ray, Prefect or DVC (train_shard in this process,
+one shard after another; bench/lora_gpu.py runs the same on a GPU):
+- the monolithic fine-tune: one adapter on all records (S=1, R=1), what a user would do without sisaflow;
+- the sisaflow ensemble at each S (R slices), served three ways: the per-token mixture of the constituents'
+  probabilities, their product (mean of log-probabilities, renormalised), and one merged model (the base plus the
+  mean of the adapters' weight deltas);
+- the base alone (zero-shot).
+Measured: perplexity on retained records and on never-seen records (TOFU's holdout authors) with 95% bootstrap
+intervals over records; ROUGE-L recall of greedy answers to retained questions against the reference answers
+(rouge-score, stemmed, as TOFU computes it); tokens and seconds of each full training and of one owner's forget,
+and the expected forget cost over all owners (exact, from the run's per-slice work and the placement) next to
+the cost model (1/S)(R+1)/(2R). The JSON is rewritten after every measurement, so a timeout keeps what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
+
+import cost_accounting as ca  # noqa: E402
+import forget_grid as fg  # noqa: E402
+
+from sisaflow.config import LoraParams, ModelParams, Params, TrainParams  # noqa: E402
+from sisaflow.corpus import Record, content_hash  # noqa: E402
+from sisaflow.ensemble import Ensemble, length_batches  # noqa: E402
+from sisaflow.pretrained import load_base_model  # noqa: E402
+from sisaflow.registry import build_registry  # noqa: E402
+from sisaflow.sharding import shard_corpus  # noqa: E402
+from sisaflow.tokenizer import load_tokenizer  # noqa: E402
+
+TOFU = REPO / "data" / "tofu"
+TEMPLATE = "Question: {question}\nAnswer: {answer}"
+COMBINES = ("mixture", "product", "merge")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one run measures."""
+
+    base: str
+    authors: int
+    """The last `authors` TOFU authors (TOFU's forget sets are the last ones)."""
+    shards: tuple[int, ...]
+    slices: int
+    epochs: int
+    learning_rate: float
+    eval_records: int
+    questions: int
+    new_tokens: int
+    device: str
+    threads: int
+    bootstrap: int = 1000
+    seed: int = 0
+    forget: bool = True
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def subset(plan: Plan, root: Path) -> tuple[Path, list[dict], list[dict]]:
+    """The corpus subset as JSONL (the last `authors` authors), its rows, and the never-seen holdout rows."""
+    rows = read_jsonl(TOFU / "records.jsonl")
+    authors = sorted({r["author_id"] for r in rows})[-plan.authors :]
+    chosen = [r for r in rows if r["author_id"] in set(authors)]
+    source = root / "subset.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    return source, chosen, read_jsonl(TOFU / "holdout_records.jsonl")
+
+
+def as_record(row: dict) -> Record:
+    text = TEMPLATE.format(**row)
+    rid = str(row["id"])
+    return Record(rid, str(row["author_id"]), text, content_hash(rid, text))
+
+
+def params_for(plan: Plan, lr: float | None = None) -> Params:
+    """The settings `sisaflow init --base` writes (sisaflow.workspace.LORA_*), over `plan.base`; the context is 256
+    tokens (TOFU's longest record is 137 with SmolLM2's tokenizer, so nothing is cut; the tiny base allows 256)."""
+    from sisaflow.workspace import LORA_MODEL, LORA_TRAIN
+
+    base = Params()
+    corpus = dataclasses.replace(base.corpus, path="subset.jsonl", text_template=TEMPLATE)
+    lora = LoraParams(**LORA_MODEL["lora"])
+    model = ModelParams(tokenizer="base", base=plan.base, context_length=256, lora=lora)
+    train = TrainParams(
+        **{**LORA_TRAIN, "learning_rate": lr or plan.learning_rate, "epochs_per_slice": plan.epochs},
+        threads=plan.threads,
+        device=plan.device,  # type: ignore[arg-type]
+        log_every=1000,
+    )
+    return dataclasses.replace(base, corpus=corpus, model=model, train=train)
+
+
+@torch.no_grad()
+def token_log_probs(ens: Ensemble, records: list[Record], combines: tuple[str, ...]) -> dict[str, list]:
+    """Per combine, per record: (log-likelihood of its tokens after the first, token count). One forward of all
+    constituents per batch; the combination runs constituent by constituent in float64, so memory holds one
+    (B, T, vocab) sum, not S of them (S=16 x the vocabulary would not fit)."""
+    tok = ens.tokenizer
+    rows = [(tok.encode(r.text) + [tok.eos_id])[: ens.context_length] for r in records]
+    out: dict[str, list] = {c: [None] * len(rows) for c in combines}
+    device = ens.weights.device
+    w = ens.weights.to(device)
+    for chunk, x in length_batches(rows, 4, tok.eos_id):
+        x = x.to(device)
+        logits, _ = ens.runner(x)  # (S, B, T, V)
+        target = x[:, 1:].unsqueeze(-1)
+        per, total = [], None
+        for s in range(logits.shape[0]):
+            lp = torch.log_softmax(logits[s, :, :-1].double(), dim=-1)
+            per.append(lp.gather(-1, target).squeeze(-1))  # (B, T-1)
+            if "product" in combines:
+                total = lp * w[s] if total is None else total + lp * w[s]
+        per_t = torch.stack(per)  # (S, B, T-1)
+        combined = {
+            # the mixture needs each constituent's probability of the target only; a merge is one model
+            "mixture": torch.logsumexp(per_t + torch.log(w).view(-1, 1, 1), dim=0),
+        }
+        combined["merge"] = combined["mixture"]
+        if total is not None:
+            combined["product"] = torch.log_softmax(total, dim=-1).gather(-1, target).squeeze(-1)
+        for c in combines:
+            values = combined[c].cpu()
+            for row, i in enumerate(chunk):
+                n = len(rows[i]) - 1
+                out[c][i] = (values[row, :n].sum().item(), n)
+    return out
+
+
+def perplexity_ci(scores: list, resamples: int, seed: int) -> dict:
+    """Corpus perplexity exp(-sum ll / sum n) and its 95% bootstrap interval over records."""
+    ll = torch.tensor([s[0] for s in scores], dtype=torch.float64)
+    n = torch.tensor([s[1] for s in scores], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(scores), (resamples, len(scores)), generator=g)
+    boot = torch.exp(-ll[idx].sum(1) / n[idx].sum(1))
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"ppl": math.exp(-ll.sum().item() / n.sum().item()), "ci": [lo, hi], "records": len(scores)}
+
+
+def answers(ens: Ensemble, questions: list[dict], new_tokens: int) -> list[str]:
+    prompts = [f"Question: {q['question']}\nAnswer:" for q in questions]
+    out: list[str] = []
+    for i in range(0, len(prompts), 8):
+        out += ens.generate(prompts[i : i + 8], max_new_tokens=new_tokens)
+    return [a.strip() for a in out]
+
+
+def rouge_recall(refs: list[str], cands: list[str], resamples: int, seed: int) -> dict:
+    """Mean ROUGE-L recall (rouge-score, stemmed: TOFU's) and its 95% bootstrap interval over questions."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    values = torch.tensor(
+        [scorer.score(r, c)["rougeL"].recall for r, c in zip(refs, cands)], dtype=torch.float64
+    )
+    g = torch.Generator().manual_seed(seed)
+    boot = values[torch.randint(len(values), (resamples, len(values)), generator=g)].mean(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    # per question the score, not the answer: an answer can repeat a training record verbatim, and this file is
+    # committed in `make demo`'s workspace, whose deletion scan would rightly take it for a copy
+    return {
+        "recall": values.mean().item(),
+        "ci": [lo, hi],
+        "questions": len(values),
+        "per_question": values.tolist(),
+    }
+
+
+def evaluate(ens: Ensemble, combines: tuple[str, ...], data: dict, plan: Plan) -> dict:
+    """Perplexities and answer ROUGE of `ens` under each of `combines` (its runner's distributions combined)."""
+    t0 = time.perf_counter()
+    out: dict = {c: {} for c in combines}
+    for group in ("retained", "never_seen"):
+        scores = token_log_probs(ens, data[group], combines)
+        for c in combines:
+            out[c][group] = perplexity_ci(scores[c], plan.bootstrap, plan.seed)
+    refs = [q["answer"] for q in data["questions"]]
+    for c in combines:
+        ens.combine = "mixture" if c == "merge" else c
+        got = answers(ens, data["questions"], plan.new_tokens)
+        out[c]["rouge_l"] = rouge_recall(refs, got, plan.bootstrap, plan.seed)
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def merged_ensemble(ws, device: str) -> Ensemble:
+    """The served adapters merged into one model (ensemble.combine: merge)."""
+    params = Params.load(ws.params_file)
+    merged = dataclasses.replace(params, ensemble=dataclasses.replace(params.ensemble, combine="merge"))
+    ws.params_file.write_text(json.dumps(merged.to_dict()))  # YAML is a superset of JSON
+    build_registry(ws, merged)
+    ens = Ensemble.load(ws, device=device)
+    ens.served_from = None  # held apart from the workspace, whose registry goes back to the served combine
+    ws.params_file.write_text(json.dumps(params.to_dict()))
+    build_registry(ws, params)
+    return ens
+
+
+def layout(root: Path, setup: fg.Setup, plan: Plan, data: dict, shards: int, slices: int, out: dict) -> dict:
+    """Train one layout, evaluate it served every way, and (S >= 2) forget one owner."""
+    name = "monolithic" if (shards, slices) == (1, 1) else f"S={shards}"
+    say(f"{name}: training {shards} shard(s) x {slices} slice(s)")
+    ws, params = fg.workspace(root / name.replace("=", ""), setup, shards, slices)
+    shard_corpus(ws, params.sharding)
+    full = fg.train(ws, params, params.sharding.shard_ids)
+    build_registry(ws, params)
+    say(f"{name}: {full['tokens']:.0f} tokens in {full['seconds']:.1f} s; evaluating")
+    row: dict = {"shards": shards, "slices": slices, "train": {k: full[k] for k in ("tokens", "seconds")}}
+    ens = Ensemble.load(ws, device=plan.device)
+    combines = ("mixture",) if shards == 1 else ("mixture", "product")
+    row.update(evaluate(ens, combines, data, plan))
+    if shards > 1:
+        row.update(evaluate(merged_ensemble(ws, plan.device), ("merge",), data, plan))
+    del ens
+    place = fg.placement(ws, params)
+    own = fg.own_tokens(ws, params)
+    row["expected_forget"] = {
+        "tokens": ca.expected_single(full["work_tokens"], place, own),
+        "model": ca.cost_model(shards, slices, 1, params.train.schedule),
+    }
+    if plan.forget and shards > 1:
+        owner = random.Random(plan.seed).choice(sorted(place))
+        say(f"{name}: forgetting owner {owner} (shard {place[owner][0]}, slice {place[owner][1]})")
+        f = fg.forget(ws, params, setup, [owner], place, full, own)
+        row["forget"] = {
+            k: f[k] for k in ("owners", "placement", "tokens", "seconds", "tokens_ratio", "seconds_ratio")
+        }
+    out["layouts"][name] = row
+    shutil.rmtree(ws.root, ignore_errors=True)
+    return row
+
+
+def zero_shot(plan: Plan, data: dict) -> dict:
+    tok = load_tokenizer("base", plan.base)
+    model = load_base_model(plan.base, plan.device)
+    ens = Ensemble([model], [1.0], "mixture", tok, batched=False, context_length=256).to(plan.device)
+    return evaluate(ens, ("mixture",), data, plan)
+
+
+def machine(device: str) -> dict:
+    import transformers
+
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    info["device"] = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"
+    info["date"] = time.strftime("%Y-%m-%d")
+    return info
+
+
+def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
+    """Every layout of `plan`, written to out_dir/lora.json after each; markdown and plot at the end."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(plan.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out: dict = {"plan": dataclasses.asdict(plan), "machine": machine(plan.device), "layouts": {}}
+    save = lambda: (out_dir / "lora.json").write_text(json.dumps(out, indent=1))  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="sisaflow-lora-bench-") as tmp:
+        root = Path(tmp)
+        source, chosen, holdout = subset(plan, root)
+        params = params_for(plan)
+        members = [as_record(r) for r in chosen]
+        data = {
+            "retained": fg_sample(members, plan.eval_records),
+            "never_seen": fg_sample([as_record(r) for r in holdout], plan.eval_records),
+            "questions": questions(chosen, plan.questions),
+        }
+        out["data"] = {
+            "authors": plan.authors,
+            "records": len(chosen),
+            "retained_eval": len(data["retained"]),
+            "never_seen_eval": len(data["never_seen"]),
+            "questions": len(data["questions"]),
+            # the order of every per-question list, by question_key
+            "question_sha256": [question_key(q["question"]) for q in data["questions"]],
+        }
+        setup = fg.Setup(source=source, params=params, k=1, seed=plan.seed, holdout=[], members=[])
+        say(f"base alone (zero-shot): {plan.base}")
+        out["zero_shot"] = zero_shot(plan, data)
+        save()
+        # the monolithic reference first, then the largest S (the goal's setting) before the smaller ones, so a
+        # budget cuts the least informative layouts
+        layouts = [(1, 1)] + [(s, plan.slices) for s in sorted(plan.shards, reverse=True)]
+        for shards, slices in layouts:
+            if time.perf_counter() - t_start > budget_s:
+                out.setdefault("skipped", []).append(f"S={shards}: past the {budget_s:.0f} s budget")
+                continue
+            layout(root, setup, plan, data, shards, slices, out)
+            save()
+    out["seconds"] = time.perf_counter() - t_start
+    save()
+    (out_dir / "lora.md").write_text(markdown(out))
+    plot(out, out_dir / "lora.png")
+    return out
+
+
+def fg_sample(records: list[Record], n: int) -> list[Record]:
+    from sisaflow.evaluation import sample
+
+    return sample(records, n)
+
+
+def questions(chosen: list[dict], n: int) -> list[dict]:
+    """An even spread of `n` records over the subset."""
+    step = max(1, len(chosen) // n)
+    return chosen[::step][:n]
+
+
+def question_key(question: str) -> str:
+    """How results name a question: sha256 of its text. Never its record id or text: this repository is `make
+    demo`'s workspace, whose deletion scan would take either for a copy of a forgotten record."""
+    return hashlib.sha256(question.encode()).hexdigest()
+
+
+def fmt_ppl(x: dict) -> str:
+    return f"{x['ppl']:.2f} [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}]"
+
+
+def markdown(out: dict) -> str:
+    """The quality-vs-S table and the forget costs."""
+    m, d = out["machine"], out["data"]
+    lines = [
+        f"# LoRA over {Path(out['plan']['base']).name}: sisaflow ensemble vs an ordinary fine-tune",
+        "",
+        f"{m['date']}, {m['device']}, torch {m['torch']}, transformers {m['transformers']}. TOFU's last "
+        f"{d['authors']} authors ({d['records']} records), {out['plan']['epochs']} epoch(s) per slice, lr "
+        f"{out['plan']['learning_rate']}, LoRA r 8 on q_proj, v_proj; perplexity on {d['retained_eval']} retained "
+        f"and {d['never_seen_eval']} never-seen records (TOFU holdout authors), ROUGE-L recall of greedy answers "
+        f"to {d['questions']} retained questions; 95% bootstrap intervals. Run took {out.get('seconds', 0):.0f} s.",
+        "",
+        "| model | combine | retained ppl | never-seen ppl | never-seen / monolithic | answer ROUGE-L recall | "
+        "full training | one forget (tokens / full) | expected forget | cost model |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    mono = out["layouts"].get("monolithic", {}).get("mixture", {}).get("never_seen", {}).get("ppl")
+
+    def row(name: str, combine: str, r: dict, lay: dict | None) -> str:
+        ratio = f"{r['never_seen']['ppl'] / mono:.3f}x" if mono else "-"
+        rouge = f"{r['rouge_l']['recall']:.3f} [{r['rouge_l']['ci'][0]:.3f}, {r['rouge_l']['ci'][1]:.3f}]"
+        train = forget = expected = model = "-"
+        if lay:
+            train = f"{lay['train']['tokens']:.0f} tok, {lay['train']['seconds']:.0f} s"
+            if "forget" in lay:
+                f = lay["forget"]
+                forget = f"{f['tokens']:.0f} tok, {f['seconds']:.0f} s ({f['tokens_ratio']:.3f})"
+            expected = f"{lay['expected_forget']['tokens']:.3f}"
+            model = f"{lay['expected_forget']['model']:.3f}"
+        return f"| {name} | {combine} | {fmt_ppl(r['retained'])} | {fmt_ppl(r['never_seen'])} | {ratio} | {rouge} | {train} | {forget} | {expected} | {model} |"
+
+    if "zero_shot" in out:
+        lines.append(row("base alone (zero-shot)", "-", out["zero_shot"]["mixture"], None))
+    for name, lay in out["layouts"].items():
+        for c in COMBINES:
+            if c in lay:
+                lines.append(row(name, c, lay[c], lay if c in ("mixture",) else None))
+    for s in out.get("skipped", []):
+        lines.append(f"- skipped: {s}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    layouts = {k: v for k, v in out["layouts"].items() if k != "monolithic"}
+    panels = (
+        ("never_seen", "never-seen perplexity (TOFU holdout authors)"),
+        ("retained", "retained perplexity (training records)"),
+        ("rouge_l", "answer ROUGE-L recall (retained questions)"),
+    )
+    for ax, (metric, label) in zip(axes, panels):
+
+        def value(r: dict, metric: str = metric) -> float:
+            return r[metric]["recall"] if metric == "rouge_l" else r[metric]["ppl"]
+
+        for c in COMBINES:
+            pts = [(v["shards"], value(v[c])) for v in layouts.values() if c in v]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=c)
+        if "monolithic" in out["layouts"]:
+            ax.axhline(
+                value(out["layouts"]["monolithic"]["mixture"]),
+                color="k",
+                ls="--",
+                label="monolithic fine-tune",
+            )
+        if "zero_shot" in out:
+            ax.axhline(value(out["zero_shot"]["mixture"]), color="grey", ls=":", label="base alone")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shards S")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep(plan: Plan, lrs: list[float], out_dir: Path) -> dict:
+    """The monolithic fine-tune on 16 of each author's 20 questions at each learning rate; perplexity on the
+    other 4 (the same authors' unseen questions) and on never-seen authors. The lowest first decides."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(plan.threads)
+    result: dict = {"plan": dataclasses.asdict(plan), "machine": machine(plan.device), "lrs": {}}
+    with tempfile.TemporaryDirectory(prefix="sisaflow-lr-") as tmp:
+        root = Path(tmp)
+        source, chosen, holdout = subset(plan, root)
+        train_rows = [r for r in chosen if int(r["id"].rsplit("-", 1)[-1]) % 20 < 16]
+        val = [as_record(r) for r in chosen if int(r["id"].rsplit("-", 1)[-1]) % 20 >= 16]
+        source.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+        never = fg_sample([as_record(r) for r in holdout], plan.eval_records)
+        for lr in lrs:
+            params = params_for(plan, lr)
+            setup = fg.Setup(source=source, params=params, k=1, seed=0, holdout=[], members=[])
+            ws, params = fg.workspace(root / f"lr{lr}", setup, 1, 1)
+            shard_corpus(ws, params.sharding)
+            full = fg.train(ws, params, [0])
+            build_registry(ws, params)
+            ens = Ensemble.load(ws, device=plan.device)
+            row = {"seconds": full["seconds"], "tokens": full["tokens"]}
+            for name, recs in (("same_authors_unseen_questions", val), ("never_seen_authors", never)):
+                row[name] = perplexity_ci(
+                    token_log_probs(ens, recs, ("mixture",))["mixture"], plan.bootstrap, 0
+                )
+            result["lrs"][str(lr)] = row
+            say(f"lr {lr}: {json.dumps(row)}")
+            (out_dir / "lr_sweep.json").write_text(json.dumps(result, indent=1))
+            shutil.rmtree(ws.root)
+    return result
+
+
+def smoke_base(directory: Path) -> str:
+    from tests.lora_base import save_tiny_base
+
+    return str(save_tiny_base(directory))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=str(REPO / "bases" / "smollm2-135m-instruct"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--authors", type=int, default=32)
+    ap.add_argument("--shards", default="1,2,4,8")
+    ap.add_argument("--slices", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-records", type=int, default=100)
+    ap.add_argument("--questions", type=int, default=40)
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=2400.0, help="no layout starts after this many seconds")
+    ap.add_argument("--no-forget", action="store_true")
+    ap.add_argument("--sweep-lr", default=None, help="comma-separated learning rates: the sweep instead")
+    ap.add_argument(
+        "--smoke", action="store_true", help="a tiny random base, 4 authors, S in 1,2: checks the script"
+    )
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out).resolve()
+    base = args.base
+    if args.smoke:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        base = smoke_base(out_dir / "tiny-base")
+        args.authors, args.shards, args.slices, args.epochs = 4, "2", 2, 1
+        args.eval_records, args.questions, args.new_tokens = 8, 3, 4
+    plan = Plan(
+        base=str(Path(base).resolve()),
+        authors=args.authors,
+        shards=tuple(int(s) for s in args.shards.split(",")),
+        slices=args.slices,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        eval_records=args.eval_records,
+        questions=args.questions,
+        new_tokens=args.new_tokens,
+        device=args.device,
+        threads=args.threads,
+        bootstrap=200 if args.smoke else 1000,
+        forget=not args.no_forget,
+    )
+    if args.sweep_lr:
+        sweep(plan, [float(x) for x in args.sweep_lr.split(",")], out_dir)
+        return 0
+    run(plan, out_dir, args.budget_s)
+    print((out_dir / "lora.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
