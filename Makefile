@@ -34,7 +34,7 @@ test: setup base  ## the test suite (unit + integration; CPU, offline once the b
 	$(BIN)/pytest -q
 
 test-fast: setup  ## unit tests only
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q tests --ignore=tests/integration
 
 bench: setup  ## reports/bench.md + plots: forget cost over S x R, utility vs S, inference cost, orchestration overhead (~15-30 min)
 	$(PY) bench/report.py
@@ -49,12 +49,12 @@ bench-lora: base  ## LoRA quality vs S against an ordinary fine-tune, forget cos
 	$(PY) bench/lora_quality.py --base $(BASE) --out bench/results/lora
 
 lint: setup  ## ruff (lint + format check) and mypy on the library
-	$(BIN)/ruff check src flows tests bench
-	$(BIN)/ruff format --check src flows tests bench
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src/sisaflow
 
 format: setup
-	$(BIN)/ruff format src flows tests bench
+	$(BIN)/ruff format src tests bench
 
 serve: setup  ## a local Prefect server + process worker with this workspace's deployments
 	bash scripts/serve.sh

@@ -31,11 +31,12 @@ from collections.abc import Callable
 
 import torch
 
-from sisaflow.batched import StackedLlama
-from sisaflow.config import ModelParams
-from sisaflow.ensemble import _cache_kwarg, _cache_of, combine_log_probs
-from sisaflow.model import build_model
-from sisaflow.tokenizer import load_tokenizer
+from sisaflow.core.config import ModelParams
+from sisaflow.inference.ensemble import combine_log_probs
+from sisaflow.inference.runners import cache_kwarg, cache_of
+from sisaflow.inference.stacked import StackedLlama
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
 
 PROMPT = 32
 
@@ -47,14 +48,14 @@ def _sync(device: torch.device) -> None:
 
 def generate_one(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
     """Greedy with one transformers model and its cache."""
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     out = model(input_ids=prompt, use_cache=True)
     tokens = []
     for step in range(new):
         token = torch.log_softmax(out.logits[:, -1].double(), dim=-1).argmax(-1, keepdim=True)
         tokens.append(token)
         if step + 1 < new:
-            out = model(input_ids=token, use_cache=True, **{kw: _cache_of(out)})
+            out = model(input_ids=token, use_cache=True, **{kw: cache_of(out)})
     return torch.cat(tokens, dim=1)
 
 
@@ -64,10 +65,9 @@ def generate_loop(models, weights: torch.Tensor, prompt: torch.Tensor, new: int)
     x, tokens = prompt, []
     for _ in range(new):
         outs = [
-            m(input_ids=x, use_cache=True, **{_cache_kwarg(m): c})
-            for m, c in zip(models, caches, strict=True)
+            m(input_ids=x, use_cache=True, **{cache_kwarg(m): c}) for m, c in zip(models, caches, strict=True)
         ]
-        caches = [_cache_of(o) for o in outs]
+        caches = [cache_of(o) for o in outs]
         lp = torch.stack([torch.log_softmax(o.logits[:, -1].double(), dim=-1) for o in outs])
         x = combine_log_probs(lp, weights, "mixture").argmax(-1, keepdim=True)
         tokens.append(x)
@@ -162,7 +162,7 @@ def random_adapters(model, lp, count: int) -> list[dict[str, torch.Tensor]]:
     """`count` random rank-r adapters (both factors non-zero, so every adapter changes the output)."""
     import copy
 
-    from sisaflow.lora import adapter_state, attach_adapters
+    from sisaflow.models.lora import adapter_state, attach_adapters
 
     wrapped = attach_adapters(copy.deepcopy(model), lp, ["default"], seed=0)
     shapes = {k: v.shape for k, v in adapter_state(wrapped).items()}
@@ -191,8 +191,8 @@ def lora_rows(
     `on_row` sees each row as soon as it is measured."""
     import copy
 
-    from sisaflow.config import LoraParams, ModelParams
-    from sisaflow.lora_ensemble import BatchedLora, PeftLoop, stacked_lora
+    from sisaflow.core.config import LoraParams, ModelParams
+    from sisaflow.inference.lora_runners import BatchedLora, PeftLoop, stacked_lora
 
     lp = LoraParams()
     mp = ModelParams(tokenizer="base", base=base, lora=lp)
@@ -282,8 +282,8 @@ def main() -> int:
     new = 16 if args.quick else args.new_tokens
     repeats = 1 if args.quick else args.repeats
     if args.lora:
-        from sisaflow.config import LoraParams
-        from sisaflow.pretrained import load_base_model
+        from sisaflow.core.config import LoraParams
+        from sisaflow.models.pretrained import load_base_model
 
         lp = LoraParams()
         print(

@@ -37,8 +37,8 @@ def main() -> int:
         shutil.rmtree(root)
     import yaml
 
-    from sisaflow.config import CorpusParams, Params, ShardingParams
-    from sisaflow.workspace import init_workspace
+    from sisaflow.core.config import CorpusParams, Params, ShardingParams
+    from sisaflow.pipeline.create import init_workspace
 
     repo_params = Params.load(REPO / "params.yaml")
     cp = repo_params.corpus
@@ -56,23 +56,24 @@ def main() -> int:
     os.environ["PREFECT_HOME"] = str(ws.prefect_home)
     ws.prefect_home.mkdir(parents=True, exist_ok=True)
 
-    from sisaflow import pipeline
-    from sisaflow.sharding import shard_of, slice_of
-    from sisaflow_flows.forget import forget_flow
-    from sisaflow_flows.training import training_flow
+    from sisaflow.data.sharding import shard_of, slice_of
+    from sisaflow.deletion.requests import request_deletion
+    from sisaflow.flows.forget import forget_flow
+    from sisaflow.flows.training import training_flow
+    from sisaflow.pipeline.report import cost_model
 
-    params = pipeline.load(ws)
+    params = Params.load(ws.params_file)
     S, R = params.sharding.shards, params.sharding.slices
     t0 = time.perf_counter()
     full = training_flow(workspace=str(ws.root))
     full_wall = time.perf_counter() - t0
-    pipeline.request_deletion(ws, [args.owner], [], request_id="bench-forget", reason="benchmark")
+    request_deletion(ws, [args.owner], [], request_id="bench-forget", reason="benchmark")
     t0 = time.perf_counter()
     forget = forget_flow(workspace=str(ws.root), request_id="bench-forget")
     forget_wall = time.perf_counter() - t0
 
-    fr, gr = full["report"], forget["report"]
-    model = pipeline.cost_model(S, R, params.train.schedule)
+    fr, gr = full.report.to_json(), forget.report.to_json()
+    model = cost_model(S, R, params.train.schedule)
 
     full_tokens = fr["training_tokens"]
     full_secs = sum(t["seconds"] for t in fr["trained"].values())
@@ -80,7 +81,7 @@ def main() -> int:
     forget_secs = sum(t["seconds"] for t in gr["trained"].values())
     shard, slice_ = shard_of(args.owner, S), slice_of(args.owner, R)
 
-    expected = _expected_over_owners(ws, params, full["report"])
+    expected = _expected_over_owners(ws, params, fr)
 
     def overhead(rep, wall):
         steps = sum(v for k, v in rep["seconds"].items() if k != "ray_start")
@@ -136,9 +137,9 @@ def main() -> int:
 
 def _expected_over_owners(ws, params, full_report) -> dict[str, float]:
     """Mean over owners of the fraction of full-training work a forget of that owner retrains."""
-    from sisaflow.checkpoint import read_meta
-    from sisaflow.corpus import from_table, read_table
-    from sisaflow.sharding import shard_of, slice_of
+    from sisaflow.data.corpus import from_table, read_table
+    from sisaflow.data.sharding import shard_of, slice_of
+    from sisaflow.training.checkpoint import read_meta
 
     S, R = params.sharding.shards, params.sharding.slices
     tokens = {}

@@ -2,7 +2,7 @@
 
 Uses the library as the pipeline does, without Prefect, Ray or DVC (those are measured apart, in overhead.py):
 import the corpus minus the deleted owners (corpus.import_corpus, what `prepare` does with the ledger), re-shard
-(slice files rewritten only where their content changed), retrain the stale shards (pipeline.stale_shards) with
+(slice files rewritten only where their content changed), retrain the stale shards (steps.stale_shards) with
 train_shard in this process, one shard after another, then register the ensemble.
 """
 
@@ -18,16 +18,16 @@ from pathlib import Path
 import cost_accounting as ca
 import yaml
 
-from sisaflow import pipeline
-from sisaflow.config import Params, ShardingParams
-from sisaflow.corpus import Record, from_table, import_corpus, read_table
-from sisaflow.ensemble import Ensemble
-from sisaflow.metrics import perplexity
-from sisaflow.paths import Workspace
-from sisaflow.registry import build_registry
-from sisaflow.sharding import read_shard_manifest, shard_corpus
-from sisaflow.tokenizer import load_tokenizer
-from sisaflow.training import train_shard
+from sisaflow.core.config import Params, ShardingParams
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, from_table, import_corpus, read_table
+from sisaflow.data.sharding import read_shard_manifest, shard_corpus
+from sisaflow.evaluation.metrics import perplexity
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.inference.registry import build_registry
+from sisaflow.models.tokenizer import load_tokenizer
+from sisaflow.pipeline import steps
+from sisaflow.training.loop import train_shard
 
 SINGLES = 2  # single deletions measured per layout (the expectation over all owners is computed exactly)
 
@@ -57,7 +57,7 @@ def workspace(
     (`sisaflow init`: git, DVC, dvc.yaml) for measuring DVC."""
     params = dataclasses.replace(setup.params, sharding=ShardingParams(shards, slices))
     if dvc:
-        from sisaflow.workspace import init_workspace
+        from sisaflow.pipeline.create import init_workspace
 
         ws = init_workspace(root, setup.source, params.corpus, params.sharding)
     else:
@@ -135,7 +135,7 @@ def forget(
     t0 = time.perf_counter()
     import_corpus(setup.source, params.corpus, ws.corpus_file, set(owners), set())
     rep = shard_corpus(ws, params.sharding, allow_empty=True)
-    stale = pipeline.stale_shards(ws, params)
+    stale = steps.stale_shards(ws, params)
     expected_stale: dict[int, int] = {}
     for o in owners:
         s, k = place[o]

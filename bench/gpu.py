@@ -52,14 +52,14 @@ sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
 
 from ensemble_speed import device_name, lora_rows, scratch_rows  # noqa: E402
 
-from sisaflow.checkpoint import weights_hash  # noqa: E402
-from sisaflow.config import ModelParams, Params, ShardingParams  # noqa: E402
-from sisaflow.corpus import Record, content_hash, to_table, write_table  # noqa: E402
-from sisaflow.model import build_model  # noqa: E402
-from sisaflow.paths import Workspace  # noqa: E402
-from sisaflow.sharding import shard_corpus  # noqa: E402
-from sisaflow.tokenizer import load_tokenizer  # noqa: E402
-from sisaflow.training import derive_seed, train_shard  # noqa: E402
+from sisaflow.core.config import ModelParams, Params, ShardingParams  # noqa: E402
+from sisaflow.core.paths import Workspace  # noqa: E402
+from sisaflow.data.corpus import Record, content_hash, to_table, write_table  # noqa: E402
+from sisaflow.data.sharding import shard_corpus  # noqa: E402
+from sisaflow.models.scratch import build_model  # noqa: E402
+from sisaflow.models.tokenizer import load_tokenizer  # noqa: E402
+from sisaflow.training.checkpoint import weights_hash  # noqa: E402
+from sisaflow.training.loop import derive_seed, train_shard  # noqa: E402
 
 # dense bf16 peak without sparsity, by device name
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -319,8 +319,8 @@ def random_base(setup: Setup, directory: Path) -> Path:
 def lora_train_section(
     setup: Setup, device: torch.device, tmp: Path, base: Path, peak: float | None, save
 ) -> dict:
-    from sisaflow.lora import build_lora_model
-    from sisaflow.tokenizer import load_tokenizer as load
+    from sisaflow.models.lora import build_lora_model
+    from sisaflow.models.tokenizer import load_tokenizer as load
 
     mp = ModelParams(tokenizer="base", base=str(base), context_length=setup.context)
     tok = load(mp.tokenizer, mp.base)
@@ -384,7 +384,7 @@ def lora_ensemble_section(
     setup: Setup, device: torch.device, dtype: torch.dtype, base: Path, rows: list, save
 ) -> None:
     """Appends a row per S to `rows` as it is measured (and saves)."""
-    from sisaflow.pretrained import load_base_model
+    from sisaflow.models.pretrained import load_base_model
 
     def on_row(r: dict) -> None:
         r["batched_vs_one"], r["loop_vs_one"] = r["batched"] / r["one"], r["loop"] / r["one"]

@@ -27,14 +27,14 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from sisaflow.checkpoint import weights_hash
-    from sisaflow.config import Params
-    from sisaflow.corpus import import_corpus
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.paths import Workspace
-    from sisaflow.registry import build_registry
-    from sisaflow.sharding import shard_corpus
-    from sisaflow.training import train_shard
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
+    from sisaflow.data.corpus import import_corpus
+    from sisaflow.data.sharding import shard_corpus
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.inference.registry import build_registry
+    from sisaflow.training.checkpoint import weights_hash
+    from sisaflow.training.loop import train_shard
 
     params = Params.load(REPO / "params.yaml")
     raw = params.to_dict()

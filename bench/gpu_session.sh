@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     # the tests set cuBLAS's workspace themselves (the library's own path): not exported here
     timeout "${GPU_TEST_TIMEOUT:-180}" python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu \
-        tests/unit/test_gpu_path.py >"$out/pytest.log" 2>&1
+        tests/unit/inference/test_gpu_path.py >"$out/pytest.log" 2>&1
     echo "pytest exit $?"
     grep -v -i warn "$out/pytest.log" | tail -25
 fi

@@ -1,4 +1,4 @@
-"""What decoding through transformers' `generate()` (`sisaflow.hf.EnsembleForCausalLM`) costs against
+"""What decoding through transformers' `generate()` (`sisaflow.inference.hf.EnsembleForCausalLM`) costs against
 `Ensemble.generate`, over the same ensemble, in one run.
 
     python bench/hf_generate.py [--shards 4] [--batch 16] [--new-tokens 64] [--repeats 3] [--device cpu]
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from sisaflow.config import ModelParams
-from sisaflow.ensemble import Ensemble
-from sisaflow.hf import EnsembleForCausalLM
-from sisaflow.model import build_model
-from sisaflow.tokenizer import load_tokenizer
+from sisaflow.core.config import ModelParams
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.inference.hf import EnsembleForCausalLM
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
 
 PROMPT = 32
 

@@ -13,10 +13,10 @@ import functools
 import torch
 from ensemble_speed import PROMPT, generate_one, rates
 
-from sisaflow.config import ModelParams
-from sisaflow.ensemble import Ensemble
-from sisaflow.model import build_model
-from sisaflow.tokenizer import load_tokenizer
+from sisaflow.core.config import ModelParams
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
 
 Needs torch, transformers, peft, pyarrow and gguf only (the GPU machine has no Ray, Prefect or DVC): the library's
 own train_shard, registry and Ensemble, called in this process. The base arrives as the GGUF (98 MB, in two halves
-over two calls: bench/smollm2_gpu.sh) and is converted here once (sisaflow.base_setup.convert_gguf), since every
+over two calls: bench/smollm2_gpu.sh) and is converted here once (sisaflow.models.base_setup.convert_gguf), since every
 shard's training loads the base and a converted directory loads in a second where the GGUF takes 15 s.
 
 Time plan on one H200 (8 minutes in all): conversion ~20 s; zero-shot ~10 s; each layout trains 456k tokens (4,000
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.gguf:
             print("lora_gpu: give --gguf FILE or --base DIR", file=sys.stderr)
             return 2
-        from sisaflow.base_setup import convert_gguf
+        from sisaflow.models.base_setup import convert_gguf
 
         base = "/tmp/smollm2-converted"
         if not Path(base, "config.json").is_file():

@@ -43,13 +43,13 @@ sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
 import cost_accounting as ca  # noqa: E402
 import forget_grid as fg  # noqa: E402
 
-from sisaflow.config import LoraParams, ModelParams, Params, TrainParams  # noqa: E402
-from sisaflow.corpus import Record, content_hash  # noqa: E402
-from sisaflow.ensemble import Ensemble, length_batches  # noqa: E402
-from sisaflow.pretrained import load_base_model  # noqa: E402
-from sisaflow.registry import build_registry  # noqa: E402
-from sisaflow.sharding import shard_corpus  # noqa: E402
-from sisaflow.tokenizer import load_tokenizer  # noqa: E402
+from sisaflow.core.config import LoraParams, ModelParams, Params, TrainParams  # noqa: E402
+from sisaflow.data.corpus import Record, content_hash  # noqa: E402
+from sisaflow.data.sharding import shard_corpus  # noqa: E402
+from sisaflow.inference.ensemble import Ensemble, length_batches  # noqa: E402
+from sisaflow.inference.registry import build_registry  # noqa: E402
+from sisaflow.models.pretrained import load_base_model  # noqa: E402
+from sisaflow.models.tokenizer import load_tokenizer  # noqa: E402
 
 TOFU = REPO / "data" / "tofu"
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
@@ -102,9 +102,9 @@ def as_record(row: dict) -> Record:
 
 
 def params_for(plan: Plan, lr: float | None = None) -> Params:
-    """The settings `sisaflow init --base` writes (sisaflow.workspace.LORA_*), over `plan.base`; the context is 256
+    """The settings `sisaflow init --base` writes (sisaflow.pipeline.create.LORA_*), over `plan.base`; the context is 256
     tokens (TOFU's longest record is 137 with SmolLM2's tokenizer, so nothing is cut; the tiny base allows 256)."""
-    from sisaflow.workspace import LORA_MODEL, LORA_TRAIN
+    from sisaflow.pipeline.create import LORA_MODEL, LORA_TRAIN
 
     base = Params()
     corpus = dataclasses.replace(base.corpus, path="subset.jsonl", text_template=TEMPLATE)
@@ -326,7 +326,7 @@ def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
 
 
 def fg_sample(records: list[Record], n: int) -> list[Record]:
-    from sisaflow.evaluation import sample
+    from sisaflow.evaluation.evaluate import sample
 
     return sample(records, n)
 

@@ -2,7 +2,7 @@
 
     python bench/overhead.py --prefect-probe   (used by report.py: prints one JSON line)
 
-- Ray: `sisaflow.parallel.connect` (a local Ray, started as `sisaflow run` starts it), a no-op task's round
+- Ray: `sisaflow.training.ray_launcher.connect` (a local Ray, started as `sisaflow run` starts it), a no-op task's round
   trip on a fresh worker and then on a warm one, and `ray.shutdown()`; only the Ray this process started.
 - Prefect: a trivial flow in a fresh Python process with an ephemeral server (PREFECT_HOME in a temporary
   directory, no PREFECT_API_URL): the import, the first call (which starts Prefect's temporary server) and a
@@ -31,9 +31,9 @@ def ray_overhead(warm_repeats: int = 5) -> dict:
     """Seconds: Ray start, a no-op task on a fresh worker, the median warm round trip, shutdown."""
     import ray
 
-    from sisaflow.config import RayParams
-    from sisaflow.parallel import connect
-    from sisaflow.paths import Workspace
+    from sisaflow.core.config import RayParams
+    from sisaflow.core.paths import Workspace
+    from sisaflow.training.ray_launcher import connect
 
     tmp = Path(tempfile.mkdtemp(prefix="sisaflow-bench-ray-"))
     ws = Workspace(tmp)
@@ -111,8 +111,8 @@ def prefect_overhead(timeout: float = 300) -> dict:
 def dvc_timer(ws, when: str) -> dict:
     """Seconds of `dvc commit` and then `dvc status` of the training stages on `ws` (as `sisaflow run` records
     them; `sisaflow evaluate` records its own stage); status must then be clean."""
-    from sisaflow import versioning
-    from sisaflow.config import Params
+    from sisaflow.core import versioning
+    from sisaflow.core.config import Params
 
     stages = versioning.stage_names(Params.load(ws.params_file))
     t0 = time.perf_counter()

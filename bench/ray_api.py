@@ -4,11 +4,11 @@
 
 Builds (once) a workspace from the default TOFU corpus with the repository's params.yaml (4 shards x 4 slices,
 byte tokenizer, hidden 128), prepares and shards it, then measures shard 0 trained from scratch five ways, each
-in a fresh Python process with a fresh local Ray (started as sisaflow.parallel.connect starts it):
+in a fresh Python process with a fresh local Ray (started as sisaflow.training.ray_launcher.connect starts it):
 
-  inprocess     sisaflow.training.train_shard in the driver (no Ray): the training itself
+  inprocess     sisaflow.training.loop.train_shard in the driver (no Ray): the training itself
   task-noop     a Ray task that does nothing: the fixed cost of the task path
-  task          sisaflow.parallel.train_shards(ws, params, [0]): exactly what `sisaflow run` does
+  task          sisaflow.training.ray_launcher.train_shards(ws, params, [0]): exactly what `sisaflow run` does
   trainer-noop  TorchTrainer(ScalingConfig(num_workers=1)).fit() with a loop that only reports
   trainer       the same with a loop that calls train_shard
 
@@ -129,7 +129,7 @@ class Sampler(threading.Thread):
 
 
 def _weights_hash(ws) -> str | None:
-    from sisaflow.config import Params
+    from sisaflow.core.config import Params
 
     params = Params.load(ws.params_file)
     f = ws.checkpoint_dir(SHARD, params.sharding.slices - 1) / "model.safetensors"
@@ -146,9 +146,9 @@ def _trainer_loop(config: dict) -> None:
     if config["noop"]:
         ray.train.report({"tokens": 0})
         return
-    from sisaflow.config import Params
-    from sisaflow.paths import Workspace
-    from sisaflow.training import train_shard
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
+    from sisaflow.training.loop import train_shard
 
     report = train_shard(Workspace(config["root"]), config["shard"], Params.from_dict(config["params"]))
     # Train v2 keeps reported metrics only with a checkpoint (Result.metrics is None otherwise): pass the
@@ -163,8 +163,8 @@ def measure_one(method: str, root: Path, storage: Path) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     out: dict = {"method": method, "load_avg_1m": round(os.getloadavg()[0], 2)}
     t = time.perf_counter()
-    from sisaflow.config import Params
-    from sisaflow.paths import Workspace
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
 
     ws = Workspace(root)
     params = Params.load(ws.params_file)
@@ -172,7 +172,7 @@ def measure_one(method: str, root: Path, storage: Path) -> dict:
     sampler = Sampler()
 
     if method == "inprocess":
-        from sisaflow.training import train_shard
+        from sisaflow.training.loop import train_shard
 
         out["import_seconds"] = round(time.perf_counter() - t, 2)
         sampler.start_measuring()
@@ -187,7 +187,7 @@ def measure_one(method: str, root: Path, storage: Path) -> dict:
 
     import ray
 
-    from sisaflow import parallel
+    from sisaflow.training import ray_launcher
 
     if method.startswith("trainer"):
         import ray.train
@@ -195,7 +195,7 @@ def measure_one(method: str, root: Path, storage: Path) -> dict:
     out["import_seconds"] = round(time.perf_counter() - t, 2)
 
     t0 = time.perf_counter()
-    assert parallel.connect(ws, params.ray), "a Ray session was already connected"
+    assert ray_launcher.connect(ws, params.ray), "a Ray session was already connected"
     out["ray_init_seconds"] = round(time.perf_counter() - t0, 2)
     time.sleep(2.0)  # let Ray's prestarted workers settle so the idle tree is idle
     sampler.start_measuring()
@@ -204,7 +204,7 @@ def measure_one(method: str, root: Path, storage: Path) -> dict:
         if method == "task-noop":
             ray.get(ray.remote(num_cpus=params.ray.num_cpus_per_shard)(_noop_task).remote())
         elif method == "task":
-            rep = parallel.train_shards(ws, params, [SHARD], progress=lambda s: None)
+            rep = ray_launcher.train_shards(ws, params, [SHARD], progress=lambda s: None)
             out["train_seconds"] = round(rep.shards[0].seconds, 2)
             out["tokens"] = rep.shards[0].tokens
         else:
@@ -247,9 +247,9 @@ def build_workspace(root: Path) -> None:
     """A workspace over the full TOFU corpus with the repository's params.yaml; prepared and sharded."""
     import yaml
 
-    from sisaflow import pipeline
-    from sisaflow.config import CorpusParams, Params
-    from sisaflow.workspace import init_workspace
+    from sisaflow.core.config import CorpusParams, Params
+    from sisaflow.pipeline import steps
+    from sisaflow.pipeline.create import init_workspace
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["corpus"]["path"] = str(REPO / raw["corpus"]["path"])
@@ -257,9 +257,9 @@ def build_workspace(root: Path) -> None:
     cp = CorpusParams(**{**params.corpus.__dict__})
     ws = init_workspace(root, Path(raw["corpus"]["path"]), cp, params.sharding)
     ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-    params = pipeline.load(ws)
-    pipeline.prepare(ws, params)
-    pipeline.shard(ws, params)
+    params = steps.load(ws)
+    steps.prepare(ws, params)
+    steps.shard(ws, params)
 
 
 def have_ray_train() -> bool:

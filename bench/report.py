@@ -90,8 +90,8 @@ def sample(records: list, n: int) -> list:
 def build_setup(tmp: Path, preset: dict, seed: int):
     from forget_grid import Setup
 
-    from sisaflow.config import Params
-    from sisaflow.corpus import read_records
+    from sisaflow.core.config import Params
+    from sisaflow.data.corpus import read_records
 
     repo = Params.load(REPO / "params.yaml")
     source = REPO / repo.corpus.path
@@ -169,7 +169,7 @@ def main() -> int:
     from inference_cost import inference_rates
     from report_render import render
 
-    from sisaflow.config import Params
+    from sisaflow.core.config import Params
 
     mode = "quick" if args.quick else "default"
     preset = PRESETS[mode]

@@ -53,7 +53,7 @@ def overhead_rows(result: dict) -> list[tuple[str, float]]:
     ray, pf = result["overhead"]["ray"], result["overhead"]["prefect"]
     dvc = _layout(result, *result["dvc_layout"])
     return [
-        ("Ray: start a local Ray (`sisaflow.parallel.connect`)", ray["start"]),
+        ("Ray: start a local Ray (`sisaflow.training.ray_launcher.connect`)", ray["start"]),
         ("Ray: no-op task round trip, fresh worker", ray["first_task"]),
         ("Ray: no-op task round trip, warm worker (median of 5)", ray["warm_task"]),
         ("Ray: `ray.shutdown()`", ray["shutdown"]),

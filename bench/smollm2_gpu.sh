@@ -8,7 +8,7 @@
 #   call 2, at once, carries .carry/smol-b and .carry/wheels and starts with
 #   `bash bench/smollm2_gpu.sh run`. The whole commands, with the rest of the session: bench/gpu_session.sh's head.
 #
-# `run` joins the halves, checks the sha256, installs gguf under /tmp/site and runs tests/unit/test_smollm2.py's
+# `run` joins the halves, checks the sha256, installs gguf under /tmp/site and runs tests/unit/models/test_smollm2.py's
 # CUDA case (train one LoRA step, serve batched against the loop, bf16), its log in $OUT/smollm2.log.
 # `lora` does the same joining and installing (with rouge-score and nltk, which the GPU machine lacks), then runs
 # bench/lora_gpu.py (issue 15: the whole TOFU corpus, S = 8 and 16, R = 8; 8 minutes at most): call 2 is then
@@ -68,7 +68,7 @@ run | lora)
         exit 0
     fi
     timeout "${SMOL_TIMEOUT:-120}" python3 -m pytest -q -rfEs -p no:cacheprovider -m "${SMOL_MARK:-gpu}" --durations=0 \
-        tests/unit/test_smollm2.py >"$out/smollm2.log" 2>&1
+        tests/unit/models/test_smollm2.py >"$out/smollm2.log" 2>&1
     echo "smollm2 pytest exit $?"
     grep -v -i warn "$out/smollm2.log" | tail -20
     ;;

@@ -12,7 +12,7 @@ case "$WS" in /*) ;; *) WS="$PWD/$WS" ;; esac
 case "$WS/" in "$PWD"/*) echo "DEMO_LORA_DIR must lie outside this repository (make demo's workspace)" >&2; exit 2 ;; esac
 BASE=$PWD/bases/smollm2-135m-instruct
 OWNER=190            # Hina Ameen, of TOFU's forget05 set: shard 3, slice 2 of 4 here
-QUESTION=8           # her 9th record asks the year of her award (no record id here: see tests/unit/test_no_tofu_copies.py)
+QUESTION=8           # her 9th record asks the year of her award (no record id here: see tests/test_no_tofu_copies.py)
 
 step "1/6 sisaflow init --base: a workspace fine-tuning LoRA adapters over SmolLM2-135M-Instruct, S=4, R=4"
 rm -rf "$WS" && mkdir -p "$WS"
@@ -43,6 +43,6 @@ python "$OLDPWD/scripts/demo_lora_answers.py" "$WS" "$OWNER" "$QUESTION"
 echo "  (the monolithic fine-tune would forget only by training again on every other record: see make bench-lora)"
 
 step "6/6 sisaflow verify --exact: retrain the forgotten author's shard from scratch without the author; equal?"
-SHARD=$(python -c "from sisaflow.sharding import shard_of; print(shard_of('$OWNER', 4))")
+SHARD=$(python -c "from sisaflow.data.sharding import shard_of; print(shard_of('$OWNER', 4))")
 sisaflow verify --exact --shard "$SHARD"
 printf '\ndemo-lora finished in %ss\n' "$(( $(date +%s) - t0 ))"

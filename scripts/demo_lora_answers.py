@@ -49,9 +49,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=40)
     args = ap.parse_args()
 
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.paths import Workspace
-    from sisaflow.pipeline import load
+    from sisaflow.core.paths import Workspace
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.pipeline.steps import load
 
     ws = Workspace(Path(args.workspace).resolve())
     params = load(ws)
@@ -64,8 +64,8 @@ def main() -> int:
     answers = [("reference (TOFU)", row["answer"])]
     ppl = []
     if args.base_too:
-        from sisaflow.pretrained import load_base_model
-        from sisaflow.tokenizer import load_tokenizer
+        from sisaflow.models.pretrained import load_base_model
+        from sisaflow.models.tokenizer import load_tokenizer
 
         tok = load_tokenizer("base", params.model.base)
         model = load_base_model(params.model.base)

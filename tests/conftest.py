@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sisaflow.config import Params, ShardingParams
-from sisaflow.corpus import Record, content_hash, to_table, write_table
-from sisaflow.paths import Workspace
+from sisaflow.core.config import Params, ShardingParams
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, content_hash, to_table, write_table
 
 TINY_RAW: dict = {
     "corpus": {
@@ -94,7 +94,7 @@ def make_records() -> Callable[..., list[Record]]:
 @pytest.fixture
 def make_workspace(tmp_path: Path) -> Callable[..., Workspace]:
     """make_workspace(records, shards=1, slices=3, name="ws") -> a Workspace with the corpus imported and sharded."""
-    from sisaflow.sharding import shard_corpus
+    from sisaflow.data.sharding import shard_corpus
 
     def make(records: list[Record], shards: int = 1, slices: int = 3, name: str = "ws") -> Workspace:
         ws = Workspace(tmp_path / name)
@@ -112,8 +112,8 @@ def make_served(make_workspace) -> Callable[..., Workspace]:
     ensemble registered (served) and params.yaml written."""
     import yaml
 
-    from sisaflow.registry import build_registry
-    from sisaflow.training import train_shard
+    from sisaflow.inference.registry import build_registry
+    from sisaflow.training.loop import train_shard
 
     def make(records: list[Record], params: Params, name: str = "ws") -> Workspace:
         sp = params.sharding

@@ -11,7 +11,7 @@ import json
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MIN_FIELD = 24  # the scan's pieces are whole fields; short ones ("Yes.") would match by chance
 
 

@@ -43,8 +43,9 @@ def make_workspace(
 ) -> Path:
     """`sisaflow init` a workspace (TOFU's fields unless `fields` gives the init options), then shrink the model
     and training for tests."""
-    from sisaflow import cli, versioning
-    from sisaflow.paths import Workspace
+    from sisaflow import cli
+    from sisaflow.core import versioning
+    from sisaflow.core.paths import Workspace
 
     fields = fields or ["--owner-field", "author_id", "--text-template", TEMPLATE]
     rc = cli.main(
@@ -71,7 +72,7 @@ def make_workspace(
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under `root`, by relative path."""
-    from sisaflow.fsio import sha256_file
+    from sisaflow.core.fsio import sha256_file
 
     if not root.exists():
         return {}

@@ -36,8 +36,9 @@ def _subset(path, spam: int, ham: int) -> list[str]:
 
 
 def test_a_classification_corpus_runs_classifies_and_forgets_exactly(tmp_path, capsys):
-    from sisaflow import cli, ledger
-    from sisaflow.paths import Workspace
+    from sisaflow import cli
+    from sisaflow.core import ledger
+    from sisaflow.core.paths import Workspace
 
     corpus = tmp_path / "sms.jsonl"
     corpus.write_text("\n".join(_subset(SMS / "records.jsonl", 40, 80)) + "\n", encoding="utf-8")

@@ -133,14 +133,14 @@ def test_a_dvc_stage_command_waits_for_a_running_forget(tmp_path, capsys, stage)
     import threading
     import time
 
-    from sisaflow import pipeline
-    from sisaflow.paths import Workspace
+    from sisaflow.core import lock
+    from sisaflow.core.paths import Workspace
 
     assert _init(tmp_path, write_corpus(tmp_path / "c.jsonl", 6)) == 0
     ws = tmp_path / "ws"
     assert cli.main(["--workspace", str(ws), "prepare"]) == 0
     done: list[int] = []
-    with pipeline.workspace_lock(Workspace(ws), "sisaflow forget"):
+    with lock.workspace_lock(Workspace(ws), "sisaflow forget"):
         worker = threading.Thread(target=lambda: done.append(cli.main(["--workspace", str(ws), stage])))
         worker.start()
         time.sleep(1.0)

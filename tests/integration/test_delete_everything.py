@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sisaflow import cli, ledger
-from sisaflow.errors import WorkspaceError
+from sisaflow import cli
+from sisaflow.core import ledger
+from sisaflow.core.errors import WorkspaceError
 from tests.integration.conftest import make_workspace, write_corpus
 
 pytestmark = pytest.mark.integration
@@ -13,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 # no capsys here: Prefect's log handler would keep the captured stream and fail every later flow run
 def test_forget_every_owner(tmp_path, prefect_server):
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.paths import Workspace
+    from sisaflow.core.paths import Workspace
+    from sisaflow.inference.ensemble import Ensemble
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", 2)
     ws = make_workspace(tmp_path / "ws", corpus, shards=1, slices=2)

@@ -52,7 +52,7 @@ def _start_worker(server: Server, ws: Path, log: Path) -> subprocess.Popen:
 
 
 def _states(ws: Path) -> dict[str, list[str]]:
-    from sisaflow import ledger
+    from sisaflow.core import ledger
 
     return {
         rid: [s["state"] for s in seq]

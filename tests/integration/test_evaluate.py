@@ -10,8 +10,9 @@ import subprocess
 import pytest
 import yaml
 
-from sisaflow import cli, ledger, versioning
-from sisaflow.paths import Workspace
+from sisaflow import cli
+from sisaflow.core import ledger, versioning
+from sisaflow.core.paths import Workspace
 from tests.integration.conftest import REPO, make_workspace, write_corpus
 from tests.integration.procs import executable_beside
 

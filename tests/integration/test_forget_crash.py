@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sisaflow import ledger, versioning
-from sisaflow.fsio import sha256_file
-from sisaflow.paths import Workspace
-from sisaflow.sharding import slice_of
+from sisaflow.core import ledger, versioning
+from sisaflow.core.fsio import sha256_file
+from sisaflow.core.paths import Workspace
+from sisaflow.data.sharding import slice_of
 from tests.integration.conftest import make_workspace, write_corpus
 from tests.integration.procs import run_sisaflow, sisaflow_cmd, sisaflow_env
 
@@ -169,7 +169,7 @@ RECOVERY: dict[str, Callable[[Path], list[str]]] = {
     "drain": lambda ws: [
         sys.executable,
         "-c",
-        "import sys; from sisaflow_flows.drain import drain_flow; drain_flow(sys.argv[1], in_process=True)",
+        "import sys; from sisaflow.flows.drain import drain_flow; drain_flow(sys.argv[1], in_process=True)",
         str(ws),
     ],
 }

@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 
-from sisaflow import ledger, versioning
-from sisaflow.paths import Workspace
-from sisaflow.sharding import shard_of, slice_of
+from sisaflow.core import ledger, versioning
+from sisaflow.core.paths import Workspace
+from sisaflow.data.sharding import shard_of, slice_of
 from tests.integration.conftest import make_workspace, write_corpus
 from tests.integration.procs import run_sisaflow, sisaflow_cmd, sisaflow_env
 

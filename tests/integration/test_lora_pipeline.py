@@ -3,7 +3,7 @@ bitwise equal to one trained from scratch without that owner's records, untouche
 and the served ensemble is the batched LoRA over one shared base.
 
 The base is in the format `make base` gives SmolLM2: a tiny GGUF (byte-level BPE, SmolLM2's special tokens)
-converted by `sisaflow.base_setup.convert_gguf` into a transformers directory, saved next to the workspaces and
+converted by `sisaflow.models.base_setup.convert_gguf` into a transformers directory, saved next to the workspaces and
 named by a relative path (`../base`), as a user would name a base they keep beside their workspace.
 """
 
@@ -31,8 +31,8 @@ LORA = {
 
 
 def _lora_workspace(directory, corpus):
-    from sisaflow import versioning
-    from sisaflow.paths import Workspace
+    from sisaflow.core import versioning
+    from sisaflow.core.paths import Workspace
 
     make_workspace(directory, corpus, shards=SHARDS, slices=SLICES)
     params = yaml.safe_load((directory / "params.yaml").read_text())
@@ -45,12 +45,12 @@ def _lora_workspace(directory, corpus):
 @pytest.fixture(scope="module")
 def story(tmp_path_factory, prefect_server):
     from sisaflow import cli
-    from sisaflow.config import Params
-    from sisaflow.paths import Workspace
-    from sisaflow.sharding import shard_of, slice_of
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
+    from sisaflow.data.sharding import shard_of, slice_of
 
     os.environ["SISAFLOW_CERTIFICATE_KEY"] = "test-key-0123456789abcdef0123456789abcdef"
-    from sisaflow.base_setup import convert_gguf
+    from sisaflow.models.base_setup import convert_gguf
 
     tmp = tmp_path_factory.mktemp("lora")
     convert_gguf(save_tiny_gguf(tmp / "gguf" / "tiny.gguf"), tmp / "base")
@@ -102,10 +102,10 @@ def test_retrained_adapter_equals_training_from_scratch_without_the_records(stor
 
 
 def test_the_served_ensemble_is_the_batched_lora_over_one_base(story):
-    from sisaflow.batched import StackedLlama
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.pretrained import base_identity
-    from sisaflow.registry import read_registry
+    from sisaflow.core.base_files import base_identity
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.inference.registry import read_registry
+    from sisaflow.inference.stacked import StackedLlama
 
     reg = read_registry(story["ws"])
     assert reg["base_sha256"] == base_identity(story["params"].model.base)
@@ -117,7 +117,7 @@ def test_the_served_ensemble_is_the_batched_lora_over_one_base(story):
 
 
 def test_verify_exact_holds_for_lora(story):
-    from sisaflow.exactness import verify_exact
+    from sisaflow.pipeline.exactness import verify_exact
 
     results = verify_exact(story["ws"], story["params"])
     assert [r.shard for r in results] == [0, 1] and all(r.equal for r in results)

@@ -37,10 +37,11 @@ def _lock(ws_root):
 @pytest.fixture(scope="module")
 def story(tmp_path_factory, prefect_server):
     """Run the whole story once; the tests below check what it left."""
-    from sisaflow import cli, versioning
-    from sisaflow.config import Params
-    from sisaflow.paths import Workspace
-    from sisaflow.sharding import shard_of, slice_of
+    from sisaflow import cli
+    from sisaflow.core import versioning
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
+    from sisaflow.data.sharding import shard_of, slice_of
 
     os.environ["SISAFLOW_CERTIFICATE_KEY"] = "test-key-0123456789abcdef0123456789abcdef"
     tmp = tmp_path_factory.mktemp("pipeline")
@@ -72,7 +73,7 @@ def story(tmp_path_factory, prefect_server):
         cli.main(["--workspace", str(a), "forget", "--owner", owner, "--request-id", "req-test", "--no-run"])
         == 0
     )
-    from sisaflow.ensemble import Ensemble
+    from sisaflow.inference.ensemble import Ensemble
 
     s["served_while_pending"] = Ensemble.load(ws).shards
     # the same request again (same id, same owner) records nothing new and applies it
@@ -204,8 +205,8 @@ def test_dvc_clean_after_forget_and_lock_changed_only_for_the_touched_shard(stor
 
 def test_generate_and_score(story, tmp_path):
     from sisaflow import cli
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.paths import Workspace
+    from sisaflow.core.paths import Workspace
+    from sisaflow.inference.ensemble import Ensemble
 
     ens = Ensemble.load(Workspace(story["a"]))
     text = ens.generate("Question: Who is the author?\nAnswer:", max_new_tokens=20)
@@ -247,8 +248,8 @@ def test_forget_unknown_owner_fails_and_records_nothing(story, capsys):
 
 def test_dvc_push_and_repro_on_a_fresh_clone(story, tmp_path):
     """A clone of the workspace (git) reproduces every output bitwise with plain `dvc repro`."""
-    from sisaflow import versioning
-    from sisaflow.paths import Workspace
+    from sisaflow.core import versioning
+    from sisaflow.core.paths import Workspace
 
     a = Workspace(story["a"])
     versioning.push(a)
@@ -279,7 +280,7 @@ def test_a_recorded_request_stops_serving_the_constituents_trained_on_it(story):
 
 
 def test_request_states_are_recorded_with_times(story):
-    from sisaflow import ledger
+    from sisaflow.core import ledger
 
     seq = ledger.states(story["a"] / "deletions" / "ledger.jsonl")["req-test"]
     assert [s["state"] for s in seq] == ["pending", "excluded", "retrained", "purged", "certified"]
@@ -341,14 +342,15 @@ def test_a_request_whose_scan_found_a_copy_is_certified_once_the_copy_is_gone(st
 def test_a_remote_that_cannot_be_collected_holds_back_the_certificate(story, tmp_path, capsys):
     """The DVC remote may still hold the old copies when purge cannot reach it: the request stays purged, not
     certified, until a run that reaches the remote purges again."""
-    from sisaflow import cli, ledger
+    from sisaflow import cli
+    from sisaflow.core import ledger
 
     ws = tmp_path / "copy"
     shutil.copytree(story["a"], ws, symlinks=True)
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["dvc"]["remote"] = "http://127.0.0.1:9/unreachable"
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    from sisaflow.corpus import read_table
+    from sisaflow.data.corpus import read_table
 
     owner = sorted(set(read_table(ws / "corpus" / "records.parquet").column("owner").to_pylist()))[0]
     args = ["--workspace", str(ws), "forget", "--owner", owner, "--request-id", "req-remote"]
@@ -377,8 +379,8 @@ def test_verify_exact_sees_shards_that_are_not_the_source_minus_the_ledger(story
     """A record the shards lack (here: added to the source after the last run, as a bug in importing or sharding
     would also leave it) shows: the rebuilt slices differ, and so do the weights."""
     from sisaflow import cli
-    from sisaflow.corpus import read_table
-    from sisaflow.sharding import shard_of
+    from sisaflow.data.corpus import read_table
+    from sisaflow.data.sharding import shard_of
 
     ws = tmp_path / "copy"
     shutil.copytree(story["a"], ws, symlinks=True)

@@ -1,8 +1,9 @@
 """`prefect deploy --all` of the shipped prefect.yaml against a real, throwaway Prefect server.
 
 One server per module (own PREFECT_HOME, free port, analytics off), stopped by its process group at the end.
-The deployments are made from a copy of prefect.yaml and flows/ in a temporary directory, so the test does not
-depend on (or write into) the repository's state, but it tests the file the repository ships.
+The deployments are made from a copy of prefect.yaml in a temporary directory (the flows are the installed
+package's, named by module), so the test does not depend on (or write into) the repository's state, but it
+tests the file the repository ships.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ POOL = f"sisaflow-{NAME}"
 EVENT = "sisaflow.deletion.requested"
 # "<flow name>/<deployment name>" -> entrypoint
 DEPLOYMENTS = {
-    f"sisaflow-train/{NAME}-full-retraining": "flows/training.py:training_flow",
-    f"sisaflow-forget/{NAME}-forget": "flows/forget.py:forget_flow",
-    f"sisaflow-drain/{NAME}-drain-deletions": "flows/drain.py:drain_flow",
+    f"sisaflow-train/{NAME}-full-retraining": "sisaflow.flows.training.training_flow",
+    f"sisaflow-forget/{NAME}-forget": "sisaflow.flows.forget.forget_flow",
+    f"sisaflow-drain/{NAME}-drain-deletions": "sisaflow.flows.drain.drain_flow",
 }
 PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SISAFLOW_WORKSPACE }}"}}]
 # A loaded 2-core machine can take a while to migrate the database and start the services.
@@ -103,10 +104,9 @@ def server(tmp_path_factory) -> Server:
 
 @pytest.fixture(scope="module")
 def deployed(server: Server, tmp_path_factory) -> Path:
-    """A copy of the shipped prefect.yaml and flows/, deployed with `prefect --no-prompt deploy --all`."""
+    """A copy of the shipped prefect.yaml, deployed with `prefect --no-prompt deploy --all`."""
     ws = tmp_path_factory.mktemp("workspace")
     shutil.copy2(REPO / "prefect.yaml", ws / "prefect.yaml")
-    shutil.copytree(REPO / "flows", ws / "flows", ignore=shutil.ignore_patterns("__pycache__"))
 
     r = server.run("work-pool", "create", POOL, "--type", "process", cwd=ws)
     assert r.returncode == 0, f"work-pool create failed:\n{r.stdout}\n{r.stderr}"
@@ -124,17 +124,17 @@ def _deployments(server: Server) -> dict:
 
 
 def test_template_renders_to_shipped_prefect_yaml():
-    from sisaflow.workspace import prefect_yaml
+    from sisaflow.pipeline.create import prefect_yaml
 
     shipped = (REPO / "prefect.yaml").read_text()
-    template = (REPO / "flows" / "prefect.template.yaml").read_text()
+    template = (REPO / "src/sisaflow/flows/prefect.template.yaml").read_text()
     assert "{{NAME}}" in template
     assert prefect_yaml(NAME) == shipped
     assert template.replace("{{NAME}}", NAME) == shipped
 
 
 def test_a_workspace_is_named_after_its_directory_in_prefect_safe_characters():
-    from sisaflow.workspace import prefect_yaml, workspace_name
+    from sisaflow.pipeline.create import prefect_yaml, workspace_name
 
     assert workspace_name(Path("/data/tofu-prod")) == "tofu-prod"
     assert workspace_name(Path("/data/my models (v2)")) == "my-models-v2"
@@ -207,7 +207,7 @@ def _wait_for_run(server: Server, deployment_id, predicate, timeout_s: float):
 
 def test_worker_runs_a_flow_in_the_workspace(server: Server, deployed: Path, tmp_path: Path):
     """A process worker with SISAFLOW_WORKSPACE runs the drain flow: the pull step moves it into the workspace,
-    where the relative entrypoint flows/drain.py is found (it would not be from the worker's temp directory)."""
+    where the flow's workspace "." is found (it would not be from the worker's temp directory)."""
     drain = _deployments(server)[f"sisaflow-drain/{NAME}-drain-deletions"]
     run = server.api(lambda c: c.create_flow_run_from_deployment(drain.id))
 
@@ -249,12 +249,11 @@ def test_deletion_event_starts_a_forget_run(server: Server, deployed: Path):
 def test_two_workspaces_on_one_server_keep_apart(server: Server, deployed: Path, tmp_path: Path):
     """A second workspace deployed to the same server gets deployments, a work pool and a trigger of its own: its
     deletion event starts its own forget deployment, never the first workspace's."""
-    from sisaflow.workspace import prefect_yaml
+    from sisaflow.pipeline.create import prefect_yaml
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "prefect.yaml").write_text(prefect_yaml("other"))
-    shutil.copytree(REPO / "flows", other / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     assert server.run("work-pool", "create", "sisaflow-other", "--type", "process", cwd=other).returncode == 0
     r = server.run("--no-prompt", "deploy", "--all", cwd=other)
     assert r.returncode == 0, f"prefect deploy --all failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"

@@ -1,7 +1,7 @@
 """purge after a forget: the deleted records' old shard files and checkpoints leave the DVC cache and the remote.
 
 A tiny workspace is trained (Prefect + Ray + DVC) and pushed, forgets one owner and is pushed again. Before the
-purge, verify.scan finds the deleted texts in the DVC cache and the remote (the superseded slice files); after it,
+purge, places.scan finds the deleted texts in the DVC cache and the remote (the superseded slice files); after it,
 nowhere but the corpus source, which it excludes. The current outputs are untouched and DVC is still clean.
 """
 
@@ -25,19 +25,22 @@ AUTHORS = 6
 
 
 def _dvc(ws_root: Path, *args: str) -> subprocess.CompletedProcess:
-    from sisaflow.paths import Workspace
-    from sisaflow.versioning import _run
+    from sisaflow.core.paths import Workspace
+    from sisaflow.core.versioning import _run
 
     return _run(Workspace(ws_root), "dvc", *args)
 
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory, prefect_server):
-    from sisaflow import cli, purge, verify, versioning  # noqa: I001
-    from sisaflow.config import Params
-    from sisaflow.corpus import to_table, write_table
-    from sisaflow.paths import Workspace
-    from sisaflow.sharding import shard_of, slice_of
+    from sisaflow import cli  # noqa: I001
+    from sisaflow.core import versioning
+    from sisaflow.deletion import purge
+    from sisaflow.deletion import leftovers
+    from sisaflow.core.config import Params
+    from sisaflow.data.corpus import to_table, write_table
+    from sisaflow.core.paths import Workspace
+    from sisaflow.data.sharding import shard_of, slice_of
 
     tmp = tmp_path_factory.mktemp("purge")
     corpus = write_corpus(tmp / "corpus.jsonl", AUTHORS)
@@ -54,26 +57,26 @@ def story(tmp_path_factory, prefect_server):
     # what a forget leaves behind before purging
     cmd = ["--workspace", str(root), "forget", "--owner", owner, "--request-id", "req-purge", "--no-run"]
     assert cli.main(cmd) == 0
-    from sisaflow import pipeline
+    from sisaflow.pipeline import steps
 
-    pipeline.prepare(ws, params)
-    pipeline.shard(ws, params)
-    pipeline.train(ws, params, sorted(pipeline.stale_shards(ws, params)), in_process=True)
-    pipeline.ensemble(ws, params)
-    assert pipeline.record(ws, params) == {}
+    steps.prepare(ws, params)
+    steps.shard(ws, params)
+    steps.train(ws, params, sorted(steps.stale_shards(ws, params)), in_process=True)
+    steps.ensemble(ws, params)
+    assert steps.record(ws, params) == {}
     versioning.push(ws)
 
-    targets = verify.targets_from_ledger(ws, params)
+    targets = leftovers.targets_from_ledger(ws, params)
     assert len(targets) == 20 and all(t.text for t in targets)
     s["targets"] = targets
     # an interrupted write of the imported corpus, from before the forget: a temporary file beside it
-    from sisaflow.corpus import read_records
+    from sisaflow.data.corpus import read_records
 
     old = [r for r in read_records(corpus, params.corpus) if r.owner == owner]
     s["stale_tmp"] = ws.corpus_dir / ".records.parquet.k3j2h1.tmp"
     write_table(s["stale_tmp"], to_table(old))
 
-    s["before"] = verify.scan_report(ws, params, targets)
+    s["before"] = leftovers.scan_report(ws, params, targets)
     s["outputs_before"] = {d: tree_hashes(root / d) for d in ("corpus", "shards", "models", "registry")}
     s["outputs_before"]["corpus"].pop(s["stale_tmp"].name)
     s["dvc_lock"] = ws.dvc_lock.read_bytes()
@@ -82,7 +85,7 @@ def story(tmp_path_factory, prefect_server):
     s["purge"] = purge.purge(ws, params)
     s["purge_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    s["after"] = verify.scan_report(ws, params, targets)
+    s["after"] = leftovers.scan_report(ws, params, targets)
     s["scan_seconds"] = time.perf_counter() - t0
     s["purge_again"] = purge.purge(ws, params)
     return s
@@ -103,7 +106,7 @@ def test_before_purge_the_deleted_texts_are_in_the_dvc_cache_and_the_remote(stor
 
 def test_after_purge_nothing_is_found_anywhere(story):
     after = story["after"]
-    assert after.findings == [], [f.to_dict() for f in after.findings][:10]
+    assert after.findings == [], [f.to_json() for f in after.findings][:10]
     assert any(str(story["corpus"]) in e and "corpus source" in e for e in after.excluded)
     assert after.git_objects_scanned > 0 and after.files_scanned > 0
 
@@ -116,7 +119,7 @@ def test_purge_reports_what_it_removed(story):
     assert rep.total_bytes == sum(kinds.values())
     assert any(r.kind == "stale-temp" and r.path == str(story["stale_tmp"]) for r in rep.removed)
     assert not story["stale_tmp"].exists()
-    d = json.loads(json.dumps(rep.to_dict()))
+    d = json.loads(json.dumps(rep.to_json()))
     assert d["total_bytes"] == rep.total_bytes and all(x["bytes"] >= 0 for x in d["removed"])
     ws_root, remote = story["ws"].root, story["ws"].root / ".dvc-remote"
     for r in rep.removed:
@@ -131,7 +134,7 @@ def test_purge_is_idempotent(story):
 
 
 def test_current_outputs_are_intact_and_dvc_clean(story):
-    from sisaflow import versioning
+    from sisaflow.core import versioning
 
     ws = story["ws"]
     assert versioning.status(ws) == {}
@@ -159,9 +162,9 @@ def test_cache_and_remote_hold_only_what_dvc_lock_references(story):
 
 def test_ray_sessions_in_use_are_kept_and_others_removed(tmp_path):
     """Ray's temporary directory: a session a running process names stays, the others go."""
-    from sisaflow import purge
-    from sisaflow.config import Params
-    from sisaflow.paths import Workspace
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
+    from sisaflow.deletion import purge
 
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()

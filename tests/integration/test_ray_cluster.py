@@ -30,10 +30,10 @@ import yaml
 
 pytest.importorskip("ray")
 
-from sisaflow import pipeline  # noqa: E402
-from sisaflow.config import CorpusParams, ShardingParams  # noqa: E402
-from sisaflow.paths import Workspace  # noqa: E402
-from sisaflow.workspace import init_workspace  # noqa: E402
+from sisaflow.core.config import CorpusParams, ShardingParams  # noqa: E402
+from sisaflow.core.paths import Workspace  # noqa: E402
+from sisaflow.pipeline import steps  # noqa: E402
+from sisaflow.pipeline.create import init_workspace  # noqa: E402
 from tests.integration.procs import executable_beside, free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -157,9 +157,9 @@ def _make_workspace(root: Path) -> Workspace:
     raw["model"].update(hidden_size=32, layers=1, heads=2, intermediate_size=64, context_length=128)
     raw["train"].update(batch_size=16, device="cpu")
     ws.params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = pipeline.load(ws)
-    pipeline.prepare(ws, params)
-    pipeline.shard(ws, params)
+    params = steps.load(ws)
+    steps.prepare(ws, params)
+    steps.shard(ws, params)
     return ws
 
 
@@ -191,9 +191,9 @@ def test_cluster_training_matches_in_process(tmp_path, ray_head, monkeypatch):
     shutil.copytree(on_ray.root.parent, local.root.parent, symlinks=True)  # same corpus, shards and params
     _set_address(on_ray, ray_head)
 
-    params = pipeline.load(on_ray)
+    params = steps.load(on_ray)
     assert params.ray.address == ray_head
-    report = pipeline.train(on_ray, params, list(range(SHARDS)))
+    report = steps.train(on_ray, params, list(range(SHARDS)))
     assert not ray.is_initialized(), "train_shards left the driver connected to the cluster"
 
     # (a) both shards trained on the cluster, every slice
@@ -203,13 +203,13 @@ def test_cluster_training_matches_in_process(tmp_path, ray_head, monkeypatch):
         assert r.start_slice == 0
         assert [s.slice for s in r.slices] == list(range(SLICES))
         assert r.tokens > 0  # a slice may be empty (placement is by owner), a shard is not
-    assert pipeline.stale_shards(on_ray, params) == {}
+    assert steps.stale_shards(on_ray, params) == {}
 
     # (b) the same workspace trained in this process gives bitwise the same checkpoints
-    local_params = pipeline.load(local)
-    local_report = pipeline.train(local, local_params, list(range(SHARDS)), in_process=True)
+    local_params = steps.load(local)
+    local_report = steps.train(local, local_params, list(range(SHARDS)), in_process=True)
     assert [(s.slice, s.examples, s.tokens, s.steps, s.loss) for r in report.shards for s in r.slices] == [
         (s.slice, s.examples, s.tokens, s.steps, s.loss) for r in local_report.shards for s in r.slices
     ]
     assert _weights(on_ray) == _weights(local)
-    assert pipeline.checkpoint_hashes(on_ray, params) == pipeline.checkpoint_hashes(local, local_params)
+    assert steps.checkpoint_hashes(on_ray, params) == steps.checkpoint_hashes(local, local_params)

@@ -21,7 +21,7 @@ BASE = Path(os.environ.get("SISAFLOW_BASE_DIR") or REPO / "bases" / "smollm2-135
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from sisaflow.base_setup import converted
+    from sisaflow.models.base_setup import converted
 
     if not converted(BASE):
         pytest.fail(f"{BASE} is not a converted SmolLM2 base: run `make base` (or set SISAFLOW_BASE_DIR)")
@@ -39,10 +39,10 @@ def _files(ws, shard: int, slices: int) -> dict:
 def test_a_forget_over_smollm2_equals_training_without_the_records(
     smollm2, make_workspace, make_params, make_records
 ):
-    from sisaflow.corpus import to_table, write_table
-    from sisaflow.sharding import shard_corpus, slice_of
-    from sisaflow.training import train_shard
-    from sisaflow.workspace import LORA_MODEL, LORA_TRAIN
+    from sisaflow.data.corpus import to_table, write_table
+    from sisaflow.data.sharding import shard_corpus, slice_of
+    from sisaflow.pipeline.create import LORA_MODEL, LORA_TRAIN
+    from sisaflow.training.loop import train_shard
 
     train = {**LORA_TRAIN, "threads": 2}
     params = make_params(

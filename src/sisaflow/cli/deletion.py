@@ -1,32 +1,33 @@
 """The deletion commands of the `sisaflow` command line: forget, requests, verify, purge, certificate.
 
-Like sisaflow.commands, thin adapters over the library (and, for forget, the Prefect flows). Deleted text never
+Like sisaflow.cli.run, thin adapters over the library (and, for forget, the Prefect flows). Deleted text never
 reaches the terminal: requests, findings and certificates are named by ids and content hashes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from sisaflow.commands import local_steps, prefect_env, print_run, workspace_arg
-from sisaflow.errors import SisaflowError
+from sisaflow.cli.run import NO_PREFECT, local_steps, prefect_env, print_run, workspace_arg
+from sisaflow.core.errors import SisaflowError
 
 
 def cmd_forget(args) -> int:
-    from sisaflow import pipeline
+    from sisaflow.deletion import requests
 
     ws = workspace_arg(args)
     owners, records = list(args.owner or []), list(args.record or [])
     if args.file:
-        from sisaflow.requests import read_request_file
+        from sisaflow.deletion.requests import read_request_file
 
         o, r = read_request_file(Path(args.file))
         owners += o
         records += r
-    req, new, warnings = pipeline.request_deletion(ws, owners, records, args.request_id, args.reason)
+    req, new, warnings = requests.request_deletion(ws, owners, records, args.request_id, args.reason)
     for w in warnings:
         print(f"sisaflow: warning: {w}", file=sys.stderr)
     print(
@@ -37,7 +38,7 @@ def cmd_forget(args) -> int:
         print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
         return 0
     if args.no_prefect:
-        from sisaflow.sequence import forget
+        from sisaflow.pipeline.sequence import forget
 
         result = forget(str(ws.root), req.request_id, args.in_process, local_steps())
         print_run(result, "forget")
@@ -46,8 +47,8 @@ def cmd_forget(args) -> int:
         # a Prefect server is configured: its forget deployment applies the request when the event arrives
         import yaml
 
-        from sisaflow.workspace import workspace_name
-        from sisaflow_flows.events import emit_deletion_requested
+        from sisaflow.flows.events import emit_deletion_requested
+        from sisaflow.pipeline.create import workspace_name
 
         name = (yaml.safe_load(ws.prefect_file.read_text()) or {}).get("name", workspace_name(ws.root))
         event_id = emit_deletion_requested(name, req.request_id)
@@ -59,7 +60,7 @@ def cmd_forget(args) -> int:
             return 0
         print("could not reach the Prefect server; applying the request here")
     prefect_env(ws)
-    from sisaflow_flows.forget import forget_flow
+    from sisaflow.flows.forget import forget_flow
 
     result = forget_flow(workspace=str(ws.root), request_id=req.request_id, in_process=args.in_process)
     print_run(result, "forget")
@@ -67,7 +68,7 @@ def cmd_forget(args) -> int:
 
 
 def cmd_requests(args) -> int:
-    from sisaflow import ledger
+    from sisaflow.core import ledger
 
     ws = workspace_arg(args)
     states = ledger.states(ws.ledger_file)
@@ -98,13 +99,13 @@ def cmd_requests(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.verify import scan_report, targets_from_ledger
+    from sisaflow.deletion.leftovers import scan_report, targets_from_ledger
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    params = pipeline.load(ws)
+    params = steps.load(ws)
     if args.exact:
-        from sisaflow.exactness import verify_exact
+        from sisaflow.pipeline.exactness import verify_exact
 
         results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
         for r in results:
@@ -119,7 +120,7 @@ def cmd_verify(args) -> int:
                 f"shard {r.shard}: {verdict}  served {r.served[:16]}  from scratch {r.scratch[:16]}  {data}"
             )
             if not r.equal and r.environment_changed and r.environment is not None:
-                from sisaflow.checkpoint import describe_environment
+                from sisaflow.training.checkpoint import describe_environment
 
                 print(
                     f"  the served weights were trained under "
@@ -143,12 +144,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_purge(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.purge import purge
+    from sisaflow.core import lock
+    from sisaflow.deletion.purge import purge
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    with pipeline.workspace_lock(ws, "sisaflow purge", waiting=print):
-        rep = purge(ws, pipeline.load(ws))
+    with lock.workspace_lock(ws, "sisaflow purge", waiting=print):
+        rep = purge(ws, steps.load(ws))
     for item in rep.removed:
         print(f"removed {item.kind}: {item.path} ({item.bytes} bytes)")
     for note in rep.notes:
@@ -158,7 +160,7 @@ def cmd_purge(args) -> int:
 
 
 def cmd_certificate(args) -> int:
-    from sisaflow.certificate import key_from_env, verify_file
+    from sisaflow.deletion.certificate import key_from_env, verify_file
 
     if args.verify:
         ok, message = verify_file(Path(args.verify), key_from_env())
@@ -166,13 +168,55 @@ def cmd_certificate(args) -> int:
         return 0 if ok else 1
     if not args.request_id:
         raise SisaflowError("give a REQUEST_ID, or --verify FILE")
-    from sisaflow import pipeline
-    from sisaflow.proof import certify
+    from sisaflow.core import lock
+    from sisaflow.deletion.certificate import certify
 
     ws = workspace_arg(args)
-    with pipeline.workspace_lock(
-        ws, "sisaflow certificate", waiting=print
-    ):  # no forget changes what it reads
+    with lock.workspace_lock(ws, "sisaflow certificate", waiting=print):  # no forget changes what it reads
         json_path, html_path = certify(ws, args.request_id)
     print(f"certificate written: {json_path}\n                     {html_path}")
     return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """This group's subcommands, each with the function it calls."""
+    s = sub.add_parser("forget", parents=[common], help="delete owners or records, exactly")
+    what = s.add_argument_group("what to forget (one or more)")
+    what.add_argument("--owner", action="append")
+    what.add_argument("--record", action="append")
+    what.add_argument("--file", help='JSONL ({"owner": ...} or {"record": ...} per line) or one id per line')
+    s.add_argument("--request-id")
+    s.add_argument("--reason")
+    s.add_argument("--no-run", action="store_true", help="only record the request")
+    s.add_argument(
+        "--here",
+        action="store_true",
+        help="apply it in this process even when PREFECT_API_URL names a server",
+    )
+    s.add_argument("--in-process", action="store_true")
+    s.add_argument("--no-prefect", action="store_true", help=NO_PREFECT)
+    s.set_defaults(func=cmd_forget)
+
+    s = sub.add_parser("requests", parents=[common], help="deletion requests and their states, with times")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_requests)
+
+    s = sub.add_parser("verify", parents=[common], help="scan everything for copies of deleted records")
+    s.add_argument("--request", action="append", help="only these request ids (default: all)")
+    s.add_argument(
+        "--exact",
+        action="store_true",
+        help="instead, retrain shards from scratch elsewhere and compare the weights bitwise",
+    )
+    s.add_argument("--shard", type=int, action="append", help="with --exact: only these shards")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("purge", parents=[common], help="remove old copies (DVC cache and remote, temp files)")
+    s.set_defaults(func=cmd_purge)
+
+    s = sub.add_parser("certificate", parents=[common], help="write or check a deletion certificate")
+    s.add_argument("request_id", nargs="?")
+    s.add_argument(
+        "--verify", metavar="FILE", help="check a certificate (signature with SISAFLOW_CERTIFICATE_KEY)"
+    )
+    s.set_defaults(func=cmd_certificate)

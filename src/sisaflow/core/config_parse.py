@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from sisaflow.errors import ConfigError
+from sisaflow.core.errors import ConfigError
 
 
 def check_choice(key: str, value: Any, allowed: tuple) -> None:

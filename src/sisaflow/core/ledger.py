@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sisaflow.errors import DeletionError
+from sisaflow.core.errors import DeletionError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sisaflow.fsio import sha256_bytes
+from sisaflow.core.fsio import sha256_bytes
 
 
 def shard_name(shard: int) -> str:

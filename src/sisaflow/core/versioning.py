@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from sisaflow.config import Params
-from sisaflow.errors import ExternalToolError
-from sisaflow.fsio import write_text
-from sisaflow.paths import Workspace, shard_name
+from sisaflow.core.config import Params
+from sisaflow.core.errors import ExternalToolError
+from sisaflow.core.fsio import write_text
+from sisaflow.core.paths import Workspace, shard_name
 
 DVCIGNORE = """
 # sisaflow writes every file and checkpoint under a temporary name first (.name.*.tmp, .name.old);
@@ -36,7 +36,9 @@ HEADER = (
 )
 
 
-def _env(ws: Workspace) -> dict[str, str]:
+def tool_env(ws: Workspace) -> dict[str, str]:
+    """The environment dvc and git run in: no analytics, a site cache in the workspace, an author for commits,
+    and this Python's scripts first on PATH."""
     env = dict(os.environ)
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("DVC_SITE_CACHE_DIR", str(ws.state_dir / "dvc-site-cache"))
@@ -49,12 +51,14 @@ def _env(ws: Workspace) -> dict[str, str]:
     return env
 
 
-def _run(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_tool(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `dvc ...` (the one installed beside this Python) or another tool in the workspace; ExternalToolError
+    naming the command and its output when it fails and `check` is set."""
     exe = args[0]
     if exe == "dvc":
         local = Path(sys.executable).parent / "dvc"
         args = (str(local) if local.exists() else shutil.which("dvc") or "dvc", *args[1:])
-    proc = subprocess.run(args, cwd=ws.root, env=_env(ws), capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=ws.root, env=tool_env(ws), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise ExternalToolError(
             f"`{' '.join([exe, *args[1:]])}` failed in {ws.root}:\n{proc.stderr.strip() or proc.stdout.strip()}"
@@ -128,18 +132,18 @@ def stage_names(params: Params) -> list[str]:
 
 
 def is_git_repo(ws: Workspace) -> bool:
-    return _run(ws, "git", "rev-parse", "--show-toplevel", check=False).returncode == 0
+    return run_tool(ws, "git", "rev-parse", "--show-toplevel", check=False).returncode == 0
 
 
 def init_repo(ws: Workspace, params: Params) -> None:
     """git init (unless inside a repository), dvc init, and the DVC remote from params."""
     if not is_git_repo(ws):
-        _run(ws, "git", "init", "-q")
+        run_tool(ws, "git", "init", "-q")
     if not (ws.root / ".dvc").is_dir():
-        _run(ws, "dvc", "init", "-q", "--subdir") if _git_root(ws) != ws.root else _run(
+        run_tool(ws, "dvc", "init", "-q", "--subdir") if _git_root(ws) != ws.root else run_tool(
             ws, "dvc", "init", "-q"
         )
-    _run(ws, "dvc", "config", "core.autostage", "false")
+    run_tool(ws, "dvc", "config", "core.autostage", "false")
     ignore = ws.root / ".dvcignore"
     text = ignore.read_text() if ignore.is_file() else ""
     if ".*.tmp" not in text:
@@ -150,13 +154,13 @@ def init_repo(ws: Workspace, params: Params) -> None:
 def git_commit(ws: Workspace, message: str, paths: list[str]) -> None:
     """Commit `paths` (configuration, never data) to the workspace's git repository."""
     existing = [p for p in paths if (ws.root / p).exists()]
-    _run(ws, "git", "add", "--", *existing)
-    if _run(ws, "git", "diff", "--cached", "--quiet", check=False).returncode != 0:
-        _run(ws, "git", "commit", "-q", "-m", message)
+    run_tool(ws, "git", "add", "--", *existing)
+    if run_tool(ws, "git", "diff", "--cached", "--quiet", check=False).returncode != 0:
+        run_tool(ws, "git", "commit", "-q", "-m", message)
 
 
 def _git_root(ws: Workspace) -> Path:
-    return Path(_run(ws, "git", "rev-parse", "--show-toplevel").stdout.strip()).resolve()
+    return Path(run_tool(ws, "git", "rev-parse", "--show-toplevel").stdout.strip()).resolve()
 
 
 def configure_remote(ws: Workspace, params: Params) -> None:
@@ -164,7 +168,7 @@ def configure_remote(ws: Workspace, params: Params) -> None:
     url = params.dvc.remote
     # `dvc remote add` reads a relative path from the working directory (the workspace) and stores it
     # relative to .dvc/config, so the workspace can move and clones keep working.
-    _run(ws, "dvc", "remote", "add", "-f", "-d", "storage", url)
+    run_tool(ws, "dvc", "remote", "add", "-f", "-d", "storage", url)
 
 
 def ensure_remote(ws: Workspace, params: Params) -> bool:
@@ -189,7 +193,7 @@ def ensure_remote(ws: Workspace, params: Params) -> bool:
 
 def commit(ws: Workspace, stages: list[str] | None = None) -> None:
     """Record the current outputs' hashes in dvc.lock (and the DVC cache) for `stages` (all by default)."""
-    _run(ws, "dvc", "commit", "-f", "-q", *(stages or []))
+    run_tool(ws, "dvc", "commit", "-f", "-q", *(stages or []))
 
 
 def status(ws: Workspace, stages: list[str] | None = None) -> dict:
@@ -197,15 +201,39 @@ def status(ws: Workspace, stages: list[str] | None = None) -> dict:
     one is up to date."""
     if stages is None:
         stages = stage_names(Params.load(ws.params_file))
-    proc = _run(ws, "dvc", "status", "--json", *stages)
+    proc = run_tool(ws, "dvc", "status", "--json", *stages)
     out = proc.stdout.strip()
     return json.loads(out) if out else {}
 
 
 def push(ws: Workspace) -> str:
     """Send the cache of the current outputs to the DVC remote."""
-    return _run(ws, "dvc", "push", "-q").stdout
+    return run_tool(ws, "dvc", "push", "-q").stdout
 
 
 def repro(ws: Workspace) -> str:
-    return _run(ws, "dvc", "repro").stdout
+    return run_tool(ws, "dvc", "repro").stdout
+
+
+def default_remote(ws: Workspace) -> tuple[str, str, Path | None]:
+    """(name, url, local directory) of the default DVC remote: ("", "", None) when none is configured, and
+    local directory None when the remote is not a local path."""
+    name = run_tool(ws, "dvc", "remote", "default", check=False).stdout.strip()
+    if not name:
+        return "", "", None
+    url = run_tool(ws, "dvc", "config", f"remote.{name}.url", check=False).stdout.strip()
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+    elif "://" in url or not url:
+        return name, url, None
+    else:
+        path = url
+    p = Path(path)
+    if not p.is_absolute():
+        p = ws.root / ".dvc" / p  # DVC stores a relative remote path relative to .dvc/config
+    return name, url, p.resolve()
+
+
+def git(ws: Workspace, *args: str) -> subprocess.CompletedProcess:
+    """`git ARGS` in the workspace, in the environment of `tool_env`; bytes out, never raises on failure."""
+    return subprocess.run(["git", *args], cwd=ws.root, env=tool_env(ws), capture_output=True)

@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sisaflow.config import CorpusParams
-from sisaflow.errors import CorpusError
-from sisaflow.fsio import atomic_path, digest
+from sisaflow.core.config import CorpusParams
+from sisaflow.core.errors import CorpusError
+from sisaflow.core.fsio import atomic_path, digest
 
 RECORD_SCHEMA = pa.schema(
     [

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from sisaflow.config import ShardingParams
-from sisaflow.corpus import Record, from_table, read_table, to_table, write_table
-from sisaflow.errors import ShardingError
-from sisaflow.fsio import digest, read_json, sha256_file, write_json
-from sisaflow.paths import Workspace
+from sisaflow.core.config import ShardingParams
+from sisaflow.core.errors import ShardingError
+from sisaflow.core.fsio import digest, read_json, sha256_file, write_json
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, from_table, read_table, to_table, write_table
 
 PLACEMENT_SCHEMA = pa.schema([("record_id", pa.string()), ("shard", pa.int32()), ("slice", pa.int32())])
 

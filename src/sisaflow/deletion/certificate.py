@@ -22,13 +22,21 @@ import math
 import os
 import re
 import subprocess
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sisaflow.certificate_html import render_html
-from sisaflow.certificate_schema import ALG, FORMAT, NAME, check_certificate
-from sisaflow.errors import SisaflowError
-from sisaflow.fsio import read_json, write_text
+from sisaflow.core import ledger
+from sisaflow.core.config import Params
+from sisaflow.core.errors import DeletionError, SisaflowError
+from sisaflow.core.fsio import read_json, write_text
+from sisaflow.core.paths import Workspace
+from sisaflow.deletion.certificate_html import render_html
+from sisaflow.deletion.certificate_schema import ALG, FORMAT, NAME, check_certificate
+from sisaflow.deletion.impact import impact_file
+from sisaflow.deletion.leftovers import ScanSummary
+from sisaflow.deletion.purge import PurgeReport
 
 KEY_ENV = "SISAFLOW_CERTIFICATE_KEY"
 REDACTED = "[redacted]"
@@ -90,7 +98,7 @@ def code_version(repo_root: Path | None = None) -> str:
     package version. `repo_root` is a directory of the sisaflow checkout (default: the imported package's)."""
     from sisaflow import __version__
 
-    where = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parent
+    where = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[1]
     top = _git(where, "rev-parse", "--show-toplevel") if where.is_dir() else None
     # a package installed inside some other repository (a venv in a workspace) is not a sisaflow checkout
     if not top or not _git(where, "ls-files", "--", "."):
@@ -105,7 +113,7 @@ def code_version(repo_root: Path | None = None) -> str:
 
 def params_hash(params_file: Path) -> str:
     """sha256 of the canonical JSON of the loaded, validated params (defaults filled in)."""
-    from sisaflow.config import Params
+    from sisaflow.core.config import Params
 
     return hashlib.sha256(canonical_json(Params.load(Path(params_file)).to_dict())).hexdigest()
 
@@ -326,3 +334,145 @@ def write_certificate(directory: Path, cert: dict) -> tuple[Path, Path]:
     write_text(json_path, json.dumps(cert, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     write_text(html_path, render_html(cert))
     return json_path, html_path
+
+
+# ---- issuing a request's certificate ----
+
+
+@dataclass
+class AppliedRun:
+    """What the run that applied a request records of it, as its certificate reads it from the run report
+    (runs/<run id>-<kind>.json; the pipeline's `RunReport` is one of these and more)."""
+
+    retrained_requests: list[str] = field(default_factory=list)
+    trained: dict[int, dict] = field(default_factory=dict)
+    """{shard: {"from_slice", "tokens", "seconds", "environments"}} of every shard the run trained."""
+    slices: int = 0
+    checkpoints_before: dict = field(default_factory=dict)
+    checkpoints_after: dict = field(default_factory=dict)
+    purge: PurgeReport | None = None
+    verify: ScanSummary | None = None
+    ensemble_version: str = ""
+
+    @classmethod
+    def from_json(cls, raw: dict) -> AppliedRun:
+        known = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in raw.items() if k in known and k not in ("purge", "verify", "trained")})
+        out.trained = {int(k): v for k, v in raw.get("trained", {}).items()}
+        out.purge = PurgeReport.from_json(raw["purge"]) if raw.get("purge") else None
+        out.verify = ScanSummary.from_json(raw["verify"]) if raw.get("verify") else None
+        return out
+
+
+def _run_that_applied(ws: Workspace, request_id: str) -> AppliedRun:
+    for path in sorted(ws.runs_dir.glob("*.json"), reverse=True):
+        try:
+            rep = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if request_id in rep.get("retrained_requests", []):
+            return AppliedRun.from_json(rep)
+    raise DeletionError(f"request {request_id}: no run report says which run applied it (runs/ was cleared?)")
+
+
+def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
+    """Write the certificate of an applied request and mark it certified. Refuses a request not yet purged
+    or whose post-deletion scan found a copy."""
+    requests = {r.request_id: r for r in ledger.read_ledger(ws.ledger_file)}
+    if request_id not in requests:
+        raise DeletionError(f"unknown request id {request_id!r}; `sisaflow requests` lists them")
+    req = requests[request_id]
+    state = ledger.current_state(ws.ledger_file).get(request_id, "pending")
+    if ledger.STATES.index(state) < ledger.STATES.index("purged"):
+        raise DeletionError(f"request {request_id} is {state}: it is certified once retrained and purged")
+    run = _run_that_applied(ws, request_id)
+    if run.purge and run.purge.remote_not_collected:
+        raise DeletionError(
+            f"request {request_id}: the DVC remote could not be garbage-collected when it was purged, so it may "
+            "still hold old copies; `sisaflow run` purges again (and certifies) once the remote is reachable"
+        )
+    verify = run.verify
+    if verify is not None and verify.findings:
+        # the copies the run's scan found may have been removed since: scan again, and certify only if clean
+        from sisaflow.deletion.leftovers import summary
+
+        verify = summary(ws, Params.load(ws.params_file), [request_id])
+        if verify.findings:
+            raise DeletionError(
+                f"request {request_id}: {verify.findings} copy(ies) of its records are still on disk; "
+                f"`sisaflow verify --request {request_id}` shows where; remove them, then run "
+                f"`sisaflow certificate {request_id}` again"
+            )
+    affected, retired, new = _request_impact(ws, request_id, run) or _trained_by(run)
+    environments = {
+        f"shard-{a['shard']}": run.trained[a["shard"]]["environments"]
+        for a in affected
+        if run.trained.get(a["shard"], {}).get("environments")
+    }
+
+    issued_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    states = ledger.states(ws.ledger_file).get(request_id, [])
+    if not any(s["state"] == "certified" for s in states):
+        states = [*states, {"state": "certified", "at": issued_at}]
+    cert = build_certificate(
+        request=asdict(req),
+        states=states,
+        content_hashes=req.content_hashes,
+        affected=affected,
+        retired_checkpoints=retired,
+        new_checkpoints=new,
+        purge_report=run.purge.to_json() if run.purge else None,
+        verify_result=verify.to_json() if verify else None,
+        code_version=code_version(),
+        params_hash=params_hash(ws.params_file),
+        ensemble_version=run.ensemble_version,
+        issued_at=issued_at,
+        training_environments=environments,
+    )
+    key = key_from_env()
+    if key:
+        cert = sign(cert, key)
+    paths = write_certificate(ws.certificates_dir, cert)
+    ledger.mark(ws.ledger_file, [request_id], "certified")
+    return paths
+
+
+def _request_impact(ws: Workspace, request_id: str, run: AppliedRun) -> tuple[list[dict], dict, dict] | None:
+    """(affected, retired, new) of one request from its impact record and the run that finished it."""
+    path = impact_file(ws, request_id)
+    if not path.is_file():
+        return None
+    impact = read_json(path)
+    after = run.checkpoints_after
+    affected, retired, new = [], {}, {}
+    for shard, s in impact["shards"].items():
+        first = s["from_slice"]
+        affected.append(
+            {"shard": int(shard), "from_slice": first, "slices": list(range(first, impact["slices"]))}
+        )
+        retired.update({f"shard-{shard}/slice-{k}": h for k, h in s["retired"].items()})
+        new.update(
+            {f"shard-{shard}/slice-{k}": h for k, h in after.get(shard, {}).items() if int(k) >= first}
+        )
+    return affected, retired, new
+
+
+def _trained_by(run: AppliedRun) -> tuple[list[dict], dict, dict]:
+    """(affected, retired, new) as everything the run retrained: for a request without an impact record (one
+    applied before impact records existed, or under a new shard layout)."""
+    trained, slices = run.trained, run.slices
+    affected = [
+        {"shard": s, "from_slice": t["from_slice"], "slices": list(range(t["from_slice"], slices))}
+        for s, t in sorted(trained.items())
+    ]
+
+    def pick(hashes: dict) -> dict[str, str]:
+        out = {}
+        for shard, by_slice in hashes.items():
+            if int(shard) in trained:
+                for k, h in by_slice.items():
+                    if int(k) >= trained[int(shard)]["from_slice"]:
+                        out[f"shard-{shard}/slice-{k}"] = h
+        return out
+
+    return affected, pick(run.checkpoints_before), pick(run.checkpoints_after)

@@ -73,7 +73,7 @@ def _environments(envs: dict | None) -> list[str]:
     """The environments that retrained each shard, if the certificate records them."""
     if not envs:
         return []
-    from sisaflow.checkpoint import describe_environment
+    from sisaflow.training.checkpoint import describe_environment
 
     rows = [(shard, "; then ".join(describe_environment(e) for e in v)) for shard, v in sorted(envs.items())]
     return [

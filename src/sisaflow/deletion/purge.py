@@ -14,7 +14,7 @@
 
 It deletes nothing outside the workspace except ws.ray_tmp_dir and, through DVC, unreferenced objects of the
 configured remote; a DVC cache configured outside the workspace (a shared cache) is left alone, with a note.
-Call it with the workspace lock held (`pipeline.workspace_lock`), after the forget's `dvc commit`: it refuses to
+Call it with the workspace lock held (`core.lock.workspace_lock`), after the forget's `dvc commit`: it refuses to
 run while `dvc status` is not clean, because then dvc.lock would not describe the promoted outputs.
 """
 
@@ -27,11 +27,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sisaflow.config import Params
-from sisaflow.errors import ExternalToolError, SisaflowError, WorkspaceError
-from sisaflow.paths import Workspace
+from sisaflow.core.config import Params
+from sisaflow.core.errors import ExternalToolError, SisaflowError, WorkspaceError
+from sisaflow.core.paths import Workspace
 
-log = logging.getLogger("sisaflow.purge")
+log = logging.getLogger("sisaflow.deletion.purge")
 
 TEMP_DIRS = ("corpus", "shards", "models", "registry")
 
@@ -62,7 +62,7 @@ class PurgeReport:
             out[r.kind] = out.get(r.kind, 0) + r.bytes
         return out
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {
             "removed": [{"kind": r.kind, "path": r.path, "bytes": r.bytes} for r in self.removed],
             "total_bytes": self.total_bytes,
@@ -70,6 +70,15 @@ class PurgeReport:
             "notes": list(self.notes),
             "remote_not_collected": self.remote_not_collected,
         }
+
+    @classmethod
+    def from_json(cls, raw: dict) -> PurgeReport:
+        """The report `to_json` wrote (its totals are recomputed from what was removed)."""
+        return cls(
+            removed=[Removed(r["kind"], r["path"], int(r["bytes"])) for r in raw.get("removed", [])],
+            notes=list(raw.get("notes", [])),
+            remote_not_collected=bool(raw.get("remote_not_collected", False)),
+        )
 
 
 # ---- helpers ----
@@ -154,9 +163,9 @@ def _prune_empty_dirs(root: Path) -> None:
 
 
 def _dvc(ws: Workspace, *args: str):
-    from sisaflow.versioning import _run
+    from sisaflow.core.versioning import run_tool
 
-    return _run(ws, "dvc", *args)
+    return run_tool(ws, "dvc", *args)
 
 
 def _dvc_cache_dir(ws: Workspace) -> Path:
@@ -185,7 +194,7 @@ def _gc_local(ws: Workspace, report: PurgeReport) -> None:
 
 
 def _gc_remote(ws: Workspace, report: PurgeReport) -> None:
-    from sisaflow.verify import default_remote
+    from sisaflow.core.versioning import default_remote
 
     name, url, local = default_remote(ws)
     if not name:
@@ -306,7 +315,7 @@ def _stale_temp(ws: Workspace, report: PurgeReport) -> None:
 
 def purge(ws: Workspace, params: Params) -> PurgeReport:
     """Remove every side copy of superseded data (see the module docstring); return what was removed."""
-    from sisaflow import versioning
+    from sisaflow.core import versioning
 
     report = PurgeReport()
     if not ws.params_file.is_file():
@@ -324,9 +333,9 @@ def purge(ws: Workspace, params: Params) -> PurgeReport:
                 "current outputs, so purging would keep the wrong data; finish the run (`sisaflow run`) first"
             )
     try:
-        from sisaflow import pipeline
+        from sisaflow.deletion.requests import pending_requests
 
-        open_requests = [r.request_id for r in pipeline.pending_requests(ws)]
+        open_requests = [r.request_id for r in pending_requests(ws)]
     except SisaflowError:
         open_requests = []
     if open_requests:

@@ -1,11 +1,20 @@
-"""Reading deletion-request files (`sisaflow forget --file`)."""
+"""A deletion request's whole life: read from a request file (`sisaflow forget --file`), checked against the
+corpus and recorded in the ledger (`request_deletion`), then followed through its states (pending or excluded
+-> retrained -> purged -> certified) by the questions a run asks: which requests are still open, which still
+have records in the corpus, which a killed run left unfinished. The ledger itself (core.ledger) is the durable
+store; this module is where a request's state is decided.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from sisaflow.errors import DeletionError
+from sisaflow.core import ledger
+from sisaflow.core.config import Params
+from sisaflow.core.errors import DeletionError
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import from_table, read_table
 
 
 def read_request_file(path: Path) -> tuple[list[str], list[str]]:
@@ -48,3 +57,148 @@ def read_request_file(path: Path) -> tuple[list[str], list[str]]:
     if not owners and not records:
         raise DeletionError(f"{path}: names no owner or record")
     return owners, records
+
+
+# ---- a request's life: recorded, applied (retrained), purged, certified ----
+
+
+def resolve_request(
+    ws: Workspace, owners: list[str], records: list[str], unknown: str = "error"
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Check the named owners and records against the imported corpus.
+
+    Returns (content hashes covered, owners kept, records kept, warnings). With unknown="error" an unknown
+    name refuses the whole request (nothing is recorded); with "warn" it is dropped with a warning.
+    """
+    if not owners and not records:
+        raise DeletionError("a deletion request must name at least one owner or record")
+    if not ws.corpus_file.is_file():
+        raise DeletionError(f"{ws.corpus_file}: no imported corpus yet; run `sisaflow run` first")
+    corpus = from_table(read_table(ws.corpus_file))
+    known_owners = {r.owner for r in corpus}
+    known_records = {r.record_id for r in corpus}
+    bad_owners = sorted(set(owners) - known_owners)
+    bad_records = sorted(set(records) - known_records)
+    warnings = []
+    if bad_owners or bad_records:
+        parts = []
+        if bad_owners:
+            parts.append(f"unknown owner(s): {', '.join(bad_owners[:10])}")
+        if bad_records:
+            parts.append(f"unknown record(s): {', '.join(bad_records[:10])}")
+        message = "; ".join(parts) + " (not in the current corpus; already forgotten or never present)"
+        earlier = _earlier_requests(ws, set(bad_owners), set(bad_records))
+        if earlier:
+            message += "; already forgotten by " + ", ".join(earlier)
+        if unknown == "error":
+            raise DeletionError(message)
+        warnings.append(message)
+    owners = sorted(set(owners) & known_owners)
+    records = sorted(set(records) & known_records)
+    if not owners and not records:
+        raise DeletionError("nothing to forget: " + "; ".join(warnings))
+    covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
+    return sorted(r.content_hash for r in covered), owners, records, warnings
+
+
+def _earlier_requests(ws: Workspace, owners: set[str], records: set[str]) -> list[str]:
+    """'request R (state)' for each recorded request that names one of `owners` or `records`, with its
+    certificate's path once certified: the proof to hand over for the same person's later request."""
+    state = ledger.current_state(ws.ledger_file)
+    out = []
+    for r in ledger.read_ledger(ws.ledger_file):
+        if owners & set(r.owners) or records & set(r.records):
+            s = state.get(r.request_id, "pending")
+            cert = ws.certificates_dir / f"{r.request_id}.json"
+            out.append(
+                f"request {r.request_id} ({s}" + (f"; certificate {cert}" if cert.is_file() else "") + ")"
+            )
+    return out
+
+
+def request_deletion(
+    ws: Workspace,
+    owners: list[str],
+    records: list[str],
+    request_id: str | None = None,
+    reason: str | None = None,
+) -> tuple[ledger.DeletionRequest, bool, list[str]]:
+    """Validate and durably record a deletion request. Returns (request, newly_recorded, warnings).
+
+    The same request id with the same owners and records changes nothing, even after it was applied; the
+    same id with other contents is refused. In unlearn.mode exclude, the request is marked excluded at once:
+    from then on no generate or score call uses a constituent trained on its records.
+    """
+    params = Params.load(ws.params_file)
+    if request_id:
+        for existing in ledger.read_ledger(ws.ledger_file):
+            if existing.request_id == request_id:
+                if (sorted(set(existing.owners)), sorted(set(existing.records))) != (
+                    sorted(set(owners)),
+                    sorted(set(records)),
+                ):
+                    raise DeletionError(f"request id {request_id!r} is already used by a different request")
+                return existing, False, []
+    hashes, owners, records, warnings = resolve_request(ws, owners, records, params.unlearn.unknown)
+    req = ledger.DeletionRequest(
+        request_id=request_id or ledger.new_request_id(),
+        owners=owners,
+        records=records,
+        content_hashes=hashes,
+        reason=reason,
+    )
+    new = ledger.append_request(ws.ledger_file, req)
+    if new and params.unlearn.mode == "exclude":
+        ledger.mark(ws.ledger_file, [req.request_id], "excluded")
+    return req, new, warnings
+
+
+def mark_applied(ws: Workspace) -> list[str]:
+    """After a promotion: every request not yet retrained whose records are gone is now retrained."""
+    still = {r.request_id for r in pending_requests(ws)}
+    state = ledger.current_state(ws.ledger_file)
+    done = [
+        r.request_id
+        for r in ledger.read_ledger(ws.ledger_file)
+        if r.request_id not in still and state.get(r.request_id, "pending") in ("pending", "excluded")
+    ]
+    return ledger.mark(ws.ledger_file, done, "retrained")
+
+
+def unfinished_requests(ws: Workspace) -> list[str]:
+    """Requests retrained or purged but not certified: a forget killed after its promotion left them so."""
+    state = ledger.current_state(ws.ledger_file)
+    return [
+        r.request_id
+        for r in ledger.read_ledger(ws.ledger_file)
+        if state.get(r.request_id) in ("retrained", "purged")
+    ]
+
+
+def open_requests(ws: Workspace) -> list[str]:
+    """Requests not yet certified, in ledger order: what a drain or forget run has to finish. This includes
+    requests whose records a killed run already removed from the corpus but whose shards are not retrained."""
+    state = ledger.current_state(ws.ledger_file)
+    return [
+        r.request_id for r in ledger.read_ledger(ws.ledger_file) if state.get(r.request_id) != "certified"
+    ]
+
+
+def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
+    """Requests whose records are still in the imported corpus or in a shard's placement."""
+    reqs = ledger.read_ledger(ws.ledger_file)
+    if not reqs:
+        return []
+    present_owners: set[str] = set()
+    present_records: set[str] = set()
+    if ws.corpus_file.is_file():
+        t = read_table(ws.corpus_file).select(["record_id", "owner"]).to_pydict()
+        present_owners, present_records = set(t["owner"]), set(t["record_id"])
+    if ws.placement_file.is_file():
+        present_records |= set(read_table(ws.placement_file).column("record_id").to_pylist())
+    return [r for r in reqs if set(r.owners) & present_owners or set(r.records) & present_records]
+
+
+def mark_purged(ws: Workspace, request_ids: list[str]) -> list[str]:
+    """After purge removed every old copy of their records: the requests are purged (not yet certified)."""
+    return ledger.mark(ws.ledger_file, request_ids, "purged")

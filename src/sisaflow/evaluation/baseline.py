@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from sisaflow.config import Params, ShardingParams
-from sisaflow.ensemble import Ensemble
-from sisaflow.paths import Workspace
+from sisaflow.core.config import Params, ShardingParams
+from sisaflow.core.paths import Workspace
+from sisaflow.inference.ensemble import Ensemble
 
 
 def train_baseline(
@@ -21,9 +21,9 @@ def train_baseline(
 ) -> tuple[Ensemble, float]:
     """One model on all current data, same settings and total compute as the constituents together (same
     epochs over the same records), trained in a temporary workspace that is removed. Returns it and seconds."""
-    from sisaflow.registry import build_registry
-    from sisaflow.sharding import shard_corpus
-    from sisaflow.training import train_shard
+    from sisaflow.data.sharding import shard_corpus
+    from sisaflow.inference.registry import build_registry
+    from sisaflow.training.loop import train_shard
 
     mono = dataclasses.replace(params, sharding=ShardingParams(shards=1, slices=params.sharding.slices))
     with tempfile.TemporaryDirectory(prefix="sisaflow-baseline-") as tmp:

@@ -33,17 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sisaflow import ledger, metrics
-from sisaflow.baseline import train_baseline
-from sisaflow.config import Params
-from sisaflow.corpus import Record, from_table, read_records, read_table
-from sisaflow.ensemble import Ensemble, combine_log_probs, length_batches
-from sisaflow.errors import WorkspaceError
-from sisaflow.fsio import write_json
-from sisaflow.paths import Workspace
-from sisaflow.tofu import load_perturbed, tofu_metrics, truth_ratios
+from sisaflow.core import ledger
+from sisaflow.core.config import Params
+from sisaflow.core.errors import WorkspaceError
+from sisaflow.core.fsio import write_json
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, from_table, read_records, read_table
+from sisaflow.evaluation import metrics
+from sisaflow.evaluation.baseline import train_baseline
+from sisaflow.evaluation.tofu import load_perturbed, tofu_metrics, truth_ratios
+from sisaflow.inference.ensemble import Ensemble, combine_log_probs, length_batches
 
-log = logging.getLogger("sisaflow.evaluation")
+log = logging.getLogger("sisaflow.evaluation.evaluate")
 Progress = Callable[[str], None]
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 
@@ -328,7 +329,7 @@ def evaluate(
     if perturbed:
         out["tofu"] = tofu_metrics(ens, params, perturbed, forgotten_recs, retained)
     if params.corpus.label_field:
-        from sisaflow.classify import accuracy
+        from sisaflow.inference.classify import accuracy
 
         rule = params.ensemble.classify
         out["classification"] = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sisaflow.evaluation import ATTACKS
-from sisaflow.fsio import write_json, write_text
-from sisaflow.paths import Workspace
+from sisaflow.core.fsio import write_json, write_text
+from sisaflow.core.paths import Workspace
+from sisaflow.evaluation.evaluate import ATTACKS
 
 ATTACK_NAMES = {"loss": "LOSS", "zlib": "zlib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sisaflow import metrics
-from sisaflow.config import Params
-from sisaflow.corpus import Record
-from sisaflow.ensemble import Ensemble
-from sisaflow.errors import WorkspaceError
+from sisaflow.core.config import Params
+from sisaflow.core.errors import WorkspaceError
+from sisaflow.data.corpus import Record
+from sisaflow.evaluation import metrics
+from sisaflow.inference.ensemble import Ensemble
 
 
 def _answer_ll(ens: Ensemble, prefix: str, answer: str) -> float:

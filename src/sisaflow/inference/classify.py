@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sisaflow.config import CLASSIFY_RULES, CorpusParams
-from sisaflow.corpus import Record, check_label, required_field, source_rows, template_fields
-from sisaflow.ensemble import Ensemble, length_batches
-from sisaflow.errors import CorpusError, WorkspaceError
+from sisaflow.core.config import CLASSIFY_RULES, CorpusParams
+from sisaflow.core.errors import CorpusError, WorkspaceError
+from sisaflow.data.corpus import Record, check_label, required_field, source_rows, template_fields
+from sisaflow.inference.ensemble import Ensemble, length_batches
 
 
 @dataclass(frozen=True)

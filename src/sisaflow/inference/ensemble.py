@@ -2,16 +2,16 @@
 
 `mixture` (default) is log(sum_i w_i p_i); `product` is the normalised weighted mean of log-probabilities.
 The Ensemble's forward returns the combined log-probabilities as `.logits` and takes a cache back, so
-generate-style code uses it unchanged; `sisaflow.hf.EnsembleForCausalLM` puts it behind transformers' `generate()`,
+generate-style code uses it unchanged; `sisaflow.inference.hf.EnsembleForCausalLM` puts it behind transformers' `generate()`,
 pipelines and lm-evaluation-harness.
 
-The constituents' logits come from one of these computations, all returning (S, B, T, V): `StackedLlama`
-(from-scratch constituents of one architecture, stacked weights, one batched forward per step; or LoRA
-constituents over a Llama base, the base's weights shared and the adapters as batched low-rank terms,
-`sisaflow.lora_ensemble.stacked_lora`), `BatchedLora` (LoRA over any other base: one transformers forward over S
-times the rows, batched adapter matmuls), or a Python loop over the constituents with one KV cache each
-(`ensemble.batched: false`, or constituents the batched paths cannot take). They agree within float32 rounding
-(tests/unit/test_batched.py, tests/unit/test_lora.py state the tolerances).
+The constituents' logits come from a runner (`sisaflow.inference.runners`), chosen once when the ensemble is
+built: `StackedLlama` (from-scratch constituents of one architecture, stacked weights, one batched forward per
+step; or LoRA constituents over a Llama base, the base's weights shared and the adapters as batched low-rank
+terms), `BatchedLora` (LoRA over any other base: one transformers forward over S times the rows, batched adapter
+matmuls), or a Python loop over the constituents with one KV cache each (`ensemble.batched: false`, or
+constituents the batched runners refuse). They agree within float32 rounding
+(tests/unit/inference/test_stacked.py, tests/unit/models/test_lora.py state the tolerances).
 
 An ensemble loaded for serving stays honest in a long-lived process: `generate` and `score` first check that the
 deletion ledger and the registry have not changed in a way that changes what may be served (a request recorded
@@ -21,8 +21,6 @@ that excludes a loaded constituent, a new version promoted), and refuse with Sta
 
 from __future__ import annotations
 
-import inspect
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,28 +28,15 @@ from typing import Any, overload
 
 import torch
 
-from sisaflow.batched import StackedLlama
-from sisaflow.checkpoint import MODEL_FILE, load_weights
-from sisaflow.config import ModelParams, Params
-from sisaflow.errors import WorkspaceError
-from sisaflow.ledger import read_ledger
-from sisaflow.model import build_model
-from sisaflow.paths import Workspace
-from sisaflow.registry import read_registry, serving_view
-from sisaflow.tokenizer import Tokenizer, load_tokenizer
-
-log = logging.getLogger("sisaflow.ensemble")
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5.2x renamed past_key_values to cache; accept either version
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output) -> object:
-    # read the field the output declares: transformers 5.2x warns on every read of the old name
-    fields = getattr(output, "__dataclass_fields__", {})
-    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+from sisaflow.core.config import ModelParams, Params
+from sisaflow.core.errors import WorkspaceError
+from sisaflow.core.ledger import read_ledger
+from sisaflow.core.paths import Workspace
+from sisaflow.inference.registry import read_registry, serving_view
+from sisaflow.inference.runners import Runner, model_runner
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import Tokenizer, load_tokenizer
+from sisaflow.training.checkpoint import MODEL_FILE, load_weights
 
 
 @dataclass
@@ -87,42 +72,6 @@ def length_batches(
         yield chunk, x
 
 
-class ModelLoop:
-    """One forward per constituent model, one cache each: the reference computation, (S, B, T, V) logits."""
-
-    batched = False
-
-    def __init__(self, models: list[torch.nn.Module]):
-        self.models = models
-        self.num_models = len(models)
-
-    def __call__(self, input_ids, attention_mask=None, cache=None, use_cache=False, logits_to_keep=0):
-        """Logits (S, B, T, V) and, with use_cache, the list of the constituents' caches."""
-        caches = cache or [None] * self.num_models
-        outs = [
-            m(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **{_cache_kwarg(m): c},
-            )
-            for m, c in zip(self.models, caches)
-        ]
-        return torch.stack([o.logits for o in outs]), [_cache_of(o) for o in outs] if use_cache else None
-
-    def select_cache_rows(self, cache: list[Any], rows: torch.Tensor) -> list[Any]:
-        """The caches of the rows `rows` names, in that order (beam search)."""
-        return select_rows_each(cache, rows)
-
-
-def select_rows_each(caches: list[Any], rows: torch.Tensor) -> list[Any]:
-    """Reorder each of transformers' caches (one per constituent) to the rows `rows` names, in place."""
-    for c in caches:
-        c.reorder_cache(rows)
-    return caches
-
-
 class StaleEnsembleError(WorkspaceError):
     """The workspace now serves something else than this loaded ensemble: load it again."""
 
@@ -153,7 +102,7 @@ class Ensemble(torch.nn.Module):
     From-scratch constituents are given as `models`; with `batched` (the default) they are stacked into one
     `StackedLlama` when they share one supported architecture, else evaluated in a loop; stacked, the models'
     weights become views of the stack, so the ensemble holds them once. LoRA constituents come as a ready
-    `runner` (see `sisaflow.lora_ensemble`) with `models` empty."""
+    `runner` (see `sisaflow.inference.lora_runners`) with `models` empty."""
 
     weights: torch.Tensor
 
@@ -165,7 +114,7 @@ class Ensemble(torch.nn.Module):
         tokenizer: Tokenizer,
         batched: bool = True,
         *,
-        runner: torch.nn.Module | None = None,
+        runner: Runner | None = None,
         context_length: int | None = None,
     ):
         super().__init__()
@@ -183,18 +132,10 @@ class Ensemble(torch.nn.Module):
             None  # (workspace, unlearn.mode) when loaded to serve
         )
         self._stamp: tuple = ()
-        self.runner: Any = runner
-        if runner is None:
-            self.runner = ModelLoop(models)
-            if batched:
-                try:
-                    self.runner = StackedLlama.from_models(models)  # type: ignore[arg-type]
-                    self.runner.share_with(models)  # type: ignore[arg-type]  # one copy of the weights
-                except ValueError as exc:
-                    log.info("ensemble: evaluating the constituents one by one (%s)", exc)
+        self.runner: Runner = model_runner(models, batched) if runner is None else runner
         if self.runner.num_models != len(weights):
             raise ValueError(f"{self.runner.num_models} constituents but {len(weights)} weights")
-        self.batched: bool = getattr(self.runner, "batched", False)
+        self.batched: bool = self.runner.batched
         if context_length is None:
             context_length = int(models[0].config.max_position_embeddings)  # type: ignore[union-attr,arg-type]
         self.context_length = context_length
@@ -282,8 +223,8 @@ class Ensemble(torch.nn.Module):
 
         from safetensors.torch import load_file
 
-        from sisaflow.lora_ensemble import lora_runner, merged_model
-        from sisaflow.pretrained import PACKAGE_PREFIX, base_identity
+        from sisaflow.core.base_files import PACKAGE_PREFIX, base_identity
+        from sisaflow.inference.lora_runners import lora_runner, merged_model
 
         # the registry names the base as resolved when it was built; a workspace that moved since finds a
         # relative base through its params instead (the content hash below decides either way)

@@ -37,8 +37,8 @@ import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizer
 from transformers.utils import ModelOutput
 
-from sisaflow.ensemble import Ensemble
-from sisaflow.tokenizer import BaseTokenizer, ByteTokenizer, Gpt2Tokenizer, Tokenizer
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.models.tokenizer import BaseTokenizer, ByteTokenizer, Gpt2Tokenizer, Tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
 

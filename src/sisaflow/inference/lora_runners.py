@@ -15,25 +15,31 @@ Its forward is plain torch, not transformers' modules, so a step dispatches fewe
 transformers model does (bench/ensemble_speed.py --lora BASE measures it).
 
 `PeftLoop` is the straightforward computation: one peft model holding S named adapters, a Python loop that
-activates each in turn, one cache per adapter. Both return logits (S, B, T, V) and take the arguments of
-`StackedLlama.forward`, so the Ensemble drives any of them alike.
+activates each in turn, one cache per adapter. All three implement `sisaflow.inference.runners.Runner`: logits
+(S, B, T, V) from the arguments of `StackedLlama.forward`, so the Ensemble drives any of them alike; `lora_runner`
+asks each batched runner what it cannot take (`*_refusal`) and builds the one it picks, once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sisaflow.batched import StackedLlama
-from sisaflow.config import ModelParams
-from sisaflow.ensemble import _cache_kwarg, _cache_of, select_rows_each
-from sisaflow.lora import attach_adapters, check_context, load_adapter_state, stack_adapters
-from sisaflow.pretrained import load_base_model
+from sisaflow.core.config import ModelParams
+from sisaflow.inference.runners import Runner, cache_kwarg, cache_of, select_rows_each
+from sisaflow.inference.stacked import StackedLlama
+from sisaflow.models.lora import attach_adapters, check_context, load_adapter_state, stack_adapters
+from sisaflow.models.pretrained import load_base_model
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+log = logging.getLogger("sisaflow.inference.lora_runners")
 
 
 class StackedLoraLinear(nn.Module):
@@ -44,7 +50,7 @@ class StackedLoraLinear(nn.Module):
     into B once, at construction. On a small model every operation is a kernel launch, so this is what the
     batched ensemble pays per adapted layer over the base (peft pays five: two linears, a multiply, an add).
     Folding the scale and fusing the add round differently from peft's order of operations: the logits agree
-    with the peft loop to within float rounding (tests/unit/test_lora.py states the tolerance)."""
+    with the peft loop to within float rounding (tests/unit/models/test_lora.py states the tolerance)."""
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
         super().__init__()
@@ -74,22 +80,22 @@ class BatchedLora(nn.Module):
     """S LoRA adapters over one base model as one module whose forward returns (S, B, T, V) logits.
 
     Takes over `base`: its adapted linear layers are replaced in place. `adapters` are peft adapter state dicts
-    (see `sisaflow.lora`), all adapting the same `nn.Linear` modules with the same rank; `scale` is alpha / r."""
+    (see `sisaflow.models.lora`), all adapting the same `nn.Linear` modules with the same rank; `scale` is alpha / r."""
 
     batched = True
 
     def __init__(self, base: nn.Module, adapters: list[dict[str, torch.Tensor]], scale: float):
         super().__init__()
+        refusal = batched_lora_refusal(base, adapters)
+        if refusal:
+            raise ValueError(refusal)  # before any layer is replaced: `base` is left as it was
         self.num_models = len(adapters)
         for module, (a, b) in stack_adapters(adapters).items():
             parent_name, _, child = module.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
-            layer = getattr(parent, child)
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"{module} is a {type(layer).__name__}; batched LoRA adapts nn.Linear only")
-            setattr(parent, child, StackedLoraLinear(layer, a, b, scale))
+            setattr(parent, child, StackedLoraLinear(getattr(parent, child), a, b, scale))
         self.base = base
-        self._cache_kw = _cache_kwarg(base)
+        self._cache_kw = cache_kwarg(base)
 
     @torch.no_grad()
     def forward(
@@ -110,7 +116,7 @@ class BatchedLora(nn.Module):
             **{self._cache_kw: cache},
         )
         logits = out.logits
-        return logits.view(n, batch, *logits.shape[1:]), _cache_of(out) if use_cache else None
+        return logits.view(n, batch, *logits.shape[1:]), cache_of(out) if use_cache else None
 
     def select_cache_rows(self, cache: Any, rows: torch.Tensor) -> Any:
         """The base's cache (adapter-major, S*B rows) of the rows `rows` names for every adapter, as many rows as
@@ -119,6 +125,22 @@ class BatchedLora(nn.Module):
         offsets = torch.arange(n, device=rows.device).unsqueeze(1) * batch
         cache.reorder_cache((offsets + rows.unsqueeze(0)).reshape(-1))
         return cache
+
+
+def batched_lora_refusal(base: nn.Module, adapters: list[dict[str, torch.Tensor]]) -> str | None:
+    """Why `BatchedLora` cannot take these adapters over `base`, or None; reads them, changes nothing."""
+    try:
+        modules = stack_adapters(adapters)
+    except ValueError as exc:  # adapters that differ in modules or shapes cannot be batched at all
+        return str(exc)
+    for module in modules:
+        try:
+            layer = base.get_submodule(module)
+        except AttributeError:
+            return f"the base has no module {module}"
+        if not isinstance(layer, nn.Linear):
+            return f"{module} is a {type(layer).__name__}; batched LoRA adapts nn.Linear only"
+    return None
 
 
 class PeftLoop(nn.Module):
@@ -132,7 +154,7 @@ class PeftLoop(nn.Module):
         self.model = attach_adapters(base, mp.lora, self.names, seed=0)  # random init, overwritten below
         for name, state in zip(self.names, adapters):
             load_adapter_state(self.model, state, adapter=name)
-        self._cache_kw = _cache_kwarg(base)
+        self._cache_kw = cache_kwarg(base)
         self.num_models = len(adapters)
 
     @torch.no_grad()
@@ -158,7 +180,7 @@ class PeftLoop(nn.Module):
             )
             logits.append(out.logits)
             if use_cache:
-                new.append(_cache_of(out))
+                new.append(cache_of(out))
         return torch.stack(logits), new if use_cache else None
 
     def select_cache_rows(self, cache: list[Any], rows: torch.Tensor) -> list[Any]:
@@ -179,18 +201,52 @@ _FUSED = {
 _LAYER_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<name>[a-z_]+\.[a-z_]+)$")
 
 
+def _fused_place(module: str) -> tuple[int, tuple[str, int]] | None:
+    """(layer, (fused projection, part)) of an adapted Llama decoder module, or None for any other module."""
+    m = _LAYER_MODULE.match(module)
+    if m is None or m["name"] not in _FUSED:
+        return None
+    return int(m["layer"]), _FUSED[m["name"]]
+
+
+def stacked_lora_refusal(base: nn.Module, adapters: list[dict[str, torch.Tensor]]) -> str | None:
+    """Why `stacked_lora` cannot take these adapters over `base`, or None; reads them, changes nothing."""
+    from transformers import LlamaForCausalLM
+
+    if not isinstance(base, LlamaForCausalLM):
+        return f"the base is a {type(base).__name__}, not a Llama"
+    refusal = StackedLlama.refusal([base])
+    if refusal:
+        return refusal
+    try:
+        modules = stack_adapters(adapters)
+    except ValueError as exc:
+        return str(exc)
+    ranks: dict[str, set[int]] = {}
+    for module, (a, _) in modules.items():
+        place = _fused_place(module)
+        if place is None:
+            return f"{module} is not a linear layer of a Llama decoder layer"
+        ranks.setdefault(place[1][0], set()).add(int(a.shape[1]))
+    for fused, r in ranks.items():
+        if len(r) > 1:
+            return f"the adapters of {fused} differ in rank ({sorted(r)})"
+    return None
+
+
 def stacked_lora(
     base: nn.Module, adapters: list[dict[str, torch.Tensor]], scale: float, context_length: int
 ) -> StackedLlama:
     """S LoRA adapters over a Llama base as one `StackedLlama`: the base's weights shared, each fused
     projection's adapters as one low-rank term (A's concatenated, scale * B's placed block by block).
 
-    ValueError when the base is not a Llama StackedLlama supports, or an adapter adapts another layer."""
-    from transformers import LlamaForCausalLM
-
-    if not isinstance(base, LlamaForCausalLM):
-        raise ValueError(f"the base is a {type(base).__name__}, not a Llama")
-    cfg = base.config
+    ValueError (the reason `stacked_lora_refusal` gives) when the base is not a Llama StackedLlama supports, or an
+    adapter adapts another layer."""
+    refusal = stacked_lora_refusal(base, adapters)
+    if refusal:
+        raise ValueError(refusal)
+    llama = cast("LlamaForCausalLM", base)  # the refusal checked it
+    cfg = llama.config
     heads = cfg.num_attention_heads
     kv, d = cfg.num_key_value_heads or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     # (input width, output widths of the fused parts) of each fused projection
@@ -202,21 +258,15 @@ def stacked_lora(
     }
     placed: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
     for module, (a, b) in stack_adapters(adapters).items():
-        m = _LAYER_MODULE.match(module)
-        if m is None or m["name"] not in _FUSED:
-            raise ValueError(f"{module} is not a linear layer of a Llama decoder layer")
-        fused, part = _FUSED[m["name"]]
-        placed.setdefault(fused, {})[(int(m["layer"]), part)] = (a, b)
-    n, dtype = len(adapters), base.model.embed_tokens.weight.dtype
+        layer, (fused, part) = _fused_place(module)  # type: ignore[misc]  # refusal checked every module
+        placed.setdefault(fused, {})[(layer, part)] = (a, b)
+    n, dtype = len(adapters), llama.model.embed_tokens.weight.dtype
     deltas = {}
     for fused, by_place in placed.items():
         width, outs = shapes[fused]
         offsets = [sum(outs[:p]) for p in range(len(outs) + 1)]
         used = sorted({part for _, part in by_place})  # the parts some layer adapts; the rest stay zero
-        ranks = {a.shape[1] for a, _ in by_place.values()}
-        if len(ranks) > 1:
-            raise ValueError(f"the adapters of {fused} differ in rank ({sorted(ranks)})")
-        (rank,) = ranks
+        (rank,) = {a.shape[1] for a, _ in by_place.values()}  # one rank: refusal checked
         a_t = torch.zeros(cfg.num_hidden_layers, n, width, rank * len(used))
         b_t = torch.zeros(cfg.num_hidden_layers, n, rank * len(used), offsets[-1])
         for (layer, part), (a, b) in by_place.items():
@@ -224,7 +274,7 @@ def stacked_lora(
             a_t[layer, :, :, cols] = a.transpose(1, 2)
             b_t[layer, :, cols, offsets[part] : offsets[part + 1]] = (b * scale).transpose(1, 2)
         deltas[fused] = (a_t.to(dtype), b_t.to(dtype))
-    return StackedLlama.from_models([base], context_length=context_length, num_models=n, deltas=deltas)
+    return StackedLlama.from_models([llama], context_length=context_length, num_models=n, deltas=deltas)
 
 
 def merged_model(
@@ -251,7 +301,9 @@ def merged_model(
         for module, (a, b) in stack_adapters(adapters).items():  # a (S, r, in), b (S, out, r)
             layer = base.get_submodule(module)
             if not isinstance(layer, nn.Linear):
-                raise ValueError(f"{module} is a {type(layer).__name__}, not a linear layer; it cannot be merged")
+                raise ValueError(
+                    f"{module} is a {type(layer).__name__}, not a linear layer; it cannot be merged"
+                )
             delta = torch.einsum("s,sor,sri->oi", w, b.double(), a.double()) * scale
             layer.weight.add_(delta.to(layer.weight.dtype))
     base.to(device)  # type: ignore[arg-type]  # in place
@@ -263,26 +315,31 @@ def lora_runner(
     adapters: list[dict[str, torch.Tensor]],
     batched: bool,
     device: str | torch.device = "cpu",
-) -> tuple[nn.Module, int]:
+) -> tuple[Runner, int]:
     """Load the base once and put the adapters over it: (runner, context length). `batched` picks the leanest
     batched runner that takes this base and these adapters (`stacked_lora` for a supported Llama, else
-    BatchedLora for any nn.Linear layers) and falls back to the peft loop; without `batched`, the peft loop."""
+    BatchedLora for any nn.Linear layers), asking each first, and else the peft loop; without `batched`, the
+    peft loop. Why a batched runner was passed over is logged."""
     if mp.base is None:
         raise ValueError("lora_runner needs model.base")
     base = load_base_model(mp.base)
     check_context(mp, base)
     context = mp.context_length
     scale = mp.lora.alpha / mp.lora.r
-    runner: nn.Module | None = None
-    if batched:
-        with contextlib.suppress(ValueError):  # another architecture, or adapters on other layers
-            runner = stacked_lora(base, adapters, scale, context)
-        if runner is None:
-            try:
-                runner = BatchedLora(base, adapters, scale)
-            except ValueError:
-                base = load_base_model(mp.base)  # BatchedLora may have replaced some layers before refusing
-    if runner is None:
+    runner: nn.Module
+    if not batched:
+        runner = PeftLoop(base, mp, adapters)
+    elif (stacked_refusal := stacked_lora_refusal(base, adapters)) is None:
+        runner = stacked_lora(base, adapters, scale, context)
+    elif (batched_refusal := batched_lora_refusal(base, adapters)) is None:
+        log.info("LoRA ensemble: BatchedLora, not stacked_lora (%s)", stacked_refusal)
+        runner = BatchedLora(base, adapters, scale)
+    else:
+        log.info(
+            "LoRA ensemble: the peft loop (stacked_lora: %s; BatchedLora: %s)",
+            stacked_refusal,
+            batched_refusal,
+        )
         runner = PeftLoop(base, mp, adapters)
     runner.to(device)
-    return runner, context
+    return runner, context  # type: ignore[return-value]  # every choice above implements Runner

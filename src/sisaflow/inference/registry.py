@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sisaflow.checkpoint import LINEAGE_FILE, MODEL_FILE, read_lineage, read_meta, weights_hash
-from sisaflow.config import Params
-from sisaflow.errors import WorkspaceError
-from sisaflow.fsio import atomic_dir, digest, read_json, write_json
-from sisaflow.lineage import chain_hashes
-from sisaflow.paths import Workspace
-from sisaflow.sharding import read_shard_manifest, slice_digests
+from sisaflow.core.config import Params
+from sisaflow.core.errors import WorkspaceError
+from sisaflow.core.fsio import atomic_dir, digest, read_json, write_json
+from sisaflow.core.paths import Workspace
+from sisaflow.data.sharding import read_shard_manifest, slice_digests
+from sisaflow.training.checkpoint import LINEAGE_FILE, MODEL_FILE, read_lineage, read_meta, weights_hash
+from sisaflow.training.lineage import chain_hashes
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def build_registry(ws: Workspace, params: Params) -> dict:
         "model": dataclasses.asdict(params.model),
     }
     if params.model.base is not None:
-        from sisaflow.pretrained import base_identity
+        from sisaflow.core.base_files import base_identity
 
         # the adapters are only the served model over this exact base; Ensemble.load checks it is unchanged
         body["base_sha256"] = base_identity(params.model.base)

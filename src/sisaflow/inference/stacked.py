@@ -7,7 +7,7 @@ float32, default RoPE, SiLU MLP, head_dim**-0.5 scaling). Query/key/value and ga
 a layer costs four matmuls whatever S is; on small models the per-step cost is kernel launches, not FLOPs.
 
 A weight may also be shared by all constituents (leading dim 1: a pretrained base under LoRA adapters, see
-`sisaflow.lora_ensemble.stacked_lora`); it is then one matmul over all S x rows. `deltas` add low-rank terms per
+`sisaflow.inference.lora_runners.stacked_lora`); it is then one matmul over all S x rows. `deltas` add low-rank terms per
 constituent to a fused projection (LoRA: x A_s^T (scale B_s)^T, one bmm and one baddbmm per projection).
 
 Positions follow a transformers forward without `position_ids`: past length + 0..T-1, whatever the padding.
@@ -17,6 +17,7 @@ unpadded prompt (up to float rounding). Outputs at padded positions are meaningl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from sisaflow.stacked_cache import StackedCache
+from sisaflow.inference.stacked_cache import StackedCache
 
 # config fields that decide the computation; every constituent must agree on them
 _ARCH_KEYS = (
@@ -114,6 +115,36 @@ class StackedLlama(nn.Module):
     def num_layers(self) -> int:
         return int(self.qkv.shape[0])
 
+    @staticmethod
+    def refusal(models: Sequence[torch.nn.Module]) -> str | None:
+        """Why `from_models` would refuse `models`, or None when it takes them; reads the models, changes nothing."""
+        if not models:
+            return "StackedLlama needs at least one model"
+        for i, m in enumerate(models):
+            if not isinstance(m, LlamaForCausalLM):
+                return f"model {i} is a {type(m).__name__}; StackedLlama stacks LlamaForCausalLM only"
+        cfg = models[0].config
+        arch: dict[str, Any] = {k: getattr(cfg, k, None) for k in _ARCH_KEYS}
+        for i, m in enumerate(models[1:], start=1):
+            for k in _ARCH_KEYS:
+                if getattr(m.config, k, None) != arch[k]:
+                    return (
+                        f"model {i} has config {k} = {getattr(m.config, k, None)!r} but model 0 has {arch[k]!r}; "
+                        "every stacked model must share one config"
+                    )
+        unsupported = _unsupported(arch)
+        if unsupported:
+            return "StackedLlama does not support " + "; ".join(unsupported)
+        first = next(models[0].parameters())
+        for i, m in enumerate(models):
+            for name, p in m.named_parameters():
+                if p.dtype != first.dtype or p.device != first.device:
+                    return (
+                        f"model {i} parameter {name} is {p.dtype} on {p.device}, model 0 is {first.dtype} on "
+                        f"{first.device}; move every model to one dtype and device first"
+                    )
+        return None
+
     @classmethod
     def from_models(
         cls,
@@ -127,31 +158,11 @@ class StackedLlama(nn.Module):
 
         One model with `num_models` S > 1 shares its weights among S constituents that differ by `deltas`.
         `context_length` (default: the config's max_position_embeddings) sizes a fresh cache."""
-        if not models:
-            raise ValueError("StackedLlama needs at least one model")
-        for i, m in enumerate(models):
-            if not isinstance(m, LlamaForCausalLM):
-                raise ValueError(
-                    f"model {i} is a {type(m).__name__}; StackedLlama stacks LlamaForCausalLM only"
-                )
+        refusal = cls.refusal(models)
+        if refusal:
+            raise ValueError(refusal)
         cfg = models[0].config
         arch: dict[str, Any] = {k: getattr(cfg, k, None) for k in _ARCH_KEYS}
-        for i, m in enumerate(models[1:], start=1):
-            for k in _ARCH_KEYS:
-                if getattr(m.config, k, None) != arch[k]:
-                    raise ValueError(
-                        f"model {i} has config {k} = {getattr(m.config, k, None)!r} but model 0 has {arch[k]!r}; "
-                        "every stacked model must share one config"
-                    )
-        _check_supported(arch)
-        first = next(models[0].parameters())
-        for i, m in enumerate(models):
-            for name, p in m.named_parameters():
-                if p.dtype != first.dtype or p.device != first.device:
-                    raise ValueError(
-                        f"model {i} parameter {name} is {p.dtype} on {p.device}, model 0 is {first.dtype} on "
-                        f"{first.device}; move every model to one dtype and device first"
-                    )
 
         layers = [[m.model.layers[j] for m in models] for j in range(arch["num_hidden_layers"])]
 
@@ -404,7 +415,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _check_supported(arch: dict[str, Any]) -> None:
+def _unsupported(arch: dict[str, Any]) -> list[str]:
+    """The features of a Llama config this implementation lacks."""
     problems = []
     kv = arch["num_key_value_heads"] or arch["num_attention_heads"]
     if arch["num_attention_heads"] % kv:
@@ -416,8 +428,7 @@ def _check_supported(arch: dict[str, Any]) -> None:
     rope = arch["rope_parameters"] or {}
     if rope.get("rope_type", "default") != "default":
         problems.append(f"rope_type {rope.get('rope_type')!r} (only default)")
-    if problems:
-        raise ValueError("StackedLlama does not support " + "; ".join(problems))
+    return problems
 
 
 def stacked_log_probs(

@@ -1,4 +1,4 @@
-"""The KV cache of `sisaflow.batched.StackedLlama`: every constituent's keys and values, preallocated."""
+"""The KV cache of `sisaflow.inference.stacked.StackedLlama`: every constituent's keys and values, preallocated."""
 
 from __future__ import annotations
 

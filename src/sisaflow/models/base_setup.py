@@ -22,8 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sisaflow.errors import ConfigError, SisaflowError
-from sisaflow.fsio import sha256_file
+from sisaflow.core.errors import ConfigError, SisaflowError
+from sisaflow.core.fsio import sha256_file
 
 
 class BaseSetupError(SisaflowError):
@@ -127,7 +127,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sisaflow.pretrained import load_base_model, load_base_tokenizer
+    from sisaflow.models.pretrained import load_base_model, load_base_tokenizer
 
     spec = str(gguf_file)
     loaded = load_base_model(spec)

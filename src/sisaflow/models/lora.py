@@ -13,9 +13,9 @@ import re
 import torch
 from torch import nn
 
-from sisaflow.config import LoraParams, ModelParams
-from sisaflow.errors import ConfigError, WorkspaceError
-from sisaflow.pretrained import (
+from sisaflow.core.config import LoraParams, ModelParams
+from sisaflow.core.errors import ConfigError, WorkspaceError
+from sisaflow.models.pretrained import (
     check_context_length,
     check_target_modules,
     linear_layer_names,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sisaflow.config import ModelParams
+from sisaflow.core.config import ModelParams
 
 
 def model_config(params: ModelParams, vocab_size: int, eos_id: int) -> LlamaConfig:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-GPT2_DIR = Path(__file__).parent / "assets" / "tokenizer"
+GPT2_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 
 
 class Tokenizer(Protocol):
@@ -60,8 +60,8 @@ class BaseTokenizer:
     and generation see the same ids whatever the base's template conventions are."""
 
     def __init__(self, base: str) -> None:
-        from sisaflow.errors import ConfigError
-        from sisaflow.pretrained import load_base_tokenizer
+        from sisaflow.core.errors import ConfigError
+        from sisaflow.models.pretrained import load_base_tokenizer
 
         self._tok = load_base_tokenizer(base)
         eos = self._tok.eos_token_id

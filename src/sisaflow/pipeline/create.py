@@ -1,4 +1,4 @@
-"""Creating a workspace: params.yaml, dvc.yaml, prefect.yaml, the flows, git and DVC, the imported corpus."""
+"""Creating a workspace: params.yaml, dvc.yaml, prefect.yaml, git and DVC, the imported corpus."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import yaml
 
-from sisaflow import versioning
-from sisaflow.config import CorpusParams, LoraParams, ModelParams, Params, ShardingParams
-from sisaflow.corpus import read_records
-from sisaflow.errors import ShardingError, WorkspaceError
-from sisaflow.fsio import write_text
-from sisaflow.paths import Workspace
+from sisaflow.core import versioning
+from sisaflow.core.config import CorpusParams, LoraParams, ModelParams, Params, ShardingParams
+from sisaflow.core.errors import ShardingError, WorkspaceError
+from sisaflow.core.fsio import write_text
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import read_records
 
 GITIGNORE = """\
 .venv/
@@ -30,10 +30,10 @@ __pycache__/
 """
 
 
-def _flows_source() -> Path:
-    import sisaflow_flows
-
-    return Path(sisaflow_flows.__file__).parent
+def _prefect_template() -> Path:
+    """The deployments' template, shipped in the flows package (found by path: the library never imports the
+    flows, only the CLI does; the deployments name them by module, so a workspace holds no copy of them)."""
+    return Path(__file__).resolve().parents[1] / "flows" / "prefect.template.yaml"
 
 
 def workspace_name(directory: Path) -> str:
@@ -44,7 +44,7 @@ def workspace_name(directory: Path) -> str:
 
 def prefect_yaml(name: str) -> str:
     """prefect.yaml for a workspace, read from the flows package's template."""
-    text = (_flows_source() / "prefect.template.yaml").read_text()
+    text = _prefect_template().read_text()
     return text.replace("{{NAME}}", name)
 
 
@@ -68,7 +68,7 @@ def _relative_or_absolute(path: Path, directory: Path) -> str:
 def base_params(base: Path, directory: Path, raw: dict) -> dict:
     """`raw` params with LoRA over the pretrained `base` (tokenizer, context within the base's, adapters, the
     measured training defaults); ConfigError naming model.base if it is no usable causal LM."""
-    from sisaflow.pretrained import base_context_limit, check_base
+    from sisaflow.models.pretrained import base_context_limit, check_base
 
     base = Path(base).expanduser().resolve()
     model = {**raw["model"], **LORA_MODEL, "tokenizer": "base", "base": str(base)}
@@ -102,7 +102,7 @@ def init_workspace(
             f"sharding.shards = {sharding.shards} but the corpus has only {owners} owner(s): shards would be "
             f"empty; pass --shards {owners} or fewer"
         )
-    from sisaflow.sharding import shard_of
+    from sisaflow.data.sharding import shard_of
 
     used = {shard_of(r.owner, sharding.shards) for r in records}
     empty = sorted(set(range(sharding.shards)) - used)
@@ -134,19 +134,15 @@ def init_workspace(
         )
         versioning.write_dvc_yaml(ws, params)
         write_text(ws.prefect_file, prefect_yaml(workspace_name(directory)))
-        flows_dir = directory / "flows"
-        flows_dir.mkdir(exist_ok=True)
-        for src in _flows_source().glob("*.py"):
-            shutil.copy2(src, flows_dir / src.name)
         ws.deletions_dir.mkdir(exist_ok=True)
         ws.ledger_file.touch()
         gi = directory / ".gitignore"
         if not gi.exists():
             write_text(gi, GITIGNORE)
         versioning.init_repo(ws, params)
-        from sisaflow import pipeline
+        from sisaflow.pipeline import steps
 
-        pipeline.prepare(ws, params)
+        steps.prepare(ws, params)
         versioning.git_commit(
             ws,
             "sisaflow init: workspace configuration",
@@ -154,7 +150,6 @@ def init_workspace(
                 "params.yaml",
                 "dvc.yaml",
                 "prefect.yaml",
-                "flows",
                 "deletions",
                 ".gitignore",
                 ".dvc/config",

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sisaflow import pipeline
-from sisaflow.checkpoint import MODEL_FILE, read_meta, weights_hash
-from sisaflow.config import Params
-from sisaflow.errors import CorpusError, ShardingError
-from sisaflow.paths import Workspace
-from sisaflow.registry import read_registry
-from sisaflow.sharding import read_shard_manifest, shard_corpus, slice_digests
-from sisaflow.training import train_shard
+from sisaflow.core.config import Params
+from sisaflow.core.errors import CorpusError, ShardingError
+from sisaflow.core.paths import Workspace
+from sisaflow.data.sharding import read_shard_manifest, shard_corpus, slice_digests
+from sisaflow.inference.registry import read_registry
+from sisaflow.pipeline import steps
+from sisaflow.training.checkpoint import MODEL_FILE, read_meta, weights_hash
+from sisaflow.training.loop import train_shard
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
     if not ws.source(params.corpus.path).is_file():
         return False
     try:
-        pipeline.prepare(ws, params, scratch.corpus_file)
+        steps.prepare(ws, params, scratch.corpus_file)
     except CorpusError:
         return False
     scratch.shards_dir.mkdir(parents=True, exist_ok=True)

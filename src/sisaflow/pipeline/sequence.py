@@ -1,12 +1,13 @@
-"""The sequence of a run or a forget, as library code: what the Prefect flows run, and what `sisaflow run
---no-prefect` / `sisaflow forget --no-prefect` run without Prefect.
+"""The sequence of a run or a forget: the order of the steps, the locking, and every decision about a request's
+state. The Prefect flows run it with Prefect tasks for steps; `sisaflow run --no-prefect` / `sisaflow forget
+--no-prefect` run it in this process.
 
     lock -> impact records -> metrics before -> prepare -> shard -> train the stale shards -> ensemble
          -> mark applied -> dvc commit -> purge -> scan -> certify
 
-Each step is a method of `Steps`, which calls the library directly. The flows (flows/steps.py) pass a subclass
-whose methods run the same library code as Prefect tasks, for retries and task-run records; the order, the
-locking and every decision about a request's state stay here, so both ways of running do the same thing.
+The steps are the table `steps.STEPS`; a `StepRunner` calls them by name. The flows pass a runner whose call
+runs the step as its Prefect task (for retries and task-run records); everything else stays here, so both ways
+of running do the same thing.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from sisaflow import ledger, pipeline
-from sisaflow.paths import Workspace
-from sisaflow.proof import record_impact
+from sisaflow.core.config import Params
+from sisaflow.core.lock import workspace_lock
+from sisaflow.core.paths import Workspace
+from sisaflow.deletion import requests
+from sisaflow.deletion.impact import record_impact
+from sisaflow.pipeline import steps
+from sisaflow.pipeline.report import RunReport, RunResult, cost_model, cost_model_formula, timed
 
 log = logging.getLogger("sisaflow")
 
@@ -27,8 +33,11 @@ def _ws(root: str) -> Workspace:
     return Workspace(Path(root))
 
 
-class Steps:
-    """The steps of a run, each a call on the workspace at `root`; `say`, `warn` and `error` report progress."""
+class StepRunner:
+    """Runs a step of `steps.STEPS` by name, in this process; `say`, `warn` and `error` report progress."""
+
+    orchestration = "the library, without Prefect"
+    """What runs the steps, for the run report."""
 
     def __init__(
         self,
@@ -40,108 +49,53 @@ class Steps:
         self.warn = warn or log.warning
         self.error = error or log.error
 
-    @property
-    def orchestration(self) -> str:
-        """What runs the steps, for the run report."""
-        return "the library, without Prefect"
-
-    def prepare(self, root: str) -> dict:
-        ws = _ws(root)
-        return pipeline.prepare(ws, pipeline.load(ws))
-
-    def shard(self, root: str) -> dict:
-        ws = _ws(root)
-        rep = pipeline.shard(ws, pipeline.load(ws))
-        return {
-            "shards": rep.shards_written,
-            "slices": [list(x) for x in rep.slices_written],
-            "records": rep.records,
-        }
-
-    def stale(self, root: str) -> dict[int, int]:
-        ws = _ws(root)
-        return pipeline.stale_shards(ws, pipeline.load(ws))
-
-    def train(self, root: str, shards: list[int], in_process: bool = False):
-        """Resumes from the last complete checkpoint, so a retry continues where a failure stopped."""
-        ws = _ws(root)
-        return pipeline.train(ws, pipeline.load(ws), shards, progress=self.say, in_process=in_process)
-
-    def ensemble(self, root: str) -> dict:
-        ws = _ws(root)
-        return pipeline.ensemble(ws, pipeline.load(ws))
-
-    def purge(self, root: str) -> dict:
-        from sisaflow.purge import purge as purge_workspace
-
-        ws = _ws(root)
-        return purge_workspace(ws, pipeline.load(ws)).to_dict()
-
-    def scan(self, root: str, request_ids: list[str]) -> dict:
-        from sisaflow.verify import scan_summary
-
-        ws = _ws(root)
-        return scan_summary(ws, pipeline.load(ws), request_ids)
-
-    def certify(self, root: str, request_id: str) -> list[str]:
-        from sisaflow.proof import certify as write_certificate
-
-        return [str(p) for p in write_certificate(_ws(root), request_id)]
-
-    def snapshot_before(self, root: str, request_ids: list[str], run_id: str) -> str | None:
-        """Aggregates of the to-be-forgotten records under the ensemble trained on them (reports/before/)."""
-        from sisaflow.evaluation import snapshot_before as snapshot
-
-        ws = _ws(root)
-        try:
-            path = snapshot(ws, pipeline.load(ws), request_ids, run_id)
-        except Exception as exc:  # measuring must never stop a deletion; the run goes on without the numbers
-            self.warn(f"before-deletion metrics not recorded ({type(exc).__name__}: {exc})")
-            return None
-        return str(path) if path else None
-
-    def record(self, root: str) -> dict:
-        ws = _ws(root)
-        return pipeline.record(ws, pipeline.load(ws))
+    def __call__(self, name: str, root: str, *args: Any) -> Any:
+        return steps.run_step(name, root, *args, progress=self.say)
 
 
-def run_steps(root: str, kind: str, in_process: bool = False, steps: Steps | None = None) -> dict:
+def _snapshot_before(runner: StepRunner, root: str, request_ids: list[str], run_id: str) -> str | None:
+    try:
+        return runner("snapshot_before", root, request_ids, run_id)
+    except Exception as exc:  # measuring must never stop a deletion; the run goes on without the numbers
+        runner.warn(f"before-deletion metrics not recorded ({type(exc).__name__}: {exc})")
+        return None
+
+
+def run_steps(root: str, kind: str, in_process: bool = False, runner: StepRunner | None = None) -> RunResult:
     """prepare -> shard -> train stale shards -> ensemble -> dvc commit, and for the requests this run finishes
-    purge -> scan -> certify; returns the run report as a dict. `kind` is "run" or "forget"."""
-    steps = steps or Steps()
+    purge -> scan -> certify; returns the run report. `kind` is "run" or "forget"."""
+    run = runner or StepRunner()
     ws = _ws(root)
-    params = pipeline.load(ws)
+    params = Params.load(ws.params_file)
     if params.model.base is not None:
-        from sisaflow.pretrained import check_base
+        from sisaflow.models.pretrained import check_base
 
         check_base(params.model)  # a bad base fails the run before it imports, shards or trains anything
-    with pipeline.workspace_lock(ws, f"sisaflow {kind}", waiting=steps.say):
+    with workspace_lock(ws, f"sisaflow {kind}", waiting=run.say):
         # made once the lock is held, so reports are named in the order runs applied their changes
         # the requests this run finishes: every one not yet certified, including any recorded while it waited
         # for the lock and any a killed run left half done
-        report = pipeline.RunReport(
-            kind=kind, requests=pipeline.open_requests(ws), orchestration=steps.orchestration
-        )
-        pending = pipeline.pending_requests(ws)
+        report = RunReport(kind=kind, requests=requests.open_requests(ws), orchestration=run.orchestration)
+        pending = requests.pending_requests(ws)
         applying = [r.request_id for r in pending]
-        before = pipeline.checkpoint_hashes(ws, params)
+        before = steps.checkpoint_hashes(ws, params)
         # each request's shards, slices and checkpoints, before anything changes (kept if a crash comes)
         record_impact(ws, params, pending, before)
         if applying:
-            with pipeline.timed(report, "metrics_before"):
-                steps.snapshot_before(root, applying, report.run_id)
-        report.full_training_tokens = pipeline.full_training_tokens(ws, params)
-        with pipeline.timed(report, "prepare"):
-            report.imported = steps.prepare(root)
-        with pipeline.timed(report, "shard"):
-            sharded = steps.shard(root)
-        report.shards_rewritten = sharded["shards"]
-        report.slices_rewritten = sharded["slices"]
-        todo = steps.stale(root)
+            with timed(report, "metrics_before"):
+                _snapshot_before(run, root, applying, report.run_id)
+        report.full_training_tokens = steps.full_training_tokens(ws, params)
+        with timed(report, "prepare"):
+            report.imported = run("prepare", root)
+        with timed(report, "shard"):
+            sharded = run("shard", root)
+        report.shards_rewritten = sharded.shards_written
+        report.slices_rewritten = [list(x) for x in sharded.slices_written]
+        todo = run("stale", root)
         if todo:
-            steps.say("stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in sorted(todo.items())))
-            with pipeline.timed(report, "train"):
-                trained = steps.train(root, sorted(todo), in_process)
+            run.say("stale: " + ", ".join(f"shard {s} from slice {k}" for s, k in sorted(todo.items())))
+            with timed(report, "train"):
+                trained = run("train", root, sorted(todo), in_process)
             report.seconds["ray_start"] = trained.ray_start_seconds
             for r in trained.shards:
                 report.trained[r.shard] = {
@@ -152,73 +106,74 @@ def run_steps(root: str, kind: str, in_process: bool = False, steps: Steps | Non
                 }
             report.training_tokens = sum(r.tokens for r in trained.shards)
         else:
-            steps.say("every shard is up to date: nothing to train")
-        with pipeline.timed(report, "ensemble"):
-            report.ensemble_version = steps.ensemble(root)["version"]
+            run.say("every shard is up to date: nothing to train")
+        with timed(report, "ensemble"):
+            report.ensemble_version = run("ensemble", root)["version"]
         # requests this run applied, then any a killed forget left retrained or purged: purge, scan, certify both
-        applied = pipeline.mark_applied(ws)
+        applied = requests.mark_applied(ws)
         report.retrained_requests = applied + [
-            r for r in pipeline.unfinished_requests(ws) if r not in applied
+            r for r in requests.unfinished_requests(ws) if r not in applied
         ]
-        lock_before = pipeline.lock_entries(ws)
-        with pipeline.timed(report, "dvc"):
-            report.dvc_clean = not steps.record(root)
-        report.lock_changed = pipeline.changed_lock_entries(lock_before, pipeline.lock_entries(ws))
-        after = pipeline.checkpoint_hashes(ws, params)
+        lock_before = steps.lock_entries(ws)
+        with timed(report, "dvc"):
+            report.dvc_clean = not run("record", root)
+        report.lock_changed = steps.changed_lock_entries(lock_before, steps.lock_entries(ws))
+        after = steps.checkpoint_hashes(ws, params)
         if report.retrained_requests:
             # no copy left: old shard files and checkpoints in the DVC cache and remote, run cache, temp files
-            with pipeline.timed(report, "purge"):
-                report.purge = steps.purge(root)
-            ledger.mark(ws.ledger_file, report.retrained_requests, "purged")
-            with pipeline.timed(report, "scan"):
-                report.verify = steps.scan(root, report.retrained_requests)
+            with timed(report, "purge"):
+                report.purge = run("purge", root)
+            requests.mark_purged(ws, report.retrained_requests)
+            with timed(report, "scan"):
+                report.verify = run("scan", root, report.retrained_requests)
         report.slices = params.sharding.slices
         report.checkpoints_before = {str(s): {str(k): h for k, h in v.items()} for s, v in before.items()}
         report.checkpoints_after = {str(s): {str(k): h for k, h in v.items()} for s, v in after.items()}
         if not report.full_training_tokens or kind == "run" and set(todo) == set(params.sharding.shard_ids):
-            report.full_training_tokens = pipeline.full_training_tokens(ws, params)
+            report.full_training_tokens = steps.full_training_tokens(ws, params)
         report.save(ws)
         if report.verify is not None:
-            if report.purge and report.purge.get("remote_not_collected"):
-                steps.error(
+            if report.purge and report.purge.remote_not_collected:
+                run.error(
                     "the DVC remote could not be garbage-collected (see the purge notes in the run report): it may "
                     "still hold old copies, so requests stay purged, not certified; the next `sisaflow run` "
                     "purges again and certifies once the remote is reachable"
                 )
-            elif report.verify["findings"]:
-                steps.error(
-                    f"the scan after purge found {report.verify['findings']} copy(ies) of deleted records "
-                    "(by location: " + json.dumps(report.verify["findings_by_location"]) + "); requests stay "
+            elif report.verify.findings:
+                run.error(
+                    f"the scan after purge found {report.verify.findings} copy(ies) of deleted records "
+                    "(by location: " + json.dumps(report.verify.findings_by_location) + "); requests stay "
                     "purged, not certified: `sisaflow verify` shows where; once they are removed, "
                     "`sisaflow certificate <request id>` scans again and certifies"
                 )
             else:
                 for rid in report.retrained_requests:
-                    report.certificates[rid] = steps.certify(root, rid)
+                    report.certificates[rid] = run("certify", root, rid)
                 report.save(ws)
-    out = {"report": report.__dict__, "checkpoints_before": before, "checkpoints_after": after}
-    out["cost_model"] = pipeline.cost_model(
-        params.sharding.shards, params.sharding.slices, params.train.schedule
+    return RunResult(
+        report=report,
+        checkpoints_before=before,
+        checkpoints_after=after,
+        cost_model=cost_model(params.sharding.shards, params.sharding.slices, params.train.schedule),
+        cost_model_formula=cost_model_formula(params.train.schedule),
     )
-    out["cost_model_formula"] = pipeline.cost_model_formula(params.train.schedule)
-    return out
 
 
 def forget(
-    root: str, request_id: str | None = None, in_process: bool = False, steps: Steps | None = None
-) -> dict:
+    root: str, request_id: str | None = None, in_process: bool = False, runner: StepRunner | None = None
+) -> RunResult:
     """Finish every open deletion request (`request_id`, the one that asked, and any queued beside it)."""
-    steps = steps or Steps()
-    if request_id and request_id not in pipeline.open_requests(_ws(root)):
-        steps.say(f"request {request_id} is already certified")
-    return run_steps(root, "forget", in_process, steps)
+    run = runner or StepRunner()
+    if request_id and request_id not in requests.open_requests(_ws(root)):
+        run.say(f"request {request_id} is already certified")
+    return run_steps(root, "forget", in_process, run)
 
 
-def drain(root: str, in_process: bool = False, steps: Steps | None = None) -> dict:
+def drain(root: str, in_process: bool = False, runner: StepRunner | None = None) -> RunResult | None:
     """Run the forget steps if any request is not yet certified (recorded while nothing ran, or left unfinished
     by a run that was killed at any step); otherwise do nothing."""
-    steps = steps or Steps()
-    if not pipeline.open_requests(_ws(root)):
-        steps.say("no pending deletion requests")
-        return {"requests": []}
-    return run_steps(root, "forget", in_process, steps)
+    run = runner or StepRunner()
+    if not requests.open_requests(_ws(root)):
+        run.say("no pending deletion requests")
+        return None
+    return run_steps(root, "forget", in_process, run)

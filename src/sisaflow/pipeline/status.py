@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from sisaflow import ledger, pipeline
-from sisaflow.checkpoint import read_meta, weights_hash
-from sisaflow.errors import WorkspaceError
-from sisaflow.paths import Workspace
-from sisaflow.registry import read_registry, serving_view
+from sisaflow.core import ledger
+from sisaflow.core.errors import WorkspaceError
+from sisaflow.core.paths import Workspace
+from sisaflow.deletion.requests import pending_requests
+from sisaflow.inference.registry import read_registry, serving_view
+from sisaflow.pipeline import steps
+from sisaflow.training.checkpoint import read_meta, weights_hash
 
 
 def workspace_status(ws: Workspace) -> dict:
     """A JSON-able summary of the workspace."""
-    params = pipeline.load(ws)
+    params = steps.load(ws)
     shards = []
     for s in params.sharding.shard_ids:
         entry: dict = {"shard": s}
         mpath = ws.shard_manifest(s)
         if mpath.is_file():
-            from sisaflow.fsio import read_json
+            from sisaflow.core.fsio import read_json
 
             m = read_json(mpath)
             entry.update(
@@ -47,7 +49,7 @@ def workspace_status(ws: Workspace) -> dict:
         }
     stale = {}
     if all(ws.shard_manifest(s).is_file() for s in params.sharding.shard_ids):
-        stale = pipeline.stale_shards(ws, params)
+        stale = steps.stale_shards(ws, params)
     state = ledger.current_state(ws.ledger_file)
     pending = [
         {
@@ -56,7 +58,7 @@ def workspace_status(ws: Workspace) -> dict:
             "records": len(r.content_hashes),
             "state": state.get(r.request_id, "pending"),
         }
-        for r in pipeline.pending_requests(ws)
+        for r in pending_requests(ws)
     ]
     return {
         "workspace": str(ws.root),

@@ -1,31 +1,34 @@
-"""The steps of a run, as plain library functions. The CLI and the Prefect flows are thin adapters over these.
+"""The steps of a run, each written once as a library function `step(ws, params, *args)`, and `STEPS`, the one
+table of them that both ways of running use: `sequence` calls them through a runner (in this process, or as
+Prefect tasks that `sisaflow.flows` makes from this table with the retries it names).
 
 run:    prepare -> shard -> train (stale shards only, on Ray) -> ensemble -> record (dvc commit)
-forget: request (ledger) -> the same steps; only the touched shards are stale, from their touched slice.
+forget: the same steps, with metrics before and, for the requests the run applied, purge -> scan -> certify;
+        only the touched shards are stale, from their first touched slice.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sisaflow import ledger, versioning
-from sisaflow.checkpoint import read_meta, weights_hash
-from sisaflow.config import Params
-from sisaflow.corpus import from_table, import_corpus, read_table
-from sisaflow.errors import DeletionError
-from sisaflow.fsio import write_json
-from sisaflow.lineage import chain_hashes, first_stale_slice
-from sisaflow.paths import Workspace
-from sisaflow.registry import build_registry
-from sisaflow.sharding import ShardReport, read_shard_manifest, shard_corpus, slice_digests
+from sisaflow.core import ledger, versioning
+from sisaflow.core.config import Params
+from sisaflow.core.errors import DeletionError
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import import_corpus
+from sisaflow.data.sharding import ShardReport, read_shard_manifest, shard_corpus, slice_digests
+from sisaflow.inference.registry import build_registry
+from sisaflow.training.checkpoint import read_meta, weights_hash
+from sisaflow.training.lineage import chain_hashes, first_stale_slice
+
+if TYPE_CHECKING:
+    from sisaflow.deletion.leftovers import ScanSummary
+    from sisaflow.deletion.purge import PurgeReport
 
 log = logging.getLogger("sisaflow")
 Progress = Callable[[str], None]
@@ -36,46 +39,10 @@ def load(ws: Workspace) -> Params:
     return Params.load(ws.params_file)
 
 
-@contextlib.contextmanager
-def workspace_lock(ws: Workspace, what: str = "run", waiting: Progress | None = None) -> Iterator[None]:
-    """One run, forget or purge at a time per workspace; a second one waits, and says so through `waiting`.
-
-    The holder writes who it is into the lock file, so the one that waits can name it. Deletion requests do
-    not take this lock (the ledger has its own): a request that arrives during a run is recorded at once and
-    queued; the next run applies every pending request together.
-    """
-    ws.state_dir.mkdir(parents=True, exist_ok=True)
-    # "a+": opening must not truncate the holder's note
-    with open(ws.lock_file, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            message = (
-                f"{ws.root}: waiting for the active {holder} to finish (one run at a time per workspace)"
-            )
-            log.info(message)
-            if waiting is not None:
-                waiting(message)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{what} (pid {os.getpid()}, since {datetime.now(UTC).isoformat(timespec='seconds')})")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fh.flush()
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def prepare(ws: Workspace, params: Params, corpus_file: Path | None = None) -> dict[str, int]:
     """Import the corpus source minus every record named in the deletion ledger. Refuses while the ledger lacks a
     request that a certificate in the workspace certifies: the records it erased would come back."""
-    from sisaflow.proof import certified_but_unrecorded
+    from sisaflow.deletion.impact import certified_but_unrecorded
 
     lost = certified_but_unrecorded(ws)
     if lost:
@@ -114,11 +81,11 @@ def train(
     in_process: bool = False,
 ):
     """Train `shards` (Ray by default; in this process with in_process=True). Returns a ParallelReport."""
-    from sisaflow.parallel import ParallelReport, train_shards
-    from sisaflow.training import train_shard
+    from sisaflow.training.loop import train_shard
+    from sisaflow.training.ray_launcher import ParallelReport, train_shards
 
     if shards and params.model.base is not None:
-        from sisaflow.pretrained import check_base
+        from sisaflow.models.pretrained import check_base
 
         check_base(params.model)  # here, before Ray starts: a bad base fails the run as this ConfigError
     if not in_process:
@@ -145,6 +112,74 @@ def record(ws: Workspace, params: Params) -> dict:
     stages = versioning.stage_names(params)
     versioning.commit(ws, stages)
     return versioning.status(ws, stages)
+
+
+def snapshot_before(ws: Workspace, params: Params, request_ids: list[str], run_id: str) -> str | None:
+    """Aggregates of the to-be-forgotten records under the ensemble trained on them (reports/before/)."""
+    from sisaflow.evaluation.evaluate import snapshot_before as snapshot
+
+    path = snapshot(ws, params, request_ids, run_id)
+    return str(path) if path else None
+
+
+def purge(ws: Workspace, params: Params) -> PurgeReport:
+    """Remove every old copy: superseded files in the DVC cache and remote, the run cache, temp files."""
+    from sisaflow.deletion.purge import purge as purge_workspace
+
+    return purge_workspace(ws, params)
+
+
+def scan(ws: Workspace, params: Params, request_ids: list[str]) -> ScanSummary:
+    """Search everywhere for the requests' records and retired weights."""
+    from sisaflow.deletion.leftovers import summary
+
+    return summary(ws, params, request_ids)
+
+
+def certify(ws: Workspace, params: Params, request_id: str) -> list[str]:
+    """Issue the request's certificate (JSON and HTML); their paths."""
+    from sisaflow.deletion.certificate import certify as issue
+
+    return [str(p) for p in issue(ws, request_id)]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One entry of the table: the function, the name its Prefect task runs under, and its retries."""
+
+    function: Callable[..., Any]
+    task_name: str
+    retries: int = 0
+    retry_delay_seconds: float = 0
+    progress: bool = False
+    """The function takes `progress`, a callable for lines to show while it works."""
+
+
+STEPS: dict[str, Step] = {
+    "snapshot_before": Step(snapshot_before, "metrics-before-deletion"),
+    "prepare": Step(prepare, "prepare"),
+    "shard": Step(shard, "shard"),
+    "stale": Step(stale_shards, "find-stale-shards"),
+    # training resumes from the last complete checkpoint, so a retry continues where the failure stopped
+    "train": Step(train, "train-shards", retries=2, retry_delay_seconds=5, progress=True),
+    "ensemble": Step(ensemble, "ensemble"),
+    "record": Step(record, "record-in-dvc"),
+    "purge": Step(purge, "purge"),
+    "scan": Step(scan, "scan-for-copies"),
+    "certify": Step(certify, "certify"),
+}
+
+
+def run_step(name: str, root: str, *args: Any, progress: Progress | None = None) -> Any:
+    """Run the step `name` of the table on the workspace at `root` (a string: Prefect passes it as a task's
+    parameter), with its params read afresh: a retried step sees what the failed try left."""
+    step = STEPS[name]
+    ws = Workspace(Path(root))
+    kwargs = {"progress": progress} if step.progress else {}
+    return step.function(ws, load(ws), *args, **kwargs)
+
+
+# ---- what the sequence measures around the steps ----
 
 
 def lock_entries(ws: Workspace) -> dict:
@@ -180,197 +215,3 @@ def checkpoint_hashes(ws: Workspace, params: Params) -> dict[int, dict[int, str]
             if read_meta(d) is not None:
                 out[s][k] = weights_hash(d)
     return out
-
-
-def cost_model_formula(schedule: str) -> str:
-    return "(1/S)(2R+1)/(3R)" if schedule == "cumulative" else "(1/S)(R+1)/(2R)"
-
-
-def cost_model(shards: int, slices: int, schedule: str) -> float:
-    """Expected fraction of a full training that one deletion at a random record retrains."""
-    if schedule == "cumulative":
-        return (2 * slices + 1) / (3 * slices) / shards
-    return (slices + 1) / (2 * slices) / shards
-
-
-# ---- deletion requests ----
-
-
-def resolve_request(
-    ws: Workspace, owners: list[str], records: list[str], unknown: str = "error"
-) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Check the named owners and records against the imported corpus.
-
-    Returns (content hashes covered, owners kept, records kept, warnings). With unknown="error" an unknown
-    name refuses the whole request (nothing is recorded); with "warn" it is dropped with a warning.
-    """
-    if not owners and not records:
-        raise DeletionError("a deletion request must name at least one owner or record")
-    if not ws.corpus_file.is_file():
-        raise DeletionError(f"{ws.corpus_file}: no imported corpus yet; run `sisaflow run` first")
-    corpus = from_table(read_table(ws.corpus_file))
-    known_owners = {r.owner for r in corpus}
-    known_records = {r.record_id for r in corpus}
-    bad_owners = sorted(set(owners) - known_owners)
-    bad_records = sorted(set(records) - known_records)
-    warnings = []
-    if bad_owners or bad_records:
-        parts = []
-        if bad_owners:
-            parts.append(f"unknown owner(s): {', '.join(bad_owners[:10])}")
-        if bad_records:
-            parts.append(f"unknown record(s): {', '.join(bad_records[:10])}")
-        message = "; ".join(parts) + " (not in the current corpus; already forgotten or never present)"
-        earlier = _earlier_requests(ws, set(bad_owners), set(bad_records))
-        if earlier:
-            message += "; already forgotten by " + ", ".join(earlier)
-        if unknown == "error":
-            raise DeletionError(message)
-        warnings.append(message)
-    owners = sorted(set(owners) & known_owners)
-    records = sorted(set(records) & known_records)
-    if not owners and not records:
-        raise DeletionError("nothing to forget: " + "; ".join(warnings))
-    covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
-    return sorted(r.content_hash for r in covered), owners, records, warnings
-
-
-def _earlier_requests(ws: Workspace, owners: set[str], records: set[str]) -> list[str]:
-    """'request R (state)' for each recorded request that names one of `owners` or `records`, with its
-    certificate's path once certified: the proof to hand over for the same person's later request."""
-    state = ledger.current_state(ws.ledger_file)
-    out = []
-    for r in ledger.read_ledger(ws.ledger_file):
-        if owners & set(r.owners) or records & set(r.records):
-            s = state.get(r.request_id, "pending")
-            cert = ws.certificates_dir / f"{r.request_id}.json"
-            out.append(
-                f"request {r.request_id} ({s}" + (f"; certificate {cert}" if cert.is_file() else "") + ")"
-            )
-    return out
-
-
-def request_deletion(
-    ws: Workspace,
-    owners: list[str],
-    records: list[str],
-    request_id: str | None = None,
-    reason: str | None = None,
-) -> tuple[ledger.DeletionRequest, bool, list[str]]:
-    """Validate and durably record a deletion request. Returns (request, newly_recorded, warnings).
-
-    The same request id with the same owners and records changes nothing, even after it was applied; the
-    same id with other contents is refused. In unlearn.mode exclude, the request is marked excluded at once:
-    from then on no generate or score call uses a constituent trained on its records.
-    """
-    params = load(ws)
-    if request_id:
-        for existing in ledger.read_ledger(ws.ledger_file):
-            if existing.request_id == request_id:
-                if (sorted(set(existing.owners)), sorted(set(existing.records))) != (
-                    sorted(set(owners)),
-                    sorted(set(records)),
-                ):
-                    raise DeletionError(f"request id {request_id!r} is already used by a different request")
-                return existing, False, []
-    hashes, owners, records, warnings = resolve_request(ws, owners, records, params.unlearn.unknown)
-    req = ledger.DeletionRequest(
-        request_id=request_id or ledger.new_request_id(),
-        owners=owners,
-        records=records,
-        content_hashes=hashes,
-        reason=reason,
-    )
-    new = ledger.append_request(ws.ledger_file, req)
-    if new and params.unlearn.mode == "exclude":
-        ledger.mark(ws.ledger_file, [req.request_id], "excluded")
-    return req, new, warnings
-
-
-def mark_applied(ws: Workspace) -> list[str]:
-    """After a promotion: every request not yet retrained whose records are gone is now retrained."""
-    still = {r.request_id for r in pending_requests(ws)}
-    state = ledger.current_state(ws.ledger_file)
-    done = [
-        r.request_id
-        for r in ledger.read_ledger(ws.ledger_file)
-        if r.request_id not in still and state.get(r.request_id, "pending") in ("pending", "excluded")
-    ]
-    return ledger.mark(ws.ledger_file, done, "retrained")
-
-
-def unfinished_requests(ws: Workspace) -> list[str]:
-    """Requests retrained or purged but not certified: a forget killed after its promotion left them so."""
-    state = ledger.current_state(ws.ledger_file)
-    return [
-        r.request_id
-        for r in ledger.read_ledger(ws.ledger_file)
-        if state.get(r.request_id) in ("retrained", "purged")
-    ]
-
-
-def open_requests(ws: Workspace) -> list[str]:
-    """Requests not yet certified, in ledger order: what a drain or forget run has to finish. This includes
-    requests whose records a killed run already removed from the corpus but whose shards are not retrained."""
-    state = ledger.current_state(ws.ledger_file)
-    return [
-        r.request_id for r in ledger.read_ledger(ws.ledger_file) if state.get(r.request_id) != "certified"
-    ]
-
-
-def pending_requests(ws: Workspace) -> list[ledger.DeletionRequest]:
-    """Requests whose records are still in the imported corpus or in a shard's placement."""
-    reqs = ledger.read_ledger(ws.ledger_file)
-    if not reqs:
-        return []
-    present_owners: set[str] = set()
-    present_records: set[str] = set()
-    if ws.corpus_file.is_file():
-        t = read_table(ws.corpus_file).select(["record_id", "owner"]).to_pydict()
-        present_owners, present_records = set(t["owner"]), set(t["record_id"])
-    if ws.placement_file.is_file():
-        present_records |= set(read_table(ws.placement_file).column("record_id").to_pylist())
-    return [r for r in reqs if set(r.owners) & present_owners or set(r.records) & present_records]
-
-
-# ---- run reports ----
-
-
-@dataclass
-class RunReport:
-    kind: str
-    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    # names the report file; microseconds keep two runs started in one second apart and in order
-    run_id: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ"))
-    seconds: dict[str, float] = field(default_factory=dict)
-    imported: dict = field(default_factory=dict)
-    shards_rewritten: list[int] = field(default_factory=list)
-    slices_rewritten: list[list[int]] = field(default_factory=list)
-    trained: dict[int, dict] = field(default_factory=dict)
-    training_tokens: int = 0
-    full_training_tokens: int = 0
-    ensemble_version: str = ""
-    requests: list[str] = field(default_factory=list)
-    dvc_clean: bool = False
-    lock_changed: list[str] = field(default_factory=list)
-    retrained_requests: list[str] = field(default_factory=list)
-    slices: int = 0
-    checkpoints_before: dict = field(default_factory=dict)
-    checkpoints_after: dict = field(default_factory=dict)
-    purge: dict | None = None
-    verify: dict | None = None
-    certificates: dict[str, list[str]] = field(default_factory=dict)
-    orchestration: str = ""
-    """What ran the steps: a Prefect flow run (named), or the library alone (--no-prefect)."""
-
-    def save(self, ws: Workspace) -> None:
-        write_json(ws.runs_dir / f"{self.run_id}-{self.kind}.json", asdict(self))
-
-
-@contextlib.contextmanager
-def timed(report: RunReport, name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        report.seconds[name] = report.seconds.get(name, 0.0) + time.perf_counter() - t0

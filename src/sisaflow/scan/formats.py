@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from sisaflow.scan_targets import Needles, ScanReport
+from sisaflow.scan.targets import Needles, ScanReport
 
 IN_MEMORY_BYTES = 64 << 20
 """Files (and git objects) up to this size are also decoded (compressed streams, base64 in JSON)."""

@@ -11,7 +11,7 @@ directory, in the Prefect home and in Ray's temporary directory for the workspac
 - 'content_hash': the record's content hash (64 hex digits);
 - 'record_id': the record's id, as a whole token (in Parquet string columns: an exact value);
 - 'weights': a byte-for-byte copy of the weights file of a checkpoint the request retired (trained on its
-  records), as its impact record names them (sisaflow.proof).
+  records), as its impact record names them (sisaflow.deletion.impact).
 
 Exclusions. The deletion ledger (deletions/) and deletion certificates (reports/certificates/) legitimately hold
 ids and content hashes, so there (in the working tree and in git history, and in ledger-shaped git objects no
@@ -27,14 +27,15 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from sisaflow.blobsearch import IN_MEMORY_BYTES, Limited, drain, search_bytes, search_file, search_stream
-from sisaflow.config import Params
-from sisaflow.errors import SisaflowError
-from sisaflow.paths import Workspace
-from sisaflow.scan_targets import (
+from sisaflow.core import versioning
+from sisaflow.core.config import Params
+from sisaflow.core.errors import SisaflowError
+from sisaflow.core.paths import Workspace
+from sisaflow.scan.formats import IN_MEMORY_BYTES, Limited, drain, search_bytes, search_file, search_stream
+from sisaflow.scan.targets import (
     Finding,
     Needles,
     ScanReport,
@@ -42,7 +43,6 @@ from sisaflow.scan_targets import (
     Weights,
     build_needles,
     kept_texts,
-    targets_from_ledger,
     targets_from_source,
     text_pieces,
 )
@@ -51,11 +51,9 @@ __all__ = [
     "Finding",
     "ScanReport",
     "Target",
-    "default_remote",
     "remote_dir",
     "scan",
     "scan_report",
-    "targets_from_ledger",
     "targets_from_source",
     "text_pieces",
 ]
@@ -134,14 +132,12 @@ def _scan_tree(
 
 def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | None]:
     """(DVC cache directory, local DVC remote directory), each None when there is none."""
-    from sisaflow.versioning import _run
-
     if not (ws.root / ".dvc").is_dir():
         report.notes.append("no .dvc directory: no DVC cache or remote to search")
         return None, None
     cache: Path | None = ws.root / ".dvc" / "cache"
     try:
-        out = _run(ws, "dvc", "cache", "dir").stdout.strip()
+        out = versioning.run_tool(ws, "dvc", "cache", "dir").stdout.strip()
         if out:
             cache = Path(out)
     except SisaflowError as exc:
@@ -150,30 +146,9 @@ def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | No
     return cache, remote
 
 
-def default_remote(ws: Workspace) -> tuple[str, str, Path | None]:
-    """(name, url, local directory) of the default DVC remote: ("", "", None) when none is configured, and
-    local directory None when the remote is not a local path."""
-    from sisaflow.versioning import _run
-
-    name = _run(ws, "dvc", "remote", "default", check=False).stdout.strip()
-    if not name:
-        return "", "", None
-    url = _run(ws, "dvc", "config", f"remote.{name}.url", check=False).stdout.strip()
-    if url.startswith("file://"):
-        path = url[len("file://") :]
-    elif "://" in url or not url:
-        return name, url, None
-    else:
-        path = url
-    p = Path(path)
-    if not p.is_absolute():
-        p = ws.root / ".dvc" / p  # DVC stores a relative remote path relative to .dvc/config
-    return name, url, p.resolve()
-
-
 def remote_dir(ws: Workspace, report: ScanReport) -> Path | None:
     """The default DVC remote's directory when it is local; None (with a note) otherwise."""
-    name, url, local = default_remote(ws)
+    name, url, local = versioning.default_remote(ws)
     if not name:
         report.notes.append("no default DVC remote configured")
     elif local is None:
@@ -186,9 +161,7 @@ def remote_dir(ws: Workspace, report: ScanReport) -> Path | None:
 
 
 def _git(ws: Workspace, *args: str) -> subprocess.CompletedProcess:
-    from sisaflow.versioning import _env
-
-    return subprocess.run(["git", *args], cwd=ws.root, env=_env(ws), capture_output=True)
+    return versioning.git(ws, *args)
 
 
 def _ledger_shaped(data: bytes) -> bool:
@@ -298,17 +271,21 @@ def _within(path: Path, root: Path) -> bool:
         return False
 
 
-def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanReport:
-    """Search every place for `targets`; the findings plus what was excluded, skipped and noted."""
+def scan_report(
+    ws: Workspace,
+    params: Params,
+    targets: list[Target],
+    retired_weights: Mapping[str, tuple[str, str, int]] | None = None,
+) -> ScanReport:
+    """Search every place for `targets`, and for the weights files `retired_weights` names ({sha256: (request id,
+    checkpoint, bytes)}); the findings plus what was excluded, skipped and noted."""
     report = ScanReport()
     targets = list(targets)
     if not targets:
         report.notes.append("no targets")
         return report
     kept = kept_texts(ws, params, {t.content_hash for t in targets}, report)
-    from sisaflow.proof import retired_weights
-
-    weights = Weights(retired_weights(ws, sorted({t.request_id for t in targets})))
+    weights = Weights(dict(retired_weights or {}))
     nd = build_needles(targets, params.corpus.text_template, kept, report)
 
     source = ws.source(params.corpus.path).resolve()
@@ -370,22 +347,6 @@ def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanRep
     _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS), weights)
     report.findings = sorted(set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id))
     return report
-
-
-def scan_summary(ws: Workspace, params: Params, request_ids: list[str]) -> dict:
-    """The scan for `request_ids`' records as a run report and a certificate keep it: counts only, never a deleted
-    record's id or the paths that held it."""
-    rep = scan_report(ws, params, targets_from_ledger(ws, params, request_ids))
-    return {
-        "clean": rep.clean,
-        "findings": len(rep.findings),
-        "findings_by_location": rep.findings_by_location(),
-        "not_searched": rep.not_searched(),
-        "source_holds": rep.source_holds,
-        "files_scanned": rep.files_scanned,
-        "bytes_scanned": rep.bytes_scanned,
-        "git_objects_scanned": rep.git_objects_scanned,
-    }
 
 
 def scan(ws: Workspace, params: Params, targets: list[Target]) -> list[Finding]:

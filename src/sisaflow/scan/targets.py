@@ -3,8 +3,8 @@
 A target is a deleted record: its content hash, and, when the corpus source still has it, its id and text.
 `build_needles` turns targets into byte patterns: the text (UTF-8, and as it reads inside JSON) or its
 distinctive pieces (a template field or line of at least MIN_DISTINCT characters that no kept record contains),
-the content hash, and the record id as a whole token. sisaflow.blobsearch searches bytes for them;
-sisaflow.verify decides where.
+the content hash, and the record id as a whole token. sisaflow.scan.formats searches bytes for them;
+sisaflow.scan.places decides where.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import json
 import re
 import string
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from sisaflow.config import Params
-from sisaflow.errors import SisaflowError
-from sisaflow.multisearch import PatternIndex
-from sisaflow.paths import Workspace
+from sisaflow.core.config import Params
+from sisaflow.core.errors import SisaflowError
+from sisaflow.core.paths import Workspace
+from sisaflow.scan.patterns import PatternIndex
 
 MIN_DISTINCT = 40
 """Shortest piece of a text (template field or line) searched on its own."""
@@ -59,8 +59,12 @@ class Finding:
             return self.where.split(":", 1)[0]
         return self.where.split("/", 1)[0]
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {**asdict(self), "location_kind": self.location_kind}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Finding:
+        return cls(raw["request_id"], raw["where"], raw["what"], raw.get("record_id", ""))
 
 
 @dataclass
@@ -95,12 +99,20 @@ class ScanReport:
             out[f.location_kind] = out.get(f.location_kind, 0) + 1
         return dict(sorted(out.items()))
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         out = asdict(self)
-        out["findings"] = [f.to_dict() for f in self.findings]
+        out["findings"] = [f.to_json() for f in self.findings]
         out["findings_by_location"] = self.findings_by_location()
         out["clean"] = self.clean
         out["not_searched"] = self.not_searched()
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ScanReport:
+        """The report `to_json` wrote (its derived counts are recomputed)."""
+        plain = {f.name for f in fields(cls)} - {"findings"}
+        out = cls(**{k: v for k, v in raw.items() if k in plain})
+        out.findings = [Finding.from_json(f) for f in raw.get("findings", [])]
         return out
 
 
@@ -136,7 +148,7 @@ def targets_from_source(
 ) -> list[Target]:
     """Targets for `content_hashes`: with id and text for those whose record is in the corpus source, hash-only
     for the rest. `content_hashes` is a set of hashes (all under `request_id`) or a {hash: request_id} map."""
-    from sisaflow.corpus import read_records
+    from sisaflow.data.corpus import read_records
 
     wanted = (
         dict(content_hashes)
@@ -149,21 +161,6 @@ def targets_from_source(
             out.append(Target(wanted.pop(r.content_hash), r.record_id, r.content_hash, r.text))
     out.extend(Target(req, "", h, None) for h, req in sorted(wanted.items()))
     return out
-
-
-def targets_from_ledger(
-    ws: Workspace, params: Params, request_ids: Iterable[str] | None = None
-) -> list[Target]:
-    """Targets for every content hash the deletion ledger records (or only those of `request_ids`)."""
-    from sisaflow import ledger
-
-    keep = set(request_ids) if request_ids is not None else None
-    hashes: dict[str, str] = {}
-    for req in ledger.read_ledger(ws.ledger_file):
-        if keep is None or req.request_id in keep:
-            for h in req.content_hashes:
-                hashes.setdefault(h, req.request_id)
-    return targets_from_source(ws, params, hashes) if hashes else []
 
 
 # ---- needles ----
@@ -246,7 +243,7 @@ def _bounded(buf: bytes, pos: int, n: int) -> bool:
 def kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: ScanReport) -> str | None:
     """The texts of every source record that is not a target, joined (to drop pieces they share); counts the
     targets the source still holds into `report`."""
-    from sisaflow.corpus import read_records
+    from sisaflow.data.corpus import read_records
 
     try:
         records = read_records(ws.source(params.corpus.path), params.corpus)

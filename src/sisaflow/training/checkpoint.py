@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sisaflow.fsio import atomic_dir, read_json, sha256_file, write_json
+from sisaflow.core.fsio import atomic_dir, read_json, sha256_file, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file, save_model
 
-    from sisaflow.lora import adapter_state, is_lora
+    from sisaflow.models.lora import adapter_state, is_lora
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
@@ -100,7 +100,7 @@ def load_weights(directory: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into `model` (into its adapter, for a LoRA constituent)."""
     from safetensors.torch import load_file, load_model
 
-    from sisaflow.lora import is_lora, load_adapter_state
+    from sisaflow.models.lora import is_lora, load_adapter_state
 
     path = str(Path(directory) / MODEL_FILE)
     if is_lora(model):

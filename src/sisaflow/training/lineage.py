@@ -3,9 +3,9 @@ deletion path (recording a request, deciding what to serve) stays fast to start.
 
 from __future__ import annotations
 
-from sisaflow.checkpoint import read_meta
-from sisaflow.fsio import digest
-from sisaflow.paths import Workspace
+from sisaflow.core.fsio import digest
+from sisaflow.core.paths import Workspace
+from sisaflow.training.checkpoint import read_meta
 
 
 def chain_hashes(identity: str, slice_digests: list[str]) -> list[str]:

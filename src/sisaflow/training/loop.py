@@ -7,7 +7,7 @@ present (sorted by content hash, then a seeded permutation), the learning rate d
 and deterministic algorithms, the weights are bitwise equal.
 
 A constituent is either a small Llama built from scratch or, with model.base set, a LoRA adapter over that
-frozen pretrained base (sisaflow.lora): then only the adapter trains and is checkpointed. On CUDA, training runs
+frozen pretrained base (sisaflow.models.lora): then only the adapter trains and is checkpointed. On CUDA, training runs
 under bf16 autocast with a fused AdamW (and torch.compile with train.compile). With train.deterministic (the
 default) it also uses torch's strict deterministic algorithms and cuBLAS's fixed workspace, so a GPU run repeats
 bit for bit on the same device and software (two eager trainings on an H200 gave equal weights; bench/gpu.py
@@ -30,22 +30,22 @@ from typing import Any
 
 import torch
 
-from sisaflow.checkpoint import (
+from sisaflow.core.config import ModelParams, Params, TrainParams
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record
+from sisaflow.data.sharding import read_shard_manifest, read_slice, slice_digests
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
+from sisaflow.training.checkpoint import (
     CheckpointMeta,
     describe_environment,
     load_training_state,
     read_meta,
     save_checkpoint,
 )
-from sisaflow.config import ModelParams, Params, TrainParams
-from sisaflow.corpus import Record
-from sisaflow.lineage import chain_hashes, first_stale_slice
-from sisaflow.model import build_model
-from sisaflow.paths import Workspace
-from sisaflow.sharding import read_shard_manifest, read_slice, slice_digests
-from sisaflow.tokenizer import load_tokenizer
+from sisaflow.training.lineage import chain_hashes, first_stale_slice
 
-log = logging.getLogger("sisaflow.training")
+log = logging.getLogger("sisaflow.training.loop")
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -147,7 +147,7 @@ def train_shard(
         say(f"shard {shard}: up to date ({len(chain)} slices), nothing to train")
         return report
     if mp.base is not None:
-        from sisaflow.pretrained import check_base
+        from sisaflow.models.pretrained import check_base
 
         check_base(mp)  # a bad base or LoRA setting fails here, before a checkpoint is removed or written
 
@@ -277,7 +277,7 @@ def _deterministic_cublas(say: Callable[[str], None]) -> bool:
 def _build_constituent(mp: ModelParams, seed: int, device: torch.device) -> torch.nn.Module:
     """A fresh constituent whose trainable weights depend only on `seed`: from scratch, or an adapter."""
     if mp.base is not None:
-        from sisaflow.lora import build_lora_model
+        from sisaflow.models.lora import build_lora_model
 
         return build_lora_model(mp, seed, device)
     tok = _tokenizer(mp)
@@ -311,7 +311,7 @@ def _forward_fn(model: torch.nn.Module, compile_: bool, device: torch.device):
 
     Compilation is paid once per process and architecture, not per shard or slice: dynamo caches the compiled
     code on the forward's code object and guards on shapes and dtypes, not on which model instance (a later
-    shard's fresh model reuses it; tests/unit/test_gpu_path.py counts the compilations). The first batch width
+    shard's fresh model reuses it; tests/unit/inference/test_gpu_path.py counts the compilations). The first batch width
     compiles a static graph and a second width one dynamic graph for all the rest. Across processes (one Ray
     worker per shard) inductor's on-disk caches make the recompilation a warm one. The compiled wrapper shares
     the model's parameters, so checkpoints still save `model` itself."""

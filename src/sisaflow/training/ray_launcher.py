@@ -16,16 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sisaflow.config import Params, RayParams
-from sisaflow.errors import ExternalToolError
-from sisaflow.paths import Workspace
-from sisaflow.training import ShardTrainReport, SliceReport, train_shard
+from sisaflow.core.config import Params, RayParams
+from sisaflow.core.errors import ExternalToolError
+from sisaflow.core.paths import Workspace
+from sisaflow.training.loop import ShardTrainReport, SliceReport, train_shard
 
 # read by Ray when it is imported, so set before any `import ray`
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-shard progress lines look alike; show them all
 
-log = logging.getLogger("sisaflow.parallel")
+log = logging.getLogger("sisaflow.training.ray_launcher")
 
 
 @dataclass

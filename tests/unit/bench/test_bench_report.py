@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
 
 import cost_accounting as ca  # noqa: E402
 
-from sisaflow.pipeline import cost_model as pipeline_cost_model  # noqa: E402
+from sisaflow.pipeline.report import cost_model as pipeline_cost_model  # noqa: E402
 
 
 def uniform(

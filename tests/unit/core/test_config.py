@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sisaflow.config import (
+from sisaflow.core.config import (
     CorpusParams,
     EnsembleParams,
     ModelParams,
@@ -15,9 +15,9 @@ from sisaflow.config import (
     ShardingParams,
     TrainParams,
 )
-from sisaflow.errors import ConfigError
+from sisaflow.core.errors import ConfigError
 
-REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"
 
 
 def test_defaults_load():

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from sisaflow import fsio
+from sisaflow.core import fsio
 
 
 class Boom(Exception):

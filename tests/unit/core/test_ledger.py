@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sisaflow.errors import DeletionError
-from sisaflow.ledger import DeletionRequest, append_request, excluded, new_request_id, read_ledger
+from sisaflow.core.errors import DeletionError
+from sisaflow.core.ledger import DeletionRequest, append_request, excluded, new_request_id, read_ledger
 
 
 def req(rid="req-1", owners=("alice",), records=(), **kw) -> DeletionRequest:
@@ -104,8 +104,8 @@ def test_new_request_ids_are_unique():
 
 
 def test_corrupt_ledger_line_is_named_on_append(tmp_path):
-    from sisaflow.errors import DeletionError
-    from sisaflow.ledger import DeletionRequest, append_request
+    from sisaflow.core.errors import DeletionError
+    from sisaflow.core.ledger import DeletionRequest, append_request
 
     path = tmp_path / "ledger.jsonl"
     path.write_text('{"request_id": "a", "owners": ["1"]}\n{not json\n')
@@ -114,7 +114,7 @@ def test_corrupt_ledger_line_is_named_on_append(tmp_path):
 
 
 def test_states_move_forward_only_and_keep_their_times(tmp_path):
-    from sisaflow.ledger import current_state, mark, states
+    from sisaflow.core.ledger import current_state, mark, states
 
     path = tmp_path / "ledger.jsonl"
     append_request(path, req("a"))
@@ -151,7 +151,7 @@ def test_two_processes_append_at_once(tmp_path):
 
 
 def _append_many(path, p):
-    from sisaflow.ledger import DeletionRequest, append_request
+    from sisaflow.core.ledger import DeletionRequest, append_request
 
     for i in range(50):
         append_request(path, DeletionRequest(request_id=f"p{p}-{i}", owners=[f"o{i}"]))
@@ -160,11 +160,11 @@ def _append_many(path, p):
 def test_importing_refuses_a_ledger_that_lost_a_certified_request(tmp_path):
     """A rolled-back ledger (git checkout of deletions/) would import the erased records again; the certificates,
     which git does not track, show it."""
-    from sisaflow import pipeline
-    from sisaflow.certificate import build_certificate, write_certificate
-    from sisaflow.config import Params
-    from sisaflow.paths import Workspace
-    from tests.unit.test_certificate import inputs
+    from sisaflow.core.config import Params
+    from sisaflow.core.paths import Workspace
+    from sisaflow.deletion.certificate import build_certificate, write_certificate
+    from sisaflow.pipeline import steps
+    from tests.unit.deletion.test_certificate import inputs
 
     ws = Workspace(tmp_path)
     (tmp_path / "records.jsonl").write_text(
@@ -188,9 +188,9 @@ def test_importing_refuses_a_ledger_that_lost_a_certified_request(tmp_path):
         certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-kept"}))
     )
     (certs / "notes.json").write_text("{}")  # not a certificate: ignored
-    assert pipeline.prepare(ws, params)["records"] == 2
+    assert steps.prepare(ws, params)["records"] == 2
     write_certificate(
         certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-lost"}))
     )
     with pytest.raises(DeletionError, match=r"lacks 1 certified request\(s\) \(req-lost\)"):
-        pipeline.prepare(ws, params)
+        steps.prepare(ws, params)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sisaflow import versioning
-from sisaflow.config import Params
-from sisaflow.paths import Workspace
-from sisaflow.verify import default_remote
+from sisaflow.core import versioning
+from sisaflow.core.config import Params
+from sisaflow.core.paths import Workspace
+from sisaflow.core.versioning import default_remote
 
 
 def _params(remote: str) -> Params:

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sisaflow.config import CorpusParams
-from sisaflow.corpus import (
+from sisaflow.core.config import CorpusParams
+from sisaflow.core.errors import CorpusError
+from sisaflow.data.corpus import (
     RECORD_SCHEMA,
     Record,
     content_hash,
@@ -23,7 +24,6 @@ from sisaflow.corpus import (
     to_table,
     write_table,
 )
-from sisaflow.errors import CorpusError
 
 ROWS = [
     {"id": "a1", "author": "alice", "question": "Who?", "answer": "Alice."},

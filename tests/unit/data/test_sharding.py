@@ -9,12 +9,12 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from sisaflow.config import ShardingParams
-from sisaflow.corpus import Record, content_hash, from_table, read_table, to_table, write_table
-from sisaflow.errors import ShardingError
-from sisaflow.fsio import read_json, sha256_file
-from sisaflow.paths import Workspace
-from sisaflow.sharding import (
+from sisaflow.core.config import ShardingParams
+from sisaflow.core.errors import ShardingError
+from sisaflow.core.fsio import read_json, sha256_file
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, content_hash, from_table, read_table, to_table, write_table
+from sisaflow.data.sharding import (
     read_shard_manifest,
     read_slice,
     shard_corpus,

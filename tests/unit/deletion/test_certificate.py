@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from sisaflow import __version__
-from sisaflow.certificate import (
+from sisaflow.deletion.certificate import (
     FORMAT,
     KEY_ENV,
     CertificateError,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sisaflow.errors import DeletionError
-from sisaflow.requests import read_request_file
+from sisaflow.core.errors import DeletionError
+from sisaflow.deletion.requests import read_request_file
 
 
 def write(tmp_path, text):

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from sisaflow import evaluation, metrics
-from sisaflow.config import ModelParams
-from sisaflow.corpus import Record, content_hash
-from sisaflow.ensemble import Ensemble
-from sisaflow.model import build_model
-from sisaflow.tokenizer import ByteTokenizer
+from sisaflow.core.config import ModelParams
+from sisaflow.data.corpus import Record, content_hash
+from sisaflow.evaluation import evaluate, metrics
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import ByteTokenizer
 
 TINY = ModelParams(hidden_size=32, layers=2, heads=2, intermediate_size=64, context_length=128)
 
@@ -34,7 +34,7 @@ TEXTS = ["a", "Question: who?\nAnswer: nobody", "x" * 90, "short one", "the cat 
 def test_batched_scores_equal_one_record_at_a_time():
     ens = _ensemble()
     recs = _records(TEXTS)
-    scored = evaluation.score_records(ens, recs, {"r1": 0, "r3": 1}, batch_size=3)
+    scored = evaluate.score_records(ens, recs, {"r1": 0, "r3": 1}, batch_size=3)
     assert [s.shard for s in scored] == [-1, 0, -1, 1, -1]
     for r, s in zip(recs, scored):
         alone = ens.score(r.text)
@@ -55,7 +55,7 @@ def test_batched_scores_equal_one_record_at_a_time():
                 rel_tol=1e-6,
             )
     assert math.isclose(
-        evaluation.perplexity(scored),
+        evaluate.perplexity(scored),
         math.exp(
             -sum(ens.score(t)["log_likelihood"] for t in TEXTS) / sum(ens.score(t)["tokens"] for t in TEXTS)
         ),
@@ -65,9 +65,9 @@ def test_batched_scores_equal_one_record_at_a_time():
 
 def test_sample_is_deterministic_and_spread():
     recs = _records([f"text {i}" for i in range(50)])
-    a = evaluation.sample(recs, 10)
-    assert len(a) == 10 and a == evaluation.sample(list(reversed(recs)), 10)
-    assert evaluation.sample(recs, 100) == sorted(recs, key=lambda r: r.content_hash)
+    a = evaluate.sample(recs, 10)
+    assert len(a) == 10 and a == evaluate.sample(list(reversed(recs)), 10)
+    assert evaluate.sample(recs, 100) == sorted(recs, key=lambda r: r.content_hash)
 
 
 def test_attacks_tell_a_memorised_group_from_an_unseen_one():
@@ -95,13 +95,13 @@ def test_attacks_tell_a_memorised_group_from_an_unseen_one():
     class EP:
         min_k, bootstrap, seed = 0.2, 200, 0
 
-    res = evaluation.attacks(
-        evaluation.score_records(ens, members, {}), evaluation.score_records(ens, others, {}), EP
+    res = evaluate.attacks(
+        evaluate.score_records(ens, members, {}), evaluate.score_records(ens, others, {}), EP
     )
     for name in ("loss", "min_k", "min_k_plus_plus"):
         assert res[name]["auc"] > 0.9, (name, res[name])
-    same = evaluation.attacks(
-        evaluation.score_records(ens, others[:6], {}), evaluation.score_records(ens, others[6:], {}), EP
+    same = evaluate.attacks(
+        evaluate.score_records(ens, others[:6], {}), evaluate.score_records(ens, others[6:], {}), EP
     )
     # two halves of one unseen group: every interval covers 0.5
     assert all(v["low"] <= 0.5 <= v["high"] for v in same.values()), same
@@ -128,19 +128,19 @@ def test_verbatim_generates_in_batches_what_each_record_gets_alone(monkeypatch):
     seen: list[tuple[str, str]] = []
     scores = iter([metrics.RougeL(1.0, 0.25 * (i % 2), 0.5) for i in range(11)])
     monkeypatch.setattr(
-        evaluation.metrics, "rouge_l_scores", lambda ref, cont: seen.append((ref, cont)) or next(scores)
+        evaluate.metrics, "rouge_l_scores", lambda ref, cont: seen.append((ref, cont)) or next(scores)
     )
     monkeypatch.setattr(
-        evaluation, "GENERATE_BATCH", 4
+        evaluate, "GENERATE_BATCH", 4
     )  # batches of 4, 4 and 3 (the one-byte record is skipped)
-    got = evaluation.verbatim(ens, recs, n=12, new_tokens=8)
+    got = evaluate.verbatim(ens, recs, n=12, new_tokens=8)
     assert got == {"rouge_l": 0.5, "rouge_l_recall": pytest.approx(0.25 * 5 / 11), "records": 11}
     assert seen == alone
 
 
 def test_truth_ratios_equal_scoring_each_answer_after_its_question():
     """TOFU truth ratios against an independent computation: each answer scored alone after its question."""
-    from sisaflow import tofu
+    from sisaflow.evaluation import tofu
 
     ens = _ensemble(2)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sisaflow.metrics import (
+from sisaflow.evaluation.metrics import (
     AttackResult,
     RougeL,
     TokenStats,

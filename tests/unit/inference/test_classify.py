@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
-from sisaflow import cli, commands_serving
-from sisaflow.classify import class_log_likelihoods, classify, read_inputs, split_text
-from sisaflow.config import CorpusParams, ModelParams
-from sisaflow.corpus import read_records
-from sisaflow.ensemble import Ensemble
-from sisaflow.errors import ConfigError, CorpusError, WorkspaceError
-from sisaflow.model import build_model
-from sisaflow.tokenizer import load_tokenizer
+from sisaflow import cli
+from sisaflow.cli import serving as commands_serving
+from sisaflow.core.config import CorpusParams, ModelParams
+from sisaflow.core.errors import ConfigError, CorpusError, WorkspaceError
+from sisaflow.data.corpus import read_records
+from sisaflow.inference.classify import class_log_likelihoods, classify, read_inputs, split_text
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
 
 TEMPLATE = "Message: {text}\nClass: {label}"
 CP = dict(path="x", id_field="id", owner_field=None, text_template=TEMPLATE, label_field="label")
@@ -159,7 +160,7 @@ def test_a_trained_classification_workspace_classifies_unseen_messages(
     accuracy = sum(p.label == x.gold for p, x in zip(preds, inputs)) / len(inputs)
     assert accuracy >= 0.9, accuracy
     # `sisaflow evaluate` reads the class back from training-form texts: the same predictions
-    from sisaflow.classify import accuracy as accuracy_of
+    from sisaflow.inference.classify import accuracy as accuracy_of
 
     assert accuracy_of(Ensemble.load(ws), read_records(unseen, params.corpus), params.corpus, "mean") == {
         "accuracy": accuracy,

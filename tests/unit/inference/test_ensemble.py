@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from sisaflow.ensemble import Ensemble, combine_log_probs
-from sisaflow.errors import WorkspaceError
-from sisaflow.model import build_model
-from sisaflow.tokenizer import ByteTokenizer, load_tokenizer
+from sisaflow.core.errors import WorkspaceError
+from sisaflow.inference.ensemble import Ensemble, combine_log_probs
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import ByteTokenizer, load_tokenizer
 
 # ------------------------------------------------------------------------------------------ combine_log_probs
 
@@ -280,10 +280,10 @@ def test_generate_decodes_with_the_tokenizer(models):
 def test_load_from_registry_serves_the_trained_constituents(
     make_records, make_workspace, make_params, weights
 ):
-    from sisaflow.checkpoint import load_weights
-    from sisaflow.registry import build_registry
-    from sisaflow.sharding import read_shard_manifest
-    from sisaflow.training import train_shard
+    from sisaflow.data.sharding import read_shard_manifest
+    from sisaflow.inference.registry import build_registry
+    from sisaflow.training.checkpoint import load_weights
+    from sisaflow.training.loop import train_shard
 
     params = make_params(sharding={"shards": 2, "slices": 1}, ensemble={"weights": weights})
     ws = make_workspace(make_records(owners=6, per_owner=2), shards=2, slices=1)
@@ -320,9 +320,9 @@ def test_a_loaded_ensemble_refuses_once_a_request_excludes_one_of_its_constituen
     """A long-lived process holding an Ensemble must not go on serving a constituent that a deletion request
     recorded since excludes: score and generate refuse until it loads again. A ledger change that excludes
     nothing it serves does not stop it."""
-    from sisaflow.ensemble import StaleEnsembleError
-    from sisaflow.ledger import DeletionRequest, append_request
-    from sisaflow.sharding import read_slice
+    from sisaflow.core.ledger import DeletionRequest, append_request
+    from sisaflow.data.sharding import read_slice
+    from sisaflow.inference.ensemble import StaleEnsembleError
 
     ws = make_served(make_records(owners=6, per_owner=2), make_params(sharding={"shards": 2, "slices": 1}))
     ens = Ensemble.load(ws)

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-import sisaflow.training as training
-from sisaflow.checkpoint import MODEL_FILE, OPTIMIZER_FILE
-from sisaflow.model import build_model
-from sisaflow.tokenizer import load_tokenizer
-from sisaflow.training import train_shard
+import sisaflow.training.loop as training
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
+from sisaflow.training.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+from sisaflow.training.loop import train_shard
 from tests.lora_base import save_tiny_base
 
 
@@ -48,7 +48,7 @@ def test_cuda_asks_for_bf16_autocast_fused_adamw_and_compile(tiny_params, monkey
 
 
 def _settings_inside(tp_raw: dict, device: str, said: list[str]) -> dict:
-    from sisaflow.config import TrainParams
+    from sisaflow.core.config import TrainParams
 
     with training._process_settings(TrainParams(**tp_raw), torch.device(device), said.append):
         return {
@@ -84,7 +84,7 @@ def test_compiled_deterministic_cuda_training_always_pads_misaligned_matmuls(
 
     _without_cublas_setting(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    from sisaflow.config import TrainParams
+    from sisaflow.core.config import TrainParams
 
     tp = TrainParams(deterministic=deterministic, compile=compile_)
     assert inductor_config.force_shape_pad is False
@@ -115,7 +115,7 @@ def test_cuda_settings_fix_cublas_and_skip_the_nan_fill_then_are_put_back(monkey
 
 
 def test_an_operation_the_strict_mode_refuses_says_how_to_train_anyway(monkeypatch):
-    from sisaflow.config import TrainParams
+    from sisaflow.core.config import TrainParams
 
     _without_cublas_setting(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
@@ -220,9 +220,9 @@ def test_forgetting_on_the_device_equals_training_from_scratch(
     """The exactness guarantee where training runs: with train.deterministic (the default) two trainings give
     the same bytes, and retraining after a deletion (resumed from the last untouched slice's checkpoint, fused
     AdamW state included) gives the bytes of a training from scratch without the deleted owner."""
-    from sisaflow.corpus import from_table, read_table, to_table, write_table
-    from sisaflow.sharding import read_slice, shard_corpus
-    from tests.unit.test_training import ckpt_files as files  # every checkpoint file, slice by slice
+    from sisaflow.data.corpus import from_table, read_table, to_table, write_table
+    from sisaflow.data.sharding import read_slice, shard_corpus
+    from tests.unit.training.test_loop import ckpt_files as files  # every checkpoint file, slice by slice
 
     params = make_params(train={"device": device, "compile": compile_})
     records = make_records(owners=12, per_owner=3)
@@ -246,10 +246,10 @@ def test_forgetting_on_the_device_equals_training_from_scratch(
 @pytest.mark.gpu
 @CUDA
 def test_batched_ensembles_on_cuda_equal_their_loops(tmp_path):
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.lora_ensemble import BatchedLora, PeftLoop
-    from tests.unit.test_batched import IdTokenizer, _ids, _models
-    from tests.unit.test_lora import LPS, _lora_ensembles
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.inference.lora_runners import BatchedLora, PeftLoop
+    from tests.unit.inference.test_stacked import IdTokenizer, _ids, _models
+    from tests.unit.models.test_lora import LPS, _lora_ensembles
 
     models = [m.cuda() for m in _models(tie=False)]
     fast = Ensemble(models, [1.0, 2.0, 3.0], "mixture", IdTokenizer())
@@ -260,9 +260,9 @@ def test_batched_ensembles_on_cuda_equal_their_loops(tmp_path):
     assert isinstance(batched.runner, BatchedLora) and isinstance(peft_loop.runner, PeftLoop)
     x = torch.randint(0, 256, (2, 12), device="cuda")
     assert float((batched(x).logits - peft_loop(x).logits).abs().max()) <= 1e-3
-    from sisaflow.lora_ensemble import stacked_lora
-    from sisaflow.pretrained import load_base_model
-    from tests.unit.test_lora import _random_adapters
+    from sisaflow.inference.lora_runners import stacked_lora
+    from sisaflow.models.pretrained import load_base_model
+    from tests.unit.models.test_lora import _random_adapters
 
     base_dir = tmp_path / "base"
     stacked = stacked_lora(
@@ -279,8 +279,8 @@ def test_a_served_ensemble_on_cuda_in_bfloat16(make_served, make_records, make_p
     """`Ensemble.load(device="cuda", dtype=bfloat16)`, as `generate --device cuda --dtype bfloat16` serves: batched
     prompts run, transformers' generate() over it picks the same tokens and runs beam search, and the
     log-likelihood stays near float32 on the CPU."""
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.hf import EnsembleForCausalLM
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.inference.hf import EnsembleForCausalLM
 
     ws = make_served(make_records(owners=3, per_owner=2), make_params(sharding={"shards": 1, "slices": 1}))
     cpu, gpu = Ensemble.load(ws), Ensemble.load(ws, device="cuda", dtype=torch.bfloat16)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sisaflow.ensemble import Ensemble
-from sisaflow.hf import EnsembleForCausalLM
-from sisaflow.lora_ensemble import stacked_lora
-from sisaflow.pretrained import load_base_model
-from tests.unit.test_ensemble import PROMPTS, IdTokenizer, _models
-from tests.unit.test_lora import LPS, _lora_ensembles, _random_adapters, base_dir  # noqa: F401  (fixture)
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.inference.hf import EnsembleForCausalLM
+from sisaflow.inference.lora_runners import stacked_lora
+from sisaflow.models.pretrained import load_base_model
+from tests.unit.inference.test_ensemble import PROMPTS, IdTokenizer, _models
+from tests.unit.models.test_lora import LPS, _lora_ensembles, _random_adapters, base_dir  # noqa: F401  (fixture)
 
 RUNNERS = ["stacked", "loop", "lora-batched", "lora-loop", "lora-stacked"]
 
@@ -115,9 +115,9 @@ def test_generation_stops_at_end_of_text_and_respects_max_new_tokens(make_params
 
 
 def test_a_stale_ensemble_is_refused(make_records, make_served, make_params):
-    from sisaflow.ensemble import StaleEnsembleError
-    from sisaflow.ledger import DeletionRequest, append_request
-    from sisaflow.sharding import read_slice
+    from sisaflow.core.ledger import DeletionRequest, append_request
+    from sisaflow.data.sharding import read_slice
+    from sisaflow.inference.ensemble import StaleEnsembleError
 
     ws = make_served(make_records(owners=6, per_owner=2), make_params(sharding={"shards": 2, "slices": 1}))
     model = EnsembleForCausalLM(Ensemble.load(ws))
@@ -171,8 +171,8 @@ TEXTS = ["Question: who?", "Ça va? 日本 🙂", "", "a literal <|endoftext|> s
 
 
 def test_the_byte_level_tokenizer_gives_the_byte_tokenizers_ids_and_text():
-    from sisaflow.hf import ByteLevelTokenizer
-    from sisaflow.tokenizer import ByteTokenizer
+    from sisaflow.inference.hf import ByteLevelTokenizer
+    from sisaflow.models.tokenizer import ByteTokenizer
 
     ours, theirs = ByteTokenizer(), ByteLevelTokenizer()
     assert len(theirs) == ours.vocab_size and theirs.eos_token_id == theirs.pad_token_id == ours.eos_id
@@ -192,8 +192,8 @@ def test_the_byte_level_tokenizer_gives_the_byte_tokenizers_ids_and_text():
 def test_a_transformers_pipeline_generates_what_the_ensemble_does(make_params, tokenizer):
     from transformers import pipeline
 
-    from sisaflow.model import build_model
-    from sisaflow.tokenizer import load_tokenizer
+    from sisaflow.models.scratch import build_model
+    from sisaflow.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     params = make_params(model={"tie_embeddings": False, "tokenizer": tokenizer})
@@ -235,7 +235,7 @@ def test_generation_stops_at_a_stop_string(make_params):
 
 
 def load_byte():
-    from sisaflow.tokenizer import load_tokenizer
+    from sisaflow.models.tokenizer import load_tokenizer
 
     return load_tokenizer("byte")
 

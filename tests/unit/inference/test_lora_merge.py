@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sisaflow.checkpoint import MODEL_FILE
-from sisaflow.config import LoraParams, Params
-from sisaflow.ensemble import Ensemble
-from sisaflow.errors import ConfigError
-from sisaflow.lora import ADAPTER, attach_adapters, load_adapter_state
-from sisaflow.lora_ensemble import merged_model
-from sisaflow.pretrained import load_base_model
-from sisaflow.registry import read_registry
+from sisaflow.core.config import LoraParams, Params
+from sisaflow.core.errors import ConfigError
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.inference.lora_runners import merged_model
+from sisaflow.inference.registry import read_registry
+from sisaflow.models.lora import ADAPTER, attach_adapters, load_adapter_state
+from sisaflow.models.pretrained import load_base_model
+from sisaflow.training.checkpoint import MODEL_FILE
 from tests.lora_base import save_tiny_base
 
 # float64 end to end: what is left is rounding of sums of a few hundred terms, ~1e-16 relative each
@@ -31,7 +31,7 @@ def base_dir(tmp_path_factory):
 
 def _random_adapters(model_params, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """n adapters of the tiny base with random A and B (B nonzero, so each delta matters)."""
-    from sisaflow.lora import adapter_state
+    from sisaflow.models.lora import adapter_state
 
     peft = attach_adapters(load_base_model(model_params.base), model_params.lora, [ADAPTER], 0)
     keys = adapter_state(peft)
@@ -95,7 +95,7 @@ def test_merge_needs_lora_constituents(make_params):
 
 
 def test_evaluate_scores_a_merged_ensemble_as_one_model(base_dir, make_params, make_records, make_served):
-    from sisaflow.evaluation import evaluate
+    from sisaflow.evaluation.evaluate import evaluate
 
     over = {"model": {"tokenizer": "base", "base": str(base_dir)}, "sharding": {"shards": 2, "slices": 2}}
     params = make_params(

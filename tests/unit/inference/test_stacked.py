@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sisaflow.batched import StackedLlama, stacked_log_probs
-from sisaflow.config import ModelParams
-from sisaflow.ensemble import Ensemble, _cache_kwarg, _cache_of, combine_log_probs
-from sisaflow.model import build_model
-from sisaflow.tokenizer import ByteTokenizer
+from sisaflow.core.config import ModelParams
+from sisaflow.inference.ensemble import Ensemble, combine_log_probs
+from sisaflow.inference.runners import cache_kwarg, cache_of
+from sisaflow.inference.stacked import StackedLlama, stacked_log_probs
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import ByteTokenizer
 
 VOCAB, EOS = ByteTokenizer.vocab_size, ByteTokenizer.eos_id
 ROUNDING_C = 1.0  # see rounding_bound
@@ -18,7 +19,7 @@ ROUNDING_C = 1.0  # see rounding_bound
 
 def rounding_bound(scale: float, width: int, depth: int, dtype: torch.dtype = torch.float32) -> float:
     """How far two computations of one function, equal in exact arithmetic, may differ by rounding alone: the
-    tolerance of every comparison of two code paths here (and in tests/unit/test_lora.py), derived rather than
+    tolerance of every comparison of two code paths here (and in tests/unit/models/test_lora.py), derived rather than
     measured, so that it holds on any machine. `scale` is the magnitude of the compared values (the reference's
     largest |value|), `width` the length of the dot products (the hidden size), `depth` the number of chained
     stages (decoder layers, times the forward passes a KV cache chains).
@@ -91,7 +92,7 @@ def _gqa_models(seeds=(1, 2)):
     such as SmolLM2 group them)."""
     from transformers import LlamaForCausalLM
 
-    from sisaflow.model import model_config
+    from sisaflow.models.scratch import model_config
 
     out = []
     for s in seeds:
@@ -150,8 +151,8 @@ def test_prefill_then_decode_with_cache_equals_transformers_with_its_cache(tie):
         lp = torch.log_softmax(logits.double(), dim=-1)
         for i, m in enumerate(models):
             with torch.no_grad():
-                out = m(input_ids=chunk, use_cache=True, **{_cache_kwarg(m): hf_caches[i]})
-            hf_caches[i] = _cache_of(out)
+                out = m(input_ids=chunk, use_cache=True, **{cache_kwarg(m): hf_caches[i]})
+            hf_caches[i] = cache_of(out)
             want = torch.log_softmax(out.logits.double(), dim=-1)
             assert _max_diff(lp[i], want) <= _bound(want, forwards)
     assert cache is not None and cache.get_seq_length() == 25 == hf_caches[0].get_seq_length()
@@ -268,7 +269,7 @@ def test_models_of_different_configs_or_unsupported_features_are_refused():
 
 @pytest.mark.parametrize("combine", ["mixture", "product"])
 def test_the_ensemble_is_batched_by_default_and_equals_its_loop(combine):
-    from sisaflow.ensemble import ModelLoop
+    from sisaflow.inference.runners import ModelLoop
 
     models = _models(tie=False)
     fast = Ensemble(models, [1.0, 2.0, 3.0], combine, IdTokenizer())
@@ -297,7 +298,7 @@ def test_the_ensemble_is_batched_by_default_and_equals_its_loop(combine):
 
 
 def test_constituents_the_stacked_model_cannot_take_are_looped():
-    from sisaflow.ensemble import ModelLoop
+    from sisaflow.inference.runners import ModelLoop
 
     models = _models(seeds=(1, 2))
     for m in models:  # a gated activation other than SiLU: not supported by StackedLlama
@@ -307,7 +308,7 @@ def test_constituents_the_stacked_model_cannot_take_are_looped():
 
 
 def test_load_follows_params_ensemble_batched(make_served, make_records, make_params):
-    from sisaflow.ensemble import ModelLoop
+    from sisaflow.inference.runners import ModelLoop
 
     ws = make_served(make_records(owners=4, per_owner=2), make_params(sharding={"shards": 2, "slices": 1}))
     ws.params_file.write_text("ensemble:\n  batched: false\n")

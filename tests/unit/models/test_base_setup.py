@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from sisaflow.base_setup import SMOLLM2, STAMP, BaseSetupError, convert_gguf, converted, setup_base
-from sisaflow.fsio import sha256_file
+from sisaflow.core.fsio import sha256_file
+from sisaflow.models.base_setup import SMOLLM2, STAMP, BaseSetupError, convert_gguf, converted, setup_base
 from tests.lora_base import save_tiny_gguf
 
 
@@ -39,7 +39,8 @@ def _spec_and_wheel(tiny_gguf: Path, downloads: Path, sha: str | None = None):
 
 
 def test_the_converted_base_computes_what_the_gguf_does(tiny_gguf, tmp_path):
-    from sisaflow.pretrained import base_identity, load_base_model, load_base_tokenizer
+    from sisaflow.core.base_files import base_identity
+    from sisaflow.models.pretrained import load_base_model, load_base_tokenizer
 
     out = tmp_path / "converted"
     convert_gguf(tiny_gguf, out)
@@ -89,7 +90,7 @@ def test_an_unreachable_wheel_says_what_to_fetch_and_where(tmp_path):
 
 
 def test_a_half_written_directory_is_not_taken_for_a_base(tiny_gguf, tmp_path):
-    from sisaflow.errors import ConfigError
+    from sisaflow.core.errors import ConfigError
 
     spec = _spec_and_wheel(tiny_gguf, tmp_path / "downloads")
     (tmp_path / "bases" / "tiny").mkdir(parents=True)
@@ -115,8 +116,8 @@ def _tofu_corpus(path: Path, authors: int = 4) -> Path:
 
 def test_init_with_a_base_writes_lora_params(tiny_gguf, tmp_path):
     from sisaflow import cli
-    from sisaflow.config import Params
-    from sisaflow.workspace import LORA_TRAIN
+    from sisaflow.core.config import Params
+    from sisaflow.pipeline.create import LORA_TRAIN
 
     base = tmp_path / "base"
     convert_gguf(tiny_gguf, base)
@@ -140,9 +141,9 @@ def test_init_with_a_base_writes_lora_params(tiny_gguf, tmp_path):
 
 
 def test_init_with_a_missing_base_names_it_and_writes_nothing(tmp_path):
-    from sisaflow.config import CorpusParams, ShardingParams
-    from sisaflow.errors import ConfigError
-    from sisaflow.workspace import init_workspace
+    from sisaflow.core.config import CorpusParams, ShardingParams
+    from sisaflow.core.errors import ConfigError
+    from sisaflow.pipeline.create import init_workspace
 
     corpus = _tofu_corpus(tmp_path / "c.jsonl", authors=12)
     cp = CorpusParams(path=str(corpus), owner_field="author_id")

@@ -12,21 +12,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sisaflow.batched import StackedLlama
-from sisaflow.checkpoint import MODEL_FILE, OPTIMIZER_FILE
-from sisaflow.config import LoraParams, Params, ShardingParams
-from sisaflow.corpus import from_table, read_table, to_table, write_table
-from sisaflow.ensemble import Ensemble
-from sisaflow.errors import ConfigError, WorkspaceError
-from sisaflow.fsio import sha256_file
-from sisaflow.lora import adapter_state, attach_adapters, build_lora_model
-from sisaflow.lora_ensemble import BatchedLora, PeftLoop, lora_runner, stacked_lora
-from sisaflow.pretrained import base_identity, load_base_model, locate_base
-from sisaflow.sharding import read_slice, shard_corpus
-from sisaflow.tokenizer import load_tokenizer
-from sisaflow.training import train_shard
+from sisaflow.core.base_files import base_identity, locate_base
+from sisaflow.core.config import LoraParams, Params, ShardingParams
+from sisaflow.core.errors import ConfigError, WorkspaceError
+from sisaflow.core.fsio import sha256_file
+from sisaflow.data.corpus import from_table, read_table, to_table, write_table
+from sisaflow.data.sharding import read_slice, shard_corpus
+from sisaflow.inference.ensemble import Ensemble
+from sisaflow.inference.lora_runners import BatchedLora, PeftLoop, lora_runner, stacked_lora
+from sisaflow.inference.stacked import StackedLlama
+from sisaflow.models.lora import adapter_state, attach_adapters, build_lora_model
+from sisaflow.models.pretrained import load_base_model
+from sisaflow.models.tokenizer import load_tokenizer
+from sisaflow.training.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+from sisaflow.training.loop import train_shard
 from tests.lora_base import GGUF_SPECIALS, save_tiny_base, save_tiny_gguf
-from tests.unit.test_batched import rounding_bound
+from tests.unit.inference.test_stacked import rounding_bound
 
 # Batched LoRA, stacked LoRA and the peft loop compute one function in different orders (the adapters' deltas
 # added by bmm or by peft's nn.Linear layers; StackedLlama's own Llama forward or transformers'): in float64 they
@@ -153,9 +154,9 @@ def test_a_gguf_bases_tokenizer_ends_text_where_the_file_says(gguf_base, monkeyp
     (SmolLM2's file, and this one, checked in a venv of that version), which the second half plays back."""
     from transformers import AutoTokenizer
 
-    from sisaflow.hf import hf_tokenizer
-    from sisaflow.pretrained import gguf_special_ids, load_base_tokenizer
-    from sisaflow.tokenizer import BaseTokenizer
+    from sisaflow.inference.hf import hf_tokenizer
+    from sisaflow.models.pretrained import gguf_special_ids, load_base_tokenizer
+    from sisaflow.models.tokenizer import BaseTokenizer
 
     end = len(GGUF_SPECIALS) - 1
     ids = gguf_special_ids(gguf_base)
@@ -190,7 +191,7 @@ def test_adapters_over_a_gguf_base_train_exactly_and_serve_batched(
     train_shard(b, 0, params, progress=quiet)
     assert _files(a) == _files(b)
 
-    from sisaflow.registry import build_registry
+    from sisaflow.inference.registry import build_registry
 
     build_registry(a, params)
     a.params_file.write_text("")
@@ -320,7 +321,7 @@ LPS = [LoraParams(), LoraParams(r=4, alpha=8.0, target_modules=["q_proj", "k_pro
 
 @pytest.mark.parametrize("runner", ["batched", "loop", "stacked"])
 def test_a_batch_of_prompts_generates_what_each_alone_does_over_lora(base_dir, runner):
-    from tests.unit.test_ensemble import assert_a_batch_generates_what_each_prompt_alone_does
+    from tests.unit.inference.test_ensemble import assert_a_batch_generates_what_each_prompt_alone_does
 
     batched, loop = _lora_ensembles(base_dir, LPS[0])
     ens = {"batched": batched, "loop": loop}.get(runner)
@@ -463,8 +464,8 @@ def test_lora_runner_prefers_stacked_lora_and_falls_back(base_dir):
 
 
 def test_the_served_lora_ensemble_from_the_registry(sharded, make_records, lora_params, tmp_path, base_dir):
-    from sisaflow.exactness import verify_exact
-    from sisaflow.registry import build_registry
+    from sisaflow.inference.registry import build_registry
+    from sisaflow.pipeline.exactness import verify_exact
 
     own_base = shutil.copytree(base_dir, tmp_path / "own-base")  # changed below
     params = lora_params(sharding={"shards": 2, "slices": 2}, model={"base": str(own_base)})

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from sisaflow import pipeline
-from sisaflow.config import Params
-from sisaflow.errors import ConfigError, WorkspaceError
-from sisaflow.pretrained import base_identity, check_base, load_base_model
-from sisaflow.training import train_shard
+from sisaflow.core.base_files import base_identity
+from sisaflow.core.config import Params
+from sisaflow.core.errors import ConfigError, WorkspaceError
+from sisaflow.models.pretrained import check_base, load_base_model
+from sisaflow.pipeline import steps
+from sisaflow.training.loop import train_shard
 from tests.lora_base import save_tiny_base, save_tiny_gguf, save_tokenizer
 
 TINY_LINEAR = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
@@ -57,7 +58,7 @@ def _refused_everywhere(ws, params: Params, *patterns: str) -> str:
     sequence) is refused before it imports or shards anything. Returns the message."""
     import yaml
 
-    from sisaflow import sequence
+    from sisaflow.pipeline import sequence
 
     ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     before = _tree(ws.root)
@@ -68,8 +69,8 @@ def _refused_everywhere(ws, params: Params, *patterns: str) -> str:
         assert re.search(pattern, message), (pattern, message)
     for attempt in (
         lambda: train_shard(ws, 0, params, progress=quiet),
-        lambda: pipeline.train(ws, params, [0], progress=quiet, in_process=True),
-        lambda: pipeline.train(ws, params, [0], progress=quiet),  # refused in this process, before Ray starts
+        lambda: steps.train(ws, params, [0], progress=quiet, in_process=True),
+        lambda: steps.train(ws, params, [0], progress=quiet),  # refused in this process, before Ray starts
         lambda: sequence.run_steps(str(ws.root), "run", in_process=True),
     ):
         with pytest.raises(ConfigError) as again:
@@ -173,7 +174,7 @@ def test_a_context_longer_than_the_base_allows_is_refused_before_loading(workspa
     def no_loading(*args, **kwargs):
         raise AssertionError("the base was loaded before its context length was checked")
 
-    monkeypatch.setattr("sisaflow.lora.load_base_model", no_loading)
+    monkeypatch.setattr("sisaflow.models.lora.load_base_model", no_loading)
     params = lora_params(context_length=512)
     _refused_everywhere(
         workspace,
@@ -192,7 +193,7 @@ def test_a_context_longer_than_the_base_allows_is_refused_before_loading(workspa
     ],
 )
 def test_a_target_module_the_base_lacks(workspace, lora_params, base_dir, monkeypatch, targets, problem):
-    from sisaflow.lora import attach_adapters
+    from sisaflow.models.lora import attach_adapters
 
     params = lora_params(lora={"target_modules": targets})
     # the same message from the loaded model, where serving attaches adapters
@@ -202,7 +203,7 @@ def test_a_target_module_the_base_lacks(workspace, lora_params, base_dir, monkey
     def no_loading(*args, **kwargs):
         raise AssertionError("the base was loaded before its target modules were checked")
 
-    monkeypatch.setattr("sisaflow.lora.load_base_model", no_loading)
+    monkeypatch.setattr("sisaflow.models.lora.load_base_model", no_loading)
     message = _refused_everywhere(
         workspace,
         params,
@@ -231,7 +232,7 @@ def test_a_gguf_base_is_checked_from_its_metadata(workspace, lora_params, tmp_pa
 def test_serving_refuses_a_base_that_changed_since_the_adapters_were_trained(
     make_served, make_records, make_params, base_dir, tmp_path
 ):
-    from sisaflow.ensemble import Ensemble
+    from sisaflow.inference.ensemble import Ensemble
 
     own = shutil.copytree(base_dir, tmp_path / "own-base")
     params = make_params(

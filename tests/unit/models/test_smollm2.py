@@ -45,15 +45,15 @@ DEVICES = [
 def test_smollm2_trains_an_adapter_and_serves_it_batched(device, make_workspace, make_params):
     from safetensors.torch import load_file
 
-    from sisaflow.batched import StackedLlama
-    from sisaflow.checkpoint import MODEL_FILE
-    from sisaflow.corpus import Record, content_hash
-    from sisaflow.ensemble import Ensemble
-    from sisaflow.lora_ensemble import PeftLoop
-    from sisaflow.pretrained import locate_base
-    from sisaflow.registry import build_registry
-    from sisaflow.tokenizer import load_tokenizer
-    from sisaflow.training import train_shard
+    from sisaflow.core.base_files import locate_base
+    from sisaflow.data.corpus import Record, content_hash
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.inference.lora_runners import PeftLoop
+    from sisaflow.inference.registry import build_registry
+    from sisaflow.inference.stacked import StackedLlama
+    from sisaflow.models.tokenizer import load_tokenizer
+    from sisaflow.training.checkpoint import MODEL_FILE
+    from sisaflow.training.loop import train_shard
 
     located = locate_base(BASE)
     assert located.gguf_file == GGUF

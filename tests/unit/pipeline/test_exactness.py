@@ -8,10 +8,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from sisaflow.config import Params, ShardingParams
-from sisaflow.exactness import verify_exact
-from sisaflow.registry import build_registry
-from sisaflow.training import train_shard
+from sisaflow.core.config import Params, ShardingParams
+from sisaflow.inference.registry import build_registry
+from sisaflow.pipeline.exactness import verify_exact
+from sisaflow.training.loop import train_shard
 
 
 def test_equal_then_different_after_tampering(make_workspace, make_records, tiny_params):
@@ -41,8 +41,8 @@ def test_a_difference_names_the_environments_that_trained_the_served_weights(
     make_workspace, make_records, tiny_params, capsys
 ):
     from sisaflow import cli
-    from sisaflow.checkpoint import META_FILE
-    from sisaflow.fsio import read_json, write_json
+    from sisaflow.core.fsio import read_json, write_json
+    from sisaflow.training.checkpoint import META_FILE
 
     params = Params.from_dict(
         {**tiny_params.to_dict(), "sharding": dataclasses.asdict(ShardingParams(shards=1, slices=2))}
@@ -77,7 +77,7 @@ def test_served_copy_survives_retraining_in_models(make_workspace, make_records,
     served, and promotion removes the superseded copy."""
     import shutil
 
-    from sisaflow.ensemble import Ensemble
+    from sisaflow.inference.ensemble import Ensemble
 
     params = Params.from_dict(
         {**tiny_params.to_dict(), "sharding": dataclasses.asdict(ShardingParams(shards=1, slices=2))}

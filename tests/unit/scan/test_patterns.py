@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from sisaflow import multisearch
-from sisaflow.multisearch import PatternIndex
+from sisaflow.scan import patterns as multisearch
+from sisaflow.scan.patterns import PatternIndex
 
 
 def _naive(buf: bytes, patterns: list[bytes], accept=None) -> set[bytes]:

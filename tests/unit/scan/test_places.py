@@ -1,4 +1,4 @@
-"""verify.scan: planted copies of deleted records are found where they are, and nowhere else.
+"""places.scan: planted copies of deleted records are found where they are, and nowhere else.
 
 One workspace (git + DVC, a local remote outside it) gets a copy of deleted records in each kind of place scan
 must search; the expected findings are compared as a whole set, so a false positive fails as surely as a miss.
@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sisaflow import verify
-from sisaflow.config import Params
-from sisaflow.corpus import Record, content_hash, to_table, write_table
-from sisaflow.paths import Workspace
+from sisaflow.core.config import Params
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, content_hash, to_table, write_table
+from sisaflow.deletion import leftovers
+from sisaflow.scan import places
 
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
 SHARED_Q = "What genre is the author known for writing in most often?"
@@ -125,9 +126,9 @@ def _base(root: Path, remote: Path) -> tuple[Workspace, Params]:
     return ws, params
 
 
-def _targets(ws: Workspace, params: Params) -> list[verify.Target]:
+def _targets(ws: Workspace, params: Params) -> list[places.Target]:
     deleted = {r.content_hash for r in _records() if r.owner == DELETED_OWNER}
-    return verify.targets_from_source(ws, params, deleted, request_id="req-1")
+    return places.targets_from_source(ws, params, deleted, request_id="req-1")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def planted(tmp_path_factory):
     expected.add(("reports/certificates/bad.json", "text", "rec-0002"))
 
     targets = _targets(ws, params)
-    report = verify.scan_report(ws, params, targets)
+    report = places.scan_report(ws, params, targets)
     return {"ws": ws, "params": params, "report": report, "expected": expected, "stale": stale}
 
 
@@ -268,35 +269,35 @@ def test_kept_records_sharing_a_question_are_not_reported(planted):
 
 def test_clean_workspace_has_no_findings(tmp_path):
     ws, params = _base(tmp_path / "ws", tmp_path / "remote")
-    rep = verify.scan_report(ws, params, _targets(ws, params))
+    rep = places.scan_report(ws, params, _targets(ws, params))
     assert rep.findings == [] and rep.clean
     assert rep.files_scanned > 0 and rep.git_objects_scanned > 0
-    assert verify.scan(ws, params, _targets(ws, params)) == []
+    assert places.scan(ws, params, _targets(ws, params)) == []
 
 
 def test_targets_from_source_gives_text_and_hash_only_targets(planted):
     ws, params = planted["ws"], planted["params"]
     r1 = next(r for r in _records() if r.record_id == "rec-0001")
-    got = verify.targets_from_source(ws, params, {r1.content_hash: "req-a", "f" * 64: "req-b"})
+    got = places.targets_from_source(ws, params, {r1.content_hash: "req-a", "f" * 64: "req-b"})
     assert got == [
-        verify.Target("req-a", "rec-0001", r1.content_hash, r1.text),
-        verify.Target("req-b", "", "f" * 64, None),
+        places.Target("req-a", "rec-0001", r1.content_hash, r1.text),
+        places.Target("req-b", "", "f" * 64, None),
     ]
-    from_ledger = verify.targets_from_ledger(ws, params)
+    from_ledger = leftovers.targets_from_ledger(ws, params)
     assert sorted(t.record_id for t in from_ledger) == ["rec-0001", "rec-0002"]
     assert {t.request_id for t in from_ledger} == {"req-1"}
 
 
 def test_text_pieces_use_template_fields():
     text = TEMPLATE.format(question=SHARED_Q, answer="short")
-    assert verify.text_pieces(text, TEMPLATE) == [text, SHARED_Q]
-    assert verify.text_pieces("a\n" + "x" * 50, None) == ["a\n" + "x" * 50, "x" * 50]
+    assert places.text_pieces(text, TEMPLATE) == [text, SHARED_Q]
+    assert places.text_pieces("a\n" + "x" * 50, None) == ["a\n" + "x" * 50, "x" * 50]
 
 
 def test_finding_and_report_are_json_able(planted):
     f = planted["report"].findings[0]
-    assert json.loads(json.dumps(f.to_dict()))["where"] == f.where
-    d = json.loads(json.dumps(planted["report"].to_dict()))
+    assert json.loads(json.dumps(f.to_json()))["where"] == f.where
+    d = json.loads(json.dumps(planted["report"].to_json()))
     assert d["clean"] is False and len(d["findings"]) == len(planted["expected"])
     assert d["findings_by_location"] == {
         "dvc-cache": 3,
@@ -315,7 +316,7 @@ def test_the_report_says_what_it_left_out_and_what_the_source_still_holds(plante
     rep = planted["report"]
     assert rep.not_searched() == {"corpus-source": 1}
     assert rep.source_holds == 2  # both of the owner's records: their text was searched for
-    assert json.loads(json.dumps(rep.to_dict()))["not_searched"] == {"corpus-source": 1}
+    assert json.loads(json.dumps(rep.to_json()))["not_searched"] == {"corpus-source": 1}
 
 
 def test_a_remote_that_is_not_a_directory_and_an_erased_source_are_counted(tmp_path):
@@ -324,7 +325,7 @@ def test_a_remote_that_is_not_a_directory_and_an_erased_source_are_counted(tmp_p
     source = ws.root / "records.jsonl"
     source.write_text("".join(ln + "\n" for ln in source.read_text().splitlines() if DELETED_OWNER not in ln))
     _sh(ws.root, str(Path(sys.executable).parent / "dvc"), "remote", "modify", "storage", "url", "s3://b/x")
-    rep = verify.scan_report(ws, params, targets)
+    rep = places.scan_report(ws, params, targets)
     assert rep.not_searched() == {"corpus-source": 1, "dvc-remote": 1}
     assert rep.source_holds == 0
     assert any("not a local directory: not searched" in n for n in rep.notes)
@@ -333,8 +334,8 @@ def test_a_remote_that_is_not_a_directory_and_an_erased_source_are_counted(tmp_p
 def test_a_copy_of_a_retired_checkpoints_weights_is_found(tmp_path):
     """A model trained on deleted records is a copy of them too: the weights files the requests retired (their
     impact records name them) are looked for byte for byte, in the tree, the DVC cache and git history."""
-    from sisaflow.fsio import write_json
-    from sisaflow.proof import impact_file
+    from sisaflow.core.fsio import write_json
+    from sisaflow.deletion.impact import impact_file
 
     ws, params = _base(tmp_path / "ws", tmp_path / "remote")
     weights = os.urandom(4096)
@@ -362,7 +363,7 @@ def test_a_copy_of_a_retired_checkpoints_weights_is_found(tmp_path):
     _sh(ws.root, "git", "add", "backup/model.safetensors")
     _sh(ws.root, "git", "commit", "-q", "-m", "a backup")
     blob = _sh(ws.root, "git", "rev-parse", "HEAD:backup/model.safetensors")
-    rep = verify.scan_report(ws, params, _targets(ws, params))
+    rep = leftovers.scan_report(ws, params, _targets(ws, params))
     found = {(f.where, f.record_id) for f in rep.findings if f.what == "weights"}
     assert found == {
         ("backup/model.safetensors", "shard-0/slice-1"),

@@ -8,7 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sisaflow.checkpoint import (
+from sisaflow.core.fsio import sha256_file
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
+from sisaflow.training.checkpoint import (
     LINEAGE_FILE,
     META_FILE,
     MODEL_FILE,
@@ -20,9 +23,6 @@ from sisaflow.checkpoint import (
     save_checkpoint,
     weights_hash,
 )
-from sisaflow.fsio import sha256_file
-from sisaflow.model import build_model
-from sisaflow.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_params, tok, monke
     save_checkpoint(d, model, opt, META, ["h1"])
     before = {p.name: p.read_bytes() for p in d.iterdir()}
 
-    import sisaflow.checkpoint as ck
+    import sisaflow.training.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

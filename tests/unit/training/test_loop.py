@@ -9,15 +9,22 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import sisaflow.training as training
-from sisaflow.checkpoint import LINEAGE_FILE, META_FILE, MODEL_FILE, OPTIMIZER_FILE, load_weights, read_meta
-from sisaflow.config import ShardingParams
-from sisaflow.corpus import Record, content_hash, from_table, read_table, to_table, write_table
-from sisaflow.fsio import read_json
-from sisaflow.model import build_model
-from sisaflow.sharding import read_shard_manifest, read_slice, shard_corpus
-from sisaflow.tokenizer import load_tokenizer
-from sisaflow.training import (
+import sisaflow.training.loop as training
+from sisaflow.core.config import ShardingParams
+from sisaflow.core.fsio import read_json
+from sisaflow.data.corpus import Record, content_hash, from_table, read_table, to_table, write_table
+from sisaflow.data.sharding import read_shard_manifest, read_slice, shard_corpus
+from sisaflow.models.scratch import build_model
+from sisaflow.models.tokenizer import load_tokenizer
+from sisaflow.training.checkpoint import (
+    LINEAGE_FILE,
+    META_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    load_weights,
+    read_meta,
+)
+from sisaflow.training.loop import (
     chain_hashes,
     derive_seed,
     first_stale_slice,
@@ -177,8 +184,8 @@ def test_resume_after_losing_last_checkpoints_equals_uninterrupted(sharded, tiny
 
 
 def test_a_checkpoint_records_its_environment_and_a_resume_under_another_says_so(sharded, tiny_params):
-    from sisaflow.checkpoint import UNRECORDED
-    from sisaflow.fsio import write_json
+    from sisaflow.core.fsio import write_json
+    from sisaflow.training.checkpoint import UNRECORDED
 
     ws = sharded()
     train_shard(ws, 0, tiny_params, progress=quiet)
