@@ -26,9 +26,9 @@ AUTHORS = 6
 
 def _dvc(ws_root: Path, *args: str) -> subprocess.CompletedProcess:
     from sisaflow.core.paths import Workspace
-    from sisaflow.core.versioning import _run
+    from sisaflow.core.versioning import run_tool
 
-    return _run(Workspace(ws_root), "dvc", *args)
+    return run_tool(Workspace(ws_root), "dvc", *args)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sisaflow.core import ledger
 from sisaflow.core.config import Params
@@ -354,8 +354,15 @@ class AppliedRun:
     verify: ScanSummary | None = None
     ensemble_version: str = ""
 
+    def to_json(self) -> dict:
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("purge", "verify")}
+        out = asdict(type(self)(**plain))  # deep copies of the plain fields
+        out["purge"] = self.purge.to_json() if self.purge else None
+        out["verify"] = self.verify.to_json() if self.verify else None
+        return out
+
     @classmethod
-    def from_json(cls, raw: dict) -> AppliedRun:
+    def from_json(cls, raw: dict) -> Self:
         known = {f.name for f in fields(cls)}
         out = cls(**{k: v for k, v in raw.items() if k in known and k not in ("purge", "verify", "trained")})
         out.trained = {int(k): v for k, v in raw.get("trained", {}).items()}

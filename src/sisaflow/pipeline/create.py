@@ -129,7 +129,7 @@ def init_workspace(
         directory.mkdir(parents=True, exist_ok=True)
         write_text(
             ws.params_file,
-            "# sisaflow parameters: one section per stage (see README)\n"
+            "# sisaflow parameters: one section per stage (see the docs/ pages of sisaflow)\n"
             + yaml.safe_dump(written.to_dict(), sort_keys=False),
         )
         versioning.write_dvc_yaml(ws, params)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from sisaflow.core.fsio import write_json
 from sisaflow.core.paths import Workspace
-from sisaflow.deletion.leftovers import ScanSummary
-from sisaflow.deletion.purge import PurgeReport
+from sisaflow.deletion.certificate import AppliedRun
 
 
 @dataclass
-class RunReport:
-    kind: str
+class RunReport(AppliedRun):
+    """What one run or forget did; the fields a certificate reads are `AppliedRun`'s (retrained requests, shards
+    trained, checkpoints before and after, purge and scan reports), and so is `to_json`/`from_json`."""
+
+    kind: str = ""
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     # names the report file; microseconds keep two runs started in one second apart and in order
     run_id: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ"))
@@ -25,38 +27,14 @@ class RunReport:
     imported: dict = field(default_factory=dict)
     shards_rewritten: list[int] = field(default_factory=list)
     slices_rewritten: list[list[int]] = field(default_factory=list)
-    trained: dict[int, dict] = field(default_factory=dict)
     training_tokens: int = 0
     full_training_tokens: int = 0
-    ensemble_version: str = ""
     requests: list[str] = field(default_factory=list)
     dvc_clean: bool = False
     lock_changed: list[str] = field(default_factory=list)
-    retrained_requests: list[str] = field(default_factory=list)
-    slices: int = 0
-    checkpoints_before: dict = field(default_factory=dict)
-    checkpoints_after: dict = field(default_factory=dict)
-    purge: PurgeReport | None = None
-    verify: ScanSummary | None = None
     certificates: dict[str, list[str]] = field(default_factory=dict)
     orchestration: str = ""
     """What ran the steps: a Prefect flow run (named), or the library alone (--no-prefect)."""
-
-    def to_json(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("purge", "verify")}
-        out = asdict(RunReport(**out))  # deep copies of the plain fields
-        out["purge"] = self.purge.to_json() if self.purge else None
-        out["verify"] = self.verify.to_json() if self.verify else None
-        return out
-
-    @classmethod
-    def from_json(cls, raw: dict) -> RunReport:
-        known = {f.name for f in fields(cls)}
-        out = cls(**{k: v for k, v in raw.items() if k in known and k not in ("purge", "verify", "trained")})
-        out.trained = {int(k): v for k, v in raw.get("trained", {}).items()}
-        out.purge = PurgeReport.from_json(raw["purge"]) if raw.get("purge") else None
-        out.verify = ScanSummary.from_json(raw["verify"]) if raw.get("verify") else None
-        return out
 
     def save(self, ws: Workspace) -> None:
         write_json(ws.runs_dir / f"{self.run_id}-{self.kind}.json", self.to_json())

@@ -77,8 +77,9 @@ def train(
     ws: Workspace,
     params: Params,
     shards: list[int],
-    progress: Progress | None = None,
     in_process: bool = False,
+    *,
+    progress: Progress | None = None,
 ):
     """Train `shards` (Ray by default; in this process with in_process=True). Returns a ParallelReport."""
     from sisaflow.training.loop import train_shard

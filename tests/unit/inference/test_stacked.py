@@ -39,7 +39,7 @@ def rounding_bound(scale: float, width: int, depth: int, dtype: torch.dtype = to
     tiny models of these tests (width 32, 2 layers) that is 1.5e-3 for 20 cached steps of LoRA log-probabilities
     up to 9.7 in magnitude, where rounding differences of 1.1e-4 were seen (on two AVX512 machines) and a wrong
     adapter in one layer, a cache row of another constituent or a LoRA scale 1% off moves them by 0.87 to 5.6; in
-    float64 (eps 2^-52, 2^29 times finer) it is 1e-13 to 3e-12, the exactness the README states."""
+    float64 (eps 2^-52, 2^29 times finer) it is 1e-13 to 3e-12, the exactness docs/serving.md states."""
     return ROUNDING_C * torch.finfo(dtype).eps * scale * width * depth
 
 
