@@ -20,7 +20,7 @@ import yaml
 
 from sisaflow.core.config import Params, ShardingParams
 from sisaflow.core.paths import Workspace
-from sisaflow.data.corpus import Record, from_table, import_corpus, read_table
+from sisaflow.data.corpus import Exclusions, Record, from_table, import_corpus, read_table
 from sisaflow.data.sharding import read_shard_manifest, shard_corpus
 from sisaflow.evaluation.metrics import perplexity
 from sisaflow.inference.ensemble import Ensemble
@@ -63,7 +63,7 @@ def workspace(
     else:
         ws = Workspace(root)
         ws.root.mkdir(parents=True)
-        import_corpus(setup.source, params.corpus, ws.corpus_file, set(), set())
+        import_corpus(setup.source, params.corpus, ws.corpus_file, Exclusions())
     ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     return ws, params
 
@@ -133,7 +133,7 @@ def forget(
     """Delete `owners` and retrain what is stale; the measured cost, and the cost predicted from `place`, the
     full training's per-slice tokens and the owners' own tokens (equal when the accounting is right)."""
     t0 = time.perf_counter()
-    import_corpus(setup.source, params.corpus, ws.corpus_file, set(owners), set())
+    import_corpus(setup.source, params.corpus, ws.corpus_file, Exclusions(owners=frozenset(owners)))
     rep = shard_corpus(ws, params.sharding, allow_empty=True)
     stale = steps.stale_shards(ws, params)
     expected_stale: dict[int, int] = {}

@@ -29,7 +29,7 @@ def main() -> int:
 
     from sisaflow.core.config import Params
     from sisaflow.core.paths import Workspace
-    from sisaflow.data.corpus import import_corpus
+    from sisaflow.data.corpus import Exclusions, import_corpus
     from sisaflow.data.sharding import shard_corpus
     from sisaflow.inference.ensemble import Ensemble
     from sisaflow.inference.registry import build_registry
@@ -49,7 +49,7 @@ def main() -> int:
     out["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
-        import_corpus(REPO / params.corpus.path, params.corpus, ws.corpus_file, set(), set())
+        import_corpus(REPO / params.corpus.path, params.corpus, ws.corpus_file, Exclusions())
         shard_corpus(ws, params.sharding)
         shards = []
         for s in params.sharding.shard_ids:

@@ -78,6 +78,8 @@ if ! "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1; then
     "$PREFECT" work-pool create "$POOL" --type process >/dev/null
     echo "created the process work pool '$POOL'"
 fi
+# one flow run at a time in this workspace, the others queued (prefect.yaml's deployments also say so each)
+"$PREFECT" work-pool set-concurrency-limit "$POOL" 1 >/dev/null
 
 echo "deploying prefect.yaml"
 "$PREFECT" --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; die "prefect deploy failed"; }

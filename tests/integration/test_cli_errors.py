@@ -148,3 +148,37 @@ def test_a_dvc_stage_command_waits_for_a_running_forget(tmp_path, capsys, stage)
     worker.join(timeout=120)
     assert done == [0]
     assert "waiting for the active sisaflow forget" in capsys.readouterr().out
+
+
+def test_skip_invalid_imports_the_valid_records_and_names_the_others_by_file_and_line(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    lines = corpus.read_text().splitlines()
+    broken = json.loads(lines[6])["question"]
+    row = json.loads(lines[3])
+    row["answer"] = "  "
+    lines[3] = json.dumps(row)  # line 4: an empty field
+    lines[6] = lines[6][:-5]  # line 7: malformed
+    corpus.write_text("\n".join(lines) + "\n")
+    # by default one invalid record refuses the corpus, and the message says how to skip it
+    assert _init(tmp_path, corpus, "--shards", "2", "--slices", "2") == 1
+    err = capsys.readouterr().err
+    assert f"{corpus}:4: field 'answer' is empty" in err and "--skip-invalid" in err
+    assert not (tmp_path / "ws").exists()
+    assert _init(tmp_path, corpus, "--shards", "2", "--slices", "2", "--skip-invalid") == 0
+    ws = tmp_path / "ws"
+    out = capsys.readouterr().out
+    assert "corpus: 98 records" in out and "2 invalid record(s) skipped" in out
+    assert f"{corpus}:4: field 'answer' is empty" in out and f"{corpus}:7: malformed JSON" in out
+    assert yaml.safe_load((ws / "params.yaml").read_text())["corpus"]["skip_invalid"] is True
+    assert cli.main(["--workspace", str(ws), "prepare"]) == 0
+    assert "2 invalid record(s) skipped" in capsys.readouterr().out
+    assert cli.main(["--workspace", str(ws), "status", "--json"]) == 0
+    st = json.loads(out := capsys.readouterr().out)
+    assert st["imported"]["records"] == 98
+    assert st["imported"]["skipped"] == [
+        f"{corpus}:4: field 'answer' is empty",
+        f"{corpus}:7: malformed JSON",
+    ]
+    assert cli.main(["--workspace", str(ws), "status"]) == 0
+    out += capsys.readouterr().out
+    assert f"{corpus}:7: malformed JSON" in out and broken not in out

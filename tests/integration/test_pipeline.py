@@ -316,6 +316,55 @@ def test_forget_purges_scans_and_certifies(story, capsys):
     assert cli.main(["--workspace", str(story["a"]), "verify"]) == 0
 
 
+def test_the_retired_optimizer_state_is_purged_certified_and_signed_for_an_outsider(story, tmp_path):
+    """A retired checkpoint's optimizer state is data too (AdamW's moments sum the records' gradients): the impact
+    record names it, the certificate states its sha256, and no copy is left in the workspace, the DVC cache or
+    the remote. Signed again with an Ed25519 key, the certificate is checked with the public key alone, by sisaflow
+    and by the README's few lines of Python without it."""
+    import hashlib
+
+    from sisaflow import cli
+    from tests.unit.deletion.test_signing import run_third_party_check, third_party_snippets
+
+    a = story["a"]
+    cert = json.loads((a / "reports" / "certificates" / "req-test.json").read_text())
+    impact = json.loads((a / "runs" / "impact" / "req-test.json").read_text())
+    retired = cert["retired_files"]
+    names = [f"shard-{story['shard']}/slice-{k}" for k in range(story["slice"], 3)]
+    assert sorted(retired) == names == sorted(cert["retired_checkpoints"])
+    assert all(set(f) == {"model.safetensors", "optimizer.safetensors"} for f in retired.values())
+    files = impact["shards"][str(story["shard"])]["retired_files"]
+    optimizer = {
+        f["optimizer.safetensors"]["sha256"]: f["optimizer.safetensors"]["bytes"] for f in files.values()
+    }
+    assert set(optimizer) == {f["optimizer.safetensors"] for f in retired.values()}
+    sizes = set(optimizer.values())
+    left = [
+        p
+        for p in a.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and p.stat().st_size in sizes
+        and hashlib.sha256(p.read_bytes()).hexdigest() in optimizer
+    ]
+    assert left == [], left
+
+    ws = tmp_path / "copy"
+    shutil.copytree(a, ws, symlinks=True)
+    key = tmp_path / "keys" / "signing.pem"
+    assert cli.main(["keys", "init", "--out", str(key)]) == 0
+    # an Ed25519 key signs even though SISAFLOW_CERTIFICATE_KEY (HMAC) is set
+    assert cli.main(["--workspace", str(ws), "certificate", "req-test", "--signing-key", str(key)]) == 0
+    path = ws / "reports" / "certificates" / "req-test.json"
+    signed = json.loads(path.read_text())
+    assert signed["signature"]["alg"] == "ed25519" and signed["retired_files"] == retired
+    public = tmp_path / "keys" / "signing.pub.pem"
+    assert cli.main(["certificate", "--verify", str(path), "--public-key", str(public)]) == 0
+    for snippet in set(third_party_snippets()):
+        outsider = run_third_party_check(snippet, path, public, tmp_path / "outsider")
+        assert outsider.returncode == 0, outsider.stderr
+
+
 def test_a_request_whose_scan_found_a_copy_is_certified_once_the_copy_is_gone(story, tmp_path, capsys):
     """The scan after purge found a copy (the user's own file, say): `sisaflow certificate` refuses while it is
     there and, once it is removed, scans again and certifies."""
@@ -401,3 +450,25 @@ def test_verify_exact_sees_shards_that_are_not_the_source_minus_the_ledger(story
     assert cli.main(["--workspace", str(ws), "verify", "--exact", "--shard", str(shard)]) == 1
     out = capsys.readouterr().out
     assert f"shard {shard}: DIFFERENT" in out and "gives OTHER slices" in out
+
+
+def test_the_forget_flow_publishes_its_outcome_as_a_prefect_artifact(story):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from sisaflow.flows.artifacts import artifact_key
+
+    key = artifact_key(str(story["a"]))
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC
+        )
+    # the Prefect forget (req-test) published one; the --no-prefect forget after it did not
+    assert len(found) == 1 and found[0].type == "markdown" and found[0].flow_run_id is not None
+    md = found[0].data
+    assert "| `req-test` | certified | [json](file://" in md
+    shard, start = story["shard"], story["slice"]
+    assert f"| {shard} | {start} |" in md  # the owner's shard, retrained from its slice
+    assert "of a full training" in md and "scan: clean" in md and "purge removed" in md
+    assert not any(answer in md for answer in story["deleted_answers"])

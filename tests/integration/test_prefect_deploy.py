@@ -155,6 +155,10 @@ def test_deploy_all_creates_the_three_deployments(server: Server, deployed: Path
         assert d.work_pool_name == POOL, name
         assert d.parameters.get("workspace") == ".", name
         assert d.pull_steps == PULL_STEPS, name
+        # one run at a time, the next queued rather than Running while it waits on the workspace lock
+        assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1, name
+        assert d.concurrency_options is not None, name
+        assert str(d.concurrency_options.collision_strategy.value) == "ENQUEUE", name
 
     train = deps[f"sisaflow-train/{NAME}-full-retraining"].schedules
     assert len(train) == 1 and train[0].active

@@ -1,7 +1,7 @@
 """The `sisaflow` command line: main() and the top-level parser. Each group of commands lives in its own module
 with its parsers beside the functions they call: `run` (init, base, run and its DVC stages, status, evaluate,
-push), `deletion` (forget, requests, verify, purge, certificate), `serving` (generate, score, classify). The CLI is
-the only package that imports the Prefect flows (`sisaflow.flows`); it may import every package."""
+push), `deletion` (forget, requests, verify, purge, certificate, keys), `serving` (generate, score, classify). The
+CLI is the only package that imports the Prefect flows (`sisaflow.flows`); it may import every package."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The deletion commands of the `sisaflow` command line: forget, requests, verify, purge, certificate.
+"""The deletion commands of the `sisaflow` command line: forget, requests, verify, purge, certificate, keys.
 
 Like sisaflow.cli.run, thin adapters over the library (and, for forget, the Prefect flows). Deleted text never
 reaches the terminal: requests, findings and certificates are named by ids and content hashes.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sisaflow.cli.run import NO_PREFECT, local_steps, prefect_env, print_run, workspace_arg
 from sisaflow.core.errors import SisaflowError
+from sisaflow.core.paths import Workspace
 
 
 def cmd_forget(args) -> int:
@@ -161,20 +162,78 @@ def cmd_purge(args) -> int:
 
 def cmd_certificate(args) -> int:
     from sisaflow.deletion.certificate import key_from_env, verify_file
+    from sisaflow.deletion.signing import default_public_key, load_public_key
 
     if args.verify:
-        ok, message = verify_file(Path(args.verify), key_from_env())
+        # an auditor checks a certificate anywhere: a workspace only lends its public key when none is given
+        public = (
+            Path(args.public_key) if args.public_key else default_public_key(Workspace(Path(args.workspace)))
+        )
+        ok, message = verify_file(
+            Path(args.verify), key_from_env(), load_public_key(public) if public is not None else None
+        )
+        if ok and public is not None and not args.public_key:
+            message += f" (public key {public})"
         print(message)
         return 0 if ok else 1
+    if args.public_key:
+        raise SisaflowError("--public-key checks a certificate: give it with --verify FILE")
     if not args.request_id:
         raise SisaflowError("give a REQUEST_ID, or --verify FILE")
     from sisaflow.core import lock
     from sisaflow.deletion.certificate import certify
 
     ws = workspace_arg(args)
+    key_file = Path(args.signing_key) if args.signing_key else None
     with lock.workspace_lock(ws, "sisaflow certificate", waiting=print):  # no forget changes what it reads
-        json_path, html_path = certify(ws, args.request_id)
+        json_path, html_path = certify(ws, args.request_id, key_file)
     print(f"certificate written: {json_path}\n                     {html_path}")
+    return 0
+
+
+def _git_tracks(path: Path) -> Path | None:
+    """The git work tree that would track `path` (inside it and not ignored), or None."""
+    import subprocess
+
+    where = path.parent
+    while not where.is_dir():
+        where = where.parent
+    try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=where, capture_output=True, text=True, timeout=30
+        )
+        if top.returncode != 0:
+            return None
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", "--no-index", str(path)], cwd=where, capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(top.stdout.strip()) if ignored.returncode == 1 else None
+
+
+def cmd_keys(args) -> int:
+    from sisaflow.deletion.signing import SigningKeyError, write_key_pair
+
+    if args.keys_command != "init":
+        raise SisaflowError("usage: sisaflow keys init [--out FILE] [--force]")
+    out = Path(args.out).expanduser().absolute() if args.out else workspace_arg(args).signing_key_file
+    repo = _git_tracks(out)
+    if repo is not None:
+        raise SigningKeyError(
+            f"{out}: inside the git repository {repo} and not ignored: a private key must never be committed; "
+            "choose a path outside it or one its .gitignore covers (the default, .sisaflow/keys/, is)"
+        )
+    private, public, fp = write_key_pair(out, force=args.force)
+    print(f"private key: {private} (mode 0600: keep it there; certificates are signed with it)")
+    print(
+        f"public key:  {public} (hand it to auditors: `sisaflow certificate --verify FILE --public-key PUB`)"
+    )
+    print(f"fingerprint: {fp} (sha256 of the raw public key, as certificates name it)")
+    if args.out:
+        print(
+            f"sign with it: export SISAFLOW_SIGNING_KEY={private}, or `sisaflow certificate ID --signing-key`"
+        )
     return 0
 
 
@@ -217,6 +276,28 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s = sub.add_parser("certificate", parents=[common], help="write or check a deletion certificate")
     s.add_argument("request_id", nargs="?")
     s.add_argument(
-        "--verify", metavar="FILE", help="check a certificate (signature with SISAFLOW_CERTIFICATE_KEY)"
+        "--verify",
+        metavar="FILE",
+        help="check a certificate: its schema and its signature (Ed25519 with --public-key, or the workspace's "
+        "public key; HMAC with SISAFLOW_CERTIFICATE_KEY)",
+    )
+    s.add_argument("--public-key", metavar="PUB", help="with --verify: the signer's Ed25519 public key (PEM)")
+    s.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="sign with this Ed25519 private key (default: $SISAFLOW_SIGNING_KEY, else the workspace's key from "
+        "`sisaflow keys init`, else HMAC with $SISAFLOW_CERTIFICATE_KEY)",
     )
     s.set_defaults(func=cmd_certificate)
+
+    s = sub.add_parser("keys", parents=[common], help="the Ed25519 key pair that signs certificates")
+    keys = s.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser(
+        "init",
+        parents=[common],
+        help="write a key pair: the private key (mode 0600) in the workspace's .sisaflow/keys/ or at --out, "
+        "the public key beside it",
+    )
+    k.add_argument("--out", metavar="FILE", help="the private key's path (the public key: FILE.pub.pem)")
+    k.add_argument("--force", action="store_true", help="replace an existing key")
+    k.set_defaults(func=cmd_keys)

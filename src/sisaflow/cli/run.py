@@ -61,11 +61,17 @@ def cmd_init(args) -> int:
         text_template=template,
         label_field=args.label_field,
         labels=[c.strip() for c in args.labels.split(",")] if args.labels else None,
+        skip_invalid=args.skip_invalid,
     )
     base = Path(args.base) if args.base else None
     ws = init_workspace(
         Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices), base=base
     )
+    from sisaflow.data.corpus import read_import_report
+
+    imported = read_import_report(ws.corpus_file)
+    if imported is not None:
+        print(imported.summary())
     kind = f"LoRA adapters over {args.base}" if base else "small models trained from scratch"
     print(f"workspace ready in {ws.root} ({kind})\nnext: cd {ws.root} && sisaflow run")
     return 0
@@ -80,10 +86,11 @@ def cmd_base(args) -> int:
 
 
 def print_run(result: RunResult, kind: str) -> None:
+    from sisaflow.data.corpus import ImportReport
+
     rep = result.report
-    imp = rep.imported
     print(f"\n== {kind} ==")
-    print(f"corpus: {imp.get('records')} records ({imp.get('excluded', 0)} left out by deletion requests)")
+    print(ImportReport.from_json(rep.imported).summary())
     if rep.slices_rewritten:
         print("slice files rewritten: " + ", ".join(f"shard {s} slice {k}" for s, k in rep.slices_rewritten))
     if not rep.trained:
@@ -173,7 +180,7 @@ def cmd_prepare(args) -> int:
     ws = workspace_arg(args)
     with lock.workspace_lock(ws, "sisaflow prepare", waiting=print):
         info = steps.prepare(ws, steps.load(ws))
-    print(f"imported {info['records']} records ({info['excluded']} left out by deletion requests)")
+    print(info.summary())
     return 0
 
 
@@ -299,6 +306,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s.add_argument("--label-field", default=None, help="a classification corpus: the field holding the class")
     s.add_argument(
         "--labels", default=None, help="with --label-field: the classes, comma-separated (e.g. ham,spam)"
+    )
+    s.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="import the valid records of a corpus with empty or malformed ones and report the others by file "
+        "and line (params: corpus.skip_invalid); by default one invalid record refuses the whole corpus",
     )
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--slices", type=int, default=4)

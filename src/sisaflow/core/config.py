@@ -27,7 +27,8 @@ class CorpusParams:
     """Source file, relative to the workspace or absolute."""
     format: Literal["jsonl", "parquet", "csv", "txt"] = "jsonl"
     id_field: str | None = "id"
-    """Field holding a stable record id; null uses the line/row number."""
+    """Field holding a stable record id; null derives each record's id from its text ('sha-' and 16 hex digits
+    of its text hash, '-2', '-3' ... for repeats), never from its position."""
     owner_field: str | None = "author_id"
     """Field naming who can ask for removal; null makes each record its own owner."""
     text_field: str | None = None
@@ -39,6 +40,9 @@ class CorpusParams:
     the ensemble classifies by the likelihood of each class after the rest (`sisaflow classify`)."""
     labels: list[str] | None = None
     """The classes, fixed here: never taken from the data, which deletions change."""
+    skip_invalid: bool = False
+    """An empty or malformed record: refuse the whole corpus (false), or import the valid records and report
+    the others by file and line, never their text, in the run report and `sisaflow status` (true)."""
 
     def __post_init__(self) -> None:
         check_choice("corpus.format", self.format, ("jsonl", "parquet", "csv", "txt"))

@@ -1,26 +1,37 @@
 """The deletion ledger: every request, appended and fsync'd before anything else happens.
 
 deletions/ledger.jsonl holds one JSON object per line: the request id, the owner and record ids it names, the
-content hashes of the records it covered, when, and an optional reason. It holds ids and hashes, never text.
-It is committed to git, so a fresh clone that re-imports the corpus still leaves these records out.
+content hashes of the records it covered and the hashes of their texts alone, a hash of what the request named
+as given, when, and an optional reason. It holds ids and hashes, never text. It is committed to git, so a fresh
+clone that re-imports the corpus still leaves these records out.
 
 A request then moves through states, each appended as its own line ({"request_id", "state", "at"}) to
 deletions/states.jsonl beside it: pending -> excluded -> retrained -> purged -> certified. Appending (never
 rewriting) keeps every step durable and lets two processes write at once under the file lock. The states live
 in their own file because the ledger is an input of the DVC prepare stage and a state change is not new data.
+
+A crash during an append can leave a torn last line (no newline, not JSON): it was never acknowledged, so
+reading ignores it, and the next write, under the lock, moves it aside to `<file>.torn-<UTC time>` beside the
+file and cuts it off, with a warning naming that file. A corrupt line before the last stops every reader with a
+DeletionError naming the file and line.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sisaflow.core.errors import DeletionError
+from sisaflow.core.fsio import digest
+
+log = logging.getLogger("sisaflow")
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,21 @@ class DeletionRequest:
     content_hashes: list[str] = field(default_factory=list)
     requested_at: str = ""
     reason: str | None = None
+    text_hashes: list[str] = field(default_factory=list)
+    """Hashes of the covered records' texts alone: an import leaves out any record with one of these texts,
+    whatever its id or owner (empty in requests recorded before they were kept)."""
+    input_hash: str = ""
+    """A hash of the owners and records the request named as given, before unknown names were dropped
+    (unlearn.unknown: warn): a retry with the same input is the same request. Empty in older requests."""
+
+    def same_input(self, owners: Iterable[str], records: Iterable[str]) -> bool:
+        """Whether a request naming `owners` and `records` is this one again (a retry)."""
+        if self.input_hash:
+            return self.input_hash == input_hash(owners, records)
+        return (sorted(set(self.owners)), sorted(set(self.records))) == (
+            sorted(set(owners)),
+            sorted(set(records)),
+        )
 
 
 STATES = ("pending", "excluded", "retrained", "purged", "certified")
@@ -48,46 +74,123 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex[:12]
 
 
-def read_ledger(path: Path) -> list[DeletionRequest]:
-    """Every request recorded, in order."""
-    if not Path(path).is_file():
-        return []
+def input_hash(owners: Iterable[str], records: Iterable[str]) -> str:
+    """A hash of what a request names, as given: the same owners and records in any order or repetition."""
+    return digest(
+        ("sisaflow-request-v1", json.dumps([sorted(set(map(str, owners))), sorted(set(map(str, records)))]))
+    )
+
+
+def _parse_lines(path: Path, data: bytes, kind: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every complete line of a ledger file's bytes. A last line without its newline
+    is kept if it is a whole JSON object and ignored if not (torn: never acknowledged); any other line that is
+    not a JSON object is a DeletionError naming the file and line."""
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not _is_state_line(obj):
-                    out.append(DeletionRequest(**obj))
-            except (json.JSONDecodeError, TypeError) as exc:
-                raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise DeletionError(f"{path}:{n}: corrupt {kind} line ({exc})") from None
+        if not isinstance(obj, dict):
+            raise DeletionError(f"{path}:{n}: corrupt {kind} line (not a JSON object)")
+        out.append((n, obj))
+    if tail.strip():
+        try:
+            obj = json.loads(tail)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            out.append((len(lines) + 1, obj))
     return out
 
 
+def _read_lines(path: Path, kind: str) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return _parse_lines(path, path.read_bytes(), kind)
+
+
+def _aside_name(path: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.torn-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.torn-{stamp}-{n}")
+    return aside
+
+
+def _repair_locked(fh, path: Path, kind: str) -> list[tuple[int, dict]]:
+    """Under the file's lock (`fh` open "a+b"): end a complete last line that lacks its newline, or move a torn
+    last line aside to a dated file beside `path`, cut it off and warn; then the file's lines."""
+    fh.seek(0)
+    data = fh.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole or not tail.strip():
+            fh.write(b"\n")  # a whole object (or blanks) that lacked only its newline
+            data += b"\n"
+        else:
+            aside = _aside_name(path)
+            with open(aside, "xb") as out:
+                out.write(tail)
+                out.flush()
+                os.fsync(out.fileno())
+            os.ftruncate(fh.fileno(), cut)
+            data = data[:cut]
+            log.warning(
+                "%s ended in a torn line (a write cut short, never acknowledged); moved it "
+                "aside to %s and removed it from the %s",
+                path,
+                aside,
+                kind,
+            )
+        fh.flush()
+        os.fsync(fh.fileno())
+    return _parse_lines(path, data, kind)
+
+
+def _request(path: Path, n: int, obj: dict) -> DeletionRequest:
+    try:
+        return DeletionRequest(**obj)
+    except TypeError as exc:
+        raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
+
+
+def read_ledger(path: Path) -> list[DeletionRequest]:
+    """Every request recorded, in order (a torn last line, never acknowledged, is not one)."""
+    return [_request(path, n, obj) for n, obj in _read_lines(path, "ledger") if not _is_state_line(obj)]
+
+
 def append_request(path: Path, request: DeletionRequest) -> bool:
-    """Append `request` durably; return False (and change nothing) if its id is already recorded."""
+    """Append `request` durably; return False (and change nothing) if its id is already recorded with the same
+    input (`DeletionRequest.same_input`), raise DeletionError if it is recorded with another."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as fh:
+    with open(path, "a+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
+        lines = _repair_locked(fh, path, "ledger")
+        for n, obj in lines:
+            if _is_state_line(obj):
                 continue
-            try:
-                obj = json.loads(line)
-                if _is_state_line(obj):
-                    continue
-                existing = DeletionRequest(**obj)
-            except (json.JSONDecodeError, TypeError) as exc:
-                raise DeletionError(f"{path}:{n}: corrupt ledger line ({exc})") from None
+            existing = _request(path, n, obj)
             if existing.request_id == request.request_id:
-                if (sorted(existing.owners), sorted(existing.records)) != (
-                    sorted(request.owners),
-                    sorted(request.records),
-                ):
+                same = (
+                    existing.input_hash == request.input_hash
+                    if existing.input_hash and request.input_hash
+                    else existing.same_input(request.owners, request.records)
+                )
+                if not same:
                     raise DeletionError(
                         f"request id {request.request_id!r} is already used by a different request"
                     )
@@ -97,21 +200,58 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
             if request.requested_at
             else DeletionRequest(**{**asdict(request), "requested_at": _now()})
         )
-        fh.write(json.dumps(asdict(stamped), sort_keys=True) + "\n")
+        fh.write((json.dumps(asdict(stamped), sort_keys=True) + "\n").encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
     _append_states(path, [request.request_id], "pending", stamped.requested_at)
     return True
 
 
-def excluded(path: Path) -> tuple[set[str], set[str]]:
-    """(owners, record ids) that every import must leave out."""
+def _requests(path: Path, request_ids: list[str] | None) -> list[DeletionRequest]:
+    reqs = read_ledger(path)
+    return reqs if request_ids is None else [r for r in reqs if r.request_id in set(request_ids)]
+
+
+def excluded(path: Path, request_ids: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """(owners, record ids) that every import must leave out (of the requests `request_ids`, default all)."""
     owners: set[str] = set()
     records: set[str] = set()
-    for req in read_ledger(path):
+    for req in _requests(path, request_ids):
         owners.update(req.owners)
         records.update(req.records)
     return owners, records
+
+
+def deleted_content(path: Path, request_ids: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """(text hashes, content hashes) of every record a request covered (of `request_ids`, default all): an
+    import leaves out any record with such a text, whatever id or owner it comes back under."""
+    texts: set[str] = set()
+    contents: set[str] = set()
+    for req in _requests(path, request_ids):
+        texts.update(req.text_hashes)
+        contents.update(req.content_hashes)
+    return texts, contents
+
+
+def prefix_of(path: Path, request_ids: list[str]) -> tuple[bytes, list[str]]:
+    """(the ledger's bytes as they were when it held only `request_ids`, the ids recorded after them). The ledger
+    is append-only, so that is its beginning, up to the first request not in `request_ids`."""
+    known = set(request_ids)
+    raw = Path(path).read_bytes() if Path(path).is_file() else b""
+    end: int | None = None
+    later: list[str] = []
+    offset = 0
+    for line in raw.splitlines(keepends=True):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None  # a torn last line: never acknowledged, not a request
+        if isinstance(obj, dict) and "request_id" in obj and not _is_state_line(obj):
+            if obj["request_id"] not in known:
+                end = offset if end is None else end
+                later.append(obj["request_id"])
+        offset += len(line)
+    return (raw if end is None else raw[:end]), later
 
 
 def states_path(ledger_path: Path) -> Path:
@@ -123,23 +263,28 @@ def _append_states(ledger_path: Path, request_ids: list[str], state: str, at: st
     path = states_path(ledger_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     moved: list[str] = []
-    with open(path, "a+", encoding="utf-8") as fh:
+    with open(path, "a+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
+        lines = _repair_locked(fh, path, "state log")
         reached: dict[str, int] = {}
-        for line in fh:
-            if line.strip():
-                obj = json.loads(line)
-                rank = STATES.index(obj["state"])
-                reached[obj["request_id"]] = max(reached.get(obj["request_id"], -1), rank)
+        for n, obj in lines:
+            rid, rank = _state_entry(path, n, obj)
+            reached[rid] = max(reached.get(rid, -1), rank)
         at = at or _now()
         for rid in request_ids:
             if reached.get(rid, -1) < STATES.index(state):
-                fh.write(json.dumps({"request_id": rid, "state": state, "at": at}) + "\n")
+                fh.write((json.dumps({"request_id": rid, "state": state, "at": at}) + "\n").encode("utf-8"))
                 moved.append(rid)
         fh.flush()
         os.fsync(fh.fileno())
     return moved
+
+
+def _state_entry(path: Path, n: int, obj: dict) -> tuple[str, int]:
+    """(request id, rank of its state) of a state line; DeletionError naming the line if it is not one."""
+    if not isinstance(obj.get("request_id"), str) or obj.get("state") not in STATES or "at" not in obj:
+        raise DeletionError(f"{path}:{n}: corrupt state log line (expected request_id, a state and at)")
+    return obj["request_id"], STATES.index(obj["state"])
 
 
 def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
@@ -156,14 +301,10 @@ def mark(path: Path, request_ids: list[str], state: str) -> list[str]:
 def states(path: Path) -> dict[str, list[dict[str, str]]]:
     """{request_id: [{"state", "at"}, ...]} in the order they were reached."""
     out: dict[str, list[dict[str, str]]] = {}
-    log = states_path(path)
-    if not log.is_file():
-        return out
-    with open(log, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                obj = json.loads(line)
-                out.setdefault(obj["request_id"], []).append({"state": obj["state"], "at": obj["at"]})
+    log_file = states_path(path)
+    for n, obj in _read_lines(log_file, "state log"):
+        rid, _ = _state_entry(log_file, n, obj)
+        out.setdefault(rid, []).append({"state": obj["state"], "at": obj["at"]})
     return out
 
 

@@ -132,3 +132,18 @@ class Workspace:
     @property
     def lock_file(self) -> Path:
         return self.state_dir / "workspace.lock"
+
+    # certificate signing keys: under .sisaflow/, which git ignores and no DVC output covers
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def signing_key_file(self) -> Path:
+        """The Ed25519 private key `sisaflow keys init` writes (mode 0600)."""
+        return self.keys_dir / "signing-key.pem"
+
+    @property
+    def public_key_file(self) -> Path:
+        """Its public key: what an auditor checks certificates with."""
+        return self.keys_dir / "signing-key.pub.pem"

@@ -9,6 +9,7 @@ stage brings existing files up to date (rewriting only what changed) instead of 
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
 import os
 import shutil
@@ -204,6 +205,28 @@ def status(ws: Workspace, stages: list[str] | None = None) -> dict:
     proc = run_tool(ws, "dvc", "status", "--json", *stages)
     out = proc.stdout.strip()
     return json.loads(out) if out else {}
+
+
+def outputs_recorded(changes: dict) -> bool:
+    """True when a `status` result changes only dependencies: every stage's outputs are the ones dvc.lock
+    records (a newer ledger or source waits for the next run), so the lock names exactly what is current."""
+    return all(
+        isinstance(entry, dict) and set(entry) == {"changed deps"}
+        for entries in changes.values()
+        for entry in (entries if isinstance(entries, list) else [entries])
+    )
+
+
+def pin_dependency(ws: Workspace, stage: str, path: str, content: bytes) -> None:
+    """Record in dvc.lock that `stage` ran with the file `path` holding `content` (which it did, though the file
+    has grown since): `dvc status` then shows the stage as changed, and `dvc repro` runs it again."""
+    lock = yaml.safe_load(ws.dvc_lock.read_text())
+    deps = lock["stages"][stage]["deps"]
+    entry = next((d for d in deps if d["path"] == path), None)
+    if entry is None or entry.get("hash", "md5") != "md5":
+        raise ExternalToolError(f"{ws.dvc_lock}: stage {stage!r} has no md5 entry for {path}")
+    entry["md5"], entry["size"] = hashlib.md5(content).hexdigest(), len(content)
+    write_text(ws.dvc_lock, yaml.safe_dump(lock, sort_keys=False))
 
 
 def push(ws: Workspace) -> str:

@@ -78,6 +78,11 @@ def shard_corpus(ws: Workspace, params: ShardingParams, allow_empty: bool = Fals
         raise ShardingError(f"{ws.corpus_file}: no imported corpus; run `sisaflow run` (or `dvc repro`)")
     records = from_table(read_table(ws.corpus_file))
     previous = load_placement(ws, params)
+    if records and not any(r.record_id in previous for r in records):
+        # no record kept its id (a corpus without ids, whose ids now come from the text): nothing is appended to
+        # a layout that holds none of it and every slice changes anyway, so place as the first time instead of
+        # putting everything in the last slice
+        previous = {}
     first_time = not previous
 
     placed: dict[tuple[int, int], list[Record]] = defaultdict(list)

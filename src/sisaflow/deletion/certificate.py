@@ -1,15 +1,17 @@
 """Deletion certificates: what a privacy engineer hands an auditor to show a request was carried out.
 
-A certificate is one JSON object (format `sisaflow-deletion-certificate/1`) recording the request (counts only),
-the timeline of its states, the content hashes removed, the shards and slices retrained, the retired and new
-checkpoint weight hashes, what was purged, what the post-deletion scan found, and the code, params and ensemble
-that did it. It never holds an owner id, a record id or record text: `build_certificate` keeps only counts,
-hashes and numbers, redacts named ids from the reason, and refuses to return a certificate that still holds one.
+A certificate is one JSON object (format `sisaflow-deletion-certificate/2`, defined by certificate.schema.json)
+recording the request (counts only), the timeline of its states, the content hashes removed, the shards and
+slices retrained, the retired and new checkpoint weight hashes, the sha256 of every retired file (weights and
+optimizer state), what was purged, what the post-deletion scan found, and the code, params and ensemble that did
+it. It never holds an owner id, a record id or record text: `build_certificate` keeps only counts, hashes and
+numbers, redacts named ids from the reason, and refuses to return a certificate that still holds one.
 
-Signing is HMAC-SHA256 over the canonical JSON (sorted keys, no whitespace, UTF-8) of the certificate without
-its `signature` field. The key is the UTF-8 bytes of SISAFLOW_CERTIFICATE_KEY, used as they are (no hex
-decoding), so `export SISAFLOW_CERTIFICATE_KEY=$(openssl rand -hex 32)` gives a 64-byte key. Whoever holds the
-key can both sign and verify: keep it where the auditor's verifier, not the operator, controls it.
+The signature covers the canonical JSON (sorted keys, no whitespace, UTF-8) of the certificate without its
+`signature` field. Ed25519 (sisaflow.deletion.signing): {"alg": "ed25519", "public_key_sha256", "value"}, which
+anyone with the public key can check and nobody without the private key can forge. HMAC-SHA256 under the UTF-8
+bytes of SISAFLOW_CERTIFICATE_KEY, as older certificates carry it, is used to sign only where no Ed25519 key
+exists; whoever holds that key can both sign and check. Certificates of format 1 stay valid.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field, fields
@@ -27,18 +28,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from sisaflow.core import ledger
 from sisaflow.core.config import Params
 from sisaflow.core.errors import DeletionError, SisaflowError
 from sisaflow.core.fsio import read_json, write_text
 from sisaflow.core.paths import Workspace
 from sisaflow.deletion.certificate_html import render_html
-from sisaflow.deletion.certificate_schema import ALG, FORMAT, NAME, check_certificate
-from sisaflow.deletion.impact import impact_file
+from sisaflow.deletion.certificate_schema import ED25519_ALG, FORMAT, HMAC_ALG, NAME, check_certificate
+from sisaflow.deletion.impact import impact_file, retired_file_hashes
 from sisaflow.deletion.leftovers import ScanSummary
 from sisaflow.deletion.purge import PurgeReport
+from sisaflow.deletion.signing import (
+    HMAC_KEY_ENV,
+    Key,
+    fingerprint,
+    hmac_hex,
+    hmac_key_from_env,
+    sign_ed25519,
+    signing_key,
+    verify_ed25519,
+)
 
-KEY_ENV = "SISAFLOW_CERTIFICATE_KEY"
+KEY_ENV = HMAC_KEY_ENV
 REDACTED = "[redacted]"
 
 
@@ -56,30 +69,47 @@ def canonical_json(obj: Any) -> bytes:
     )
 
 
-def _mac(cert: dict, key: bytes) -> str:
-    body = {k: v for k, v in cert.items() if k != "signature"}
-    return hmac.new(key, canonical_json(body), hashlib.sha256).hexdigest()
+def signed_bytes(cert: dict) -> bytes:
+    """What a signature covers: the canonical JSON of `cert` without its `signature` field."""
+    return canonical_json({k: v for k, v in cert.items() if k != "signature"})
 
 
-def sign(cert: dict, key: bytes) -> dict:
-    """A copy of `cert` with signature {"alg": "HMAC-SHA256", "value": hex} over everything else."""
-    if not key:
+def sign(cert: dict, key: Key) -> dict:
+    """A copy of `cert` signed over everything else: {"alg": "ed25519", "public_key_sha256", "value"} with an
+    Ed25519 private key, {"alg": "HMAC-SHA256", "value"} with an HMAC secret (bytes)."""
+    if isinstance(key, Ed25519PrivateKey):
+        sig = {
+            "alg": ED25519_ALG,
+            "public_key_sha256": fingerprint(key),
+            "value": sign_ed25519(signed_bytes(cert), key),
+        }
+    elif isinstance(key, bytes) and key:
+        sig = {"alg": HMAC_ALG, "value": hmac_hex(signed_bytes(cert), key)}
+    else:
         raise CertificateError("an empty key cannot sign a certificate")
-    return {**cert, "signature": {"alg": ALG, "value": _mac(cert, key)}}
+    return {**cert, "signature": sig}
 
 
-def verify_signature(cert: dict, key: bytes) -> bool:
-    """True when `cert` carries an HMAC-SHA256 signature that `key` reproduces (constant-time compare)."""
+def verify_signature(cert: dict, key: bytes | Ed25519PublicKey | None) -> bool:
+    """True when `cert` carries a signature `key` checks: Ed25519 by this public key (and naming it), or an
+    HMAC-SHA256 that this secret reproduces (constant-time compare)."""
     sig = cert.get("signature")
-    if not key or not isinstance(sig, dict) or sig.get("alg") != ALG or not isinstance(sig.get("value"), str):
+    if not isinstance(sig, dict) or not isinstance(sig.get("value"), str):
         return False
-    return hmac.compare_digest(sig["value"], _mac(cert, key))
+    if isinstance(key, Ed25519PublicKey):
+        return (
+            sig.get("alg") == ED25519_ALG
+            and sig.get("public_key_sha256") == fingerprint(key)
+            and verify_ed25519(signed_bytes(cert), sig["value"], key)
+        )
+    if isinstance(key, bytes) and key and sig.get("alg") == HMAC_ALG:
+        return hmac.compare_digest(sig["value"], hmac_hex(signed_bytes(cert), key))
+    return False
 
 
 def key_from_env() -> bytes | None:
-    """The signing key: the UTF-8 bytes of $SISAFLOW_CERTIFICATE_KEY as they are; None when unset or empty."""
-    value = os.environ.get(KEY_ENV, "")
-    return value.encode("utf-8") if value else None
+    """The HMAC secret: the UTF-8 bytes of $SISAFLOW_CERTIFICATE_KEY as they are; None when unset or empty."""
+    return hmac_key_from_env()
 
 
 # ---- provenance ----
@@ -242,12 +272,15 @@ def build_certificate(
     ensemble_version: str,
     issued_at: str,
     training_environments: dict[str, list[dict[str, str]]] | None = None,
+    retired_files: dict[str, dict[str, str]] | None = None,
 ) -> dict:
     """An unsigned certificate (signature null) after checking every field; pass it to `sign` to sign it.
 
     `request` may be a ledger entry with owner and record ids: they become counts, any other key is dropped, and
-    a named id inside the reason is replaced by "[redacted]". A CertificateError names the first bad field, and
-    is raised too if any named id would still appear in the certificate (e.g. as the request id)."""
+    a named id inside the reason is replaced by "[redacted]". `retired_files` ({"shard-N/slice-K": {file name:
+    sha256}}, the weights and optimizer state of every retired checkpoint) defaults to the weights of
+    `retired_checkpoints` alone. A CertificateError names the first bad field, and is raised too if any named id
+    would still appear in the certificate (e.g. as the request id)."""
     if not isinstance(request, dict):
         raise CertificateError("request: expected a mapping")
     cert: dict[str, Any] = {
@@ -269,6 +302,9 @@ def build_certificate(
         ],
         "retired_checkpoints": dict(retired_checkpoints),
         "new_checkpoints": dict(new_checkpoints),
+        "retired_files": copy.deepcopy(retired_files)
+        if retired_files is not None
+        else {name: {"model.safetensors": h} for name, h in dict(retired_checkpoints).items()},
         "purge_report": None if purge_report is None else _clean_purge(dict(purge_report)),
         "verify_result": None if verify_result is None else _clean_verify(dict(verify_result)),
         "code_version": code_version,
@@ -289,6 +325,7 @@ def build_certificate(
     cert["affected"].sort(key=lambda a: (a["shard"], a["from_slice"]))
     for name in ("retired_checkpoints", "new_checkpoints"):
         cert[name] = dict(sorted(cert[name].items()))
+    cert["retired_files"] = {k: dict(sorted(v.items())) for k, v in sorted(cert["retired_files"].items())}
     leaked = _ids(request) & set(_strings(cert))
     if leaked:
         raise CertificateError(
@@ -298,27 +335,48 @@ def build_certificate(
     return cert
 
 
-def verify_file(path: Path, key: bytes | None) -> tuple[bool, str]:
-    """(valid, message) for a certificate file: well-formed, of a known format, and signed with `key`.
+def verify_file(
+    path: Path, key: bytes | None = None, public_key: Ed25519PublicKey | None = None
+) -> tuple[bool, str]:
+    """(valid, message naming the file) for a certificate file: of a format sisaflow reads, valid under its JSON
+    Schema, and signed: with Ed25519 by `public_key`, or with HMAC-SHA256 under `key` (older certificates).
 
-    Only a signature the key reproduces makes a certificate valid: an unsigned one, or a signed one checked
-    without a key, is reported as such and is not valid."""
+    Only a signature the given key checks makes a certificate valid: an unsigned one, one signed by another key,
+    or a signed one checked without the key it needs, is reported as such and is not valid."""
     try:
         cert = read_json(Path(path))
     except (OSError, UnicodeDecodeError) as exc:
-        return False, f"cannot read {path}: {exc}"
+        return False, f"{path}: cannot read the certificate ({getattr(exc, 'strerror', None) or exc})"
     except json.JSONDecodeError as exc:
-        return False, f"malformed certificate: not JSON ({exc})"
+        return False, f"{path}: malformed certificate: not JSON ({exc})"
     problem = check_certificate(cert)
     if problem:
-        return False, f"malformed certificate: {problem}"
-    if cert["signature"] is None:
-        return False, "unsigned: the certificate carries no signature, so nothing shows it is unchanged"
-    if not key:
-        return False, f"signed, but no key to check it with: set {KEY_ENV}"
-    if not verify_signature(cert, key):
-        return False, "signature does not match: the certificate was changed or the key differs"
-    return True, f"valid: {ALG} signature matches; request {cert['request']['request_id']}"
+        return False, f"{path}: malformed certificate: {problem}"
+    sig, rid = cert["signature"], cert["request"]["request_id"]
+    if sig is None:
+        return (
+            False,
+            f"{path}: unsigned: the certificate carries no signature, so nothing shows it is unchanged",
+        )
+    if sig["alg"] == ED25519_ALG:
+        signer = sig["public_key_sha256"]
+        if public_key is None:
+            return False, (
+                f"{path}: signed (ed25519, key {signer}), but no public key to check it with: "
+                "pass --public-key PUB"
+            )
+        if signer != fingerprint(public_key):
+            return False, (
+                f"{path}: signed by another key (public key sha256 {signer}), not by the one given "
+                f"({fingerprint(public_key)})"
+            )
+    elif not key:
+        extra = " (a public key cannot check an HMAC signature)" if public_key is not None else ""
+        return False, f"{path}: signed ({HMAC_ALG}), but no key to check it with: set {KEY_ENV}{extra}"
+    if not verify_signature(cert, public_key if sig["alg"] == ED25519_ALG else key):
+        return False, f"{path}: signature does not match: the certificate was changed or the key differs"
+    by = f" by key {sig['public_key_sha256']}" if sig["alg"] == ED25519_ALG else ""
+    return True, f"{path}: valid: {sig['alg']} signature{by} matches; request {rid}"
 
 
 # ---- writing ----
@@ -382,13 +440,16 @@ def _run_that_applied(ws: Workspace, request_id: str) -> AppliedRun:
     raise DeletionError(f"request {request_id}: no run report says which run applied it (runs/ was cleared?)")
 
 
-def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
+def certify(ws: Workspace, request_id: str, key_file: Path | None = None) -> tuple[Path, Path]:
     """Write the certificate of an applied request and mark it certified. Refuses a request not yet purged
-    or whose post-deletion scan found a copy."""
+    or whose post-deletion scan found a copy. Signed with `signing.signing_key(ws, key_file)`: `key_file`,
+    $SISAFLOW_SIGNING_KEY, the workspace's key, or the HMAC secret where no Ed25519 key exists (else unsigned);
+    a key file that cannot be used stops it (a SigningKeyError naming the file) before anything is written."""
     requests = {r.request_id: r for r in ledger.read_ledger(ws.ledger_file)}
     if request_id not in requests:
         raise DeletionError(f"unknown request id {request_id!r}; `sisaflow requests` lists them")
     req = requests[request_id]
+    key = signing_key(ws, key_file)
     state = ledger.current_state(ws.ledger_file).get(request_id, "pending")
     if ledger.STATES.index(state) < ledger.STATES.index("purged"):
         raise DeletionError(f"request {request_id} is {state}: it is certified once retrained and purged")
@@ -410,7 +471,7 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
                 f"`sisaflow verify --request {request_id}` shows where; remove them, then run "
                 f"`sisaflow certificate {request_id}` again"
             )
-    affected, retired, new = _request_impact(ws, request_id, run) or _trained_by(run)
+    affected, retired, new, files = _request_impact(ws, request_id, run) or _trained_by(run)
     environments = {
         f"shard-{a['shard']}": run.trained[a["shard"]]["environments"]
         for a in affected
@@ -435,8 +496,8 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
         ensemble_version=run.ensemble_version,
         issued_at=issued_at,
         training_environments=environments,
+        retired_files=files,
     )
-    key = key_from_env()
     if key:
         cert = sign(cert, key)
     paths = write_certificate(ws.certificates_dir, cert)
@@ -444,8 +505,11 @@ def certify(ws: Workspace, request_id: str) -> tuple[Path, Path]:
     return paths
 
 
-def _request_impact(ws: Workspace, request_id: str, run: AppliedRun) -> tuple[list[dict], dict, dict] | None:
-    """(affected, retired, new) of one request from its impact record and the run that finished it."""
+def _request_impact(
+    ws: Workspace, request_id: str, run: AppliedRun
+) -> tuple[list[dict], dict, dict, dict | None] | None:
+    """(affected, retired, new, retired files) of one request from its impact record and the run that finished
+    it."""
     path = impact_file(ws, request_id)
     if not path.is_file():
         return None
@@ -461,12 +525,13 @@ def _request_impact(ws: Workspace, request_id: str, run: AppliedRun) -> tuple[li
         new.update(
             {f"shard-{shard}/slice-{k}": h for k, h in after.get(shard, {}).items() if int(k) >= first}
         )
-    return affected, retired, new
+    return affected, retired, new, retired_file_hashes(impact)
 
 
-def _trained_by(run: AppliedRun) -> tuple[list[dict], dict, dict]:
-    """(affected, retired, new) as everything the run retrained: for a request without an impact record (one
-    applied before impact records existed, or under a new shard layout)."""
+def _trained_by(run: AppliedRun) -> tuple[list[dict], dict, dict, None]:
+    """(affected, retired, new, None) as everything the run retrained: for a request without an impact record
+    (one applied before impact records existed, or under a new shard layout). The run report holds weights
+    hashes only, so the certificate's retired_files names the weights alone."""
     trained, slices = run.trained, run.slices
     affected = [
         {"shard": s, "from_slice": t["from_slice"], "slices": list(range(t["from_slice"], slices))}
@@ -482,4 +547,4 @@ def _trained_by(run: AppliedRun) -> tuple[list[dict], dict, dict]:
                         out[f"shard-{shard}/slice-{k}"] = h
         return out
 
-    return affected, pick(run.checkpoints_before), pick(run.checkpoints_after)
+    return affected, pick(run.checkpoints_before), pick(run.checkpoints_after), None

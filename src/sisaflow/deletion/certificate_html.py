@@ -69,6 +69,20 @@ def _per_shard(retired: dict[str, str], new: dict[str, str]) -> list[tuple[Any, 
     ]
 
 
+def _retired_files(files: dict | None) -> list[str]:
+    """Every retired file (weights and optimizer state) with its sha256, if the certificate records them."""
+    if not files:
+        return []
+    rows = [(ckpt, name, digest) for ckpt, by_name in files.items() for name, digest in by_name.items()]
+    return [
+        "<h2>Retired files (sha256)</h2>",
+        "<p>Every file of the retired checkpoints that holds what training learnt from the records: the weights, "
+        "and the optimizer state (its moments are running sums of their gradients). A copy of any of them is a "
+        "copy of the records; the scan looked for each, byte for byte.</p>",
+        _table(("checkpoint", "file", "sha256"), rows),
+    ]
+
+
 def _environments(envs: dict | None) -> list[str]:
     """The environments that retrained each shard, if the certificate records them."""
     if not envs:
@@ -95,12 +109,20 @@ def render_html(cert: dict) -> str:
     """One self-contained page (no external assets) showing a certificate; every value is HTML-escaped."""
     req, hashes = cert["request"], cert["content_hashes"]
     sig = cert["signature"]
-    sig_line = (
-        f"<p class=ok>signed ({_e(sig['alg'])}): <code>{_e(sig['value'])}</code>. Check it with "
-        f"<code>sisaflow certificate --verify {_e(req['request_id'])}.json</code> and the key.</p>"
-        if sig
-        else "<p class=bad>unsigned: nothing shows this certificate is unchanged.</p>"
-    )
+    if not sig:
+        sig_line = "<p class=bad>unsigned: nothing shows this certificate is unchanged.</p>"
+    elif sig.get("public_key_sha256"):
+        sig_line = (
+            f"<p class=ok>signed ({_e(sig['alg'])}) by the key whose public key has sha256 "
+            f"<code>{_e(sig['public_key_sha256'])}</code>: <code>{_e(sig['value'])}</code>. Check it with "
+            f"<code>sisaflow certificate --verify {_e(req['request_id'])}.json --public-key PUB</code>, or with "
+            "the few lines of Python in sisaflow's docs/deletion.md, holding the operator's public key only.</p>"
+        )
+    else:
+        sig_line = (
+            f"<p class=ok>signed ({_e(sig['alg'])}): <code>{_e(sig['value'])}</code>. Check it with "
+            f"<code>sisaflow certificate --verify {_e(req['request_id'])}.json</code> and the shared key.</p>"
+        )
     verify = cert["verify_result"]
     if verify is None:
         verify_html = "<p class=muted>no scan recorded</p>"
@@ -152,6 +174,7 @@ def render_html(cert: dict) -> str:
             ("shard", "slice", "retired", "new"),
             _per_shard(cert["retired_checkpoints"], cert["new_checkpoints"]),
         ),
+        *_retired_files(cert.get("retired_files")),
         *_environments(cert.get("training_environments")),
         "<h2>Purge</h2>",
         purge_html,

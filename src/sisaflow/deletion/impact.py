@@ -1,10 +1,12 @@
 """Impact records: what a deletion request touches, written before a run changes anything.
 
 `record_impact` writes, per request a run is about to apply, where the request's records sit (shard, slice) and
-the weights hashes of the checkpoints trained on them (runs/impact/<id>.json, written once: a run that finishes a
-killed one keeps what was true before the first touched anything). `retired_weights` reads them back as the scan
-looks for them (the certificate reads them in `certificate`). `certified_but_unrecorded` guards the import
-against a ledger rolled back behind its certificates.
+the hashes and sizes of the files of the checkpoints trained on them: the weights and the optimizer state (AdamW's
+moments are running sums of the records' gradients, so they are a copy of the records too) (runs/impact/<id>.json,
+written once: a run that finishes a killed one keeps what was true before the first touched anything).
+`retired_files` reads them back as the scan looks for them, `retired_file_hashes` as the certificate states them.
+Impact records written before optimizer state was recorded (no `retired_files`) name the weights only.
+`certified_but_unrecorded` guards the import against a ledger rolled back behind its certificates.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 
 from sisaflow.core import ledger
 from sisaflow.core.config import Params
-from sisaflow.core.fsio import read_json, write_json
+from sisaflow.core.fsio import read_json, sha256_file, write_json
 from sisaflow.core.paths import Workspace
 from sisaflow.data.corpus import read_table
 from sisaflow.data.sharding import load_placement
-from sisaflow.training.checkpoint import MODEL_FILE
+from sisaflow.scan.targets import RetiredFile
+from sisaflow.training.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+
+RETIRED_KINDS = {MODEL_FILE: "weights", OPTIMIZER_FILE: "optimizer-state"}
+"""The files of a checkpoint that hold what training learnt from its records, and what the scan calls a copy."""
 
 
 def certified_but_unrecorded(ws: Workspace) -> list[str]:
@@ -49,11 +55,11 @@ def record_impact(
     requests: list[ledger.DeletionRequest],
     checkpoints: dict[int, dict[int, str]],
 ) -> list[str]:
-    """For each request without one yet, write where its records are placed and the hashes of the checkpoints
-    that saw them (`checkpoints`: pipeline.checkpoint_hashes, taken before the run changes anything): from the
-    first slice holding one of them on, in every shard that holds one. Call it before the run re-imports or
-    re-shards. Holds shard and slice numbers and weights hashes only, never a record's id or content hash.
-    Returns the requests written."""
+    """For each request without one yet, write where its records are placed and the files of the checkpoints
+    that saw them (`checkpoints`: pipeline.checkpoint_hashes, the weights hashes taken before the run changes
+    anything; the optimizer state's are taken here): from the first slice holding one of them on, in every shard
+    that holds one. Call it before the run re-imports or re-shards. Holds shard and slice numbers and file hashes
+    and sizes only, never a record's id or content hash. Returns the requests written."""
     todo = [r for r in requests if not impact_file(ws, r.request_id).is_file()]
     placement = load_placement(ws, params.sharding) if todo else {}
     if not placement or not ws.corpus_file.is_file():
@@ -82,6 +88,7 @@ def record_impact(
                 "retired_bytes": {
                     str(k): (ws.checkpoint_dir(shard, k) / MODEL_FILE).stat().st_size for k in retired
                 },
+                "retired_files": {str(k): _checkpoint_files(ws, shard, k, h) for k, h in retired.items()},
             }
         write_json(
             impact_file(ws, req.request_id),
@@ -91,17 +98,50 @@ def record_impact(
     return written
 
 
-def retired_weights(ws: Workspace, request_ids: list[str]) -> dict[str, tuple[str, str, int]]:
-    """{sha256 of weights: (request id, checkpoint name, bytes)} of every checkpoint the requests retired, from
-    their impact records: what the scan looks for besides the records themselves."""
-    out: dict[str, tuple[str, str, int]] = {}
+def _checkpoint_files(ws: Workspace, shard: int, slice_: int, weights_hash: str) -> dict[str, dict]:
+    """{file name: {"sha256", "bytes"}} of a checkpoint's weights (their hash as given) and optimizer state."""
+    directory = ws.checkpoint_dir(shard, slice_)
+    weights = directory / MODEL_FILE
+    out = {MODEL_FILE: {"sha256": weights_hash, "bytes": weights.stat().st_size if weights.is_file() else -1}}
+    optimizer = directory / OPTIMIZER_FILE
+    if optimizer.is_file():
+        out[OPTIMIZER_FILE] = {"sha256": sha256_file(optimizer), "bytes": optimizer.stat().st_size}
+    return out
+
+
+def _impact_files(shard: str, s: dict) -> dict[str, dict[str, dict]]:
+    """{slice: {file name: {"sha256", "bytes"}}} of one shard of an impact record; an older record (no
+    retired_files) gives the weights alone."""
+    if "retired_files" in s:
+        return s["retired_files"]
+    sizes = s.get("retired_bytes", {})
+    return {k: {MODEL_FILE: {"sha256": h, "bytes": int(sizes.get(k, -1))}} for k, h in s["retired"].items()}
+
+
+def retired_files(ws: Workspace, request_ids: list[str]) -> dict[str, RetiredFile]:
+    """{sha256: RetiredFile} of every weights and optimizer-state file of every checkpoint the requests retired,
+    from their impact records: what the scan looks for besides the records themselves."""
+    out: dict[str, RetiredFile] = {}
     for rid in request_ids:
         path = impact_file(ws, rid)
         if not path.is_file():
             continue
         for shard, s in read_json(path)["shards"].items():
-            for k, h in s["retired"].items():
-                out.setdefault(
-                    h, (rid, f"shard-{shard}/slice-{k}", int(s.get("retired_bytes", {}).get(k, -1)))
-                )
+            for k, files in _impact_files(shard, s).items():
+                for name, f in files.items():
+                    out.setdefault(
+                        f["sha256"],
+                        RetiredFile(
+                            rid, f"shard-{shard}/slice-{k}", RETIRED_KINDS.get(name, name), int(f["bytes"])
+                        ),
+                    )
     return out
+
+
+def retired_file_hashes(impact: dict) -> dict[str, dict[str, str]]:
+    """{"shard-N/slice-K": {file name: sha256}} of an impact record, as a certificate states them."""
+    return {
+        f"shard-{shard}/slice-{k}": {name: f["sha256"] for name, f in sorted(files.items())}
+        for shard, s in impact["shards"].items()
+        for k, files in _impact_files(shard, s).items()
+    }

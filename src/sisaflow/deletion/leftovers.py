@@ -1,7 +1,8 @@
 """The scan for what is left of deletion requests: their records (from the ledger's content hashes and the corpus
-source) and the checkpoints they retired (from their impact records), handed to the scan package, which searches
-the workspace, the DVC cache and remote, and git history. `summary` is the scan as a run report and a
-certificate keep it: counts only, never a deleted record's id or the paths that held it.
+source) and the files of the checkpoints they retired (weights and optimizer state, from their impact records),
+handed to the scan package, which searches the workspace, the DVC cache and remote, and git history. `summary` is
+the scan as a run report and a certificate keep it: counts only, never a deleted record's id or the paths that
+held it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from sisaflow.core import ledger
 from sisaflow.core.config import Params
 from sisaflow.core.paths import Workspace
-from sisaflow.deletion.impact import retired_weights
+from sisaflow.deletion.impact import retired_files
 from sisaflow.scan.places import scan_report as scan_places
 from sisaflow.scan.targets import ScanReport, Target, targets_from_source
 
@@ -31,8 +32,9 @@ def targets_from_ledger(
 
 
 def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanReport:
-    """Search every place for `targets` and for the weights of every checkpoint their requests retired."""
-    return scan_places(ws, params, targets, retired_weights(ws, sorted({t.request_id for t in targets})))
+    """Search every place for `targets` and for the weights and optimizer state of every checkpoint their requests
+    retired."""
+    return scan_places(ws, params, targets, retired_files(ws, sorted({t.request_id for t in targets})))
 
 
 @dataclass
@@ -57,7 +59,7 @@ class ScanSummary:
 
 
 def summary(ws: Workspace, params: Params, request_ids: list[str]) -> ScanSummary:
-    """The scan for `request_ids`' records and retired weights, in counts."""
+    """The scan for `request_ids`' records and retired checkpoint files, in counts."""
     rep = scan_report(ws, params, targets_from_ledger(ws, params, request_ids))
     return ScanSummary(
         clean=rep.clean,

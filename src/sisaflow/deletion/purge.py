@@ -325,7 +325,9 @@ def purge(ws: Workspace, params: Params) -> PurgeReport:
     has_dvc = (ws.root / ".dvc").is_dir()
     if has_dvc:
         pending = versioning.status(ws)
-        if pending:
+        # a dependency newer than the lock (a request recorded since the last run) is fine: what gc keeps is
+        # what dvc.lock names as the outputs, and those must be the current ones
+        if not versioning.outputs_recorded(pending):
             raise WorkspaceError(
                 "dvc status is not clean ("
                 + ", ".join(sorted(pending))

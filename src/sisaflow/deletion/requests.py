@@ -8,13 +8,14 @@ store; this module is where a request's state is decided.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from sisaflow.core import ledger
 from sisaflow.core.config import Params
 from sisaflow.core.errors import DeletionError
 from sisaflow.core.paths import Workspace
-from sisaflow.data.corpus import from_table, read_table
+from sisaflow.data.corpus import from_table, read_table, text_hash
 
 
 def read_request_file(path: Path) -> tuple[list[str], list[str]]:
@@ -62,13 +63,28 @@ def read_request_file(path: Path) -> tuple[list[str], list[str]]:
 # ---- a request's life: recorded, applied (retrained), purged, certified ----
 
 
-def resolve_request(
-    ws: Workspace, owners: list[str], records: list[str], unknown: str = "error"
-) -> tuple[list[str], list[str], list[str], list[str]]:
+@dataclass(frozen=True)
+class Resolved:
+    """A request checked against the imported corpus."""
+
+    owners: list[str]
+    """The owners named that the corpus holds."""
+    records: list[str]
+    """The record ids named that the corpus holds."""
+    content_hashes: list[str]
+    """The records covered: those of the owners and records kept, and every other record with the same text
+    (a deletion holds for the text, so those leave the corpus too and no constituent trained on them is
+    served)."""
+    text_hashes: list[str]
+    """The covered records' text hashes: a later import leaves out any record with one of these texts."""
+    warnings: list[str]
+
+
+def resolve_request(ws: Workspace, owners: list[str], records: list[str], unknown: str = "error") -> Resolved:
     """Check the named owners and records against the imported corpus.
 
-    Returns (content hashes covered, owners kept, records kept, warnings). With unknown="error" an unknown
-    name refuses the whole request (nothing is recorded); with "warn" it is dropped with a warning.
+    With unknown="error" an unknown name refuses the whole request (nothing is recorded); with "warn" it is
+    dropped with a warning.
     """
     if not owners and not records:
         raise DeletionError("a deletion request must name at least one owner or record")
@@ -97,8 +113,11 @@ def resolve_request(
     records = sorted(set(records) & known_records)
     if not owners and not records:
         raise DeletionError("nothing to forget: " + "; ".join(warnings))
-    covered = [r for r in corpus if r.owner in set(owners) or r.record_id in set(records)]
-    return sorted(r.content_hash for r in covered), owners, records, warnings
+    hashed = [(r, text_hash(r.text)) for r in corpus]
+    named_owners, named_records = set(owners), set(records)
+    texts = {t for r, t in hashed if r.owner in named_owners or r.record_id in named_records}
+    covered = {r.content_hash for r, t in hashed if t in texts}
+    return Resolved(owners, records, sorted(covered), sorted(texts), warnings)
 
 
 def _earlier_requests(ws: Workspace, owners: set[str], records: set[str]) -> list[str]:
@@ -125,32 +144,33 @@ def request_deletion(
 ) -> tuple[ledger.DeletionRequest, bool, list[str]]:
     """Validate and durably record a deletion request. Returns (request, newly_recorded, warnings).
 
-    The same request id with the same owners and records changes nothing, even after it was applied; the
-    same id with other contents is refused. In unlearn.mode exclude, the request is marked excluded at once:
-    from then on no generate or score call uses a constituent trained on its records.
+    The same request id with the same owners and records as given changes nothing, even after it was applied
+    (with unlearn.unknown: warn too, where the ledger keeps only the known ones); the same id with other
+    contents is refused. In unlearn.mode exclude, the request is marked excluded at once: from then on no
+    generate or score call uses a constituent trained on its records.
     """
     params = Params.load(ws.params_file)
     if request_id:
         for existing in ledger.read_ledger(ws.ledger_file):
             if existing.request_id == request_id:
-                if (sorted(set(existing.owners)), sorted(set(existing.records))) != (
-                    sorted(set(owners)),
-                    sorted(set(records)),
-                ):
+                if not existing.same_input(owners, records):
                     raise DeletionError(f"request id {request_id!r} is already used by a different request")
                 return existing, False, []
-    hashes, owners, records, warnings = resolve_request(ws, owners, records, params.unlearn.unknown)
+    given = ledger.input_hash(owners, records)
+    resolved = resolve_request(ws, owners, records, params.unlearn.unknown)
     req = ledger.DeletionRequest(
         request_id=request_id or ledger.new_request_id(),
-        owners=owners,
-        records=records,
-        content_hashes=hashes,
+        owners=resolved.owners,
+        records=resolved.records,
+        content_hashes=resolved.content_hashes,
+        text_hashes=resolved.text_hashes,
+        input_hash=given,
         reason=reason,
     )
     new = ledger.append_request(ws.ledger_file, req)
     if new and params.unlearn.mode == "exclude":
         ledger.mark(ws.ledger_file, [req.request_id], "excluded")
-    return req, new, warnings
+    return req, new, resolved.warnings
 
 
 def mark_applied(ws: Workspace) -> list[str]:

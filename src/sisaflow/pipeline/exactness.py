@@ -62,7 +62,7 @@ def _rebuild(ws: Workspace, scratch: Workspace, params: Params) -> bool:
     if not ws.source(params.corpus.path).is_file():
         return False
     try:
-        steps.prepare(ws, params, scratch.corpus_file)
+        steps.prepare(ws, params, corpus_file=scratch.corpus_file)
     except CorpusError:
         return False
     scratch.shards_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sisaflow.core import ledger
 from sisaflow.core.config import Params
 from sisaflow.core.lock import workspace_lock
 from sisaflow.core.paths import Workspace
@@ -75,8 +76,15 @@ def run_steps(root: str, kind: str, in_process: bool = False, runner: StepRunner
         # made once the lock is held, so reports are named in the order runs applied their changes
         # the requests this run finishes: every one not yet certified, including any recorded while it waited
         # for the lock and any a killed run left half done
-        report = RunReport(kind=kind, requests=requests.open_requests(ws), orchestration=run.orchestration)
-        pending = requests.pending_requests(ws)
+        # the ledger is read once: this run applies the requests recorded by now, and one recorded while it runs
+        # (between this read and the import) waits for the next run, which records its impact first
+        known = [r.request_id for r in ledger.read_ledger(ws.ledger_file)]
+        report = RunReport(
+            kind=kind,
+            requests=[r for r in requests.open_requests(ws) if r in set(known)],
+            orchestration=run.orchestration,
+        )
+        pending = [r for r in requests.pending_requests(ws) if r.request_id in set(known)]
         applying = [r.request_id for r in pending]
         before = steps.checkpoint_hashes(ws, params)
         # each request's shards, slices and checkpoints, before anything changes (kept if a crash comes)
@@ -86,7 +94,7 @@ def run_steps(root: str, kind: str, in_process: bool = False, runner: StepRunner
                 _snapshot_before(run, root, applying, report.run_id)
         report.full_training_tokens = steps.full_training_tokens(ws, params)
         with timed(report, "prepare"):
-            report.imported = run("prepare", root)
+            report.imported = run("prepare", root, known).to_json()
         with timed(report, "shard"):
             sharded = run("shard", root)
         report.shards_rewritten = sharded.shards_written
@@ -116,7 +124,7 @@ def run_steps(root: str, kind: str, in_process: bool = False, runner: StepRunner
         ]
         lock_before = steps.lock_entries(ws)
         with timed(report, "dvc"):
-            report.dvc_clean = not run("record", root)
+            report.dvc_clean = not run("record", root, known)
         report.lock_changed = steps.changed_lock_entries(lock_before, steps.lock_entries(ws))
         after = steps.checkpoint_hashes(ws, params)
         if report.retrained_requests:

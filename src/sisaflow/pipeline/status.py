@@ -1,11 +1,13 @@
-"""What `sisaflow status` shows: shards, checkpoints, the served ensemble, pending deletions."""
+"""What `sisaflow status` shows: shards, checkpoints, the served ensemble, pending deletions, and requests a
+killed run left applied but not certified."""
 
 from __future__ import annotations
 
 from sisaflow.core import ledger
 from sisaflow.core.errors import WorkspaceError
 from sisaflow.core.paths import Workspace
-from sisaflow.deletion.requests import pending_requests
+from sisaflow.data.corpus import ImportReport, read_import_report
+from sisaflow.deletion.requests import open_requests, pending_requests
 from sisaflow.inference.registry import read_registry, serving_view
 from sisaflow.pipeline import steps
 from sisaflow.training.checkpoint import read_meta, weights_hash
@@ -60,18 +62,34 @@ def workspace_status(ws: Workspace) -> dict:
         }
         for r in pending_requests(ws)
     ]
+    # every request not yet certified: the pending ones and those a killed run left retrained or purged
+    by_id = {r.request_id: r for r in ledger.read_ledger(ws.ledger_file)}
+    open_ = [
+        {
+            "request_id": rid,
+            "owners": len(by_id[rid].owners),
+            "records": len(by_id[rid].content_hashes),
+            "state": state.get(rid, "pending"),
+        }
+        for rid in open_requests(ws)
+    ]
+    imported = read_import_report(ws.corpus_file)
     return {
         "workspace": str(ws.root),
+        "imported": imported.to_json() if imported else None,
         "shards": shards,
         "ensemble": ensemble,
         "stale": {str(k): v for k, v in stale.items()},
         "pending_deletions": pending,
+        "open_requests": open_,
         "requests_by_state": {s: sum(1 for v in state.values() if v == s) for s in ledger.STATES},
     }
 
 
 def format_status(st: dict) -> str:
     lines = [f"workspace {st['workspace']}"]
+    if st.get("imported"):
+        lines.append(ImportReport.from_json(st["imported"]).summary())
     lines.append(
         f"{'shard':>5} {'records':>8} {'owners':>7}  slices (records)      checkpoints (sha256 of weights)"
     )
@@ -99,6 +117,16 @@ def format_status(st: dict) -> str:
             for p in pend
         )
     )
+    half_done = [p for p in st.get("open_requests", []) if p["state"] in ("retrained", "purged")]
+    if half_done:
+        lines.append(
+            f"applied but not certified: {len(half_done)} (a run stopped after retraining; "
+            "`sisaflow run` finishes them)"
+            + "".join(
+                f"\n  {p['request_id']} ({p['state']}): {p['records']} record(s) of {p['owners']} owner(s)"
+                for p in half_done
+            )
+        )
     counts = ", ".join(f"{k} {v}" for k, v in st["requests_by_state"].items() if v)
     lines.append(f"deletion requests: {counts or 'none'}")
     return "\n".join(lines)

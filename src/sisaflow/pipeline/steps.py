@@ -20,7 +20,7 @@ from sisaflow.core import ledger, versioning
 from sisaflow.core.config import Params
 from sisaflow.core.errors import DeletionError
 from sisaflow.core.paths import Workspace
-from sisaflow.data.corpus import import_corpus
+from sisaflow.data.corpus import Exclusions, ImportReport, import_corpus
 from sisaflow.data.sharding import ShardReport, read_shard_manifest, shard_corpus, slice_digests
 from sisaflow.inference.registry import build_registry
 from sisaflow.training.checkpoint import read_meta, weights_hash
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sisaflow")
 Progress = Callable[[str], None]
+LEDGER_DEP = "deletions/ledger.jsonl"
+"""The ledger as the prepare stage of dvc.yaml names it."""
 
 
 def load(ws: Workspace) -> Params:
@@ -39,9 +41,15 @@ def load(ws: Workspace) -> Params:
     return Params.load(ws.params_file)
 
 
-def prepare(ws: Workspace, params: Params, corpus_file: Path | None = None) -> dict[str, int]:
-    """Import the corpus source minus every record named in the deletion ledger. Refuses while the ledger lacks a
-    request that a certificate in the workspace certifies: the records it erased would come back."""
+def prepare(
+    ws: Workspace, params: Params, request_ids: list[str] | None = None, corpus_file: Path | None = None
+) -> ImportReport:
+    """Import the corpus source minus every record named in the deletion ledger and every record carrying a
+    deleted record's text (under another id or owner). Refuses while the ledger lacks a request that a
+    certificate in the workspace certifies: the records it erased would come back.
+
+    `request_ids` limits the deletions to those requests: a run passes the ledger as it read it when it started,
+    so a request recorded since waits for the next run (which records its impact before applying it)."""
     from sisaflow.deletion.impact import certified_but_unrecorded
 
     lost = certified_but_unrecorded(ws)
@@ -51,9 +59,11 @@ def prepare(ws: Workspace, params: Params, corpus_file: Path | None = None) -> d
             "(a git checkout, a restored backup?), and importing now would bring their records back. Restore the "
             "ledger (git log -- deletions/ledger.jsonl), then run again"
         )
-    owners, records = ledger.excluded(ws.ledger_file)
+    owners, records = ledger.excluded(ws.ledger_file, request_ids)
+    texts, contents = ledger.deleted_content(ws.ledger_file, request_ids)
+    exclusions = Exclusions(frozenset(owners), frozenset(records), frozenset(texts), frozenset(contents))
     target = ws.corpus_file if corpus_file is None else corpus_file  # elsewhere: verify --exact's rebuild
-    return import_corpus(ws.source(params.corpus.path), params.corpus, target, owners, records)
+    return import_corpus(ws.source(params.corpus.path), params.corpus, target, exclusions)
 
 
 def shard(ws: Workspace, params: Params) -> ShardReport:
@@ -104,14 +114,27 @@ def ensemble(ws: Workspace, params: Params) -> dict:
     return build_registry(ws, params)
 
 
-def record(ws: Workspace, params: Params) -> dict:
+def record(ws: Workspace, params: Params, request_ids: list[str] | None = None) -> dict:
     """Write dvc.yaml if the shard count changed, and commit the training stages' outputs to dvc.lock
-    (`sisaflow evaluate` records its own stage)."""
+    (`sisaflow evaluate` records its own stage); returns what `dvc status` still finds changed.
+
+    `request_ids` are the requests the import left out (the ledger as the run read it). If the ledger holds more
+    by now, dvc.lock records the import with the ledger it read, not the newer one: `dvc status` then shows
+    the import as changed, and `dvc repro` (or the next run) applies the later requests."""
     versioning.write_dvc_yaml(ws, params)
     if versioning.ensure_remote(ws, params):  # before purge collects it and the scan searches it
         log.info("DVC remote now %s, as params' dvc.remote says", params.dvc.remote)
     stages = versioning.stage_names(params)
     versioning.commit(ws, stages)
+    if request_ids is not None:
+        read, later = ledger.prefix_of(ws.ledger_file, request_ids)
+        if later:
+            log.info(
+                "%d request(s) recorded during this run (%s) wait for the next one",
+                len(later),
+                ", ".join(later[:5]),
+            )
+            versioning.pin_dependency(ws, "prepare", LEDGER_DEP, read)
     return versioning.status(ws, stages)
 
 

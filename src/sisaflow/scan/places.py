@@ -10,8 +10,9 @@ directory, in the Prefect home and in Ray's temporary directory for the workspac
   another layout (the source's own fields, a JSON dump) is found too;
 - 'content_hash': the record's content hash (64 hex digits);
 - 'record_id': the record's id, as a whole token (in Parquet string columns: an exact value);
-- 'weights': a byte-for-byte copy of the weights file of a checkpoint the request retired (trained on its
-  records), as its impact record names them (sisaflow.deletion.impact).
+- 'weights' / 'optimizer-state': a byte-for-byte copy of the weights file or of the optimizer state (AdamW's
+  moments, running sums of the records' gradients) of a checkpoint the request retired (trained on its records),
+  as its impact record names them (sisaflow.deletion.impact).
 
 Exclusions. The deletion ledger (deletions/) and deletion certificates (reports/certificates/) legitimately hold
 ids and content hashes, so there (in the working tree and in git history, and in ledger-shaped git objects no
@@ -38,9 +39,10 @@ from sisaflow.scan.formats import IN_MEMORY_BYTES, Limited, drain, search_bytes,
 from sisaflow.scan.targets import (
     Finding,
     Needles,
+    RetiredFile,
+    RetiredFiles,
     ScanReport,
     Target,
-    Weights,
     build_needles,
     kept_texts,
     targets_from_source,
@@ -109,7 +111,7 @@ def _scan_tree(
     excluded: set[Path] = frozenset(),  # type: ignore[assignment]
     text_only: set[Path] = frozenset(),  # type: ignore[assignment]
     seen: dict[bytes, set] | None = None,
-    weights: Weights | None = None,
+    retired: RetiredFiles | None = None,
 ) -> None:
     if not root.is_dir():
         return
@@ -126,8 +128,8 @@ def _scan_tree(
         if any(_within(p, d) for d in text_only):
             hits = {h for h in hits if h[1] == "text"}
         _add(report, targets, hits, label(p))
-        if weights is not None:
-            weights.check(report, label(p), p.stat().st_size, lambda p=p: Weights.file_digest(p))
+        if retired is not None:
+            retired.check(report, label(p), p.stat().st_size, lambda p=p: RetiredFiles.file_digest(p))
 
 
 def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | None]:
@@ -182,7 +184,7 @@ def _scan_git(
     report: ScanReport,
     excluded: list[str],
     text_only: list[str],
-    weights: Weights | None = None,
+    retired: RetiredFiles | None = None,
 ) -> None:
     """Every object of the repository (commits, tags, blobs; reachable or not, loose or packed). `excluded` and
     `text_only` are paths relative to the workspace."""
@@ -234,9 +236,9 @@ def _scan_git(
                 data = out.read(size)
                 hits = search_bytes(data, nd, report.notes, f"git object {sha}")
                 only_text = only_text or (bool(hits) and sha not in paths and _ledger_shaped(data))
-                if weights is not None and kind == "blob":
+                if retired is not None and kind == "blob":
                     where = f"git:{sha}:{paths[sha]}" if sha in paths else f"git:unreachable:{sha}"
-                    weights.check(report, where, size, lambda d=data: hashlib.sha256(d).hexdigest())
+                    retired.check(report, where, size, lambda d=data: hashlib.sha256(d).hexdigest())
             out.read(1)  # the newline after each object
             report.git_objects_scanned += 1
             if only_text:
@@ -275,17 +277,17 @@ def scan_report(
     ws: Workspace,
     params: Params,
     targets: list[Target],
-    retired_weights: Mapping[str, tuple[str, str, int]] | None = None,
+    retired_files: Mapping[str, RetiredFile] | None = None,
 ) -> ScanReport:
-    """Search every place for `targets`, and for the weights files `retired_weights` names ({sha256: (request id,
-    checkpoint, bytes)}); the findings plus what was excluded, skipped and noted."""
+    """Search every place for `targets`, and for the retired checkpoints' files (weights, optimizer state)
+    `retired_files` names ({sha256: RetiredFile}); the findings plus what was excluded, skipped and noted."""
     report = ScanReport()
     targets = list(targets)
     if not targets:
         report.notes.append("no targets")
         return report
     kept = kept_texts(ws, params, {t.content_hash for t in targets}, report)
-    weights = Weights(dict(retired_weights or {}))
+    retired = RetiredFiles(retired_files or {})
     nd = build_needles(targets, params.corpus.text_template, kept, report)
 
     source = ws.source(params.corpus.path).resolve()
@@ -332,19 +334,19 @@ def scan_report(
         excluded={source, *inputs},
         text_only=text_only,
         seen=seen,
-        weights=weights,
+        retired=retired,
     )
     if cache is not None:
-        _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen, weights=weights)
+        _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen, retired=retired)
     if remote is not None:
         if remote.is_dir():
-            _scan_tree(remote, "dvc-remote:", nd, targets, report, seen=seen, weights=weights)
+            _scan_tree(remote, "dvc-remote:", nd, targets, report, seen=seen, retired=retired)
         else:
             report.notes.append(f"DVC remote {remote} does not exist (nothing pushed yet)")
-    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report, seen=seen, weights=weights)
+    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report, seen=seen, retired=retired)
     if ws.ray_tmp_dir.is_dir():
-        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report, seen=seen, weights=weights)
-    _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS), weights)
+        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report, seen=seen, retired=retired)
+    _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS), retired)
     report.findings = sorted(set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id))
     return report
 

@@ -44,8 +44,8 @@ class Target:
 class Finding:
     """A copy of a target: where ('<relative path>', 'git:<commit>:<path>', 'dvc-cache:<path>',
     'dvc-remote:<path>', 'prefect-home:<path>', 'ray-tmp:<path>') and what ('text' | 'content_hash' |
-    'record_id', or 'weights': a retired checkpoint's weights file, byte for byte, whose name is then in
-    record_id)."""
+    'record_id', or 'weights' | 'optimizer-state': a retired checkpoint's weights or optimizer file, byte for
+    byte, whose checkpoint name (shard-N/slice-K) is then in record_id)."""
 
     request_id: str
     where: str
@@ -116,20 +116,33 @@ class ScanReport:
         return out
 
 
-class Weights:
-    """Retired checkpoints' weights files, looked for by size, then sha256: a copy of a model trained on deleted
-    records is a copy of them too."""
+@dataclass(frozen=True)
+class RetiredFile:
+    """A file of a checkpoint a deletion retired: its weights, or its optimizer state (AdamW's moments are running
+    sums of the deleted records' gradients)."""
 
-    def __init__(self, retired: dict[str, tuple[str, str, int]]):
-        self.retired = retired
-        self.sizes = {n for _, _, n in retired.values()}
+    request_id: str
+    checkpoint: str
+    """shard-N/slice-K"""
+    kind: str
+    """'weights' or 'optimizer-state': what a finding of a copy says it found."""
+    bytes: int
+
+
+class RetiredFiles:
+    """Retired checkpoints' files, looked for by size, then sha256: a copy of a model, or of the optimizer state,
+    trained on deleted records is a copy of them too."""
+
+    def __init__(self, retired: Mapping[str, RetiredFile]):
+        self.retired = dict(retired)
+        self.sizes = {f.bytes for f in self.retired.values()}
 
     def check(self, report: ScanReport, where: str, size: int, digest) -> None:
-        """`digest()` gives the sha256 hex digest (called only for a blob of a retired checkpoint's size)."""
+        """`digest()` gives the sha256 hex digest (called only for a blob of a retired file's size)."""
         if size in self.sizes:
             found = self.retired.get(digest())
             if found:
-                report.findings.append(Finding(found[0], where, "weights", found[1]))
+                report.findings.append(Finding(found.request_id, where, found.kind, found.checkpoint))
 
     @staticmethod
     def file_digest(path: Path) -> str:

@@ -104,6 +104,7 @@ def test_unknown_section_is_named(tmp_path):
         ("train", "batch_size", True),
         ("train", "learning_rate", "fast"),
         ("model", "tie_embeddings", "yes"),
+        ("corpus", "skip_invalid", "yes"),
         ("sharding", "shards", [4]),
         ("dvc", "remote", {"url": "x"}),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -188,9 +189,121 @@ def test_importing_refuses_a_ledger_that_lost_a_certified_request(tmp_path):
         certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-kept"}))
     )
     (certs / "notes.json").write_text("{}")  # not a certificate: ignored
-    assert steps.prepare(ws, params)["records"] == 2
+    assert steps.prepare(ws, params).records == 2
     write_certificate(
         certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-lost"}))
     )
     with pytest.raises(DeletionError, match=r"lacks 1 certified request\(s\) \(req-lost\)"):
         steps.prepare(ws, params)
+
+
+# ---- a torn last line: a crash during an append ----
+
+TORN = b'{"content_hashes": ["h"], "owners": ["bob"], "request_id": "req-torn", "recor'
+
+
+def _asides(path):
+    return sorted(path.parent.glob(path.name + ".torn-*"))
+
+
+def test_a_torn_last_ledger_line_is_ignored_then_moved_aside_on_the_next_write(tmp_path, caplog):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1"))
+    with open(path, "ab") as fh:
+        fh.write(TORN)
+    # read: the torn line was never acknowledged, so it is no request
+    assert [r.request_id for r in read_ledger(path)] == ["req-1"]
+    assert excluded(path) == ({"alice"}, set())
+    with caplog.at_level("WARNING", logger="sisaflow"):
+        assert append_request(path, req("req-2", owners=["zed"])) is True
+    [aside] = _asides(path)
+    assert aside.read_bytes() == TORN
+    assert re.fullmatch(r"ledger\.jsonl\.torn-\d{8}T\d{6}Z", aside.name)
+    assert str(aside) in caplog.text and "torn" in caplog.text
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["request_id"] for x in lines] == ["req-1", "req-2"]
+    assert path.read_bytes().endswith(b"\n")
+    assert [r.request_id for r in read_ledger(path)] == ["req-1", "req-2"]
+
+
+def test_a_torn_last_state_line_is_ignored_then_moved_aside_on_the_next_mark(tmp_path):
+    from sisaflow.core.ledger import current_state, mark, states, states_path
+
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("a"))
+    log = states_path(path)
+    with open(log, "ab") as fh:
+        fh.write(b'{"request_id": "a", "state": "retr')
+    assert current_state(path) == {"a": "pending"}  # was a raw JSONDecodeError
+    assert mark(path, ["a"], "excluded") == ["a"]
+    [aside] = _asides(log)
+    assert aside.read_bytes() == b'{"request_id": "a", "state": "retr'
+    assert [s["state"] for s in states(path)["a"]] == ["pending", "excluded"]
+    for line in log.read_text().splitlines():
+        json.loads(line)
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1"))
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    assert [r.request_id for r in read_ledger(path)] == ["req-1"]
+    append_request(path, req("req-2", owners=["zed"]))
+    assert _asides(path) == []
+    assert [r.request_id for r in read_ledger(path)] == ["req-1", "req-2"]
+
+
+def test_a_corrupt_line_that_is_not_the_last_stops_everything(tmp_path):
+    from sisaflow.core.ledger import mark, states, states_path
+
+    path = tmp_path / "ledger.jsonl"
+    append_request(path, req("req-1"))
+    good = path.read_bytes()
+    path.write_bytes(good + b'{"request_id": "req-x", "own\n' + good)
+    with pytest.raises(DeletionError, match=re.escape(f"{path}:2: corrupt ledger line")):
+        read_ledger(path)
+    with pytest.raises(DeletionError, match=re.escape(f"{path}:2: corrupt ledger line")):
+        append_request(path, req("req-2", owners=["zed"]))
+    assert _asides(path) == []
+    log = states_path(path)
+    log.write_text('{"request_id": "req-1", "st\n{"request_id": "req-1", "state": "pending", "at": "t"}\n')
+    with pytest.raises(DeletionError, match=re.escape(f"{log}:1: corrupt state log line")):
+        states(path)
+    with pytest.raises(DeletionError, match=re.escape(f"{log}:1: corrupt state log line")):
+        mark(path, ["req-1"], "excluded")
+
+
+# ---- a retry of the same request ----
+
+
+def test_a_retry_with_the_same_input_is_the_same_request_though_unknown_names_were_dropped(tmp_path):
+    from sisaflow.core.ledger import input_hash
+
+    path = tmp_path / "ledger.jsonl"
+    given = input_hash(["alice", "nobody"], ["r9"])
+    # unlearn.unknown: warn kept alice only; the ledger keeps a hash of what was asked
+    assert append_request(path, req("req-1", owners=["alice"], input_hash=given)) is True
+    [stored] = read_ledger(path)
+    assert stored.same_input(["nobody", "alice", "alice"], ["r9"])
+    assert not stored.same_input(["alice"], [])
+    assert append_request(path, req("req-1", owners=["alice"], input_hash=given)) is False
+    with pytest.raises(DeletionError, match="different request"):
+        append_request(path, req("req-1", owners=["alice"], input_hash=input_hash(["alice"], [])))
+    # an entry from before input hashes: compared by the owners and records it kept, as before
+    old = DeletionRequest("req-0", ["bob"], [])
+    assert old.same_input(["bob"], []) and not old.same_input(["bob", "x"], [])
+
+
+def test_prefix_of_is_the_ledger_as_it_was_before_the_later_requests(tmp_path):
+    from sisaflow.core import ledger
+
+    path = tmp_path / "ledger.jsonl"
+    for rid in ("req-a", "req-b"):
+        ledger.append_request(path, ledger.DeletionRequest(request_id=rid, owners=[rid[-1]]))
+    before = path.read_bytes()
+    assert ledger.prefix_of(path, ["req-a", "req-b"]) == (before, [])
+    ledger.append_request(path, ledger.DeletionRequest(request_id="req-c", owners=["c"]))
+    ledger.append_request(path, ledger.DeletionRequest(request_id="req-d", owners=["d"]))
+    assert ledger.prefix_of(path, ["req-a", "req-b"]) == (before, ["req-c", "req-d"])
+    assert ledger.prefix_of(path, []) == (b"", ["req-a", "req-b", "req-c", "req-d"])
+    assert ledger.prefix_of(tmp_path / "none.jsonl", []) == (b"", [])

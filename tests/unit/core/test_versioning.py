@@ -30,3 +30,16 @@ def test_ensure_remote_changes_the_remote_only_when_params_do(tmp_path):
     assert versioning.ensure_remote(ws, _params("s3://bucket/sisaflow")) is True
     assert default_remote(ws)[:2] == ("storage", "s3://bucket/sisaflow")
     assert versioning.ensure_remote(ws, _params("s3://bucket/sisaflow")) is False
+
+
+def test_outputs_recorded_allows_newer_dependencies_only():
+    deps = {"prepare": [{"changed deps": {"deletions/ledger.jsonl": "modified"}}]}
+    outs = {
+        "prepare": [
+            {"changed deps": {"x": "modified"}},
+            {"changed outs": {"corpus/records.parquet": "modified"}},
+        ]
+    }
+    assert versioning.outputs_recorded({}) and versioning.outputs_recorded(deps)
+    assert not versioning.outputs_recorded(outs)
+    assert not versioning.outputs_recorded({"train@0": ["changed checksum"]})

@@ -15,12 +15,16 @@ from sisaflow.core.config import CorpusParams
 from sisaflow.core.errors import CorpusError
 from sisaflow.data.corpus import (
     RECORD_SCHEMA,
+    Exclusions,
     Record,
     content_hash,
+    content_id,
     from_table,
     import_corpus,
+    read_import_report,
     read_records,
     read_table,
+    text_hash,
     to_table,
     write_table,
 )
@@ -98,7 +102,8 @@ def test_txt_reads_one_record_per_non_empty_line(tmp_path):
     p = tmp_path / "c.txt"
     p.write_text("first line\n\nthird line\n")
     recs = read_records(p, params("txt", text_field=None, text_template=None))
-    assert triples(recs) == [("line-1", "line-1", "first line"), ("line-3", "line-3", "third line")]
+    first, third = content_id("first line"), content_id("third line")
+    assert triples(recs) == [(first, first, "first line"), (third, third, "third line")]
 
 
 def test_same_data_gives_same_records_in_every_format(tmp_path):
@@ -211,11 +216,18 @@ def test_owner_defaults_to_record_id(tmp_path):
     assert all(r.owner == r.record_id for r in recs)
 
 
-def test_record_id_defaults_to_row_number(tmp_path):
+def test_record_id_without_an_id_field_comes_from_the_text_never_the_position(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "id"} for r in ROWS]
     p = write_jsonl(tmp_path / "c.jsonl", rows)
     recs = read_records(p, params(id_field=None))
-    assert [r.record_id for r in recs] == ["row-1", "row-2", "row-3"]
+    assert [r.record_id for r in recs] == [content_id(TEMPLATE.format(**r)) for r in rows]
+    assert all(re.fullmatch(r"sha-[0-9a-f]{16}", r.record_id) for r in recs)
+    assert content_id("hello") == "sha-" + text_hash("hello")[:16]
+    # a line inserted above changes no id; a repeated text gets a counter, in file order
+    write_jsonl(p, [rows[1], rows[0], rows[1], rows[2], rows[1]])
+    again = read_records(p, params(id_field=None))
+    b = content_id(TEMPLATE.format(**rows[1]))
+    assert [r.record_id for r in again] == [b, recs[0].record_id, b + "-2", recs[2].record_id, b + "-3"]
 
 
 def test_table_round_trip_is_canonical_and_deterministic(tmp_path):
@@ -239,13 +251,14 @@ def test_import_corpus_excludes_owners_and_records(tmp_path):
     rows = ROWS + [{"id": "c1", "author": "carol", "question": "Why?", "answer": "Because."}]
     src = write_jsonl(tmp_path / "c.jsonl", rows)
     target = tmp_path / "corpus" / "records.parquet"
-    counts = import_corpus(src, params(), target, excluded_owners={"alice"}, excluded_records={"c1", "zzz"})
-    assert counts == {"read": 4, "excluded": 3, "records": 1}
+    counts = import_corpus(src, params(), target, Exclusions(frozenset({"alice"}), frozenset({"c1", "zzz"})))
+    assert counts.to_json() == {"read": 4, "excluded": 3, "refused": 0, "records": 1, "skipped": []}
     kept = from_table(read_table(target))
     assert [r.record_id for r in kept] == ["b1"]
     assert kept[0].owner == "bob" and kept[0].content_hash == content_hash("b1", kept[0].text)
-    counts = import_corpus(src, params(), target, excluded_owners=set(), excluded_records=set())
-    assert counts == {"read": 4, "excluded": 0, "records": 4}
+    counts = import_corpus(src, params(), target, Exclusions())
+    assert (counts.read, counts.excluded, counts.records) == (4, 0, 4)
+    assert read_import_report(target) == counts
     assert sorted(r.record_id for r in from_table(read_table(target))) == ["a1", "a2", "b1", "c1"]
 
 
@@ -253,6 +266,6 @@ def test_import_corpus_when_everything_is_excluded_is_empty(tmp_path):
     # every record deleted is a valid state: an empty corpus (the served ensemble becomes empty)
     src = write_jsonl(tmp_path / "c.jsonl", ROWS)
     target = tmp_path / "records.parquet"
-    info = import_corpus(src, params(), target, excluded_owners={"alice", "bob"}, excluded_records=set())
-    assert info["records"] == 0 and info["excluded"] == info["read"] > 0
+    info = import_corpus(src, params(), target, Exclusions(owners=frozenset({"alice", "bob"})))
+    assert info.records == 0 and info.excluded == info.read > 0
     assert read_table(target).num_rows == 0

@@ -230,6 +230,18 @@ def test_appended_record_of_a_new_owner(make_records, make_workspace):
     assert _placement(ws)["z-new"] == (shard_of("brand-new-owner", 2), 3)
 
 
+def test_a_corpus_whose_every_id_changed_is_placed_as_the_first_time(make_records, make_workspace):
+    """Ids of a corpus without an id field once came from positions and now come from the text: after the
+    change no record is in the old placement, and the corpus is laid out afresh, not appended to the last slice."""
+    recs = make_records(owners=6, per_owner=3)
+    ws = make_workspace(recs, shards=2, slices=3)
+    renamed = [record("sha-" + r.record_id, r.owner, r.text) for r in recs]
+    _reshard(ws, renamed, 2, 3)
+    place = _placement(ws)
+    assert all(place[r.record_id] == (shard_of(r.owner, 2), slice_of(r.owner, 3)) for r in renamed)
+    assert {k for _, k in place.values()} != {2}
+
+
 def test_changed_text_keeps_placement_and_changes_digest(make_records, make_workspace):
     recs = make_records(owners=4, per_owner=6)
     ws = make_workspace(recs, shards=1, slices=3)

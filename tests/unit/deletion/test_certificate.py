@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from sisaflow.deletion.certificate import (
     verify_signature,
     write_certificate,
 )
+from sisaflow.deletion.certificate_schema import FORMAT_1, check_certificate
 
 KEY = b"k" * 32
 OWNER = "owner-alice-7731"
@@ -213,7 +215,7 @@ def test_any_change_breaks_the_signature(tmp_path, cert, tamper):
     path.write_text(json.dumps(changed))
     assert verify_file(path, KEY) == (
         False,
-        "signature does not match: the certificate was changed or the key differs",
+        f"{path}: signature does not match: the certificate was changed or the key differs",
     )
 
 
@@ -221,14 +223,14 @@ def test_wrong_key_fails(tmp_path, cert):
     json_path, _ = write_certificate(tmp_path, sign(cert, KEY))
     assert not verify_signature(sign(cert, KEY), b"x" * 32)
     ok, msg = verify_file(json_path, b"x" * 32)
-    assert not ok and msg.startswith("signature does not match")
+    assert not ok and msg.startswith(f"{json_path}: signature does not match")
 
 
 def test_unsigned_certificate_says_unsigned(tmp_path, cert):
     json_path, _ = write_certificate(tmp_path, cert)
     for key in (KEY, None):
         ok, msg = verify_file(json_path, key)
-        assert not ok and msg.startswith("unsigned")
+        assert not ok and msg.startswith(f"{json_path}: unsigned")
     assert not verify_signature(cert, KEY)
 
 
@@ -294,14 +296,15 @@ def test_malformed_certificate_is_named(tmp_path, cert, mutate, match):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(signed))
     ok, msg = verify_file(path, KEY)
-    assert not ok and msg.startswith("malformed certificate: ") and match in msg
+    assert not ok and msg.startswith(f"{path}: malformed certificate: ") and match in msg
+    assert "\n" not in msg
 
 
 def test_not_json_is_malformed(tmp_path):
     path = tmp_path / "c.json"
     path.write_text("{not json")
     ok, msg = verify_file(path, KEY)
-    assert not ok and msg.startswith("malformed certificate: not JSON")
+    assert not ok and msg.startswith(f"{path}: malformed certificate: not JSON")
 
 
 def test_html_escapes_a_malicious_reason(tmp_path):
@@ -333,7 +336,7 @@ def test_write_certificate_files_round_trip_and_verify(tmp_path, cert):
     assert json_path.read_text(encoding="utf-8") == json.dumps(signed, indent=2, sort_keys=True) + "\n"
     assert verify_file(json_path, KEY) == (
         True,
-        "valid: HMAC-SHA256 signature matches; request req-0123456789ab",
+        f"{json_path}: valid: HMAC-SHA256 signature matches; request req-0123456789ab",
     )
     page = html_path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
@@ -399,3 +402,121 @@ def test_code_version_is_the_commit_and_says_dirty(tmp_path):
     outside = tmp_path / "plain"
     outside.mkdir()
     assert code_version(outside) == __version__
+
+
+# ---- the format: a JSON Schema, format 2 with retired files, format 1 still read ----
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_format_1_hmac_certificate_of_an_older_sisaflow_still_verifies(tmp_path):
+    """data/format1-hmac.json was written by sisaflow before format 2 (signed with KEY): still valid, and still
+    a check (a change breaks it)."""
+    old = DATA / "format1-hmac.json"
+    cert = json.loads(old.read_text())
+    assert cert["format"] == FORMAT_1 and "retired_files" not in cert
+    assert verify_file(old, KEY) == (
+        True,
+        f"{old}: valid: HMAC-SHA256 signature matches; request req-0123456789ab",
+    )
+    cert["retired_checkpoints"]["shard-3/slice-2"] = h(12)
+    (tmp_path / "old.json").write_text(json.dumps(cert))
+    assert verify_file(tmp_path / "old.json", KEY)[1].endswith(
+        "signature does not match: the certificate was changed or the key differs"
+    )
+    assert "retired_files" in check_certificate({**cert, "retired_files": {}})  # not part of format 1
+
+
+def test_retired_files_are_stated_default_to_the_weights_and_agree_with_them(tmp_path):
+    files = {
+        "shard-3/slice-3": {"optimizer.safetensors": h(13), "model.safetensors": h(11)},
+        "shard-3/slice-2": {"optimizer.safetensors": h(12), "model.safetensors": h(10)},
+    }
+    cert = build_certificate(**inputs(retired_files=files))
+    assert cert["format"] == FORMAT == "sisaflow-deletion-certificate/2"
+    assert list(cert["retired_files"]) == ["shard-3/slice-2", "shard-3/slice-3"]
+    assert cert["retired_files"]["shard-3/slice-2"] == {
+        "model.safetensors": h(10),
+        "optimizer.safetensors": h(12),
+    }
+    _, html_path = write_certificate(tmp_path, sign(cert, KEY))
+    page = html_path.read_text()
+    assert "Retired files" in page and h(13) in page and "optimizer.safetensors" in page
+    # without them (a request applied before optimizer state was recorded): the weights alone
+    assert build_certificate(**inputs())["retired_files"] == {
+        "shard-3/slice-2": {"model.safetensors": h(10)},
+        "shard-3/slice-3": {"model.safetensors": h(11)},
+    }
+    for bad in (
+        {**files, "shard-3/slice-2": {"model.safetensors": h(99), "optimizer.safetensors": h(12)}},
+        {"shard-3/slice-2": files["shard-3/slice-2"]},
+        {**files, "shard-3/slice-3": {"optimizer.safetensors": h(13)}},
+        {**files, "shard-3/slice-3": {"model.safetensors": h(11), "meta.json": h(5)}},
+    ):
+        with pytest.raises(CertificateError, match="retired_files"):
+            build_certificate(**inputs(retired_files=bad))
+
+
+def test_the_schema_is_published_and_shipped_with_the_package():
+    """A valid draft 2020-12 schema in the package directory, which pyproject's package-data ships in a wheel."""
+    import tomllib
+
+    from jsonschema import Draft202012Validator
+
+    from sisaflow.deletion import certificate_schema
+
+    src = Path(certificate_schema.__file__).parent
+    on_disk = json.loads((src / certificate_schema.SCHEMA_FILE).read_text())
+    Draft202012Validator.check_schema(on_disk)
+    assert certificate_schema.schema() == on_disk
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["sisaflow"]
+    package = src.parent
+    shipped = {p for g in globs for p in package.glob(g)}
+    assert src / certificate_schema.SCHEMA_FILE in shipped
+    deps = " ".join(pyproject["project"]["dependencies"])
+    assert "jsonschema" in deps and "cryptography" in deps
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c.pop("retired_files"),
+        lambda c: c.update(format=FORMAT_1),  # format 1 has no retired_files
+        lambda c: c["request"].update(owner_count=-1),
+        lambda c: c["states"].append({"state": "forgotten", "at": c["issued_at"]}),
+        lambda c: c["verify_result"].update(extra=1),
+        lambda c: c.update(signature={"alg": "ed25519", "value": "ab" * 64}),  # no key fingerprint
+        lambda c: c.update(signature={"alg": "HMAC-SHA256", "value": "ab" * 64}),
+        lambda c: c["retired_files"]["shard-3/slice-2"].update({"lineage.json": h(1)}),
+    ],
+)
+def test_what_the_schema_refuses_a_plain_validator_refuses_too(cert, mutate):
+    """The published file is the definition: an outsider validating with jsonschema alone agrees with sisaflow."""
+    from jsonschema import Draft202012Validator
+
+    from sisaflow.deletion.certificate_schema import schema
+
+    outsider = Draft202012Validator(schema())
+    assert outsider.is_valid(cert) and check_certificate(cert) is None
+    changed = copy.deepcopy(cert)
+    mutate(changed)
+    assert not outsider.is_valid(changed)
+    assert check_certificate(changed) is not None
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda c: c["request"].update(request_id="req-1\n"), "control character"),
+        (lambda c: c["purge_report"].update(dvc_cache=float("nan")), "finite"),
+        (
+            lambda c: c["retired_files"]["shard-3/slice-2"].update({"model.safetensors": h(5)}),
+            "retired_files",
+        ),
+    ],
+)
+def test_what_a_schema_cannot_say_is_checked_in_code(cert, mutate, match):
+    changed = copy.deepcopy(cert)
+    mutate(changed)
+    assert match in (check_certificate(changed) or "")

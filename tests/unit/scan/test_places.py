@@ -371,3 +371,49 @@ def test_a_copy_of_a_retired_checkpoints_weights_is_found(tmp_path):
         (f"git:{blob}:backup/model.safetensors", "shard-0/slice-1"),
     }
     assert all(f.request_id == "req-1" for f in rep.findings if f.what == "weights")
+
+
+def test_a_copy_of_a_retired_checkpoints_optimizer_state_is_found(tmp_path):
+    """AdamW's moments are running sums of the deleted records' gradients: the optimizer state of a retired
+    checkpoint is looked for like its weights (the impact record names both), and a copy is named as such."""
+    from sisaflow.core.fsio import write_json
+    from sisaflow.deletion.impact import impact_file
+
+    ws, params = _base(tmp_path / "ws", tmp_path / "remote")
+    weights, optimizer = os.urandom(4096), os.urandom(8192)
+    files = {
+        "model.safetensors": {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)},
+        "optimizer.safetensors": {"sha256": hashlib.sha256(optimizer).hexdigest(), "bytes": len(optimizer)},
+    }
+    write_json(
+        impact_file(ws, "req-1"),
+        {
+            "request_id": "req-1",
+            "slices": 2,
+            "shards": {
+                "0": {
+                    "holding": [1],
+                    "from_slice": 1,
+                    "retired": {"1": files["model.safetensors"]["sha256"]},
+                    "retired_bytes": {"1": len(weights)},
+                    "retired_files": {"1": files},
+                }
+            },
+        },
+    )
+    (ws.root / "backup").mkdir()
+    (ws.root / "backup" / "optimizer.safetensors").write_bytes(optimizer)
+    (ws.root / "backup" / "same-size.bin").write_bytes(os.urandom(8192))  # same size, other bytes
+    cached = ws.root / ".dvc" / "cache" / "files" / "md5" / "ab" / ("2" * 30)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(optimizer)
+    _sh(ws.root, "git", "add", "backup/optimizer.safetensors")
+    _sh(ws.root, "git", "commit", "-q", "-m", "a backup of the training state")
+    blob = _sh(ws.root, "git", "rev-parse", "HEAD:backup/optimizer.safetensors")
+    rep = leftovers.scan_report(ws, params, _targets(ws, params))
+    found = {(f.where, f.what, f.record_id) for f in rep.findings if f.what in ("weights", "optimizer-state")}
+    assert found == {
+        ("backup/optimizer.safetensors", "optimizer-state", "shard-0/slice-1"),
+        (f"dvc-cache:files/md5/ab/{'2' * 30}", "optimizer-state", "shard-0/slice-1"),
+        (f"git:{blob}:backup/optimizer.safetensors", "optimizer-state", "shard-0/slice-1"),
+    }
