@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup base demo demo-lora test test-fast bench bench-quick bench-forget bench-lora lint format serve clean-workspace
+.PHONY: setup base demo demo-lora test test-fast bench bench-quick bench-forget bench-deletions bench-lora lint format serve clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-quick: setup  ## the same, smaller (~2-5 min), into reports/quick/
 
 bench-forget: setup  ## the demo-size full training vs one forget, next to the cost model
 	$(PY) bench/forget_cost.py
+
+bench-deletions: setup  ## requests at a fixed rate, drained on a schedule, vs one at a time (~2 h on 2 cores; BENCH_ARGS="--duration 180")
+	$(PY) bench/bench_deletions.py $(BENCH_ARGS)
 
 bench-lora: base  ## LoRA quality vs S against an ordinary fine-tune, forget costs (~40 min): bench/results/lora/
 	$(PY) bench/lora_quality.py --base $(BASE) --out bench/results/lora

@@ -59,7 +59,7 @@ def workspace(
     if dvc:
         from sisaflow.pipeline.create import init_workspace
 
-        ws = init_workspace(root, setup.source, params.corpus, params.sharding)
+        ws = init_workspace(root, setup.source, params.corpus, params.sharding, hash_key=False)
     else:
         ws = Workspace(root)
         ws.root.mkdir(parents=True)

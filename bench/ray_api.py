@@ -255,7 +255,7 @@ def build_workspace(root: Path) -> None:
     raw["corpus"]["path"] = str(REPO / raw["corpus"]["path"])
     params = Params.from_dict(raw)
     cp = CorpusParams(**{**params.corpus.__dict__})
-    ws = init_workspace(root, Path(raw["corpus"]["path"]), cp, params.sharding)
+    ws = init_workspace(root, Path(raw["corpus"]["path"]), cp, params.sharding, hash_key=False)
     ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     params = steps.load(ws)
     steps.prepare(ws, params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,11 +39,25 @@ def write_corpus(path: Path, authors: int, skip_owners: set[str] = frozenset()) 
     return path
 
 
+_KEY_DIR = Path(tempfile.mkdtemp(prefix="sisaflow-test-hash-key-"))
+
+
+def shared_hash_key() -> Path:
+    """One hash key for every test workspace of the session, as one operator's workspaces share theirs: a
+    workspace trained from scratch then has the same record hashes (lineage) as the one it is compared with."""
+    from sisaflow.core.hashing import write_new_key
+
+    key = _KEY_DIR / "hash-key"
+    if not key.exists():
+        write_new_key(key)
+    return key
+
+
 def make_workspace(
     directory: Path, corpus: Path, shards: int = 3, slices: int = 3, fields: list[str] | None = None
 ) -> Path:
-    """`sisaflow init` a workspace (TOFU's fields unless `fields` gives the init options), then shrink the model
-    and training for tests."""
+    """`sisaflow init` a workspace (TOFU's fields unless `fields` gives the init options) with the session's hash
+    key, then shrink the model and training for tests."""
     from sisaflow import cli
     from sisaflow.core import versioning
     from sisaflow.core.paths import Workspace
@@ -59,6 +74,8 @@ def make_workspace(
             str(shards),
             "--slices",
             str(slices),
+            "--hash-key",
+            str(shared_hash_key()),
         ]
     )
     assert rc == 0

@@ -56,6 +56,40 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
             continue
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes in session `sid` (a process started with start_new_session=True and everything it started,
+    Ray workers included: they get process groups of their own, not sessions)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def proc_title(pid: int) -> str:
+    """A process's command line as `ps` shows it ("ray::_train_task" for a Ray worker running that task); empty
+    once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with start_new_session=True, its process group and whatever else is left in its
+    session (by process id), then reap it."""
+    for pid in [proc.pid, *session_pids(proc.pid)]:
+        try:
+            os.killpg(pid, signal.SIGKILL) if pid == proc.pid else os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
 def sisaflow_env(prefect_home: Path) -> dict[str, str]:
     """This environment for a sisaflow subprocess: no Prefect server (a throwaway one per flow), its own home."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

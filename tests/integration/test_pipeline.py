@@ -249,9 +249,12 @@ def test_forget_unknown_owner_fails_and_records_nothing(story, capsys):
 def test_dvc_push_and_repro_on_a_fresh_clone(story, tmp_path):
     """A clone of the workspace (git) reproduces every output bitwise with plain `dvc repro`."""
     from sisaflow.core import versioning
+    from sisaflow.core.config import Params
+    from sisaflow.core.errors import ExternalToolError
     from sisaflow.core.paths import Workspace
 
     a = Workspace(story["a"])
+    assert a.hash_key_file.is_file() and Params.load(a.params_file).corpus.hash_key
     versioning.push(a)
     remote = story["a"] / ".dvc-remote"
     assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
@@ -260,6 +263,11 @@ def test_dvc_push_and_repro_on_a_fresh_clone(story, tmp_path):
     subprocess.run(["git", "clone", "-q", str(story["a"]), str(clone)], check=True)
     c = Workspace(clone)
     shutil.rmtree(clone / ".dvc" / "cache", ignore_errors=True)
+    # the hash key is in neither git nor DVC: without it the clone refuses to import rather than hash otherwise
+    with pytest.raises(ExternalToolError, match=r"hash-key: missing.*corpus.hash_key"):
+        versioning.repro(c)
+    c.keys_dir.mkdir(parents=True)
+    shutil.copy2(a.hash_key_file, c.hash_key_file)  # the operator brings it
     versioning.repro(c)
     assert versioning.status(c) == {}
     # every training stage reproduced bitwise; `dvc repro` also ran the evaluate stage, which `sisaflow run`

@@ -70,9 +70,14 @@ def story(tmp_path_factory, prefect_server):
     assert len(targets) == 20 and all(t.text for t in targets)
     s["targets"] = targets
     # an interrupted write of the imported corpus, from before the forget: a temporary file beside it
+    from sisaflow.core.hashing import workspace_hasher
     from sisaflow.data.corpus import read_records
 
-    old = [r for r in read_records(corpus, params.corpus) if r.owner == owner]
+    old = [
+        r
+        for r in read_records(corpus, params.corpus, workspace_hasher(ws, params.corpus))
+        if r.owner == owner
+    ]
     s["stale_tmp"] = ws.corpus_dir / ".records.parquet.k3j2h1.tmp"
     write_table(s["stale_tmp"], to_table(old))
 

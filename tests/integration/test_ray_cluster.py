@@ -34,7 +34,7 @@ from sisaflow.core.config import CorpusParams, ShardingParams  # noqa: E402
 from sisaflow.core.paths import Workspace  # noqa: E402
 from sisaflow.pipeline import steps  # noqa: E402
 from sisaflow.pipeline.create import init_workspace  # noqa: E402
-from tests.integration.procs import executable_beside, free_port  # noqa: E402
+from tests.integration.procs import executable_beside, free_port, session_pids  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -51,19 +51,6 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes in the session the head was started in (Ray workers get their own process group, not session)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    out.append(int(entry))
-            except OSError:
-                pass
-    return out
 
 
 @pytest.fixture
@@ -129,7 +116,7 @@ def ray_head():
             head.wait()
         # workers (ray::IDLE) run in their own process groups but the head's session; they exit once their
         # raylet is gone, this makes sure of it
-        for pid in _session_pids(head.pid):
+        for pid in session_pids(head.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

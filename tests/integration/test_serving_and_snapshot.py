@@ -215,3 +215,38 @@ def test_a_flow_signs_with_the_key_of_a_prefect_secret_block(ws_root, tmp_path, 
     assert signing.SIGNING_KEY_PEM_ENV not in os.environ  # handed over for the run only
     assert cli.main(["certificate", "--verify", cert_file, "--public-key", str(public)]) == 0
     assert not list(ws_root.rglob("*.pem"))  # never written into the workspace
+
+
+def test_the_operator_opens_a_certificate_for_an_auditor_record_by_record(ws_root, tmp_path, capsys):
+    from sisaflow import cli
+    from sisaflow.core.config import Params
+    from sisaflow.core.hashing import workspace_hasher
+    from sisaflow.core.paths import Workspace
+    from sisaflow.data.corpus import content_hash, read_records
+
+    ws = Workspace(ws_root)
+    params = Params.load(ws.params_file)
+    owner = _owner_per_shard()[1]
+    source = read_records(ws.source(params.corpus.path), params.corpus, workspace_hasher(ws, params.corpus))
+    assert _forget(ws_root, "--owner", owner, "--request-id", "req-open", "--in-process", "--no-prefect") == 0
+    cert = ws_root / "reports" / "certificates" / "req-open.json"
+    listed = json.loads(cert.read_text())["content_hashes"]
+    theirs = [r for r in source if r.owner == owner]
+    other = next(r for r in source if r.owner != owner)
+    # without the key, the listed hashes match no record hashed in the open
+    assert not {content_hash(r.record_id, r.text) for r in theirs} & set(listed)
+
+    def check(records) -> tuple[int, str]:
+        f = tmp_path / "records.jsonl"
+        f.write_text("".join(json.dumps({"id": r.record_id, "text": r.text}) + "\n" for r in records))
+        capsys.readouterr()
+        rc = cli.main(
+            ["--workspace", str(ws_root), "certificate", "--verify", str(cert), "--records", str(f)]
+        )
+        return rc, capsys.readouterr().out
+
+    rc, out = check(theirs)
+    assert rc == 0 and out.count(": listed") == len(theirs) == 20
+    rc, out = check([theirs[0], other])
+    assert rc == 1 and f"{other.record_id}: NOT listed" in out and f"{theirs[0].record_id}: listed" in out
+    assert other.text not in out and theirs[0].text not in out

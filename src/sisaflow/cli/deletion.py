@@ -39,9 +39,11 @@ def cmd_forget(args) -> int:
         print("not applied now (--no-run): the drain flow or the next `sisaflow run` applies it")
         return 0
     if args.no_prefect:
+        from sisaflow.core.progress import terminal_bars
         from sisaflow.pipeline.sequence import forget
 
-        result = forget(str(ws.root), req.request_id, args.in_process, local_steps())
+        with terminal_bars():  # a Prefect run keeps its log lines only
+            result = forget(str(ws.root), req.request_id, args.in_process, local_steps())
         print_run(result, "forget")
         return 0
     if os.environ.get("PREFECT_API_URL") and not args.here:
@@ -106,9 +108,11 @@ def cmd_verify(args) -> int:
     ws = workspace_arg(args)
     params = steps.load(ws)
     if args.exact:
+        from sisaflow.core.progress import echo, terminal_bars
         from sisaflow.pipeline.exactness import verify_exact
 
-        results = verify_exact(ws, params, args.shard, progress=print if args.verbose else None)
+        with terminal_bars():
+            results = verify_exact(ws, params, args.shard, progress=echo if args.verbose else None)
         for r in results:
             verdict = "equal" if r.equal else "DIFFERENT"
             if not r.from_source:
@@ -130,13 +134,20 @@ def cmd_verify(args) -> int:
                     "only"
                 )
         return 0 if all(r.equal for r in results) else 1
-    rep = scan_report(ws, params, targets_from_ledger(ws, params, args.request or None))
+    from sisaflow.scan.progress import terminal_bar
+
+    targets = targets_from_ledger(ws, params, args.request or None)
+    with terminal_bar("scan") as progress:  # a bar with the time left, on a terminal only
+        rep = scan_report(ws, params, targets, progress=progress)
     print(
         f"scanned {rep.files_scanned} files ({rep.bytes_scanned / 2**20:.1f} MiB) and {rep.git_objects_scanned} git "
         "objects: the workspace, its git history, the DVC cache and remote, the Prefect home"
     )
     for note in rep.excluded:
         print(f"  not scanned: {note}")
+    for note in rep.notes:
+        if note.endswith("not searched"):  # a DVC remote or a Prefect place it could not reach or read
+            print(f"  NOT SEARCHED: {note}")
     for f in rep.findings:
         # where and what, with the request: never the text itself
         print(f"  FOUND {f.what} of request {f.request_id} in {f.where}")
@@ -175,7 +186,11 @@ def cmd_certificate(args) -> int:
         if ok and public is not None and not args.public_key:
             message += f" (public key {public})"
         print(message)
+        if ok and args.records:
+            return _records_listed(workspace_arg(args), Path(args.verify), Path(args.records))
         return 0 if ok else 1
+    if args.records:
+        raise SisaflowError("--records checks records against a certificate: give it with --verify FILE")
     if args.public_key:
         raise SisaflowError("--public-key checks a certificate: give it with --verify FILE")
     if not args.request_id:
@@ -189,6 +204,32 @@ def cmd_certificate(args) -> int:
         json_path, html_path = certify(ws, args.request_id, key_file)
     print(f"certificate written: {json_path}\n                     {html_path}")
     return 0
+
+
+def _records_listed(ws: Workspace, certificate: Path, records: Path) -> int:
+    """Open a certificate for an auditor, with the operator: which of `records` (JSONL {"id", "text"}) it lists.
+    0 when every one is listed."""
+    import json
+
+    from sisaflow.core.config import Params
+    from sisaflow.core.hashing import workspace_hasher
+    from sisaflow.data.corpus import content_hash
+
+    hasher = workspace_hasher(ws, Params.load(ws.params_file).corpus)
+    listed = set(json.loads(certificate.read_text(encoding="utf-8"))["content_hashes"])
+    missing = 0
+    for n, line in enumerate(records.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            rid, text = str(obj["id"]), str(obj["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SisaflowError(f'{records}:{n}: expected a JSON object with "id" and "text"') from None
+        found = content_hash(rid, text, hasher) in listed
+        missing += not found
+        print(f"{rid}: {'listed' if found else 'NOT listed'}")
+    return 0 if missing == 0 else 1
 
 
 def _git_tracks(path: Path) -> Path | None:
@@ -282,6 +323,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         "public key; HMAC with SISAFLOW_CERTIFICATE_KEY)",
     )
     s.add_argument("--public-key", metavar="PUB", help="with --verify: the signer's Ed25519 public key (PEM)")
+    s.add_argument(
+        "--records",
+        metavar="JSONL",
+        help='with --verify, run by the operator in the workspace: for each {"id", "text"} line, whether the '
+        "certificate lists that record (hashed under the workspace's hash key; prints ids, never text)",
+    )
     s.add_argument(
         "--signing-key",
         metavar="FILE",

@@ -64,8 +64,14 @@ def cmd_init(args) -> int:
         skip_invalid=args.skip_invalid,
     )
     base = Path(args.base) if args.base else None
+    hash_key: Path | bool = False if args.plain_hashes else (Path(args.hash_key) if args.hash_key else True)
     ws = init_workspace(
-        Path(args.directory), Path(args.corpus), cp, ShardingParams(args.shards, args.slices), base=base
+        Path(args.directory),
+        Path(args.corpus),
+        cp,
+        ShardingParams(args.shards, args.slices),
+        base=base,
+        hash_key=hash_key,
     )
     from sisaflow.data.corpus import read_import_report
 
@@ -131,9 +137,12 @@ def print_run(result: RunResult, kind: str) -> None:
             f"scan for copies of the deleted records: {v.files_scanned} files, {v.git_objects_scanned} git "
             f"objects: {'none found' if v.clean else str(v.findings) + ' FOUND (sisaflow verify)'}"
         )
-        if v.not_searched.get("dvc-remote"):
+        left_out = {k: n for k, n in v.not_searched.items() if k not in ("corpus-source", "evaluation-input")}
+        if left_out:  # a DVC remote or a Prefect place out of reach, skipped files
             print(
-                "  not searched: the DVC remote, which is not a local directory (purge's notes say whether DVC collected it)"
+                "  not searched: "
+                + ", ".join(f"{k} ({n})" for k, n in left_out.items())
+                + " (`sisaflow verify` says which and why)"
             )
         if v.source_holds:
             print(
@@ -148,11 +157,13 @@ def print_run(result: RunResult, kind: str) -> None:
 
 
 def local_steps() -> StepRunner:
-    """The run sequence's steps without Prefect (--no-prefect): progress on stdout, problems on stderr."""
+    """The run sequence's steps without Prefect (--no-prefect): progress on stdout (above the bars, in a
+    terminal), problems on stderr."""
+    from sisaflow.core.progress import echo
     from sisaflow.pipeline.sequence import StepRunner
 
     return StepRunner(
-        say=print,
+        say=echo,
         warn=lambda m: print(f"sisaflow: warning: {m}", file=sys.stderr),
         error=lambda m: print(f"sisaflow: error: {m}", file=sys.stderr),
     )
@@ -161,9 +172,11 @@ def local_steps() -> StepRunner:
 def cmd_run(args) -> int:
     ws = workspace_arg(args)
     if args.no_prefect:
+        from sisaflow.core.progress import terminal_bars
         from sisaflow.pipeline.sequence import run_steps
 
-        result = run_steps(str(ws.root), "run", args.in_process, local_steps())
+        with terminal_bars():  # a Prefect run keeps its log lines only
+            result = run_steps(str(ws.root), "run", args.in_process, local_steps())
     else:
         prefect_env(ws)
         from sisaflow.flows.training import training_flow
@@ -200,6 +213,7 @@ def cmd_shard(args) -> int:
 
 def cmd_train(args) -> int:
     from sisaflow.core import lock
+    from sisaflow.core.progress import echo, terminal_bars
     from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
@@ -216,7 +230,8 @@ def cmd_train(args) -> int:
         if not todo:
             print("every requested shard is up to date: nothing to train")
             return 0
-        rep = steps.train(ws, params, todo, progress=print, in_process=args.in_process)
+        with terminal_bars():
+            rep = steps.train(ws, params, todo, progress=echo, in_process=args.in_process)
     for r in rep.shards:
         print(f"shard {r.shard}: trained from slice {r.start_slice}, {r.tokens} tokens, {r.seconds:.1f}s")
     return 0
@@ -250,13 +265,15 @@ def cmd_status(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from sisaflow.core import versioning
+    from sisaflow.core.progress import echo, terminal_bars
     from sisaflow.evaluation.evaluate import evaluate
     from sisaflow.evaluation.report import write_reports
     from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
     params = steps.load(ws)
-    result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=print)
+    with terminal_bars():
+        result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=echo)
     for path in write_reports(ws, result):
         print(f"wrote {path.relative_to(ws.root)}")
     if not args.no_dvc and (ws.root / ".dvc").is_dir():
@@ -312,6 +329,18 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         action="store_true",
         help="import the valid records of a corpus with empty or malformed ones and report the others by file "
         "and line (params: corpus.skip_invalid); by default one invalid record refuses the whole corpus",
+    )
+    keyed = s.add_mutually_exclusive_group()
+    keyed.add_argument(
+        "--hash-key",
+        metavar="FILE",
+        help="key the records' hashes with this existing key (another workspace's .sisaflow/keys/hash-key) "
+        "instead of a new one",
+    )
+    keyed.add_argument(
+        "--plain-hashes",
+        action="store_true",
+        help="plain sha256 record hashes (anyone holding the ledger or a certificate can test a guessed record)",
     )
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--slices", type=int, default=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -145,22 +146,23 @@ def _prompts_from(path: Path) -> list[str]:
 
 
 def cmd_score(args) -> int:
-    from sisaflow.core.config import CorpusParams
+    from sisaflow.core.hashing import workspace_hasher
     from sisaflow.data.corpus import read_records
     from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
     cp = steps.load(ws).corpus
     if args.text_field:
-        cp = CorpusParams(
-            path=cp.path,
-            format=cp.format,
-            id_field=cp.id_field,
+        cp = dataclasses.replace(
+            cp,
             owner_field=None,
             text_field=args.text_field,
             text_template=None,
+            label_field=None,
+            labels=None,
         )
-    records = read_records(Path(args.file), cp)
+    # hashed as the workspace hashes its records, so a score's content_hash matches the ledger's and lineage's
+    records = read_records(Path(args.file), cp, workspace_hasher(ws, cp))
     ens = load_served(args, ws)
     with jsonl_output(args.out) as out:
         for r in records:

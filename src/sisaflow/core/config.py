@@ -43,6 +43,9 @@ class CorpusParams:
     skip_invalid: bool = False
     """An empty or malformed record: refuse the whole corpus (false), or import the valid records and report
     the others by file and line, never their text, in the run report and `sisaflow status` (true)."""
+    hash_key: str | None = None
+    """The id ("hk-...") of the secret key the records' content and text hashes are keyed with (the key itself is
+    in .sisaflow/keys/hash-key, never in git or DVC); null: plain sha256, as workspaces made before keys."""
 
     def __post_init__(self) -> None:
         check_choice("corpus.format", self.format, ("jsonl", "parquet", "csv", "txt"))

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sisaflow.core import faults
 from sisaflow.core.errors import DeletionError
 from sisaflow.core.fsio import digest
 
@@ -48,6 +49,9 @@ class DeletionRequest:
     input_hash: str = ""
     """A hash of the owners and records the request named as given, before unknown names were dropped
     (unlearn.unknown: warn): a retry with the same input is the same request. Empty in older requests."""
+    hash_key: str | None = None
+    """The id of the workspace hash key `content_hashes` and `text_hashes` were keyed with (core.hashing); None:
+    plain sha256."""
 
     def same_input(self, owners: Iterable[str], records: Iterable[str]) -> bool:
         """Whether a request naming `owners` and `records` is this one again (a retry)."""
@@ -200,7 +204,8 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
             if request.requested_at
             else DeletionRequest(**{**asdict(request), "requested_at": _now()})
         )
-        fh.write((json.dumps(asdict(stamped), sort_keys=True) + "\n").encode("utf-8"))
+        line = json.dumps(asdict(stamped), sort_keys=True) + "\n"
+        faults.append(fh, line.encode("utf-8"), "ledger-append")  # a plain write unless a test arms it
         fh.flush()
         os.fsync(fh.fileno())
     _append_states(path, [request.request_id], "pending", stamped.requested_at)
@@ -273,7 +278,8 @@ def _append_states(ledger_path: Path, request_ids: list[str], state: str, at: st
         at = at or _now()
         for rid in request_ids:
             if reached.get(rid, -1) < STATES.index(state):
-                fh.write((json.dumps({"request_id": rid, "state": state, "at": at}) + "\n").encode("utf-8"))
+                line = json.dumps({"request_id": rid, "state": state, "at": at}) + "\n"
+                faults.append(fh, line.encode("utf-8"), f"state-append:{state}")
                 moved.append(rid)
         fh.flush()
         os.fsync(fh.fileno())

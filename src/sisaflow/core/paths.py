@@ -139,6 +139,11 @@ class Workspace:
         return self.state_dir / "keys"
 
     @property
+    def hash_key_file(self) -> Path:
+        """The secret the workspace's record hashes are keyed with (core.hashing; mode 0600, never in git or DVC)."""
+        return self.keys_dir / "hash-key"
+
+    @property
     def signing_key_file(self) -> Path:
         """The Ed25519 private key `sisaflow keys init` writes (mode 0600)."""
         return self.keys_dir / "signing-key.pem"

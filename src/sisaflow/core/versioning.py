@@ -15,10 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import yaml
 
+from sisaflow.core import dvc_rwlock
 from sisaflow.core.config import Params
 from sisaflow.core.errors import ExternalToolError
 from sisaflow.core.fsio import write_text
@@ -59,6 +62,7 @@ def run_tool(ws: Workspace, *args: str, check: bool = True) -> subprocess.Comple
     if exe == "dvc":
         local = Path(sys.executable).parent / "dvc"
         args = (str(local) if local.exists() else shutil.which("dvc") or "dvc", *args[1:])
+        dvc_rwlock.clear_torn(ws.root / ".dvc")  # a dvc killed mid-write leaves it unreadable to later ones
     proc = subprocess.run(args, cwd=ws.root, env=tool_env(ws), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise ExternalToolError(
@@ -194,7 +198,7 @@ def ensure_remote(ws: Workspace, params: Params) -> bool:
 
 def commit(ws: Workspace, stages: list[str] | None = None) -> None:
     """Record the current outputs' hashes in dvc.lock (and the DVC cache) for `stages` (all by default)."""
-    run_tool(ws, "dvc", "commit", "-f", "-q", *(stages or []))
+    run_tool(ws, "dvc", "commit", "-f", *(stages or []))  # not -q: a failure must say why
 
 
 def status(ws: Workspace, stages: list[str] | None = None) -> dict:
@@ -255,6 +259,59 @@ def default_remote(ws: Workspace) -> tuple[str, str, Path | None]:
     if not p.is_absolute():
         p = ws.root / ".dvc" / p  # DVC stores a relative remote path relative to .dvc/config
     return name, url, p.resolve()
+
+
+@dataclass(frozen=True)
+class RemoteStore:
+    """A DVC remote that is not a local directory (an object store such as S3), opened through DVC's own
+    filesystem plugin (dvc-s3 for s3://) with the configuration `dvc push` and `dvc gc` use: endpoint, region,
+    profile and credentials from .dvc/config, .dvc/config.local and the environment."""
+
+    name: str
+    url: str
+    fs: Any
+    """An fsspec filesystem (s3fs for S3)."""
+    root: str
+    """The remote's path inside `fs` ("bucket/prefix" for S3)."""
+
+    def objects(self) -> dict[str, int]:
+        """{path: bytes} of every object under the remote; the plugin's error (unreachable endpoint, no such
+        bucket, access denied) when it cannot list them."""
+        found = self.fs.find(self.root, detail=True)
+        return {
+            p: int(info.get("size") or 0)
+            for p, info in sorted(found.items())
+            if info.get("type", "file") != "directory"
+        }
+
+    def relative(self, path: str) -> str:
+        """`path` (as `objects` gives it) relative to the remote's root, e.g. files/md5/ab/cdef..."""
+        root = self.root.rstrip("/") + "/"
+        return path[len(root) :] if path.startswith(root) else path
+
+    def url_of(self, path: str) -> str:
+        """`path` as a URL (s3://bucket/prefix/files/md5/...)."""
+        return self.url.rstrip("/") + "/" + self.relative(path)
+
+    def open(self, path: str) -> BinaryIO:
+        return self.fs.open(path, "rb")
+
+
+def open_remote(ws: Workspace, name: str) -> RemoteStore:
+    """The DVC remote `name` (not a local directory) as DVC itself would reach it; ExternalToolError naming the
+    remote when DVC cannot open it (a plugin such as dvc-s3 missing, a configuration DVC refuses). Opening
+    connects to nothing: `RemoteStore.objects` does."""
+    from dvc.config import Config
+    from dvc.fs import get_cloud_fs
+
+    try:
+        config = Config(dvc_dir=str(ws.root / ".dvc"))
+        cls, fs_config, path = get_cloud_fs(config, name=name)
+        fs = cls(**fs_config)
+        url = fs.unstrip_protocol(path)
+        return RemoteStore(name=name, url=url, fs=fs.fs, root=path)
+    except Exception as exc:  # DVC's errors for a missing plugin or a bad config share no base class
+        raise ExternalToolError(f"DVC remote {name!r} cannot be opened: {exc}") from exc
 
 
 def git(ws: Workspace, *args: str) -> subprocess.CompletedProcess:

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from sisaflow.core.config import CorpusParams
 from sisaflow.core.errors import CorpusError
-from sisaflow.core.fsio import atomic_path, digest, read_json, write_json
+from sisaflow.core.fsio import atomic_path, read_json, write_json
+from sisaflow.core.hashing import PLAIN, Hasher
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -38,19 +39,28 @@ SKIP_HINT = (
 )
 
 
-def content_hash(record_id: str, text: str) -> str:
-    """The hash that lineage, logs and certificates carry instead of the text."""
-    return digest(("sisaflow-record-v1", record_id, text))
+def content_hash(record_id: str, text: str, hasher: Hasher = PLAIN) -> str:
+    """The hash that lineage, logs and certificates carry instead of the text (keyed by the workspace's hash key
+    where it has one: core.hashing)."""
+    return hasher(("sisaflow-record-v1", record_id, text))
 
 
-def text_hash(text: str) -> str:
+def text_hash(text: str, hasher: Hasher = PLAIN) -> str:
     """A hash of the text alone: what a deletion holds for, whatever id or owner the text comes back under."""
-    return digest(("sisaflow-text-v1", text))
+    return hasher(("sisaflow-text-v1", text))
 
 
-def content_id(text: str) -> str:
+def content_id(text: str, hasher: Hasher = PLAIN) -> str:
     """The id of a record in a corpus without ids: 'sha-' and the first 16 hex digits of its text hash."""
-    return "sha-" + text_hash(text)[:16]
+    return "sha-" + text_hash(text, hasher)[:16]
+
+
+def _check_hasher(params: CorpusParams, hasher: Hasher) -> None:
+    if hasher.key_id != params.hash_key:
+        raise CorpusError(
+            f"corpus.hash_key is {params.hash_key or 'none'} but the records were to be hashed with "
+            f"{hasher.key_id or 'no key'}: a caller did not pass the workspace's hasher (core.hashing.hasher_for)"
+        )
 
 
 @dataclass(frozen=True)
@@ -193,9 +203,13 @@ def _text_of(row: dict[str, Any], params: CorpusParams, where: str) -> str:
     return (params.text_template or "").format(**row)
 
 
-def read_source(path: Path, params: CorpusParams, skip_invalid: bool | None = None) -> SourceRead:
+def read_source(
+    path: Path, params: CorpusParams, skip_invalid: bool | None = None, hasher: Hasher = PLAIN
+) -> SourceRead:
     """Read and validate every record of a corpus file. An invalid record raises InvalidRecord naming the file
-    and line, or with `skip_invalid` (default: corpus.skip_invalid) is passed over and listed in `skipped`."""
+    and line, or with `skip_invalid` (default: corpus.skip_invalid) is passed over and listed in `skipped`.
+    `hasher` is the workspace's (it must be the key params.corpus.hash_key names)."""
+    _check_hasher(params, hasher)
     path = Path(path)
     skip = params.skip_invalid if skip_invalid is None else skip_invalid
     if not path.is_file():
@@ -223,7 +237,7 @@ def read_source(path: Path, params: CorpusParams, skip_invalid: bool | None = No
             if by_content:
                 # the k-th record with the same text (in file order) gets '-k': ids stay unique, and every
                 # copy of a text is left out with it, as a deletion holds for the text
-                record_id = content_id(text)
+                record_id = content_id(text, hasher)
                 repeats[record_id] = repeats.get(record_id, 0) + 1
                 if repeats[record_id] > 1:
                     record_id += f"-{repeats[record_id]}"
@@ -241,17 +255,17 @@ def read_source(path: Path, params: CorpusParams, skip_invalid: bool | None = No
         seen[record_id] = where
         positional.append(was)
         owner = owner if owner is not None else record_id
-        records.append(Record(record_id, owner, text, content_hash(record_id, text)))
+        records.append(Record(record_id, owner, text, content_hash(record_id, text, hasher)))
     if not records:
         detail = f" ({len(skipped)} invalid record(s) skipped, first {skipped[0]})" if skipped else ""
         raise CorpusError(f"{path}: corpus holds no records{detail}")
     return SourceRead(records, skipped, positional if by_content else None)
 
 
-def read_records(path: Path, params: CorpusParams) -> list[Record]:
+def read_records(path: Path, params: CorpusParams, hasher: Hasher = PLAIN) -> list[Record]:
     """Read and validate every record of a corpus file; raise CorpusError naming the file and line (invalid
     records are passed over instead with corpus.skip_invalid)."""
-    return read_source(path, params).records
+    return read_source(path, params, hasher=hasher).records
 
 
 def to_table(records: list[Record]) -> pa.Table:
@@ -343,18 +357,20 @@ def read_import_report(corpus_file: Path) -> ImportReport | None:
     return ImportReport.from_json(read_json(path)) if path.is_file() else None
 
 
-def import_corpus(source: Path, params: CorpusParams, target: Path, exclusions: Exclusions) -> ImportReport:
+def import_corpus(
+    source: Path, params: CorpusParams, target: Path, exclusions: Exclusions, hasher: Hasher = PLAIN
+) -> ImportReport:
     """Read the source, drop every record the deletion ledger rules out, write the imported corpus and, beside
-    it, the import's report. The result depends on the source and the ledger only."""
-    read = read_source(source, params)
+    it, the import's report. The result depends on the source, the ledger and the workspace's hash key only."""
+    read = read_source(source, params, hasher=hasher)
     positional: list[str | None] = [None] * len(read.records)
     if read.positional_ids is not None:
         positional = list(read.positional_ids)
-    texts = [text_hash(r.text) for r in read.records]
+    texts = [text_hash(r.text, hasher) for r in read.records]
     deleted_texts = set(exclusions.text_hashes)
     for r, was, th in zip(read.records, positional, texts):
         if r.content_hash in exclusions.content_hashes or (
-            was is not None and content_hash(was, r.text) in exclusions.content_hashes
+            was is not None and content_hash(was, r.text, hasher) in exclusions.content_hashes
         ):
             deleted_texts.add(th)
     kept, refused = [], 0

@@ -30,7 +30,7 @@ from typing import Any, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sisaflow.core import ledger
+from sisaflow.core import faults, ledger
 from sisaflow.core.config import Params
 from sisaflow.core.errors import DeletionError, SisaflowError
 from sisaflow.core.fsio import read_json, write_text
@@ -273,6 +273,7 @@ def build_certificate(
     issued_at: str,
     training_environments: dict[str, list[dict[str, str]]] | None = None,
     retired_files: dict[str, dict[str, str]] | None = None,
+    hash_key_id: str | None = None,
 ) -> dict:
     """An unsigned certificate (signature null) after checking every field; pass it to `sign` to sign it.
 
@@ -313,6 +314,10 @@ def build_certificate(
         "issued_at": issued_at,
         "signature": None,
     }
+    # how content_hashes were made: keyed, a guessed record cannot be matched to them without the workspace's key
+    cert["record_hashes"] = (
+        {"alg": "hmac-sha256", "key_id": hash_key_id} if hash_key_id else {"alg": "sha256"}
+    )
     if training_environments:  # a copy of whatever was given: check_certificate names what is wrong in it
         cert["training_environments"] = copy.deepcopy(training_environments)
     problem = check_certificate(cert)
@@ -497,10 +502,12 @@ def certify(ws: Workspace, request_id: str, key_file: Path | None = None) -> tup
         issued_at=issued_at,
         training_environments=environments,
         retired_files=files,
+        hash_key_id=req.hash_key,
     )
     if key:
         cert = sign(cert, key)
     paths = write_certificate(ws.certificates_dir, cert)
+    faults.kill_point("certify")  # test-only: a crash between the files and the state
     ledger.mark(ws.ledger_file, [request_id], "certified")
     return paths
 

@@ -32,7 +32,11 @@ def _flat(report: dict, prefix: str = "") -> list[tuple[str, Any]]:
 UNSEARCHED = {
     "corpus-source": "the corpus source named in params (the user's input, which sisaflow never writes)",
     "evaluation-input": "evaluation inputs named in params (the user's files, never written)",
-    "dvc-remote": "the DVC remote (not a local directory)",
+    "dvc-remote": "the DVC remote (it could not be reached, opened or listed)",
+    "prefect-home": "a Prefect home or result storage on this machine that could not be read",
+    "prefect-server": "the Prefect server PREFECT_API_URL names, on another machine (its database)",
+    "prefect-database": "Prefect's database (a database server, not a file here)",
+    "prefect-result-storage": "Prefect's default result storage block (a bucket or remote file system)",
     "skipped-file": "files skipped (unreadable, or over the size limit)",
 }
 
@@ -105,6 +109,12 @@ _CSS = (
 )
 
 
+def _hashing(scheme: dict | None) -> str:
+    if scheme and scheme.get("alg") == "hmac-sha256":
+        return f"HMAC-SHA256 under the workspace's secret key {scheme.get('key_id')}: they match no guessed record"
+    return "plain sha256"
+
+
 def render_html(cert: dict) -> str:
     """One self-contained page (no external assets) showing a certificate; every value is HTML-escaped."""
     req, hashes = cert["request"], cert["content_hashes"]
@@ -156,6 +166,7 @@ def render_html(cert: dict) -> str:
                 ("owners named", req["owner_count"]),
                 ("records named by id", req["record_count"]),
                 ("records removed (content hashes)", len(hashes)),
+                ("record hashes", _hashing(cert.get("record_hashes"))),
                 ("reason", req["reason"] if req["reason"] is not None else "-"),
             ],
         ),
@@ -163,7 +174,7 @@ def render_html(cert: dict) -> str:
         _table(("state", "at"), [(s["state"], s["at"]) for s in cert["states"]]),
         f"<h2>Content hashes removed ({len(hashes)})</h2>",
         f"<p>{short or '<span class=muted>none</span>'}</p>",
-        f"<details><summary>full sha256 list</summary><ul>{full}</ul></details>",
+        f"<details><summary>full list</summary><ul>{full}</ul></details>",
         "<h2>Affected shards</h2>",
         _table(
             ("shard", "retrained from slice", "slices"),

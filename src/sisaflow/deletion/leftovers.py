@@ -1,8 +1,8 @@
 """The scan for what is left of deletion requests: their records (from the ledger's content hashes and the corpus
 source) and the files of the checkpoints they retired (weights and optimizer state, from their impact records),
-handed to the scan package, which searches the workspace, the DVC cache and remote, and git history. `summary` is
-the scan as a run report and a certificate keep it: counts only, never a deleted record's id or the paths that
-held it.
+handed to the scan package, which searches the workspace, the DVC cache and remote, the Prefect home and git
+history. `summary` is the scan as a run report and a certificate keep it: counts only, never a deleted record's
+id or the paths that held it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sisaflow.core.config import Params
 from sisaflow.core.paths import Workspace
 from sisaflow.deletion.impact import retired_files
 from sisaflow.scan.places import scan_report as scan_places
+from sisaflow.scan.progress import ProgressCallback
 from sisaflow.scan.targets import ScanReport, Target, targets_from_source
 
 
@@ -31,10 +32,13 @@ def targets_from_ledger(
     return targets_from_source(ws, params, hashes) if hashes else []
 
 
-def scan_report(ws: Workspace, params: Params, targets: list[Target]) -> ScanReport:
+def scan_report(
+    ws: Workspace, params: Params, targets: list[Target], progress: ProgressCallback | None = None
+) -> ScanReport:
     """Search every place for `targets` and for the weights and optimizer state of every checkpoint their requests
-    retired."""
-    return scan_places(ws, params, targets, retired_files(ws, sorted({t.request_id for t in targets})))
+    retired; `progress(done, total)` in bytes as it goes."""
+    retired = retired_files(ws, sorted({t.request_id for t in targets}))
+    return scan_places(ws, params, targets, retired, progress=progress)
 
 
 @dataclass

@@ -4,8 +4,10 @@
 
 - DVC cache objects that the workspace's current dvc.yaml/dvc.lock no longer reference (`dvc gc --workspace`),
   and DVC's run cache (`<cache>/runs`, stage records of earlier runs);
-- the same objects in the default DVC remote (`dvc gc --workspace --cloud -r <remote>`); skipped with a note when
-  no remote is configured, nothing was pushed yet, or the remote cannot be reached;
+- the same objects in the default DVC remote (`dvc gc --workspace --cloud -r <remote>`), a local directory or an
+  object store (S3 through the dvc-s3 plugin: its objects are listed before and after, so what went is measured
+  there too); skipped with a note when no remote is configured or nothing was pushed yet, and flagged
+  (`remote_not_collected`) when DVC cannot collect it (unreachable, no plugin, denied);
 - Prefect's persisted results under the workspace's Prefect home (`<prefect home>/storage`; never the database);
 - Ray's temporary and spill files for this workspace (`ws.ray_tmp_dir`): session directories that no running
   process names on its command line (a running Ray keeps its session);
@@ -204,20 +206,14 @@ def _gc_remote(ws: Workspace, report: PurgeReport) -> None:
         report.notes.append(f"DVC remote {name!r} has no url: skipped")
         report.remote_not_collected = True
         return
-    if local is not None and not local.is_dir():
+    if local is None:
+        _gc_object_store(ws, report, name)
+        return
+    if not local.is_dir():
         report.notes.append(f"DVC remote {name!r} ({local}) does not exist yet (nothing pushed): skipped")
         return
-    before = _files(local) if local is not None else {}
-    try:
-        _dvc(ws, "gc", "--workspace", "--cloud", "--force", "-r", name)
-    except ExternalToolError as exc:
-        report.notes.append(f"DVC remote {name!r} not garbage-collected (unreachable?): {exc}")
-        report.remote_not_collected = True
-        return
-    if local is None:
-        report.notes.append(
-            f"DVC remote {name!r} is not a local directory: collected by DVC, bytes not measured"
-        )
+    before = _files(local)
+    if not _gc_cloud(ws, report, name, repr(name)):
         return
     after = _files(local)
     for p, n in sorted(before.items()):
@@ -226,6 +222,52 @@ def _gc_remote(ws: Workspace, report: PurgeReport) -> None:
     if (local / "runs").exists():
         report.notes.append(
             f"DVC remote {name!r} holds a run cache ({local / 'runs'}; hashes only, pushed with --run-cache): "
+            "left in place"
+        )
+
+
+def _gc_cloud(ws: Workspace, report: PurgeReport, name: str, where: str) -> bool:
+    """`dvc gc --cloud` of the remote `name`; False (noted, and no request certified) when DVC could not."""
+    try:
+        _dvc(ws, "gc", "--workspace", "--cloud", "--force", "-r", name)
+    except ExternalToolError as exc:
+        report.notes.append(f"DVC remote {where} not garbage-collected (unreachable?): {exc}")
+        report.remote_not_collected = True
+        return False
+    return True
+
+
+def _gc_object_store(ws: Workspace, report: PurgeReport, name: str) -> None:
+    """`dvc gc --cloud` on a remote that is an object store (S3 through dvc-s3), measuring what it removed by
+    listing the objects before and after with the same plugin. DVC's own gc decides whether the remote was
+    collected: a remote it collects but sisaflow cannot list is collected, its bytes not measured."""
+    from sisaflow.core.versioning import open_remote
+
+    store, before, unlisted = None, None, ""
+    try:
+        store = open_remote(ws, name)
+        before = store.objects()
+    except Exception as exc:  # the plugin's errors (no endpoint, no bucket, denied) share no base class
+        unlisted = str(exc)
+    where = f"{name!r} ({store.url})" if store is not None else repr(name)
+    if not _gc_cloud(ws, report, name, where):
+        return
+    try:
+        after = store.objects() if store is not None and before is not None else None
+    except Exception as exc:
+        unlisted = str(exc)
+        after = None
+    if store is None or before is None or after is None:
+        report.notes.append(
+            f"DVC remote {where} collected by DVC, bytes not measured (not listed: {unlisted})"
+        )
+        return
+    for p, n in before.items():
+        if p not in after:
+            report.removed.append(Removed("dvc-remote", store.url_of(p), n))
+    if any(store.relative(p).startswith("runs/") for p in after):
+        report.notes.append(
+            f"DVC remote {where} holds a run cache ({store.url}/runs; hashes only, pushed with --run-cache): "
             "left in place"
         )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from sisaflow.core import ledger
 from sisaflow.core.config import Params
 from sisaflow.core.errors import DeletionError
+from sisaflow.core.hashing import workspace_hasher
 from sisaflow.core.paths import Workspace
 from sisaflow.data.corpus import from_table, read_table, text_hash
 
@@ -113,7 +114,8 @@ def resolve_request(ws: Workspace, owners: list[str], records: list[str], unknow
     records = sorted(set(records) & known_records)
     if not owners and not records:
         raise DeletionError("nothing to forget: " + "; ".join(warnings))
-    hashed = [(r, text_hash(r.text)) for r in corpus]
+    hasher = workspace_hasher(ws, Params.load(ws.params_file).corpus)
+    hashed = [(r, text_hash(r.text, hasher)) for r in corpus]
     named_owners, named_records = set(owners), set(records)
     texts = {t for r, t in hashed if r.owner in named_owners or r.record_id in named_records}
     covered = {r.content_hash for r, t in hashed if t in texts}
@@ -166,6 +168,7 @@ def request_deletion(
         text_hashes=resolved.text_hashes,
         input_hash=given,
         reason=reason,
+        hash_key=params.corpus.hash_key,
     )
     new = ledger.append_request(ws.ledger_file, req)
     if new and params.unlearn.mode == "exclude":

@@ -37,8 +37,10 @@ from sisaflow.core import ledger
 from sisaflow.core.config import Params
 from sisaflow.core.errors import WorkspaceError
 from sisaflow.core.fsio import write_json
+from sisaflow.core.hashing import workspace_hasher
 from sisaflow.core.paths import Workspace
-from sisaflow.data.corpus import Record, from_table, read_records, read_table
+from sisaflow.core.progress import Meter, meter
+from sisaflow.data.corpus import Record, content_hash, from_table, read_records, read_table
 from sisaflow.evaluation import metrics
 from sisaflow.evaluation.baseline import train_baseline
 from sisaflow.evaluation.tofu import load_perturbed, tofu_metrics, truth_ratios
@@ -62,8 +64,9 @@ class Scored:
 
 
 def sample(records: Sequence[Record], n: int) -> list[Record]:
-    """At most `n` records, spread evenly over the content-hash order (deterministic, no text involved)."""
-    ordered = sorted(records, key=lambda r: r.content_hash)
+    """At most `n` records, spread evenly over the plain content-hash order (deterministic, the same whatever the
+    workspace's hash key)."""
+    ordered = sorted(records, key=lambda r: content_hash(r.record_id, r.text))
     if len(ordered) <= n:
         return ordered
     step = len(ordered) / n
@@ -71,13 +74,20 @@ def sample(records: Sequence[Record], n: int) -> list[Record]:
 
 
 def score_records(
-    ens: Ensemble, records: Sequence[Record], shard_of: dict[str, int], batch_size: int = 16
+    ens: Ensemble,
+    records: Sequence[Record],
+    shard_of: dict[str, int],
+    batch_size: int = 16,
+    scored_meter: Meter | None = None,
 ) -> list[Scored]:
     """Score every record with every constituent: one batched forward per `batch_size` records of similar
-    length, right-padded (causal attention: a position never sees the padding after it)."""
+    length, right-padded (causal attention: a position never sees the padding after it). `scored_meter`
+    advances by every record of `records`, scored or too short to score."""
     tok = ens.tokenizer
     encoded = [(r, (tok.encode(r.text) + [tok.eos_id])[: ens.context_length]) for r in records]
     encoded = [(r, ids) for r, ids in encoded if len(ids) >= 2]
+    if scored_meter is not None:
+        scored_meter.advance(len(records) - len(encoded))
     scored: dict[int, Scored] = {}
     for chunk, x in length_batches([ids for _, ids in encoded], batch_size, tok.eos_id):
         with torch.no_grad():
@@ -92,6 +102,8 @@ def score_records(
             scored[i] = Scored(
                 shard_of.get(r.record_id, -1), n, metrics.token_stats(combined[row, :n], target), per, r.text
             )
+        if scored_meter is not None:
+            scored_meter.advance(len(chunk))
     return [scored[i] for i in range(len(encoded))]
 
 
@@ -143,22 +155,34 @@ GENERATE_BATCH = 16
 """Records per batched generation in `verbatim` (each gets what it gets alone: Ensemble.generate)."""
 
 
-def verbatim(ens: Ensemble, records: Sequence[Record], n: int, new_tokens: int) -> dict | None:
+def verbatim(
+    ens: Ensemble,
+    records: Sequence[Record],
+    n: int,
+    new_tokens: int,
+    continued_meter: Meter | None = None,
+) -> dict | None:
     """ROUGE-L F1 and recall (rouge-score, stemmed, as TOFU computes it: `metrics.rouge_l_scores`) of the greedy
     continuation of each record's first half against its true next `new_tokens` tokens; means and count over at
-    most `n` records."""
+    most `n` records. `continued_meter` advances by each of those records, continued or too short to be."""
     tok = ens.tokenizer
     prompts, references = [], []
-    for r in list(records)[:n]:
+    chosen = list(records)[:n]
+    for r in chosen:
         ids = tok.encode(r.text)
         half = len(ids) // 2
         if half < 1 or len(ids) - half < 1:
             continue
         prompts.append(tok.decode(ids[:half]))
         references.append(tok.decode(ids[half : half + new_tokens]))
+    if continued_meter is not None:
+        continued_meter.advance(len(chosen) - len(prompts))
     continuations: list[str] = []
     for i in range(0, len(prompts), GENERATE_BATCH):  # one batched generation per GENERATE_BATCH records
-        continuations += ens.generate(prompts[i : i + GENERATE_BATCH], max_new_tokens=new_tokens)
+        batch = prompts[i : i + GENERATE_BATCH]
+        continuations += ens.generate(batch, max_new_tokens=new_tokens)
+        if continued_meter is not None:
+            continued_meter.advance(len(batch))
     scores = [metrics.rouge_l_scores(ref, cont) for ref, cont in zip(references, continuations, strict=True)]
     if not scores:
         return None
@@ -187,7 +211,9 @@ def forgotten_records(
     if not wanted:
         return []
     if source is None:
-        source = read_records(ws.source(params.corpus.path), params.corpus)
+        source = read_records(
+            ws.source(params.corpus.path), params.corpus, workspace_hasher(ws, params.corpus)
+        )
     return [r for r in source if r.content_hash in wanted]
 
 
@@ -197,7 +223,7 @@ def holdout_records(ws: Workspace, params: Params) -> list[Record]:
         return []
     path = ws.source(params.evaluate.holdout)
     corpus = dataclasses.replace(params.corpus, path=str(path))
-    return read_records(path, corpus)
+    return read_records(path, corpus, workspace_hasher(ws, params.corpus))  # hashed as the corpus is
 
 
 def _placement(ws: Workspace) -> dict[str, int]:
@@ -273,7 +299,7 @@ def evaluate(
         )
     # the corpus source, read once for every forgotten group (in memory only)
     source = (
-        read_records(ws.source(params.corpus.path), params.corpus)
+        read_records(ws.source(params.corpus.path), params.corpus, workspace_hasher(ws, params.corpus))
         if ledger.read_ledger(ws.ledger_file)
         else []
     )
@@ -283,9 +309,19 @@ def evaluate(
         f"scoring {len(retained)} retained, {len(never_recs)} never-seen and {len(forgotten_recs)} forgotten "
         f"records with {len(ens.shards)} constituent(s)"
     )
-    kept = score_records(ens, retained, shard_of)
-    never = score_records(ens, never_recs, {})
-    gone = score_records(ens, forgotten_recs, {})
+    with meter(
+        "evaluate: scoring", len(retained) + len(never_recs) + len(forgotten_recs), "record"
+    ) as scoring:
+        kept = score_records(ens, retained, shard_of, scored_meter=scoring)
+        never = score_records(ens, never_recs, {}, scored_meter=scoring)
+        gone = score_records(ens, forgotten_recs, {}, scored_meter=scoring)
+    groups = {"forgotten": forgotten_recs, "retained": retained, "never_seen": never_recs}
+    n_continued = sum(min(len(g), ep.rouge_records) for g in groups.values())
+    with meter("evaluate: generating", n_continued, "record") as continuing:
+        verbatims = {
+            name: verbatim(ens, group, ep.rouge_records, ep.rouge_new_tokens, continuing)
+            for name, group in groups.items()
+        }
 
     constituents = []
     # a merged ensemble (ensemble.combine: merge) is one model: it has no constituent of its own to score
@@ -314,11 +350,7 @@ def evaluate(
         "forgetting": {
             "attacks_forgotten_vs_never_seen": attacks(gone, never, ep),
             "attacks_retained_vs_never_seen": attacks(kept, never, ep),
-            "verbatim": {
-                "forgotten": verbatim(ens, forgotten_recs, ep.rouge_records, ep.rouge_new_tokens),
-                "retained": verbatim(ens, retained, ep.rouge_records, ep.rouge_new_tokens),
-                "never_seen": verbatim(ens, never_recs, ep.rouge_records, ep.rouge_new_tokens),
-            },
+            "verbatim": verbatims,
         },
         "notes": [],
     }

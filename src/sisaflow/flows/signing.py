@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 from sisaflow.core.paths import Workspace
 from sisaflow.deletion.signing import SIGNING_KEY_PEM_ENV, fingerprint, signing_key
@@ -41,7 +42,8 @@ def signing_key_from_secret(secret_name: str | None) -> Iterator[None]:
         return
     from prefect.blocks.system import Secret
 
-    pem = Secret.load(secret_name).get()
+    secret = cast(Secret, Secret.load(secret_name))  # a Secret in a sync flow (load is sync-compatible)
+    pem = secret.get()
     before = os.environ.get(SIGNING_KEY_PEM_ENV)
     os.environ[SIGNING_KEY_PEM_ENV] = str(pem)
     try:

@@ -13,6 +13,7 @@ from sisaflow.core import versioning
 from sisaflow.core.config import CorpusParams, LoraParams, ModelParams, Params, ShardingParams
 from sisaflow.core.errors import ShardingError, WorkspaceError
 from sisaflow.core.fsio import write_text
+from sisaflow.core.hashing import read_key, write_key, write_new_key
 from sisaflow.core.paths import Workspace
 from sisaflow.data.corpus import read_records
 
@@ -86,9 +87,13 @@ def init_workspace(
     corpus_params: CorpusParams,
     sharding: ShardingParams | None = None,
     base: Path | None = None,
+    hash_key: Path | bool = True,
 ) -> Workspace:
     """Create a workspace in `directory` for `corpus`, with LoRA constituents over `base` if given. Validates the
-    corpus and the base first; writes nothing on error."""
+    corpus and the base first; writes nothing on error.
+
+    `hash_key`: True makes a new secret key the records' hashes are keyed with (core.hashing), a path reuses
+    that key (another workspace of the same operator), False keeps plain sha256 hashes."""
     directory = Path(directory).expanduser().resolve()
     corpus = Path(corpus).expanduser().resolve()
     ws = Workspace(directory)
@@ -116,6 +121,9 @@ def init_workspace(
         corpus_path = str(rel)
     except ValueError:
         corpus_path = str(corpus)
+    key = (
+        read_key(Path(hash_key)) if not isinstance(hash_key, bool) else None
+    )  # a bad key file: nothing written
     raw = Params().to_dict()
     raw["corpus"] = {**corpus_params.__dict__, "path": corpus_path}
     raw["sharding"] = sharding.__dict__
@@ -127,6 +135,10 @@ def init_workspace(
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if hash_key is not False:
+            key_id = write_key(ws.hash_key_file, key) if key is not None else write_new_key(ws.hash_key_file)
+            written = Params.from_dict({**raw, "corpus": {**raw["corpus"], "hash_key": key_id}})
+            params = written.resolved(directory)
         write_text(
             ws.params_file,
             "# sisaflow parameters: one section per stage (see the docs/ pages of sisaflow)\n"
@@ -161,7 +173,7 @@ def init_workspace(
         if created:
             shutil.rmtree(directory, ignore_errors=True)
         else:
-            for p in (ws.params_file, ws.dvc_file, ws.prefect_file):
+            for p in (ws.params_file, ws.dvc_file, ws.prefect_file, ws.hash_key_file):
                 p.unlink(missing_ok=True)
         raise
     return ws

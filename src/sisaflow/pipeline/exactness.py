@@ -22,6 +22,7 @@ from pathlib import Path
 from sisaflow.core.config import Params
 from sisaflow.core.errors import CorpusError, ShardingError
 from sisaflow.core.paths import Workspace
+from sisaflow.core.progress import meter
 from sisaflow.data.sharding import read_shard_manifest, shard_corpus, slice_digests
 from sisaflow.inference.registry import read_registry
 from sisaflow.pipeline import steps
@@ -94,22 +95,26 @@ def verify_exact(
     with tempfile.TemporaryDirectory(prefix="sisaflow-exact-") as tmp:
         scratch = Workspace(Path(tmp))
         from_source = _rebuild(ws, scratch, params)
-        for s in todo:
-            if not from_source:
-                shutil.copytree(ws.shard_dir(s), scratch.shard_dir(s))
-            same_data = _slice_digests(scratch, s) == _slice_digests(ws, s)
-            train_shard(scratch, s, params, progress=progress or (lambda m: None))
-            last = int(served[s]["checkpoint"].rsplit("slice-", 1)[1])
-            served_dir = ws.root / served[s].get("served", served[s]["checkpoint"])
-            scratch_dir = scratch.checkpoint_dir(s, last)
-            scratch_hash = weights_hash(scratch_dir) if (scratch_dir / MODEL_FILE).is_file() else "-"
-            served_hash = weights_hash(served_dir)
-            trained = read_meta(ws.root / served[s]["checkpoint"])
-            # the checkpoint in models/ tells, while it still holds the served weights
-            history: tuple[dict[str, str], ...] = ()
-            if trained is not None and weights_hash(ws.root / served[s]["checkpoint"]) == served_hash:
-                history = tuple(trained.environments)
-            here = read_meta(scratch_dir)
-            env = here.environments[-1] if here is not None and here.environments else None
-            results.append(ExactResult(s, served_hash, scratch_hash, from_source, same_data, history, env))
+        with meter("verify --exact", len(todo), "shard") as retrained:
+            for s in todo:
+                if not from_source:
+                    shutil.copytree(ws.shard_dir(s), scratch.shard_dir(s))
+                same_data = _slice_digests(scratch, s) == _slice_digests(ws, s)
+                train_shard(scratch, s, params, progress=progress or (lambda m: None))
+                last = int(served[s]["checkpoint"].rsplit("slice-", 1)[1])
+                served_dir = ws.root / served[s].get("served", served[s]["checkpoint"])
+                scratch_dir = scratch.checkpoint_dir(s, last)
+                scratch_hash = weights_hash(scratch_dir) if (scratch_dir / MODEL_FILE).is_file() else "-"
+                served_hash = weights_hash(served_dir)
+                trained = read_meta(ws.root / served[s]["checkpoint"])
+                # the checkpoint in models/ tells, while it still holds the served weights
+                history: tuple[dict[str, str], ...] = ()
+                if trained is not None and weights_hash(ws.root / served[s]["checkpoint"]) == served_hash:
+                    history = tuple(trained.environments)
+                here = read_meta(scratch_dir)
+                env = here.environments[-1] if here is not None and here.environments else None
+                results.append(
+                    ExactResult(s, served_hash, scratch_hash, from_source, same_data, history, env)
+                )
+                retrained.advance()
     return results

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sisaflow.core import ledger, versioning
 from sisaflow.core.config import Params
 from sisaflow.core.errors import DeletionError
+from sisaflow.core.hashing import workspace_hasher
 from sisaflow.core.paths import Workspace
 from sisaflow.data.corpus import Exclusions, ImportReport, import_corpus
 from sisaflow.data.sharding import ShardReport, read_shard_manifest, shard_corpus, slice_digests
@@ -63,7 +64,8 @@ def prepare(
     texts, contents = ledger.deleted_content(ws.ledger_file, request_ids)
     exclusions = Exclusions(frozenset(owners), frozenset(records), frozenset(texts), frozenset(contents))
     target = ws.corpus_file if corpus_file is None else corpus_file  # elsewhere: verify --exact's rebuild
-    return import_corpus(ws.source(params.corpus.path), params.corpus, target, exclusions)
+    hasher = workspace_hasher(ws, params.corpus)
+    return import_corpus(ws.source(params.corpus.path), params.corpus, target, exclusions, hasher)
 
 
 def shard(ws: Workspace, params: Params) -> ShardReport:

@@ -19,6 +19,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sisaflow.scan.targets import Needles, ScanReport
 
@@ -138,7 +139,7 @@ def search_bytes(
     return hits
 
 
-def search_stream(fh: io.RawIOBase | io.BufferedIOBase, nd: Needles) -> set[tuple[int, str]]:
+def search_stream(fh: BinaryIO | io.RawIOBase | io.BufferedIOBase, nd: Needles) -> set[tuple[int, str]]:
     """Raw search of a stream in chunks that overlap by the longest pattern."""
     hits: set[tuple[int, str]] = set()
     done: set[bytes] = set()
@@ -163,25 +164,39 @@ def search_file(
     cache and remote hold the same bytes as the workspace's outputs) is not searched again: its hits are
     reused, so every place that holds a copy is still named."""
     size = path.stat().st_size
+    with open(path, "rb") as fh:
+        return search_handle(fh, size, nd, report, label, seen)
+
+
+def search_handle(
+    fh: BinaryIO,
+    size: int,
+    nd: Needles,
+    report: ScanReport,
+    label: str,
+    seen: dict[bytes, set] | None = None,
+) -> set[tuple[int, str]]:
+    """`search_file` for an open, seekable binary file of `size` bytes: a local file, or an object of a DVC
+    remote in an object store."""
     report.files_scanned += 1
     report.bytes_scanned += size
     if size <= IN_MEMORY_BYTES:
-        data = path.read_bytes()
+        data = fh.read()
         if seen is None:
             return search_bytes(data, nd, report.notes, label)
         key = hashlib.blake2b(data, digest_size=20).digest()
         if key not in seen:
             seen[key] = search_bytes(data, nd, report.notes, label)
         return set(seen[key])
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-        fh.seek(-4, os.SEEK_END)
-        parquet = head == b"PAR1" and fh.read(4) == b"PAR1"
-        fh.seek(0)
-        hits = search_stream(fh, nd)
+    head = fh.read(4)
+    fh.seek(-4, os.SEEK_END)
+    parquet = head == b"PAR1" and fh.read(4) == b"PAR1"
+    fh.seek(0)
+    hits = search_stream(fh, nd)
     if parquet:
+        fh.seek(0)
         try:
-            hits |= _parquet_hits(path, nd)
+            hits |= _parquet_hits(fh, nd)
         except Exception as exc:
             report.notes.append(f"{label}: not readable as Parquet ({exc}); searched raw only")
     return hits

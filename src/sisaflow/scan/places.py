@@ -2,8 +2,10 @@
 
 `scan` looks in every file of the workspace (raw bytes, and decoded: Parquet string columns, gzip/lzma/bz2/zlib
 streams, base64 payloads inside JSON such as Prefect's persisted results), in every object of the workspace's
-git repository (all commits, reachable or not), in the DVC cache, in the DVC remote when it is a local
-directory, in the Prefect home and in Ray's temporary directory for the workspace. It finds:
+git repository (all commits, reachable or not; sisaflow.scan.history), in the DVC cache, in the DVC remote (a
+local directory, or an object store such as S3 read through DVC's own plugin), in the Prefect homes and storage
+this environment's Prefect uses (sisaflow.scan.prefect_home) and in Ray's temporary directory for the workspace.
+A remote or Prefect place that cannot be reached or read is counted as not searched. It finds:
 
 - 'text': the record's text (UTF-8, and as it reads inside JSON), or a distinctive piece of it (a template field
   or line of at least MIN_DISTINCT characters that no kept record of the source contains), so that a copy in
@@ -24,18 +26,21 @@ are not searched at all, in the working tree or in git history. The report lists
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
-import subprocess
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from sisaflow.core import versioning
 from sisaflow.core.config import Params
 from sisaflow.core.errors import SisaflowError
 from sisaflow.core.paths import Workspace
-from sisaflow.scan.formats import IN_MEMORY_BYTES, Limited, drain, search_bytes, search_file, search_stream
+from sisaflow.scan.formats import CHUNK, search_handle
+from sisaflow.scan.history import git_object_bytes, scan_git
+from sisaflow.scan.prefect_home import prefect_places
+from sisaflow.scan.progress import Progress, ProgressCallback
 from sisaflow.scan.targets import (
     Finding,
     Needles,
@@ -53,7 +58,6 @@ __all__ = [
     "Finding",
     "ScanReport",
     "Target",
-    "remote_dir",
     "scan",
     "scan_report",
     "targets_from_source",
@@ -69,16 +73,30 @@ HASH_ONLY_DIRS = ("deletions", "reports/certificates")
 # ---- places ----
 
 
-def _add(report: ScanReport, targets: list[Target], hits: set[tuple[int, str]], where: str) -> None:
-    for i, what in sorted(hits):
-        t = targets[i]
-        report.findings.append(Finding(t.request_id, where, what, t.record_id))
+@dataclass(frozen=True)
+class _File:
+    """One file or object to search: how to open it, how findings name it, its size."""
+
+    label: str
+    size: int
+    path: Path | None = None
+    key: str = ""
+    """The object's path in `store`, for a DVC remote in an object store."""
+    store: versioning.RemoteStore | None = None
+    text_only: bool = False
+
+    def open(self) -> BinaryIO:
+        if self.store is not None:
+            return self.store.open(self.key)
+        assert self.path is not None
+        return open(self.path, "rb")
 
 
 def _walk_files(
     root: Path, prune: set[Path], excluded: set[Path], report: ScanReport, label
-) -> Iterator[Path]:
-    """Regular files under `root` (symlinks not followed), minus pruned directories and excluded files."""
+) -> Iterator[tuple[Path, int]]:
+    """(path, size) of the regular files under `root` (symlinks not followed), minus pruned directories and
+    excluded files."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
         dirnames[:] = [n for n in sorted(dirnames) if n != ".git" and d / n not in prune]
@@ -98,42 +116,95 @@ def _walk_files(
             if st.st_size > MAX_FILE_BYTES:
                 report.skipped.append(f"{label(p)}: {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte limit")
                 continue
-            yield p
+            yield p, st.st_size
 
 
-def _scan_tree(
+def _tree(
     root: Path,
     prefix: str,
-    nd: Needles,
-    targets: list[Target],
     report: ScanReport,
     prune: set[Path] = frozenset(),  # type: ignore[assignment]
     excluded: set[Path] = frozenset(),  # type: ignore[assignment]
     text_only: set[Path] = frozenset(),  # type: ignore[assignment]
-    seen: dict[bytes, set] | None = None,
-    retired: RetiredFiles | None = None,
-) -> None:
+) -> list[_File]:
+    """The files to search under `root` (a directory, or one file), labelled `prefix` + their relative path."""
+    if root.is_file():
+        return [_File(prefix + root.as_posix(), root.stat().st_size, path=root)]
     if not root.is_dir():
-        return
+        return []
 
     def label(p: Path) -> str:
         return prefix + p.relative_to(root).as_posix()
 
-    for p in _walk_files(root, set(prune), set(excluded), report, label):
+    return [
+        _File(label(p), size, path=p, text_only=any(_within(p, d) for d in text_only))
+        for p, size in _walk_files(root, set(prune), set(excluded), report, label)
+    ]
+
+
+def _store(store: versioning.RemoteStore, report: ScanReport) -> list[_File] | None:
+    """The objects of a DVC remote in an object store; None (counted as not searched) when it cannot be
+    listed."""
+    try:
+        objects = store.objects()
+    except Exception as exc:  # the plugin's errors (no endpoint, no bucket, denied) share no base class
+        report.not_searchable(
+            "dvc-remote", f"DVC remote {store.name!r} ({store.url}) cannot be listed ({exc}): not searched"
+        )
+        return None
+    out = []
+    for key, size in objects.items():
+        label = "dvc-remote:" + store.relative(key)
+        if size > MAX_FILE_BYTES:
+            report.skipped.append(f"{label}: {size} bytes, over the {MAX_FILE_BYTES}-byte limit")
+        else:
+            out.append(_File(label, size, key=key, store=store))
+    return out
+
+
+def _search(
+    files: list[_File],
+    nd: Needles,
+    targets: list[Target],
+    report: ScanReport,
+    seen: dict[bytes, set],
+    retired: RetiredFiles,
+    progress: Progress,
+) -> None:
+    for f in files:
         try:
-            hits = search_file(p, nd, report, label(p), seen)
-        except OSError as exc:
-            report.skipped.append(f"{label(p)}: unreadable ({exc.strerror or exc})")
-            continue
-        if any(_within(p, d) for d in text_only):
-            hits = {h for h in hits if h[1] == "text"}
-        _add(report, targets, hits, label(p))
-        if retired is not None:
-            retired.check(report, label(p), p.stat().st_size, lambda p=p: RetiredFiles.file_digest(p))
+            with f.open() as fh:
+                hits = search_handle(fh, f.size, nd, report, f.label, seen)
+            if f.text_only:
+                hits = {h for h in hits if h[1] == "text"}
+            report.add(targets, hits, f.label)
+            retired.check(report, f.label, f.size, lambda f=f: _digest(f))
+        except Exception as exc:
+            if f.store is None and not isinstance(exc, OSError):
+                raise
+            if f.store is None and isinstance(exc, FileNotFoundError):
+                # listed, then removed before its turn (a temporary file): nothing of it is left to find
+                report.notes.append(f"{f.label}: removed while the scan ran")
+            else:
+                # an object store's read errors (the plugin's) share no base class with OSError
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                report.skipped.append(f"{f.label}: unreadable ({reason})")
+        progress.advance(f.size)
 
 
-def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | None]:
-    """(DVC cache directory, local DVC remote directory), each None when there is none."""
+def _digest(f: _File) -> str:
+    digest = hashlib.sha256()
+    with f.open() as fh:  # streamed: a model's weights can be larger than memory allows
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dvc_places(
+    ws: Workspace, report: ScanReport
+) -> tuple[Path | None, Path | versioning.RemoteStore | None]:
+    """(DVC cache directory, DVC remote: a local directory or an object store), each None when there is
+    none or (for the remote) when it cannot be opened, which is counted as not searched."""
     if not (ws.root / ".dvc").is_dir():
         report.notes.append("no .dvc directory: no DVC cache or remote to search")
         return None, None
@@ -144,122 +215,20 @@ def _dvc_dirs(ws: Workspace, report: ScanReport) -> tuple[Path | None, Path | No
             cache = Path(out)
     except SisaflowError as exc:
         report.notes.append(f"`dvc cache dir` failed ({exc}); searching .dvc/cache")
-    remote = remote_dir(ws, report)
-    return cache, remote
-
-
-def remote_dir(ws: Workspace, report: ScanReport) -> Path | None:
-    """The default DVC remote's directory when it is local; None (with a note) otherwise."""
     name, url, local = versioning.default_remote(ws)
     if not name:
         report.notes.append("no default DVC remote configured")
-    elif local is None:
-        report.notes.append(f"DVC remote {name!r} ({url or 'no url'}) is not a local directory: not searched")
-        report.unsearched["dvc-remote"] = 1
-    return local
-
-
-# ---- git ----
-
-
-def _git(ws: Workspace, *args: str) -> subprocess.CompletedProcess:
-    return versioning.git(ws, *args)
-
-
-def _ledger_shaped(data: bytes) -> bool:
-    """A ledger file's content (JSON lines with a request_id each), e.g. an uncommitted ledger blob."""
-    lines = [ln for ln in data.splitlines() if ln.strip()]
+        return cache, None
+    if local is not None:
+        return cache, local
+    if not url:
+        report.not_searchable("dvc-remote", f"DVC remote {name!r} has no url: not searched")
+        return cache, None
     try:
-        return bool(lines) and all(
-            isinstance(o := json.loads(ln), dict) and "request_id" in o for ln in lines
-        )
-    except ValueError:
-        return False
-
-
-def _scan_git(
-    ws: Workspace,
-    nd: Needles,
-    targets: list[Target],
-    report: ScanReport,
-    excluded: list[str],
-    text_only: list[str],
-    retired: RetiredFiles | None = None,
-) -> None:
-    """Every object of the repository (commits, tags, blobs; reachable or not, loose or packed). `excluded` and
-    `text_only` are paths relative to the workspace."""
-    top = _git(ws, "rev-parse", "--show-toplevel")
-    if top.returncode != 0:
-        report.notes.append("the workspace is not in a git repository: no git history to search")
-        return
-    root = Path(top.stdout.decode().strip()).resolve()
-
-    def rel(paths: list[str]) -> list[str]:
-        return [Path(os.path.relpath(ws.root / e, root)).as_posix() for e in paths]
-
-    excluded_git, text_only_git = rel(excluded), rel(text_only)
-    # blob -> first path seen, for everything reachable from refs and reflogs
-    paths: dict[str, str] = {}
-    listing = _git(ws, "rev-list", "--all", "--reflog", "--objects")
-    for line in listing.stdout.decode("utf-8", "replace").splitlines():
-        sha, _, path = line.partition(" ")
-        if path and sha not in paths:
-            paths[sha] = path
-
-    def under(path: str, places: list[str]) -> bool:
-        return any(path == e or path.startswith(e.rstrip("/") + "/") for e in places)
-
-    hits_by_object: dict[str, tuple[str, set[tuple[int, str]]]] = {}
-    proc = subprocess.Popen(
-        ["git", "cat-file", "--batch-all-objects", "--batch", "--unordered"],
-        cwd=ws.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    out = proc.stdout
-    try:
-        while True:
-            header = out.readline()
-            if not header:
-                break
-            sha_b, kind_b, size_b = header.split()
-            sha, kind, size = sha_b.decode(), kind_b.decode(), int(size_b)
-            skip = kind == "tree" or (sha in paths and under(paths[sha], excluded_git))
-            only_text = sha in paths and under(paths[sha], text_only_git)
-            hits: set[tuple[int, str]] = set()
-            if skip:
-                drain(out, size)
-            elif size > IN_MEMORY_BYTES:
-                hits = search_stream(Limited(out, size), nd)
-            else:
-                data = out.read(size)
-                hits = search_bytes(data, nd, report.notes, f"git object {sha}")
-                only_text = only_text or (bool(hits) and sha not in paths and _ledger_shaped(data))
-                if retired is not None and kind == "blob":
-                    where = f"git:{sha}:{paths[sha]}" if sha in paths else f"git:unreachable:{sha}"
-                    retired.check(report, where, size, lambda d=data: hashlib.sha256(d).hexdigest())
-            out.read(1)  # the newline after each object
-            report.git_objects_scanned += 1
-            if only_text:
-                hits = {h for h in hits if h[1] == "text"}
-            if hits:
-                hits_by_object[sha] = (kind, hits)
-    finally:
-        out.close()
-        proc.wait()
-    for sha, (kind, hits) in sorted(hits_by_object.items()):
-        if kind == "commit":
-            where = f"git:{sha}:(commit message)"
-        elif kind == "tag":
-            where = f"git:{sha}:(tag)"
-        elif sha in paths:
-            log_ = _git(ws, "log", "--all", "--reflog", "--format=%H", f"--find-object={sha}")
-            commits = log_.stdout.decode().split()
-            where = f"git:{commits[-1] if commits else 'unknown'}:{paths[sha]}"
-        else:
-            where = f"git:unreachable:{sha}"
-        _add(report, targets, hits, where)
+        return cache, versioning.open_remote(ws, name)
+    except SisaflowError as exc:
+        report.not_searchable("dvc-remote", f"{exc}: not searched")
+        return cache, None
 
 
 # ---- the scan ----
@@ -278,9 +247,12 @@ def scan_report(
     params: Params,
     targets: list[Target],
     retired_files: Mapping[str, RetiredFile] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ScanReport:
     """Search every place for `targets`, and for the retired checkpoints' files (weights, optimizer state)
-    `retired_files` names ({sha256: RetiredFile}); the findings plus what was excluded, skipped and noted."""
+    `retired_files` names ({sha256: RetiredFile}); the findings plus what was excluded, skipped and noted.
+    `progress(done, total)` is called with the bytes searched after each file, remote object and git
+    object (see sisaflow.scan.progress)."""
     report = ScanReport()
     targets = list(targets)
     if not targets:
@@ -311,8 +283,9 @@ def scan_report(
     excluded_rel = [p.relative_to(ws.root).as_posix() for p in (source, *inputs) if _within(p, ws.root)]
     text_only = {ws.root / d for d in HASH_ONLY_DIRS}
 
-    cache, remote = _dvc_dirs(ws, report)
-    prune = {ws.prefect_home.resolve()}
+    cache, remote = _dvc_places(ws, report)
+    prefect = prefect_places(ws, report)
+    prune = {ws.prefect_home.resolve(), *(p.path for p in prefect)}
     # Python virtual environments inside the workspace (the repository's own .venv): installed packages,
     # where sisaflow never writes data
     for child in sorted(ws.root.iterdir()):
@@ -320,33 +293,31 @@ def scan_report(
             prune.add(child.resolve())
             report.excluded.append(f"{child} (a Python virtual environment: installed packages only)")
     for d in (cache, remote):
-        if d is not None:
+        if isinstance(d, Path):
             prune.add(d.resolve())
 
-    seen: dict[bytes, set] = {}  # content digest -> hits: each distinct content is searched once
-    _scan_tree(
-        ws.root,
-        "",
-        nd,
-        targets,
-        report,
-        prune=prune,
-        excluded={source, *inputs},
-        text_only=text_only,
-        seen=seen,
-        retired=retired,
-    )
+    # list every place first, so that progress knows the total
+    files = _tree(ws.root, "", report, prune=prune, excluded={source, *inputs}, text_only=text_only)
     if cache is not None:
-        _scan_tree(cache, "dvc-cache:", nd, targets, report, seen=seen, retired=retired)
-    if remote is not None:
+        files += _tree(cache, "dvc-cache:", report)
+    if isinstance(remote, Path):
         if remote.is_dir():
-            _scan_tree(remote, "dvc-remote:", nd, targets, report, seen=seen, retired=retired)
+            files += _tree(remote, "dvc-remote:", report)
         else:
             report.notes.append(f"DVC remote {remote} does not exist (nothing pushed yet)")
-    _scan_tree(ws.prefect_home, "prefect-home:", nd, targets, report, seen=seen, retired=retired)
+    elif remote is not None:
+        files += _store(remote, report) or []
+    for place in prefect:
+        files += _tree(place.path, place.prefix, report)
     if ws.ray_tmp_dir.is_dir():
-        _scan_tree(ws.ray_tmp_dir, "ray-tmp:", nd, targets, report, seen=seen, retired=retired)
-    _scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS), retired)
+        files += _tree(ws.ray_tmp_dir, "ray-tmp:", report)
+    tracker = Progress(progress)
+    tracker.plan(sum(f.size for f in files) + git_object_bytes(ws))
+    tracker.advance(0)  # the total, before the first search
+
+    seen: dict[bytes, set] = {}  # content digest -> hits: each distinct content is searched once
+    _search(files, nd, targets, report, seen, retired, tracker)
+    scan_git(ws, nd, targets, report, excluded_rel, list(HASH_ONLY_DIRS), retired, tracker)
     report.findings = sorted(set(report.findings), key=lambda f: (f.request_id, f.where, f.what, f.record_id))
     return report
 

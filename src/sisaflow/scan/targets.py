@@ -9,16 +9,15 @@ sisaflow.scan.places decides where.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from sisaflow.core.config import Params
 from sisaflow.core.errors import SisaflowError
+from sisaflow.core.hashing import workspace_hasher
 from sisaflow.core.paths import Workspace
 from sisaflow.scan.patterns import PatternIndex
 
@@ -77,7 +76,8 @@ class ScanReport:
     bytes_scanned: int = 0
     git_objects_scanned: int = 0
     unsearched: dict[str, int] = field(default_factory=dict)
-    """Places left out, by kind (corpus-source, evaluation-input, dvc-remote): counts, never paths."""
+    """Places left out, by kind (corpus-source, evaluation-input, dvc-remote, prefect-home, prefect-server,
+    prefect-database, prefect-result-storage): counts, never paths."""
     source_holds: int | None = None
     """How many of the targets' records the corpus source still holds (None: the source was not readable).
     Only those have text to look for; the rest are searched by content hash alone."""
@@ -85,6 +85,17 @@ class ScanReport:
     @property
     def clean(self) -> bool:
         return not self.findings
+
+    def add(self, targets: list[Target], hits: set[tuple[int, str]], where: str) -> None:
+        """Record what a search of one place found: `hits` are (index into `targets`, what) pairs."""
+        for i, what in sorted(hits):
+            t = targets[i]
+            self.findings.append(Finding(t.request_id, where, what, t.record_id))
+
+    def not_searchable(self, kind: str, note: str) -> None:
+        """Count a place of `kind` that could not be searched, with a note saying which and why."""
+        self.unsearched[kind] = self.unsearched.get(kind, 0) + 1
+        self.notes.append(note)
 
     def not_searched(self) -> dict[str, int]:
         """What a certificate may say of the scan's coverage: kinds of place left out and files skipped."""
@@ -144,11 +155,6 @@ class RetiredFiles:
             if found:
                 report.findings.append(Finding(found.request_id, where, found.kind, found.checkpoint))
 
-    @staticmethod
-    def file_digest(path: Path) -> str:
-        with open(path, "rb") as fh:  # streamed: a model's weights can be larger than memory allows
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-
 
 # ---- targets ----
 
@@ -169,7 +175,7 @@ def targets_from_source(
         else dict.fromkeys(content_hashes, request_id)
     )
     out: list[Target] = []
-    for r in read_records(ws.source(params.corpus.path), params.corpus):
+    for r in read_records(ws.source(params.corpus.path), params.corpus, workspace_hasher(ws, params.corpus)):
         if r.content_hash in wanted:
             out.append(Target(wanted.pop(r.content_hash), r.record_id, r.content_hash, r.text))
     out.extend(Target(req, "", h, None) for h, req in sorted(wanted.items()))
@@ -259,7 +265,9 @@ def kept_texts(ws: Workspace, params: Params, target_hashes: set[str], report: S
     from sisaflow.data.corpus import read_records
 
     try:
-        records = read_records(ws.source(params.corpus.path), params.corpus)
+        records = read_records(
+            ws.source(params.corpus.path), params.corpus, workspace_hasher(ws, params.corpus)
+        )
     except SisaflowError as exc:
         report.notes.append(
             f"corpus source not readable ({exc}): text pieces are not checked for distinctness"

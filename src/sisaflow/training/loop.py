@@ -2,7 +2,7 @@
 
 Retraining after a deletion and training from scratch without the deleted records run the same computation:
 every random choice is seeded from (seed, shard, slice, epoch), the data order is a function of the records
-present (sorted by content hash, then a seeded permutation), the learning rate depends only on the step count
+present (sorted by plain content hash, then a seeded permutation), the learning rate depends only on the step count
 (linear warm-up, then constant), and nothing in slice k looks at later slices. On CPU, with a fixed thread count
 and deterministic algorithms, the weights are bitwise equal.
 
@@ -32,7 +32,8 @@ import torch
 
 from sisaflow.core.config import ModelParams, Params, TrainParams
 from sisaflow.core.paths import Workspace
-from sisaflow.data.corpus import Record
+from sisaflow.core.progress import meter
+from sisaflow.data.corpus import Record, content_hash
 from sisaflow.data.sharding import read_shard_manifest, read_slice, slice_digests
 from sisaflow.models.scratch import build_model
 from sisaflow.models.tokenizer import load_tokenizer
@@ -120,7 +121,9 @@ def _tokenizer(mp: ModelParams):
 
 def _encode(records: list[Record], model_params: ModelParams) -> list[list[int]]:
     tok = _tokenizer(model_params)
-    ordered = sorted(records, key=lambda r: r.content_hash)  # a function of the records present only
+    # a function of the records present only; the plain hash, so the order (and the weights) do not depend on the
+    # workspace's hash key (core.hashing): two workspaces of the same records train the same models
+    ordered = sorted(records, key=lambda r: content_hash(r.record_id, r.text))
     return [(tok.encode(r.text) + [tok.eos_id])[: model_params.context_length] for r in ordered]
 
 
@@ -181,13 +184,24 @@ def train_shard(
                     f"either (verify --exact says DIFFERENT). Remove {ws.model_dir(shard)} and run again to "
                     "retrain the shard from its first slice here"
                 )
-        for k in range(start, len(chain)):
-            rep, meta = _train_slice(
-                ws, shard, k, chain[k], params, model, optimizer, meta, device, say, forward=forward
-            )
-            report.slices.append(rep)
+        with meter(f"shard {shard}", planned_steps(manifest, start, tp), "step") as steps:
+            for k in range(start, len(chain)):
+                rep, meta = _train_slice(
+                    ws, shard, k, chain[k], params, model, optimizer, meta, device, say, forward, steps
+                )
+                report.slices.append(rep)
     report.environments = meta.environments
     return report
+
+
+def planned_steps(manifest: dict, start: int, tp: TrainParams) -> int:
+    """The optimizer steps that training a shard from slice `start` takes, from its manifest's slice sizes."""
+    sizes = [s["records"] for s in sorted(manifest["slices"], key=lambda s: s["slice"])]
+    total = 0
+    for k in range(start, len(sizes)):
+        examples = sum(sizes[: k + 1]) if tp.schedule == "cumulative" else sizes[k]
+        total += math.ceil(examples / tp.batch_size) * tp.epochs_per_slice
+    return total
 
 
 def numerics_environment(device: torch.device, lora: bool) -> dict[str, str]:
@@ -326,7 +340,9 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, say, forward=None):
+def _train_slice(
+    ws, shard, k, chain_k, params, model, optimizer, meta, device, say, forward=None, steps=None
+):
     tp, mp = params.train, params.model
     forward = model if forward is None else forward  # not `or`: a compiled module has no truth value
     slice_records = read_slice(ws, shard, k)
@@ -364,6 +380,8 @@ def _train_slice(ws, shard, k, chain_k, params, model, optimizer, meta, device, 
             step += 1
             n_steps += 1
             tokens += n_tokens
+            if steps is not None:
+                steps.advance()
             window.append(loss.detach())
             if b % tp.log_every == 0 or b == total:
                 losses = torch.stack(window).float().tolist()  # one host sync per log line

@@ -19,6 +19,7 @@ from pathlib import Path
 from sisaflow.core.config import Params, RayParams
 from sisaflow.core.errors import ExternalToolError
 from sisaflow.core.paths import Workspace
+from sisaflow.core.progress import bars_on, meter, terminal_bars
 from sisaflow.training.loop import ShardTrainReport, SliceReport, train_shard
 
 # read by Ray when it is imported, so set before any `import ray`
@@ -37,11 +38,44 @@ class ParallelReport:
     gpus: float = 0.0
 
 
-def _train_task(root: str, shard: int, params_dict: dict) -> dict:
-    """Runs inside a Ray worker: the same training function as in-process."""
+def _train_task(root: str, shard: int, params_dict: dict, bars: bool = False) -> dict:
+    """Runs inside a Ray worker: the same training function as in-process. With `bars`, the shard's steps go to
+    the driver as Ray's distributed tqdm, which draws them there with the driver's own bar."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    report = train_shard(Workspace(Path(root)), shard, Params.from_dict(params_dict), progress=print)
+    with terminal_bars(bars, factory=_ray_bar):
+        report = train_shard(Workspace(Path(root)), shard, Params.from_dict(params_dict), progress=print)
     return report.to_dict()
+
+
+def _ray_bar(desc: str, total: int, unit: str):
+    """A bar drawn by the driver (`ray.experimental.tqdm_ray`): Ray hides it while it prints a worker's lines,
+    so the lines and the bars do not run through each other."""
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(desc=desc, total=total, unit=unit)
+    bar.refresh()  # drawn from the start, not at its first update
+    return bar
+
+
+def _settle_ray_bars(timeout: float = 3.0) -> None:
+    """Ray forwards a worker's last bar update with its log lines, a moment after the task has returned: wait
+    for those briefly, then close any bar still open (the driver would draw it again after every later line)."""
+    from ray.experimental import tqdm_ray
+
+    manager = tqdm_ray.instance()
+    # the manager is Ray's experimental code: tidy up only while it still looks as it does in Ray 2.60
+    groups = getattr(manager, "bar_groups", None)
+    if not isinstance(groups, dict):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(getattr(g, "bars_by_uuid", None) for g in groups.values()):
+        time.sleep(0.1)
+    with manager.lock:
+        for group in groups.values():
+            bars = getattr(group, "bars_by_uuid", {})
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
 
 
 def _report_from_dict(d: dict) -> ShardTrainReport:
@@ -114,16 +148,25 @@ def train_shards(
         queue = list(shards)
         limit = params.ray.max_parallel or len(shards)
         t1 = time.perf_counter()
-        while queue or pending:
-            while queue and len(pending) < limit:
-                shard = queue.pop(0)
-                pending[task.remote(str(ws.root), shard, params.to_dict())] = shard
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                shard = pending.pop(ref)
-                result = _report_from_dict(ray.get(ref))
-                report.shards.append(result)
-                say(f"shard {shard}: done ({result.tokens} tokens in {result.seconds:.1f}s)")
+        # in a terminal, each worker's steps and the shards done here, as bars the driver draws
+        bars = bars_on()
+        with (
+            terminal_bars(bars, factory=_ray_bar),
+            meter("shards trained", len(shards), "shard") as finished,
+        ):
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    shard = queue.pop(0)
+                    pending[task.remote(str(ws.root), shard, params.to_dict(), bars)] = shard
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    shard = pending.pop(ref)
+                    result = _report_from_dict(ray.get(ref))
+                    report.shards.append(result)
+                    say(f"shard {shard}: done ({result.tokens} tokens in {result.seconds:.1f}s)")
+                    finished.advance()
+        if bars:
+            _settle_ray_bars()
         report.wall_seconds = time.perf_counter() - t1
     finally:
         if started:

@@ -131,7 +131,10 @@ def test_the_scan_coverage_is_stated_and_signed(tmp_path):
     }
     json_path, html_path = write_certificate(tmp_path, sign(cert, KEY))
     page = html_path.read_text(encoding="utf-8")
-    assert "the DVC remote (not a local directory): 1" in page and "still holds 4 of the request" in page
+    assert (
+        "the DVC remote (it could not be reached, opened or listed): 1" in page
+        and "still holds 4 of the request" in page
+    )
     assert verify_file(json_path, KEY)[0]
     tampered = json.loads(json_path.read_text())
     tampered["verify_result"]["not_searched"] = {"corpus-source": 1}  # hiding the unsearched remote
@@ -520,3 +523,15 @@ def test_what_a_schema_cannot_say_is_checked_in_code(cert, mutate, match):
     changed = copy.deepcopy(cert)
     mutate(changed)
     assert match in (check_certificate(changed) or "")
+
+
+def test_a_certificate_says_how_its_record_hashes_were_made():
+    from sisaflow.deletion.certificate_schema import check_certificate
+
+    assert build_certificate(**inputs())["record_hashes"] == {"alg": "sha256"}
+    keyed = build_certificate(**inputs(), hash_key_id="hk-0123456789abcdef")
+    assert keyed["record_hashes"] == {"alg": "hmac-sha256", "key_id": "hk-0123456789abcdef"}
+    with pytest.raises(CertificateError, match="record_hashes"):
+        build_certificate(**inputs(), hash_key_id="the key itself")
+    older = {k: v for k, v in keyed.items() if k != "record_hashes"}
+    assert check_certificate(older) is None  # certificates from before keyed hashes stay valid

@@ -319,16 +319,23 @@ def test_the_report_says_what_it_left_out_and_what_the_source_still_holds(plante
     assert json.loads(json.dumps(rep.to_json()))["not_searched"] == {"corpus-source": 1}
 
 
-def test_a_remote_that_is_not_a_directory_and_an_erased_source_are_counted(tmp_path):
+def test_a_remote_that_cannot_be_listed_and_an_erased_source_are_counted(tmp_path, monkeypatch):
     ws, params = _base(tmp_path / "ws", tmp_path / "remote")
     targets = _targets(ws, params)  # made while the source still holds the records
     source = ws.root / "records.jsonl"
     source.write_text("".join(ln + "\n" for ln in source.read_text().splitlines() if DELETED_OWNER not in ln))
     _sh(ws.root, str(Path(sys.executable).parent / "dvc"), "remote", "modify", "storage", "url", "s3://b/x")
+    # no credentials anywhere, and no instance metadata service to ask for them: boto fails before connecting
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     rep = places.scan_report(ws, params, targets)
     assert rep.not_searched() == {"corpus-source": 1, "dvc-remote": 1}
     assert rep.source_holds == 0
-    assert any("not a local directory: not searched" in n for n in rep.notes)
+    # an object store it cannot list (here: no credentials) is named as not searched
+    assert any(n.startswith("DVC remote 'storage' (s3://b/x)") and "not searched" in n for n in rep.notes)
 
 
 def test_a_copy_of_a_retired_checkpoints_weights_is_found(tmp_path):
