@@ -217,7 +217,9 @@ def test_a_flow_signs_with_the_key_of_a_prefect_secret_block(ws_root, tmp_path, 
     assert not list(ws_root.rglob("*.pem"))  # never written into the workspace
 
 
-def test_the_operator_opens_a_certificate_for_an_auditor_record_by_record(ws_root, tmp_path, capsys):
+def test_the_operator_opens_a_certificate_for_an_auditor_record_by_record(
+    ws_root, tmp_path, capsys, monkeypatch
+):
     from sisaflow import cli
     from sisaflow.core.config import Params
     from sisaflow.core.hashing import workspace_hasher
@@ -228,6 +230,11 @@ def test_the_operator_opens_a_certificate_for_an_auditor_record_by_record(ws_roo
     params = Params.load(ws.params_file)
     owner = _owner_per_shard()[1]
     source = read_records(ws.source(params.corpus.path), params.corpus, workspace_hasher(ws, params.corpus))
+    # signed with the workspace's own key, whatever key another test left in the environment: --verify checks
+    # the signature first, with the workspace's public key
+    for name in ("SISAFLOW_SIGNING_KEY", "SISAFLOW_SIGNING_KEY_PEM", "SISAFLOW_CERTIFICATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["--workspace", str(ws_root), "keys", "init"]) == 0
     assert _forget(ws_root, "--owner", owner, "--request-id", "req-open", "--in-process", "--no-prefect") == 0
     cert = ws_root / "reports" / "certificates" / "req-open.json"
     listed = json.loads(cert.read_text())["content_hashes"]

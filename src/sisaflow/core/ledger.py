@@ -212,30 +212,16 @@ def append_request(path: Path, request: DeletionRequest) -> bool:
     return True
 
 
-def _requests(path: Path, request_ids: list[str] | None) -> list[DeletionRequest]:
+def selected(path: Path, request_ids: list[str] | None = None) -> list[DeletionRequest]:
+    """The requests `request_ids` (default: every one recorded), in ledger order."""
     reqs = read_ledger(path)
     return reqs if request_ids is None else [r for r in reqs if r.request_id in set(request_ids)]
 
 
 def excluded(path: Path, request_ids: list[str] | None = None) -> tuple[set[str], set[str]]:
     """(owners, record ids) that every import must leave out (of the requests `request_ids`, default all)."""
-    owners: set[str] = set()
-    records: set[str] = set()
-    for req in _requests(path, request_ids):
-        owners.update(req.owners)
-        records.update(req.records)
-    return owners, records
-
-
-def deleted_content(path: Path, request_ids: list[str] | None = None) -> tuple[set[str], set[str]]:
-    """(text hashes, content hashes) of every record a request covered (of `request_ids`, default all): an
-    import leaves out any record with such a text, whatever id or owner it comes back under."""
-    texts: set[str] = set()
-    contents: set[str] = set()
-    for req in _requests(path, request_ids):
-        texts.update(req.text_hashes)
-        contents.update(req.content_hashes)
-    return texts, contents
+    reqs = selected(path, request_ids)
+    return {o for r in reqs for o in r.owners}, {i for r in reqs for i in r.records}
 
 
 def prefix_of(path: Path, request_ids: list[str]) -> tuple[bytes, list[str]]:

@@ -128,23 +128,17 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
             f"{path}: a private key that group or others may read or change (mode {stat.filemode(mode)}); "
             f"run `chmod 600 {path}`, and make a new key pair if anyone else could have read it"
         )
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise SigningKeyError(
-            f"{path}: an encrypted private key; sisaflow needs an unencrypted one"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise SigningKeyError(f"{path}: not a PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path}: {_kind(key)}, not an Ed25519 key (`sisaflow keys init` makes one)")
-    return key
+    return _private_key(data, str(path))
 
 
 def private_key_from_pem(text: str, where: str) -> Ed25519PrivateKey:
     """The Ed25519 private key of PEM text held in memory (`where` names its source in messages)."""
+    return _private_key(text.encode("utf-8"), where)
+
+
+def _private_key(data: bytes, where: str) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(text.encode("utf-8"), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise SigningKeyError(
             f"{where}: an encrypted private key; sisaflow needs an unencrypted one"

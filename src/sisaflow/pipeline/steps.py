@@ -60,9 +60,13 @@ def prepare(
             "(a git checkout, a restored backup?), and importing now would bring their records back. Restore the "
             "ledger (git log -- deletions/ledger.jsonl), then run again"
         )
-    owners, records = ledger.excluded(ws.ledger_file, request_ids)
-    texts, contents = ledger.deleted_content(ws.ledger_file, request_ids)
-    exclusions = Exclusions(frozenset(owners), frozenset(records), frozenset(texts), frozenset(contents))
+    reqs = ledger.selected(ws.ledger_file, request_ids)  # read once
+    exclusions = Exclusions(
+        owners=frozenset(o for r in reqs for o in r.owners),
+        records=frozenset(i for r in reqs for i in r.records),
+        text_hashes=frozenset(h for r in reqs for h in r.text_hashes),
+        content_hashes=frozenset(h for r in reqs for h in r.content_hashes),
+    )
     target = ws.corpus_file if corpus_file is None else corpus_file  # elsewhere: verify --exact's rebuild
     hasher = workspace_hasher(ws, params.corpus)
     return import_corpus(ws.source(params.corpus.path), params.corpus, target, exclusions, hasher)
