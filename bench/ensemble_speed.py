@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from sisaflow.core.config import ModelParams
-from sisaflow.inference.ensemble import combine_log_probs
+from sisaflow.inference.combine import combine_log_probs
 from sisaflow.inference.runners import cache_kwarg, cache_of
 from sisaflow.inference.stacked import StackedLlama
 from sisaflow.models.scratch import build_model

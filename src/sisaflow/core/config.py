@@ -249,6 +249,14 @@ class EnsembleParams:
     batched: bool = True
     """Evaluate all constituents in one batched computation per step (stacked weights, or batched LoRA) where
     they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
+    cuda_graphs: bool = True
+    """On a CUDA device, generate with the stacked ensemble's decode step captured once as a CUDA graph and
+    replayed per token (`sisaflow.inference.graphed`); false: launch every step's kernels from Python. Ignored
+    elsewhere, and for runners that are not stacked (the loop, BatchedLora)."""
+    compile_decode: bool = False
+    """With cuda_graphs: compile the decode step with torch.compile before capturing it (inductor fuses its
+    elementwise work into fewer kernels per replay), at a compilation per captured shape on first use (tens of
+    seconds for a 30-layer model). bench/graph_generate.py measures both."""
     classify: ClassifyRule = "mean"
     """A classification corpus: the mean of the constituents' class probabilities, or a vote of their most
     likely classes (`sisaflow classify`)."""

@@ -44,7 +44,8 @@ from sisaflow.data.corpus import Record, content_hash, from_table, read_records,
 from sisaflow.evaluation import metrics
 from sisaflow.evaluation.baseline import train_baseline
 from sisaflow.evaluation.tofu import load_perturbed, tofu_metrics, truth_ratios
-from sisaflow.inference.ensemble import Ensemble, combine_log_probs, length_batches
+from sisaflow.inference.combine import combine_log_probs
+from sisaflow.inference.ensemble import Ensemble, length_batches
 
 log = logging.getLogger("sisaflow.evaluation.evaluate")
 Progress = Callable[[str], None]

@@ -32,8 +32,11 @@ from sisaflow.core.config import ModelParams, Params
 from sisaflow.core.errors import WorkspaceError
 from sisaflow.core.ledger import read_ledger
 from sisaflow.core.paths import Workspace
+from sisaflow.inference.combine import combine_log_probs
+from sisaflow.inference.graphed import GraphDecoder
 from sisaflow.inference.registry import read_registry, serving_view
 from sisaflow.inference.runners import Runner, model_runner
+from sisaflow.inference.stacked import StackedLlama
 from sisaflow.models.scratch import build_model
 from sisaflow.models.tokenizer import Tokenizer, load_tokenizer
 from sisaflow.training.checkpoint import MODEL_FILE, load_weights
@@ -46,16 +49,6 @@ class EnsembleOutput:
     past_key_values: Any = None
     """What the next call takes back: a StackedCache, the base's cache (batched LoRA) or one cache per
     constituent (the loop)."""
-
-
-def combine_log_probs(log_probs: torch.Tensor, weights: torch.Tensor, combine: str) -> torch.Tensor:
-    """Combine per-constituent log-probabilities of shape (S, ..., vocab) into (..., vocab)."""
-    w = weights.to(log_probs.dtype).view(-1, *([1] * (log_probs.dim() - 1)))
-    if combine == "mixture":
-        return torch.logsumexp(log_probs + torch.log(w), dim=0)
-    if combine == "product":
-        return torch.log_softmax((log_probs * w).sum(dim=0), dim=-1)
-    raise ValueError(f"unknown combine {combine!r}; choose mixture or product")
 
 
 def length_batches(
@@ -139,6 +132,11 @@ class Ensemble(torch.nn.Module):
         if context_length is None:
             context_length = int(models[0].config.max_position_embeddings)  # type: ignore[union-attr,arg-type]
         self.context_length = context_length
+        self.cuda_graphs = True
+        """Generate on CUDA through `graph_decoder()` (params' ensemble.cuda_graphs)."""
+        self.compile_decode = False
+        """`graph_decoder()` compiles the step before capturing it (params' ensemble.compile_decode)."""
+        self._decoder: GraphDecoder | None = None
 
     @classmethod
     def load(
@@ -186,6 +184,8 @@ class Ensemble(torch.nn.Module):
                 m.to(device=device, dtype=dtype)  # type: ignore[arg-type,call-arg]  # in place
                 models.append(m.eval())
             ens = cls(models, weights, reg["combine"], tok, batched)
+        ens.cuda_graphs = params.ensemble.cuda_graphs
+        ens.compile_decode = params.ensemble.compile_decode
         ens.version = reg["version"]
         ens.shards = [c["shard"] for c in served]
         ens.excluded = excluded
@@ -302,14 +302,48 @@ class Ensemble(torch.nn.Module):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             return []
-        eos = self.tokenizer.eos_id
         x, mask = self.encode_prompts(prompts, max_new_tokens)
         budget = max(0, min(max_new_tokens, self._context() - x.shape[1]))
+        decoder = self.graph_decoder()
+        if decoder is not None:
+            new = decoder.generate(x, mask, budget, self.tokenizer.eos_id, temperature, seed)
+        else:
+            new = self._generate_eager(x, mask, budget, temperature, seed)
+        texts = [self.tokenizer.decode(t) for t in new]
+        return texts[0] if single else texts
+
+    def graph_decoder(self) -> GraphDecoder | None:
+        """The decoder `generate` uses on CUDA: the stacked runner's step captured as a CUDA graph
+        (`sisaflow.inference.graphed`); None, so the eager loop, off CUDA, for a runner that is not stacked, or
+        with `cuda_graphs` false. Made once and kept (its captured shapes with it)."""
+        if (
+            not self.cuda_graphs
+            or not isinstance(self.runner, StackedLlama)
+            or self.weights.device.type != "cuda"
+        ):
+            return None
+        decoder = self._decoder
+        if (
+            decoder is None
+            or decoder.weights is not self.weights
+            or (decoder.combine, decoder.compiled) != (self.combine, self.compile_decode)
+        ):
+            decoder = self._decoder = GraphDecoder(
+                self.runner, self.weights, self.combine, compile=self.compile_decode
+            )
+        return decoder
+
+    def _generate_eager(
+        self, x: torch.Tensor, mask: torch.Tensor | None, budget: int, temperature: float, seed: int
+    ) -> list[list[int]]:
+        """`generate`'s loop, every step's kernels launched from here: the new tokens of each row."""
+        eos = self.tokenizer.eos_id
+        rows = x.shape[0]
         device = self.weights.device
-        gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+        gens = [torch.Generator().manual_seed(seed) for _ in range(rows)]
         out = self(x, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
+        new: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
         for _ in range(budget):
             lp = out.logits[:, -1]
             if temperature > 0:
@@ -325,15 +359,14 @@ class Ensemble(torch.nn.Module):
             if all(done):
                 break
             if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             out = self(
                 torch.tensor([[t] for t in tokens], device=device),
                 attention_mask=mask,
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        texts = [self.tokenizer.decode(t) for t in new]
-        return texts[0] if single else texts
+        return new
 
     def encode_prompts(
         self, prompts: Sequence[str], max_new_tokens: int = 0

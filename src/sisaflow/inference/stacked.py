@@ -345,6 +345,10 @@ class StackedLlama(nn.Module):
         dtype = self.embed.dtype
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
+    def reserve_positions(self, length: int) -> None:
+        """Extend the rotary table to `length` positions now (a captured graph must never see it replaced)."""
+        self._rope(0, length)
+
     def _rope(self, past: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         if past + steps > self.rope_cos.shape[0]:
             self.rope_cos, self.rope_sin = self._rope_table(
@@ -383,18 +387,71 @@ class StackedLlama(nn.Module):
             cache.key_mask[:, :total] = mask
         return mask
 
+    @torch.no_grad()
+    def decode_step(
+        self, tokens: torch.Tensor, position: torch.Tensor, cache: StackedCache, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (S, B, V) for one new token per row, every shape fixed and the position a device tensor: the
+        step `sisaflow.inference.graphed` captures once as a CUDA graph and replays per token.
+
+        `tokens` (B, 1) sit at `position` (a (1,) long tensor); their keys and values are written there into
+        `cache` in place (its `length` is neither read nor advanced: the caller keeps the position), and each
+        row attends to the cached positions `visible` (B, capacity) marks, which must include `position`. The
+        numbers are `forward`'s for the same token, except that attention runs over the whole capacity with
+        the rest masked (sums of other lengths: float rounding)."""
+        batch = tokens.shape[0]
+        n, heads, kv, d = self.num_models, self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.rope_cos.index_select(0, position), self.rope_sin.index_select(0, position)
+        capacity = cache.capacity
+        mask = (
+            visible[None, :, None, None, :]
+            .expand(n, batch, 1, 1, capacity)
+            .reshape(n * batch, 1, 1, capacity)
+        )
+        deltas = dict(self.deltas.items())  # torch.compile reads dict(ParameterDict) as (key, value) pairs
+        x = self.embed[:, tokens[:, 0]].expand(n, -1, -1)  # (S, B, H)
+        for layer in range(self.num_layers):
+            h = self._rms_norm(x, self.input_norm[layer])
+            qkv = self._project(h, self.qkv, "qkv", layer, deltas)
+            qkv = qkv.view(n, batch, 1, heads + 2 * kv, d).transpose(2, 3)
+            q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv], qkv[:, :, heads + kv :]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.keys[layer].index_copy_(3, position, k)
+            cache.values[layer].index_copy_(3, position, v)
+            q, keys, values = self._fold(q, cache.keys[layer], cache.values[layer])
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
+            attn = attn.view(n, batch, heads * d)
+            x = x + self._project(attn, self.o, "o", layer, deltas)
+            h = self._rms_norm(x, self.post_norm[layer])
+            gate, up = self._project(h, self.gate_up, "gate_up", layer, deltas).chunk(2, dim=-1)
+            x = x + self._project(F.silu(gate) * up, self.down, "down", layer, deltas)
+        x = self._rms_norm(x, self.final_norm)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head[0]) if head.shape[0] == 1 else torch.bmm(x, head.transpose(1, 2))
+
+    def _fold(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S, B, heads, T, d) queries and (S, B, kv, total, d) keys and values with S folded into the batch, the
+        key/value heads repeated to the query heads as transformers' repeat_kv does."""
+        n, batch, heads, steps, d = q.shape
+        kv, total = k.shape[2], k.shape[3]
+        q = q.reshape(n * batch, heads, steps, d)
+        k, v = k.reshape(n * batch, kv, total, d), v.reshape(n * batch, kv, total, d)
+        if kv != heads:  # a list, not a generator: torch.compile (the graph decoder's option) traces it
+            k, v = [
+                t[:, :, None].expand(n * batch, kv, heads // kv, total, d).reshape(n * batch, heads, total, d)
+                for t in (k, v)
+            ]
+        return q, k, v
+
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, past: int
     ) -> torch.Tensor:
         n, batch, heads, steps, d = q.shape
-        kv, total = k.shape[2], k.shape[3]
-        q = q.reshape(n * batch, heads, steps, d)
-        k, v = (t.reshape(n * batch, kv, total, d) for t in (k, v))
-        if kv != heads:  # as transformers' repeat_kv
-            k, v = (
-                t[:, :, None].expand(n * batch, kv, heads // kv, total, d).reshape(n * batch, heads, total, d)
-                for t in (k, v)
-            )
+        total = k.shape[3]
+        q, k, v = self._fold(q, k, v)
         scale = self.head_dim**-0.5
         if key_mask is None and steps == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)

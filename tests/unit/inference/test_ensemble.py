@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sisaflow.core.errors import WorkspaceError
-from sisaflow.inference.ensemble import Ensemble, combine_log_probs
+from sisaflow.inference.combine import combine_log_probs
+from sisaflow.inference.ensemble import Ensemble
 from sisaflow.models.scratch import build_model
 from sisaflow.models.tokenizer import ByteTokenizer, load_tokenizer
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sisaflow.core.config import ModelParams
-from sisaflow.inference.ensemble import Ensemble, combine_log_probs
+from sisaflow.inference.combine import combine_log_probs
+from sisaflow.inference.ensemble import Ensemble
 from sisaflow.inference.runners import cache_kwarg, cache_of
 from sisaflow.inference.stacked import StackedLlama, stacked_log_probs
 from sisaflow.models.scratch import build_model
