@@ -403,8 +403,11 @@ class StackedLlama(nn.Module):
         n, heads, kv, d = self.num_models, self.heads, self.kv_heads, self.head_dim
         cos, sin = self.rope_cos.index_select(0, position), self.rope_sin.index_select(0, position)
         capacity = cache.capacity
+        # the additive mask SDPA would make of a boolean one in every layer, made once per step
+        blocked = torch.zeros(batch, capacity, dtype=self.embed.dtype, device=visible.device)
+        blocked = blocked.masked_fill(~visible, float("-inf"))
         mask = (
-            visible[None, :, None, None, :]
+            blocked[None, :, None, None, :]
             .expand(n, batch, 1, 1, capacity)
             .reshape(n * batch, 1, 1, capacity)
         )
@@ -414,9 +417,9 @@ class StackedLlama(nn.Module):
             h = self._rms_norm(x, self.input_norm[layer])
             qkv = self._project(h, self.qkv, "qkv", layer, deltas)
             qkv = qkv.view(n, batch, 1, heads + 2 * kv, d).transpose(2, 3)
-            q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv], qkv[:, :, heads + kv :]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk = qkv[:, :, : heads + kv]  # rotated together: the same numbers as one by one, half the kernels
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv :]
             cache.keys[layer].index_copy_(3, position, k)
             cache.values[layer].index_copy_(3, position, v)
             q, keys, values = self._fold(q, cache.keys[layer], cache.values[layer])
