@@ -1,7 +1,9 @@
 """Issue 5's GPU figures, on one CUDA device, calling the library directly (no Ray, Prefect or DVC).
 
-    PYTHONPATH=src:. python bench/gpu.py --out DIR [--budget-s 420] [--only train,ensemble,lora-ensemble,lora-train]
-        [--train-modes eager,compiled] [--compiled-fast]
+    PYTHONPATH=src:. python bench/gpu.py --out DIR [--budget-s 420]
+        [--only train,ensemble,lora-ensemble,lora-train,train-profile]
+        [--train-modes eager,compiled] [--compiled-fast] [--profile-budget-s 240] [--profile-steps 5]
+        [--profile-sweep strict-padded,nondeterministic,strict-unpadded,strict-inductor-free]
     PYTHONPATH=src:. python bench/gpu.py --smoke --out DIR   # CPU, tiny shapes: checks this script (a unit test)
 
 Sections, in this order unless --only orders them (a section that would start after --budget-s seconds is
@@ -21,6 +23,11 @@ skipped and says so):
   SmolLM2-135M shape (3 key/value heads): base alone, the peft loop, BatchedLora (transformers' base forward over
   S times the rows) and stacked_lora (StackedLlama's forward with shared base weights: what Ensemble serves).
 - lora-train: per-shard LoRA training, the library against a bare peft loop, eager.
+- train-profile (bench/train_profile.py): where compiled training's time goes, the torch profiler's top kernels of
+  the bare loop (train.deterministic false), the bare loop under the library's settings and the library's
+  train_shard, in one run; then a sweep of settings (tokens/s, and whether two trainings are bitwise equal).
+  About 4.5 minutes at FULL on an H200 with the default sweep (three compilations of about 60 s; the
+  estimate is in bench/train_profile.py). It writes DIR/train_profile.md as soon as each variant is measured.
 
 Generation rates are the median of 2 timed runs after a 4-token warm-up of each. Writes DIR/gpu.json after every
 measurement (an ensemble row as soon as it is measured; a timeout keeps what was measured) and DIR/gpu.md at the
@@ -155,9 +162,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(model, batch: torch.Tensor, setup: Setup, device: torch.device, compile_: bool) -> dict:
-    """The reference: a plain training loop on one fixed batch (what anyone would write), same model, optimiser
-    settings, autocast and clipping as the library. Returns tokens/s over setup.steps steps after warm-up."""
+def bare_step(model, batch: torch.Tensor, device: torch.device, compile_: bool, labels=None):
+    """One step of the bare loop on one fixed batch (what anyone would write): the library's optimiser settings,
+    autocast and clipping. `labels` defaults to the batch itself; bench/train_profile.py passes a tensor of its
+    own (as the library's are), so that the bare loop and the library share one compiled graph."""
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
@@ -166,17 +174,25 @@ def bare_loop(model, batch: torch.Tensor, setup: Setup, device: torch.device, co
     )
     forward = torch.compile(model) if compile_ else model
     mask = torch.ones_like(batch)
+    targets = batch if labels is None else labels
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def step() -> torch.Tensor:
         with autocast:
-            loss = forward(input_ids=batch, attention_mask=mask, labels=batch).loss
+            loss = forward(input_ids=batch, attention_mask=mask, labels=targets).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         return loss.detach()
 
+    return step
+
+
+def bare_loop(model, batch: torch.Tensor, setup: Setup, device: torch.device, compile_: bool) -> dict:
+    """The reference: the bare loop's steps on one fixed batch, same model, optimiser settings, autocast and
+    clipping as the library. Returns tokens/s over setup.steps steps after warm-up."""
+    step = bare_step(model, batch, device, compile_)
     threads = torch.get_num_threads()
     torch.set_num_threads(Params().train.threads)  # as train_shard does (it matters on CPU only)
     sync(device)
@@ -452,6 +468,11 @@ def markdown(out: dict) -> str:
             lines.append(
                 f"| {mode} | two library runs bitwise equal | {'yes' if t['repeatable'] else 'no'} | | | | |"
             )
+    profile = out.get("train_profile")
+    if isinstance(profile, dict) and profile.get("variants"):
+        import train_profile
+
+        lines += ["", train_profile.markdown(profile).rstrip("\n")]
     rows = out.get("ensemble")
     if isinstance(rows, list) and rows:
         lines += [
@@ -501,7 +522,7 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("train", "ensemble", "lora-ensemble", "lora-train")
+SECTIONS = ("train", "ensemble", "lora-ensemble", "lora-train", "train-profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train section: also train.deterministic false under torch.compile (two runs, about 75 s more)",
     )
+    import train_profile  # here: it imports this module
+
+    train_profile.add_arguments(ap)
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -590,6 +614,16 @@ def main(argv: list[str] | None = None) -> int:
                     assert base is not None
                     out[key] = []
                     lora_ensemble_section(setup, device, dtype, base, out[key], save)
+                elif section == "train-profile":
+                    out[key] = {}
+
+                    def save_profile(section: dict = out[key]) -> None:
+                        save()
+                        (out_dir / train_profile.TRAIN_PROFILE_MD).write_text(train_profile.markdown(section))
+
+                    train_profile.profile_section(
+                        setup, device, tmp, save_profile, out[key], **train_profile.section_kwargs(args)
+                    )
                 else:
                     assert base is not None
                     out[key] = lora_train_section(setup, device, tmp, base, peak, save)

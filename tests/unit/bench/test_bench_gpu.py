@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
 
 import gpu  # noqa: E402
+import train_profile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,156 @@ def test_ensembles_are_measured_for_every_size_and_pick_the_loops_tokens(smoke):
     assert "Ensemble generation, LoRA constituents" in text and "| library / bare |" in text
 
 
+def test_the_training_profile_measures_three_variants_and_sweeps_settings(smoke):
+    """train-profile (issue 18 point 3), here eager on CPU: the same code and JSON keys as on a GPU."""
+    figures, text = smoke
+    profile = figures["train_profile"]
+    assert profile["tokens_per_step"] == gpu.SMOKE.batch * gpu.SMOKE.context and profile["compiled"] is False
+    assert list(profile["variants"]) == ["bare", "bare_deterministic", "library"]
+    for v in profile["variants"].values():
+        assert v["profiled_steps"] == 5 and v["kernel_ms_per_step"] > 0 and v["timeline_ms_per_step"] > 0
+        assert 0 < v["busy_fraction"] <= 1 and v["timed_tokens_per_s"] > 0
+        top = v["top_kernels"]
+        assert len(top) == train_profile.TOP and [k["total_ms"] for k in top] == sorted(
+            (k["total_ms"] for k in top), reverse=True
+        )
+        assert all(
+            k["name"] and k["count"] > 0 and k["total_ms"] > 0 and 0 < k["pct_of_step"] < 1 for k in top
+        )
+        groups = v["groups"]
+        assert list(groups) == list(train_profile.GROUPS)
+        assert sum(g["pct_of_step"] for g in groups.values()) == pytest.approx(1.0)
+        assert sum(g["ms_per_step"] for g in groups.values()) == pytest.approx(v["kernel_ms_per_step"])
+        assert all(groups[g]["ms_per_step"] > 0 for g in ("matmul", "attention", "optimizer"))
+    sweep = profile["sweep"]
+    assert (
+        [r["setting"] for r in sweep]
+        == list(train_profile.DEFAULT_SWEEP)
+        == ["strict-padded", "strict-unpadded"]
+    )
+    first = profile["variants"]["library"]["run"]  # strict-padded's first training is the profiled one
+    assert sweep[0]["runs"][0] == first and first["steps"] == max(gpu.SMOKE.steps, gpu.SMOKE.warmup + 1 + 5)
+    for r in sweep:
+        assert (
+            r["tokens_per_s"] > 0
+            and r["vs_bare"] > 0
+            and [x["steps"] for x in r["runs"]] == [first["steps"]] * 2
+        )
+        assert r["repeatable"] is True and r["inductor_missing"] == []  # CPU, eager: every setting repeats
+    assert profile["variants"]["library"]["timed_tokens_per_s"] == sweep[0]["tokens_per_s"]
+    assert "Where compiled training's time goes" in text and "| strict-unpadded |" in text
+    assert (
+        "Top 15 kernels, library (train_shard):" in text and "Largest differences from the bare loop" in text
+    )
+
+
+def test_the_sweep_compiles_only_what_the_profile_has_not(tmp_path, monkeypatch):
+    """The compiled path, on CPU with a counting backend: the two bare variants compile (deterministic false,
+    then the library's settings); the library's train_shard, strict-padded and nondeterministic reuse those
+    graphs; each setting that changes inductor's config resets dynamo and compiles once more. So the default
+    sweep costs three compilations in all, every setting four (bench/train_profile.py's time estimate)."""
+    from torch._dynamo.testing import CompileCounter
+
+    import sisaflow.training.loop as training
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(training, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(training, "_compiles", lambda compile_, device: compile_)
+    monkeypatch.setattr(train_profile, "_compiles", lambda device: True)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter))
+    section: dict = {}
+    seen: list[tuple[str, int]] = []
+
+    def save() -> None:
+        done = [*section.get("variants", {}), *(r["setting"] for r in section.get("sweep", []))]
+        if done and (not seen or seen[-1][0] != done[-1]):
+            seen.append((done[-1], counter.frame_count))
+
+    asked = ("strict-inductor-free", "nondeterministic", "strict-unpadded", "strict-padded")
+    torch._dynamo.reset()
+    try:
+        train_profile.profile_section(gpu.SMOKE, torch.device("cpu"), tmp_path, save, section, 1, sweep=asked)
+    finally:
+        torch._dynamo.reset()
+    assert seen == [
+        ("bare", 1),
+        ("bare_deterministic", 2),
+        ("library", 2),
+        ("strict-padded", 2),
+        ("nondeterministic", 2),
+        ("strict-unpadded", 3),
+        ("strict-inductor-free", 4),
+    ]
+    assert all(r["repeatable"] and r["dynamo_reset"] is bool(r["inductor"]) for r in section["sweep"])
+
+
+def test_the_profile_runs_alone_and_its_budget_skips_the_sweep(tmp_path):
+    args = ["--smoke", "--out", str(tmp_path), "--profile-steps", "1", "--profile-budget-s", "0"]
+    assert train_profile.main(args) == 0
+    figures = json.loads((tmp_path / "train_profile.json").read_text())["train_profile"]
+    assert all(v["profiled_steps"] == 1 for v in figures["variants"].values())
+    assert [(r["setting"], "skipped" in r) for r in figures["sweep"]] == [
+        ("strict-padded", True),
+        ("strict-unpadded", True),
+    ]
+    assert "| strict-unpadded | skipped: " in (tmp_path / "train_profile.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "group"),
+    [  # kernel names as an H100/H200 profile shows them
+        (
+            "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>",
+            "attention",
+        ),
+        (
+            "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel)",
+            "attention",
+        ),
+        (
+            "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0",
+            "attention",
+        ),
+        (
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel",
+            "matmul",
+        ),
+        ("nvjet_hsh_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
+        ("triton_tem_fused_mm_0", "matmul"),
+        (
+            "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>",
+            "optimizer",
+        ),
+        (
+            "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>(float const*)",
+            "optimizer",
+        ),
+        ("triton_poi_fused__to_copy_add_mul_0", "elementwise / fused"),
+        ("triton_red_fused__log_softmax_backward_data_nll_loss_backward_3", "elementwise / fused"),
+        ("triton_poi_fused_constant_pad_nd_4", "copies / memset / padding"),
+        ("Memcpy HtoD (Pinned -> Device)", "copies / memset / padding"),
+        ("Memset (Device)", "copies / memset / padding"),
+        (
+            "void at::native::elementwise_kernel<128, 2, at::native::direct_copy_kernel_cuda>",
+            "copies / memset / padding",
+        ),
+        (
+            "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 1, 128, 1>",
+            "copies / memset / padding",
+        ),
+        (
+            "void at::native::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>",
+            "elementwise / fused",
+        ),
+        ("void at::native::embedding_backward_feature_kernel<float, float, long>", "elementwise / fused"),
+        ("aten::scatter_add_", "elementwise / fused"),
+        ("aten::empty_strided", "other"),
+    ],
+)
+def test_kernels_fall_in_their_groups(name, group):
+    assert train_profile.group_of(name) == group
+
+
 def test_a_spent_budget_skips_sections_and_says_so(tmp_path):
     assert gpu.main(["--smoke", "--out", str(tmp_path), "--budget-s", "0", "--only", "ensemble"]) == 0
     figures = json.loads((tmp_path / "gpu.json").read_text())
@@ -77,6 +228,9 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu.main(["--smoke", "--out", str(tmp_path), "--only", "train,speed"])
     assert exc.value.code == 2 and "speed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        gpu.main(["--smoke", "--out", str(tmp_path), "--profile-sweep", "strict-padded,fastest"])
+    assert exc.value.code == 2 and "fastest" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as exc:
             gpu.main(["--out", str(tmp_path)])

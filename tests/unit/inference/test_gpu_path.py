@@ -1,19 +1,49 @@
 """The CUDA training path: bf16 autocast, fused AdamW, optional torch.compile; and the CPU path left exactly as it
-was. The choices are checked on CPU; the runs themselves carry the `gpu` marker and skip without CUDA."""
+was. The choices are checked on CPU; the runs themselves carry the `gpu` marker and skip without CUDA, and each
+has a CPU twin that CI runs (this module's own logic, checked where there is no device).
+
+On a CUDA machine, all the `gpu` tests and where their time goes:
+
+    python -m pytest -q -rfEs -p no:cacheprovider -m gpu --durations=0 tests/
+
+What they cost, by design (issue 18: `-m gpu` in under 120 s on an H200). Training on the device happens in
+two places: the exactness runs (two trainings of the same records, a retraining after a deletion resumed from
+a checkpoint, a training from scratch without the deleted owner) run once per mode in a module-scoped fixture
+that three tests share, and are the only from-scratch trainings on the device; and one LoRA run per mode in
+test_training_trains_and_resumes. Dynamo caches compiled code on the forward's code object and guards on
+shapes, dtypes and global settings (deterministic flags, thread count), not on the model instance: a fresh
+model of the same architecture reuses the graph, a LoRA model is a graph of its own, a new shape compiles again.
+So the module compiles SCRATCH_GRAPHS + LORA_GRAPHS = 3 graphs on CUDA (counted on CPU with a counting backend by
+test_compilation_is_paid_once_per_process_not_per_shard_or_slice): the from-scratch Llama twice (its records
+are of several widths, as real text is: the first batch's shape compiles statically, the next one dynamic graph
+for all the rest), the LoRA model once (records of one width, one to a batch: one shape). Each is inductor's
+forward and backward of a 2-layer, hidden-32 Llama: an estimated 10-25 s cold on the H200 machine (a 30-layer
+model took 60 s there; not yet timed for this model), so about 30-75 s of compilation, and 60-100 s for every
+`gpu` test with CUDA's start, the eager runs and the inference tests (test_graphed.py and test_smollm2.py carry
+the marker too: the first captures CUDA graphs and compiles nothing, the second skips without its model file).
+The previous layout compiled the from-scratch model in two tests and the LoRA model at several shapes: five
+tests passed in 150 s and the rest were cut off.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 import sisaflow.training.loop as training
+from sisaflow.core.config import Params, ShardingParams
+from sisaflow.core.paths import Workspace
+from sisaflow.data.corpus import Record, from_table, read_table, to_table, write_table
+from sisaflow.data.sharding import read_slice, shard_corpus
 from sisaflow.models.scratch import build_model
 from sisaflow.models.tokenizer import load_tokenizer
 from sisaflow.training.checkpoint import MODEL_FILE, OPTIMIZER_FILE
-from sisaflow.training.loop import train_shard
+from sisaflow.training.loop import ShardTrainReport, train_shard
 from tests.lora_base import save_tiny_base
 
 
@@ -161,86 +191,191 @@ def test_train_compile_changes_nothing_on_cpu(make_workspace, make_records, make
             assert (a.checkpoint_dir(0, k) / f).read_bytes() == (b.checkpoint_dir(0, k) / f).read_bytes()
 
 
-def test_compilation_is_paid_once_per_process_not_per_shard_or_slice(
-    make_workspace, make_records, make_params, monkeypatch
-):
-    """train.compile's path, run on CPU with a counting backend: two shards of three slices, records of varying
-    length. Dynamo compiles the first batch width statically and then one dynamic graph; neither the second
-    shard's fresh model nor later slices compile again."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU = [pytest.mark.gpu, CUDA]
+SCRATCH_GRAPHS, LORA_GRAPHS = 2, 1
+"""The graphs dynamo compiles in this module's compiled CUDA runs (the module docstring; counted on CPU by
+test_compilation_is_paid_once_per_process_not_per_shard_or_slice)."""
+
+
+def _params(**overrides: dict):
+    from tests.conftest import TINY_RAW, _merge
+
+    return Params.from_dict(_merge(TINY_RAW, overrides))
+
+
+def _records(owners: int, per_owner: int, width: int | None = None) -> list[Record]:
+    """conftest's make_records; with `width`, every text padded to that many bytes (the byte tokenizer makes
+    one token of a byte), so every batch of a LoRA run has one shape and compiles one graph."""
+    from tests.conftest import record
+
+    out = []
+    for o in range(owners):
+        for i in range(per_owner):
+            text = f"Question: what is {o} plus {i}? Answer: {o + i}, said owner {o}."
+            out.append(record(f"r-{o:02d}-{i:02d}", f"o-{o:02d}", text.ljust(width or 0, ".")))
+    return out
+
+
+def _workspace(root: Path, records: list[Record], name: str, slices: int = 3) -> Workspace:
+    ws = Workspace(root / name)
+    ws.root.mkdir(parents=True)
+    write_table(ws.corpus_file, to_table(records))
+    shard_corpus(ws, ShardingParams(shards=1, slices=slices))
+    return ws
+
+
+@dataclass
+class Exactness:
+    """What the exactness run of one (device, mode) left: its reports and every checkpoint file's bytes."""
+
+    device: str
+    reports: dict[str, ShardTrainReport]
+    files: dict[str, dict[tuple[int, str], bytes]]
+
+
+def exactness_run(root: Path, device: str, compile_: bool, trained=lambda name: None) -> Exactness:
+    """Two trainings of the same records (workspaces a, b); then a's owner in slice 1 is deleted and a retrains
+    from its slice-0 checkpoint (a resumed fused AdamW on a GPU), and a third workspace trains the kept records
+    from scratch. Records of several widths, so a compiled run meets a static and then a dynamic graph.
+    `trained(name)` is called after each training (the compile-count test reads its counter there)."""
+    from tests.unit.training.test_loop import ckpt_files
+
+    params = _params(train={"device": device, "compile": compile_})
+    records = _records(owners=12, per_owner=3)
+    a, b = _workspace(root, records, "a"), _workspace(root, records, "b")
+    assert all(read_slice(a, 0, k) for k in range(3))  # every slice trains
+    reports, files = {}, {}
+    for name, ws in (("a", a), ("b", b)):
+        reports[name] = train_shard(ws, 0, params, progress=quiet)
+        files[name] = ckpt_files(ws)
+        trained(name)
+    owner = read_slice(a, 0, 1)[0].owner
+    kept = [r for r in from_table(read_table(a.corpus_file)) if r.owner != owner]
+    write_table(a.corpus_file, to_table(kept))
+    shard_corpus(a, params.sharding)
+    reports["retrained"] = train_shard(a, 0, params, progress=quiet)
+    files["retrained"] = ckpt_files(a)
+    trained("retrained")
+    scratch = _workspace(root, kept, "scratch")
+    reports["scratch"] = train_shard(scratch, 0, params, progress=quiet)
+    files["scratch"] = ckpt_files(scratch)
+    trained("scratch")
+    return Exactness(device, reports, files)
+
+
+def lora_run(root: Path, device: str, compile_: bool, trained=lambda name: None) -> ShardTrainReport:
+    """A LoRA adapter trained over three slices, then its last slice again from slice 1's checkpoint (a fused
+    AdamW resumed on a GPU). Records of one width, one to a batch: every batch has one shape, so compiled it is
+    one graph (a LoRA model is a graph of its own; what the widths do to compilation is the exactness run's)."""
+    model = {"tokenizer": "base", "base": str(save_tiny_base(root / "base"))}
+    params = _params(train={"device": device, "compile": compile_, "batch_size": 1}, model=model)
+    ws = _workspace(root, _records(owners=8, per_owner=3, width=72), "lora")
+    report = train_shard(ws, 0, params, progress=quiet)
+    trained("first")
+    shutil.rmtree(ws.checkpoint_dir(0, 2))
+    again = train_shard(ws, 0, params, progress=quiet)  # resumes a fused AdamW: its step lives on the GPU
+    trained("resumed")
+    assert again.start_slice == 2 and (ws.checkpoint_dir(0, 2) / MODEL_FILE).is_file()
+    return report
+
+
+def test_compilation_is_paid_once_per_process_not_per_shard_or_slice(tmp_path, monkeypatch):
+    """train.compile's path, run on CPU with a counting backend, on exactly the runs the `gpu` tests make (so
+    the count in this module's docstring is checked where CI runs). Dynamo compiles the first batch shape
+    statically and, at the next shape, one dynamic graph for all the rest; the second training's fresh model
+    (as a further shard's), the resumed retraining and later slices compile nothing again. The LoRA run, of
+    one batch shape, compiles once."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     counter = CompileCounter()
     monkeypatch.setattr(training, "COMPILE_BACKEND", counter)
     monkeypatch.setattr(training, "_compiles", lambda compile_, device: compile_)
-    ws = make_workspace(make_records(owners=12, per_owner=2), shards=2)
-    params = make_params(train={"compile": True}, sharding={"shards": 2})
-    first = train_shard(ws, 0, params, progress=quiet)
-    after_first = counter.frame_count
-    second = train_shard(ws, 1, params, progress=quiet)
-    assert len(first.slices) == len(second.slices) == 3
-    assert 1 <= after_first <= 2, (
-        after_first
-    )  # forward and backward are one frame; a static then a dynamic one
-    assert counter.frame_count == after_first  # shard 1: nothing compiled again
-    torch._dynamo.reset()
+    counts: list[tuple[str, int]] = []
+    try:
+        exactness_run(tmp_path / "x", "cpu", True, lambda name: counts.append((name, counter.frame_count)))
+        assert counts == [(name, SCRATCH_GRAPHS) for name in ("a", "b", "retrained", "scratch")]
+        counts.clear()
+        lora_run(tmp_path / "l", "cpu", True, lambda name: counts.append((name, counter.frame_count)))
+        total = SCRATCH_GRAPHS + LORA_GRAPHS
+        assert counts == [("first", total), ("resumed", total)]
+    finally:
+        torch._dynamo.reset()
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TRAIN_CASES = [
+    *(
+        pytest.param("cpu", compile_, lora, id=f"{kind}-{mode}-cpu")
+        for lora, kind in ((False, "scratch"), (True, "lora"))
+        for compile_, mode in ((False, "eager"), (True, "compiled"))
+    ),
+    # a from-scratch model trains and resumes on a GPU in the exactness runs below
+    pytest.param("cuda", False, True, id="lora-eager-cuda", marks=GPU),
+    pytest.param("cuda", True, True, id="lora-compiled-cuda", marks=GPU),
+]
 
 
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
-)  # the CPU run keeps this test's own logic checked where CI runs
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("lora", [False, True], ids=["scratch", "lora"])
+@pytest.mark.parametrize(("device", "compile_", "lora"), TRAIN_CASES)  # CPU: this test's logic, where CI runs
 def test_training_trains_and_resumes(
     make_workspace, make_records, make_params, tmp_path, device, compile_, lora
 ):
-    model = {}
     if lora:
-        model = {"tokenizer": "base", "base": str(save_tiny_base(tmp_path / "base"))}
-    params = make_params(train={"device": device, "compile": compile_}, model=model)
-    ws = make_workspace(make_records(owners=8, per_owner=3))
-    report = train_shard(ws, 0, params, progress=quiet)
-    # a slice can hold no record (this placement's first does): it trains nothing and reports no loss
+        report = lora_run(tmp_path, device, compile_)
+    else:
+        params = make_params(train={"device": device, "compile": compile_})
+        ws = make_workspace(make_records(owners=8, per_owner=3))
+        report = train_shard(ws, 0, params, progress=quiet)
+        shutil.rmtree(ws.checkpoint_dir(0, 2))
+        again = train_shard(ws, 0, params, progress=quiet)
+        assert again.start_slice == 2 and (ws.checkpoint_dir(0, 2) / MODEL_FILE).is_file()
+    _trained_on(report, device)
+
+
+def _trained_on(report: ShardTrainReport, device: str) -> None:
+    # a slice can hold no record (a placement's first may not): it trains nothing and reports no loss
     trained = [s for s in report.slices if s.steps]
     assert report.device == device and trained
     assert all(s.loss is not None and torch.isfinite(torch.tensor(s.loss)) for s in trained)
-    shutil.rmtree(ws.checkpoint_dir(0, 2))
-    again = train_shard(ws, 0, params, progress=quiet)  # resumes a fused AdamW: its step lives on the GPU
-    assert again.start_slice == 2 and (ws.checkpoint_dir(0, 2) / MODEL_FILE).is_file()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
-def test_forgetting_on_the_device_equals_training_from_scratch(
-    make_workspace, make_records, make_params, device, compile_
-):
-    """The exactness guarantee where training runs: with train.deterministic (the default) two trainings give
-    the same bytes, and retraining after a deletion (resumed from the last untouched slice's checkpoint, fused
-    AdamW state included) gives the bytes of a training from scratch without the deleted owner."""
-    from sisaflow.data.corpus import from_table, read_table, to_table, write_table
-    from sisaflow.data.sharding import read_slice, shard_corpus
-    from tests.unit.training.test_loop import ckpt_files as files  # every checkpoint file, slice by slice
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param((device, compile_), id=f"{mode}-{device}", marks=GPU if device == "cuda" else ())
+        for device in ("cpu", "cuda")
+        for compile_, mode in ((False, "eager"), (True, "compiled"))
+    ],
+)
+def exactness(request, tmp_path_factory) -> Exactness:
+    """One exactness run per device and mode, shared by the tests below (on a GPU: one compilation of it)."""
+    device, compile_ = request.param
+    return exactness_run(tmp_path_factory.mktemp("exactness"), device, compile_)
 
-    params = make_params(train={"device": device, "compile": compile_})
-    records = make_records(owners=12, per_owner=3)
-    a, b = make_workspace(records, name="a"), make_workspace(records, name="b")
-    assert all(read_slice(a, 0, k) for k in range(3))  # every slice trains
-    for ws in (a, b):
-        train_shard(ws, 0, params, progress=quiet)
 
-    assert files(a) == files(b)
-    owner = read_slice(a, 0, 1)[0].owner
-    kept = [r for r in from_table(read_table(a.corpus_file)) if r.owner != owner]
-    write_table(a.corpus_file, to_table(kept))
-    shard_corpus(a, params.sharding)
-    assert train_shard(a, 0, params, progress=quiet).start_slice == 1
-    scratch = make_workspace(kept, name="scratch")
-    train_shard(scratch, 0, params, progress=quiet)
-    assert files(a) == files(scratch) and files(a)[(0, MODEL_FILE)] == files(b)[(0, MODEL_FILE)]
-    assert files(a)[(2, MODEL_FILE)] != files(b)[(2, MODEL_FILE)]  # the deletion changed the later slices
+def test_device_training_trains_and_resumes_a_from_scratch_model(exactness):
+    reports = exactness.reports
+    for name in ("a", "b", "scratch"):
+        assert reports[name].start_slice == 0
+        _trained_on(reports[name], exactness.device)
+    assert reports["retrained"].start_slice == 1 and len(reports["retrained"].slices) == 2
+
+
+def test_two_trainings_on_the_device_give_the_same_bytes(exactness):
+    """With train.deterministic (the default): compiled, the second training's first batch is served by the
+    dynamic graph compiled during the first training's second batch, where the first training's ran the static
+    graph; equal bytes say the two graphs computed alike."""
+    assert exactness.files["a"] == exactness.files["b"]
+
+
+def test_forgetting_on_the_device_equals_training_from_scratch(exactness):
+    """The exactness guarantee where training runs: retraining after a deletion (resumed from the last
+    untouched slice's checkpoint, fused AdamW state included) gives the bytes of a training from scratch without
+    the deleted owner."""
+    files, M = exactness.files, MODEL_FILE
+    assert files["retrained"] == files["scratch"]
+    assert files["retrained"][(0, M)] == files["b"][(0, M)]
+    assert files["retrained"][(2, M)] != files["b"][(2, M)]  # the deletion changed the later slices
 
 
 @pytest.mark.gpu
