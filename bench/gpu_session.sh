@@ -1,35 +1,68 @@
 #!/usr/bin/env bash
-# A device call as one prepared script: the `gpu`-marked tests, then bench/gpu.py's sections in the order given.
-# Run from the repository root on the GPU machine (torch, transformers, peft, pyarrow; no Ray, Prefect or DVC).
-# With the defaults it takes at most 9 minutes (tests 180 s, sections 360 s); a session's 15 device-minutes fit
-# this call and a shorter second one for the sections it skipped:
-#     bash bench/gpu_session.sh                                                   # call 1 (timeout 570 s)
-#     GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=150 bash bench/gpu_session.sh   # call 2
-#     GPU_SECTIONS=train GPU_FLAGS="--train-modes compiled --compiled-fast" bash bench/gpu_session.sh      # diagnosis of compiled training
-# With SmolLM2 on the GPU as well (its file travels in two halves, one per call; bench/smollm2_gpu.sh's head):
-#     bash bench/smollm2_gpu.sh prepare                                           # here, first
-#     bash bench/smollm2_gpu.sh stash && GPU_BENCH_TIMEOUT=330 bash bench/gpu_session.sh   # call 1 (timeout 530 s)
-#     bash bench/smollm2_gpu.sh run; GPU_TESTS=0 GPU_SECTIONS=lora-ensemble,lora-train GPU_BUDGET=40 \
-#         GPU_BENCH_TIMEOUT=100 bash bench/gpu_session.sh                          # call 2 at once (timeout 240 s)
-# (a machine's start takes 1-2 of the 15 minutes; give_back right after call 2)
-# Results under $OUT (the device tool's folder) or /tmp/gpu-out; every measurement is in gpu/gpu.json as soon
-# as it is taken, so a timeout keeps what was measured.
+# Issue 18's GPU plan: everything a device session measures, in two calls that fit its 15 device-minutes.
+#
+#   here, first (no device time):  bash bench/ray_gpu.sh prepare       # Ray's wheel in halves, under .carry/
+#   call 1, carry [".carry/ray-a"], timeout_s 420:                       bash bench/gpu_session.sh 1
+#       - stash the first half of Ray's wheel on the machine                         (seconds)
+#       - pytest -m gpu: the CUDA tests, issue 18.5's target is 120 s          timeout 130 s
+#       - bench/graph_generate.py: generation at graph speed (18.1, 18.2)      timeout 270 s (no section after 150 s)
+#   call 2, at once (the machine keeps files 30 s), carry [".carry/ray-b", ".carry/ray-wheels"], timeout_s 420:
+#                                                                        bash bench/gpu_session.sh 2
+#       - Ray: join, check and install the wheel, then bench/ray_gpu.py        timeout 170 s (18.4)
+#       - bench/gpu.py --only train-profile: compiled training's kernels and   timeout 220 s (18.3)
+#         the deterministic settings (sweep: strict-padded, nondeterministic)
+#   then give_back, and copy the files into bench/results/ and the tables into bench/RESULTS.md.
+# Time: a start of 1-2 minutes, 6.5 + 6 minutes of commands at most, transfers: under 15 minutes; no command
+# over 10. Each script writes its JSON after every measurement, so a timeout keeps what was measured.
+# Results under $OUT (the device tool's folder; /tmp/gpu-out elsewhere), at most 8 files a call:
+#   call 1: pytest.log, graph.log, graph/graph.json, graph/graph.md
+#   call 2: ray_gpu.log, ray/ray_gpu.json, ray/ray_gpu.md, gpu.log, gpu/gpu.json, gpu/gpu.md, gpu/train_profile.md
+# What a later session may add (each its own call; the older heads say how): issue 5's sections of bench/gpu.py
+# (`python3 bench/gpu.py --only train,lora-train --out $OUT/gpu`), SmolLM2 itself and issue 15's LoRA quality
+# (bench/smollm2_gpu.sh).
+#
+# GPU_SMOKE=1 runs both phases on a CPU with every script's --smoke mode (Ray from the environment, no wheel):
+# tests/unit/bench/test_gpu_session.py does, so that this plan cannot rot between sessions with a device.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src:.
 out=${OUT:-/tmp/gpu-out}
+py=${PYTHON:-python3}
+smoke=${GPU_SMOKE:-0}
+flag() { [ "$smoke" = 1 ] && echo --smoke; }
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-if [ "${GPU_TESTS:-1}" != 0 ]; then
+[ "$smoke" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+case "${1:-}" in
+1)
+    if [ "$smoke" != 1 ]; then
+        bash bench/ray_gpu.sh stash || echo "no Ray half stashed: call 2 will measure training but not Ray"
+    fi
     # the tests set cuBLAS's workspace themselves (the library's own path): not exported here
-    timeout "${GPU_TEST_TIMEOUT:-180}" python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu \
-        tests/unit/inference/test_gpu_path.py >"$out/pytest.log" 2>&1
+    timeout "${GPU_TEST_TIMEOUT:-130}" "$py" -m pytest -q -rfEs -p no:cacheprovider -m gpu --durations=15 \
+        tests/unit/inference/test_gpu_path.py tests/unit/inference/test_graphed.py >"$out/pytest.log" 2>&1
     echo "pytest exit $?"
     grep -v -i warn "$out/pytest.log" | tail -25
-fi
-# GPU_FLAGS defaults to compiled training only (eager was measured on 2026-11-28); GPU_FLAGS= measures both
-# shellcheck disable=SC2086  # GPU_FLAGS holds several flags
-timeout "${GPU_BENCH_TIMEOUT:-360}" python3 bench/gpu.py --out "$out/gpu" \
-    --only "${GPU_SECTIONS:-ensemble,train,lora-ensemble,lora-train}" --budget-s "${GPU_BUDGET:-250}" ${GPU_FLAGS---train-modes compiled} \
-    >"$out/gpu.log" 2>&1
-echo "bench exit $?"
-grep -v -i warn "$out/gpu.log" | tail -60
+    # shellcheck disable=SC2046  # flag prints nothing or one word
+    timeout "${GRAPH_TIMEOUT:-270}" "$py" bench/graph_generate.py --out "$out/graph" --budget-s "${GRAPH_BUDGET:-150}" \
+        $(flag) >"$out/graph.log" 2>&1
+    echo "graph_generate exit $?"
+    grep -v -i warn "$out/graph.log" | tail -40
+    ;;
+2)
+    if [ "$smoke" = 1 ]; then
+        timeout 170 "$py" bench/ray_gpu.py --smoke --out "$out/ray" >"$out/ray_gpu.log" 2>&1
+        echo "ray_gpu exit $?"
+    else
+        RAY_GPU_TIMEOUT=170 RAY_GPU_FLAGS="--records 2048 --budget-s 110" bash bench/ray_gpu.sh run
+    fi
+    # shellcheck disable=SC2046
+    timeout "${PROFILE_TIMEOUT:-220}" "$py" bench/gpu.py --only train-profile --out "$out/gpu" \
+        --profile-sweep strict-padded,nondeterministic --profile-budget-s "${PROFILE_BUDGET:-150}" $(flag) \
+        >"$out/gpu.log" 2>&1
+    echo "train-profile exit $?"
+    grep -v -i warn "$out/gpu.log" | tail -60
+    ;;
+*)
+    echo "usage: bash bench/gpu_session.sh 1|2 (see the head of this file)" >&2
+    exit 2
+    ;;
+esac

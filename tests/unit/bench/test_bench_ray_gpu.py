@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ray")
-
-from tests.integration.procs import session_pids  # noqa: E402
+from tests.integration.procs import session_pids
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "bench" / "ray_gpu.py"
