@@ -15,7 +15,8 @@ mixture, never stopping at end-of-text (every run makes the same tokens):
 - `one`: one model alone (a constituent; for LoRA the base) through transformers' `generate()` with
   `cache_implementation="static"`, which on CUDA compiles the forward (`torch.compile`, mode reduce-overhead:
   CUDA graphs): the fast path a user would pick for one model. Measured once per section: it does not depend on S.
-- `graph`: the ensemble through `GraphDecoder` (the step captured once as a CUDA graph, the mixture in float32).
+- `graph`: the ensemble through `GraphDecoder` (its prefill and decode step captured once as CUDA graphs, the
+  mixture in float32).
 - `compiled` (S in the setup's `compiled` sizes): the same with the step compiled by torch.compile (inductor fuses
   its elementwise work) before capture (`ensemble.compile_decode`); its compilation is timed apart.
 - `eager` (S in the setup's `eager` sizes): today's stacked step launched from Python per token (what issue 18's
@@ -154,23 +155,27 @@ def hf_static(model, prompt: torch.Tensor, new: int) -> Callable[[], object]:
 
 
 def step_bytes(stacked: StackedLlama, batch: int, capacity: int) -> dict:
-    """Bytes one decode step reads: the weights (an untied embedding only gathers `batch` rows, so it is left
-    out; a tied one is read whole as the output head) and every layer's keys and values over the capacity; and
-    what repeating grouped key/value heads for attention copies on top."""
+    """Bytes one decode step reads at least: the weights (an untied embedding only gathers `batch` rows, so it is
+    left out; a tied one is read whole as the output head) and every layer's keys and values over the capacity
+    (`static_step` attends grouped heads without repeating them); and the step time HBM_BYTES_PER_S allows."""
     weights = sum(p.numel() * p.element_size() for p in stacked.parameters())
     if stacked.lm_head is not None:
         weights -= stacked.embed.numel() * stacked.embed.element_size()
     size = stacked.embed.element_size()
-    per_head = stacked.num_models * batch * capacity * stacked.head_dim * size * 2 * stacked.num_layers
-    cache = per_head * stacked.kv_heads
-    repeat = 2 * per_head * stacked.heads if stacked.kv_heads != stacked.heads else 0  # written, then read
-    total = weights + cache
+    cache = (
+        2
+        * stacked.num_layers
+        * stacked.num_models
+        * batch
+        * stacked.kv_heads
+        * capacity
+        * stacked.head_dim
+        * size
+    )
     return {
         "weights_bytes": weights,
         "cache_bytes": cache,
-        "gqa_copy_bytes": repeat,
-        "bound_ms": 1e3 * total / HBM_BYTES_PER_S,
-        "bound_ms_with_copy": 1e3 * (total + repeat) / HBM_BYTES_PER_S,
+        "bound_ms": 1e3 * (weights + cache) / HBM_BYTES_PER_S,
     }
 
 
@@ -252,8 +257,9 @@ def measure(
             "graph_vs_one": r["graph"] / one_rate,
             "graph_vs_eager": r["graph"] / r["eager"] if "eager" in r else None,
             "captured": dec.capture,
-            "capacity": shape[1],
-            **step_bytes(stacked, setup.batch, shape[1]),
+            "prompt_width": shape[1],
+            "capacity": shape[2],
+            **step_bytes(stacked, setup.batch, shape[2]),
         }
         if "compiled" in r:
             row["compiled_vs_one"] = r["compiled"] / one_rate

@@ -388,48 +388,54 @@ class StackedLlama(nn.Module):
         return mask
 
     @torch.no_grad()
-    def decode_step(
-        self, tokens: torch.Tensor, position: torch.Tensor, cache: StackedCache, visible: torch.Tensor
+    def static_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: StackedCache, visible: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (S, B, V) for one new token per row, every shape fixed and the position a device tensor: the
-        step `sisaflow.inference.graphed` captures once as a CUDA graph and replays per token.
+        """Logits (S, B, V) at the last of `tokens` (B, T), every shape fixed and the positions a device tensor:
+        the prefill and the decode step `sisaflow.inference.graphed` captures as CUDA graphs and replays.
 
-        `tokens` (B, 1) sit at `position` (a (1,) long tensor); their keys and values are written there into
-        `cache` in place (its `length` is neither read nor advanced: the caller keeps the position), and each
-        row attends to the cached positions `visible` (B, capacity) marks, which must include `position`. The
-        numbers are `forward`'s for the same token, except that attention runs over the whole capacity with
+        `tokens` sit at `positions` (a (T,) long tensor); their keys and values are written there into `cache` in
+        place (its `length` is neither read nor advanced: the caller keeps the positions), and query t of row b
+        attends to the cached positions `visible[b, t]` marks ((B, T, capacity), its own position included).
+        The numbers are `forward`'s for the same tokens, except that attention runs over the whole capacity with
         the rest masked (sums of other lengths: float rounding)."""
-        batch = tokens.shape[0]
+        batch, steps = tokens.shape
         n, heads, kv, d = self.num_models, self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.rope_cos.index_select(0, position), self.rope_sin.index_select(0, position)
-        capacity = cache.capacity
-        # the additive mask SDPA would make of a boolean one in every layer, made once per step
-        blocked = torch.zeros(batch, capacity, dtype=self.embed.dtype, device=visible.device)
+        group, capacity = heads // kv, cache.capacity
+        cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+        # the additive mask SDPA would make of a boolean one in every layer, made once per step; its query rows
+        # repeated for the query heads that share a key/value head (see below)
+        blocked = torch.zeros(visible.shape, dtype=self.embed.dtype, device=visible.device)
         blocked = blocked.masked_fill(~visible, float("-inf"))
         mask = (
-            blocked[None, :, None, None, :]
-            .expand(n, batch, 1, 1, capacity)
-            .reshape(n * batch, 1, 1, capacity)
+            blocked[None, :, None, None]
+            .expand(n, batch, 1, group, steps, capacity)
+            .reshape(n * batch, 1, group * steps, capacity)
         )
         deltas = dict(self.deltas.items())  # torch.compile reads dict(ParameterDict) as (key, value) pairs
-        x = self.embed[:, tokens[:, 0]].expand(n, -1, -1)  # (S, B, H)
+        x = self.embed[:, tokens].reshape(self.embed.shape[0], batch * steps, -1).expand(n, -1, -1)
         for layer in range(self.num_layers):
             h = self._rms_norm(x, self.input_norm[layer])
             qkv = self._project(h, self.qkv, "qkv", layer, deltas)
-            qkv = qkv.view(n, batch, 1, heads + 2 * kv, d).transpose(2, 3)
+            qkv = qkv.view(n, batch, steps, heads + 2 * kv, d).transpose(2, 3)  # (S, B, heads + 2 kv, T, d)
             qk = qkv[:, :, : heads + kv]  # rotated together: the same numbers as one by one, half the kernels
             qk = qk * cos + _rotate_half(qk) * sin
             q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv :]
-            cache.keys[layer].index_copy_(3, position, k)
-            cache.values[layer].index_copy_(3, position, v)
-            q, keys, values = self._fold(q, cache.keys[layer], cache.values[layer])
+            cache.keys[layer].index_copy_(3, positions, k)
+            cache.values[layer].index_copy_(3, positions, v)
+            # the query heads that share a key/value head become more query rows of that head, so grouped heads
+            # attend without repeating the cache (transformers' repeat_kv copies it: 2.3 GB a decode step for 8
+            # adapters over SmolLM2 at batch 16, eight times the base's weights)
+            q = q.reshape(n * batch, kv, group * steps, d)
+            keys = cache.keys[layer].view(n * batch, kv, capacity, d)
+            values = cache.values[layer].view(n * batch, kv, capacity, d)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
-            attn = attn.view(n, batch, heads * d)
+            attn = attn.view(n, batch, heads, steps, d).transpose(2, 3).reshape(n, batch * steps, heads * d)
             x = x + self._project(attn, self.o, "o", layer, deltas)
             h = self._rms_norm(x, self.post_norm[layer])
             gate, up = self._project(h, self.gate_up, "gate_up", layer, deltas).chunk(2, dim=-1)
             x = x + self._project(F.silu(gate) * up, self.down, "down", layer, deltas)
-        x = self._rms_norm(x, self.final_norm)
+        x = self._rms_norm(x.view(n, batch, steps, -1)[:, :, -1], self.final_norm)
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head[0]) if head.shape[0] == 1 else torch.bmm(x, head.transpose(1, 2))
 

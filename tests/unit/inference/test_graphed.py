@@ -114,16 +114,17 @@ def test_shapes_are_bucketed_reused_cut_and_evicted(monkeypatch):
     ens = _ensemble(context_length=256)
     dec = _decoder(ens)
     assert bucket(3, (1, 2, 4)) == 4 and bucket(9, (1, 2, 4)) == 4
-    _graph_texts(ens, dec, PROMPTS, 8)
-    _graph_texts(ens, dec, PROMPTS[:2], 8)  # 2 rows: another batch bucket
-    _graph_texts(ens, dec, PROMPTS[1:], 8)  # 2 rows again, a prompt width in the same capacity bucket
-    assert dec.captured == [(4, 64), (2, 64)]
+    _graph_texts(ens, dec, PROMPTS, 8)  # 3 rows padded to 4; a prompt of 50 tokens padded to 64
+    _graph_texts(ens, dec, PROMPTS[:2], 8)  # 2 rows, 27 tokens: another shape
+    _graph_texts(ens, dec, ["Who wrote it, and when?", "Hi"], 8)  # 23 tokens: the same shape again
+    assert dec.captured == [(4, 64, 128), (2, 32, 64)]
     monkeypatch.setattr(graphed, "BATCH_BUCKETS", (1, 2))  # 5 prompts: chunks of 2, 2 and 1
     prompts = PROMPTS + ["a", "Who?"]
     assert _graph_texts(ens, dec, prompts, 8) == ens.generate(prompts, max_new_tokens=8)
+    assert dec.captured[-2:] == [(2, 64, 128), (1, 64, 128)]
     monkeypatch.setattr(graphed, "MAX_GRAPHS", 2)
-    _graph_texts(ens, dec, ["x" * 60], 10)  # 70 positions: capacity 128
-    assert dec.captured == [(1, 64), (1, 128)]
+    _graph_texts(ens, dec, ["x" * 100], 10)  # a new shape: the least recently used go
+    assert dec.captured == [(1, 64, 128), (1, 112, 128)]
 
 
 def test_capture_needs_cuda_and_params_can_turn_graphs_off(make_served, make_records, make_params):
@@ -175,7 +176,7 @@ def test_the_captured_graph_replays_the_eager_tokens_on_cuda(combine):
     dec = ens.graph_decoder()
     assert dec is ens._decoder and dec.capture
     assert ens.generate(PROMPTS, max_new_tokens=24) == want
-    assert dec.captured and all(dec._shapes[k].graph is not None for k in dec.captured)
+    assert dec.captured and all(set(dec._shapes[k].graphs) == {"prefill", "decode"} for k in dec.captured)
     sampled = ens.generate(PROMPTS, max_new_tokens=12, temperature=0.9, seed=3)
     ens.cuda_graphs = False
     assert ens.generate(PROMPTS, max_new_tokens=12, temperature=0.9, seed=3) == sampled
