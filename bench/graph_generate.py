@@ -257,6 +257,7 @@ def measure(
             "graph_vs_one": r["graph"] / one_rate,
             "graph_vs_eager": r["graph"] / r["eager"] if "eager" in r else None,
             "captured": dec.capture,
+            "capture_failure": dec.failure,  # why the decoder went eager, if it did
             "prompt_width": shape[1],
             "capacity": shape[2],
             **step_bytes(stacked, setup.batch, shape[2]),
@@ -264,6 +265,7 @@ def measure(
         if "compiled" in r:
             row["compiled_vs_one"] = r["compiled"] / one_rate
             row["compile_seconds"] = compile_s
+            row["compiled_failure"] = fused.failure
         row["graph_step_ms"] = 1e3 * setup.batch / r["graph"]
         row["step_vs_bound"] = row["graph_step_ms"] / row["bound_ms"]
         rows.append(row)

@@ -130,6 +130,8 @@ class GraphDecoder:
                 for k, f in steps.items()
             }
         self._steps = steps
+        self.failure: str | None = None
+        """Why capturing (or compiling) failed and the decoder went eager, or None."""
 
     @property
     def captured(self) -> list[tuple[int, int, int]]:
@@ -230,7 +232,10 @@ class GraphDecoder:
         )  # extend the rotary table now: a graph must never see it replaced
         shape = _Shape(self.stacked, batch, width, capacity, self.mixture_dtype)
         if self.capture:
-            self._capture(shape)
+            try:
+                self._capture(shape)
+            except Exception as exc:  # serve on, eagerly, rather than fail a request over a speed-up
+                self._give_up(shape, exc)
         self._shapes[key] = shape
         return shape
 
@@ -275,6 +280,14 @@ class GraphDecoder:
                 step(shape)
             shape.graphs[name] = graph
         log.info("captured batch %d, prompt %d, capacity %d", shape.batch, shape.width, shape.capacity)
+
+    def _give_up(self, shape: _Shape, exc: Exception) -> None:
+        """After a failed capture or compilation: run the plain steps eagerly from now on, and say why once."""
+        self.failure = f"{type(exc).__name__}: {exc}"
+        log.warning("CUDA graphs off for this ensemble, decoding eagerly: %s", self.failure)
+        self.capture = False
+        self._steps = {"prefill": self._prefill_step, "decode": self._decode_step}
+        shape.graphs = {}
 
     def _run(self, shape: _Shape, name: str) -> None:
         graph = shape.graphs.get(name)

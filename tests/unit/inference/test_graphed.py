@@ -127,6 +127,23 @@ def test_shapes_are_bucketed_reused_cut_and_evicted(monkeypatch):
     assert dec.captured == [(1, 64, 128), (1, 112, 128)]
 
 
+def test_a_failed_capture_falls_back_to_the_eager_static_steps(monkeypatch, caplog):
+    """A device that cannot capture (or compile) a step still serves: the decoder says why and runs eagerly."""
+    ens = _ensemble()
+    want = ens.generate(PROMPTS, max_new_tokens=10)
+    dec = _decoder(ens)
+    dec.capture = True  # as on CUDA; the capture then fails at its first CUDA call
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", refuse)
+    assert _graph_texts(ens, dec, PROMPTS, 10) == want
+    assert not dec.capture and dec.failure and "stream is capturing" in dec.failure
+    assert "CUDA graphs off" in caplog.text
+    assert all(not dec._shapes[k].graphs for k in dec.captured)
+
+
 def test_capture_needs_cuda_and_params_can_turn_graphs_off(make_served, make_records, make_params):
     ens = _ensemble()
     if not torch.cuda.is_available():
