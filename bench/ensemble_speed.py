@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from device_record import device_name
 
 from sisaflow.core.config import ModelParams
 from sisaflow.inference.combine import combine_log_probs
@@ -252,12 +253,6 @@ def print_lora(rows: list[dict]) -> None:
             f"| {r['batched'] / r['one']:.2f} | {lean[1]} | {lean[2]} | {'yes' if same else 'NO'} |",
             flush=True,
         )
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 @torch.no_grad()

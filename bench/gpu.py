@@ -39,12 +39,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,7 +55,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
 
-from ensemble_speed import device_name, lora_rows, scratch_rows  # noqa: E402
+from device_record import RunRecord, device_name  # noqa: E402
+from ensemble_speed import lora_rows, scratch_rows  # noqa: E402
 
 from sisaflow.core.config import ModelParams, Params, ShardingParams  # noqa: E402
 from sisaflow.core.paths import Workspace  # noqa: E402
@@ -567,41 +566,28 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     import peft
-    import transformers
 
     name = device_name(device)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    out: dict = {
-        "device": name,
-        "peak_bf16_flops": peak,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-        "setup": setup.__dict__,
-        "smoke": args.smoke,
-    }
-    start = time.perf_counter()
-
-    def save() -> None:
-        out["seconds"] = time.perf_counter() - start
-        (out_dir / "gpu.json").write_text(json.dumps(out, indent=2, default=str))
+    record = RunRecord(
+        out_dir / "gpu.json",
+        device,
+        peak_bf16_flops=peak,
+        peft=peft.__version__,
+        cublas_workspace_config=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        setup=setup.__dict__,
+        smoke=args.smoke,
+    )
+    out, save = record.out, record.save
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         base = random_base(setup, tmp / "base") if {"lora-ensemble", "lora-train"} & set(only) else None
-        for section in dict.fromkeys(only):  # in the order asked: what matters most first
-            key = section.replace("-", "_")
-            if time.perf_counter() - start > args.budget_s:
-                out[key] = f"skipped: {time.perf_counter() - start:.0f} s spent, budget {args.budget_s:.0f} s"
-                save()
-                continue
-            t0 = time.perf_counter()
-            print(f"# {section} ({time.perf_counter() - start:.0f} s in) ...", flush=True)
-            try:
+        for section, key in record.sections(
+            only, args.budget_s
+        ):  # in the order asked: what matters most first
+            with record.kept(key, strict=args.smoke and not args.keep_going):
                 if section == "train":
                     out[key] = {}
                     train_section(
@@ -627,15 +613,6 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     assert base is not None
                     out[key] = lora_train_section(setup, device, tmp, base, peak, save)
-            except Exception as exc:  # one device run is precious: keep the other sections' figures
-                if args.smoke and not args.keep_going:
-                    raise
-                traceback.print_exc()
-                out[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            out[f"{key}_seconds"] = round(time.perf_counter() - t0, 1)
-            save()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     save()
     text = markdown(out)
     (out_dir / "gpu.md").write_text(text)

@@ -40,13 +40,10 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +53,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
 
-from ensemble_speed import device_name, generate_stacked, random_adapters  # noqa: E402
+from device_record import RunRecord  # noqa: E402
+from ensemble_speed import generate_stacked, random_adapters  # noqa: E402
 
 from sisaflow.core.config import LoraParams, ModelParams  # noqa: E402
 from sisaflow.inference.combine import combine_log_probs  # noqa: E402
@@ -423,44 +421,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    import transformers
-
-    out: dict = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "setup": asdict(setup),
-        "smoke": args.smoke,
-    }
-    start = time.perf_counter()
-
-    def save() -> None:
-        out["seconds"] = time.perf_counter() - start
-        (out_dir / "graph.json").write_text(json.dumps(out, indent=2, default=str))
-
+    record = RunRecord(
+        out_dir / "graph.json",
+        device,
+        dtype=str(dtype).removeprefix("torch."),
+        setup=asdict(setup),
+        smoke=args.smoke,
+    )
+    out, save = record.out, record.save
     with tempfile.TemporaryDirectory() as tmp:
-        for section in dict.fromkeys(only):
-            if time.perf_counter() - start > args.budget_s:
-                out[section] = (
-                    f"skipped: {time.perf_counter() - start:.0f} s spent, budget {args.budget_s:.0f} s"
-                )
-                continue
-            print(f"# {section} ({time.perf_counter() - start:.0f} s in) ...", flush=True)
-            out[section] = []
-            try:
+        for section, key in record.sections(only, args.budget_s):
+            out[key] = []
+            with record.kept(key, strict=args.smoke):
                 if section == "scratch":
-                    scratch_section(setup, device, dtype, out[section], save)
+                    scratch_section(setup, device, dtype, out[key], save)
                 else:
-                    lora_section(setup, device, dtype, Path(tmp), out[section], save)
-            except Exception as exc:  # a device run is precious: keep the other section's figures
-                if args.smoke:
-                    raise
-                traceback.print_exc()
-                out[f"{section}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            save()
+                    lora_section(setup, device, dtype, Path(tmp), out[key], save)
     save()
     text = markdown(out)
     (out_dir / "graph.md").write_text(text)
