@@ -137,6 +137,7 @@ class Ensemble(torch.nn.Module):
         self.compile_decode = False
         """`graph_decoder()` compiles the step before capturing it (params' ensemble.compile_decode)."""
         self._decoder: GraphDecoder | None = None
+        self._decoder_made_for: tuple = ()
 
     @classmethod
     def load(
@@ -313,24 +314,25 @@ class Ensemble(torch.nn.Module):
         return texts[0] if single else texts
 
     def graph_decoder(self) -> GraphDecoder | None:
-        """The decoder `generate` uses on CUDA: the stacked runner's step captured as a CUDA graph
+        """The decoder `generate` uses on CUDA: the stacked runner's steps captured as CUDA graphs
         (`sisaflow.inference.graphed`); None, so the eager loop, off CUDA, for a runner that is not stacked, or
-        with `cuda_graphs` false. Made once and kept (its captured shapes with it)."""
-        if (
-            not self.cuda_graphs
-            or not isinstance(self.runner, StackedLlama)
-            or self.weights.device.type != "cuda"
-        ):
+        with `cuda_graphs` false. Made once and kept with its captured shapes, and made anew when what it
+        captured changed: the ensemble moved or cast (the graphs read the old tensors' memory), or another
+        combination or compile setting."""
+        runner = self.runner
+        if not self.cuda_graphs or not isinstance(runner, StackedLlama) or self.weights.device.type != "cuda":
             return None
+        made_for = (
+            self.weights.data_ptr(),
+            runner.embed.data_ptr(),
+            runner.embed.dtype,
+            self.combine,
+            self.compile_decode,
+        )
+        if self._decoder is None or self._decoder_made_for != made_for:
+            self._decoder = GraphDecoder(runner, self.weights, self.combine, compile=self.compile_decode)
+            self._decoder_made_for = made_for
         decoder = self._decoder
-        if (
-            decoder is None
-            or decoder.weights is not self.weights
-            or (decoder.combine, decoder.compiled) != (self.combine, self.compile_decode)
-        ):
-            decoder = self._decoder = GraphDecoder(
-                self.runner, self.weights, self.combine, compile=self.compile_decode
-            )
         return decoder
 
     def _generate_eager(
