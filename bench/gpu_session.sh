@@ -2,17 +2,17 @@
 # Issue 18's GPU plan: everything a device session measures, in two calls that fit its 15 device-minutes.
 #
 #   here, first (no device time):  bash bench/ray_gpu.sh prepare       # Ray's wheel in halves, under .carry/
-#   call 1, carry [".carry/ray-a"], timeout_s 420:                       bash bench/gpu_session.sh 1
+#   call 1, carry [".carry/ray-a"], timeout_s 410:                       bash bench/gpu_session.sh 1
 #       - stash the first half of Ray's wheel on the machine                         (seconds)
-#       - pytest -m gpu: the CUDA tests, issue 18.5's target is 120 s          timeout 130 s
-#       - bench/graph_generate.py: generation at graph speed (18.1, 18.2)      timeout 270 s (no section after 150 s)
-#   call 2, at once (the machine keeps files 30 s), carry [".carry/ray-b", ".carry/ray-wheels"], timeout_s 420:
+#       - pytest -m gpu: the CUDA tests (issue 18.5's target: 120 s)           timeout 150 s
+#       - bench/graph_generate.py: generation at graph speed (18.1, 18.2)      timeout 250 s (no section after 130 s)
+#   call 2, at once (the machine keeps files 30 s), carry [".carry/ray-b", ".carry/ray-wheels"], timeout_s 360:
 #                                                                        bash bench/gpu_session.sh 2
-#       - Ray: join, check and install the wheel, then bench/ray_gpu.py        timeout 170 s (18.4)
-#       - bench/gpu.py --only train-profile: compiled training's kernels and   timeout 220 s (18.3)
+#       - Ray: join, check and install the wheel, then bench/ray_gpu.py        timeout 150 s (18.4)
+#       - bench/gpu.py --only train-profile: compiled training's kernels and   timeout 200 s (18.3)
 #         the deterministic settings (sweep: strict-padded, nondeterministic)
 #   then give_back, and copy the files into bench/results/ and the tables into bench/RESULTS.md.
-# Time: a start of 1-2 minutes, 6.5 + 6 minutes of commands at most, transfers: under 15 minutes; no command
+# Time: a start of 1-2 minutes, 6.8 + 6 minutes of commands at most, transfers: about 15 minutes; no command
 # over 10. Each script writes its JSON after every measurement, so a timeout keeps what was measured.
 # Results under $OUT (the device tool's folder; /tmp/gpu-out elsewhere), at most 8 files a call:
 #   call 1: pytest.log, graph.log, graph/graph.json, graph/graph.md
@@ -37,26 +37,26 @@ case "${1:-}" in
         bash bench/ray_gpu.sh stash || echo "no Ray half stashed: call 2 will measure training but not Ray"
     fi
     # the tests set cuBLAS's workspace themselves (the library's own path): not exported here
-    timeout "${GPU_TEST_TIMEOUT:-130}" "$py" -m pytest -q -rfEs -p no:cacheprovider -m gpu --durations=15 \
+    timeout "${GPU_TEST_TIMEOUT:-150}" "$py" -m pytest -q -rfEs -p no:cacheprovider -m gpu --durations=15 \
         tests/unit/inference/test_gpu_path.py tests/unit/inference/test_graphed.py >"$out/pytest.log" 2>&1
     echo "pytest exit $?"
     grep -v -i warn "$out/pytest.log" | tail -25
     # shellcheck disable=SC2046  # flag prints nothing or one word
-    timeout "${GRAPH_TIMEOUT:-270}" "$py" bench/graph_generate.py --out "$out/graph" --budget-s "${GRAPH_BUDGET:-150}" \
+    timeout "${GRAPH_TIMEOUT:-250}" "$py" bench/graph_generate.py --out "$out/graph" --budget-s "${GRAPH_BUDGET:-130}" \
         $(flag) >"$out/graph.log" 2>&1
     echo "graph_generate exit $?"
     grep -v -i warn "$out/graph.log" | tail -40
     ;;
 2)
     if [ "$smoke" = 1 ]; then
-        timeout 170 "$py" bench/ray_gpu.py --smoke --out "$out/ray" >"$out/ray_gpu.log" 2>&1
+        timeout 150 "$py" bench/ray_gpu.py --smoke --out "$out/ray" >"$out/ray_gpu.log" 2>&1
         echo "ray_gpu exit $?"
     else
-        RAY_GPU_TIMEOUT=170 RAY_GPU_FLAGS="--records 2048 --budget-s 110" bash bench/ray_gpu.sh run
+        RAY_GPU_TIMEOUT=150 RAY_GPU_FLAGS="--records 2048 --budget-s 90" bash bench/ray_gpu.sh run
     fi
     # shellcheck disable=SC2046
-    timeout "${PROFILE_TIMEOUT:-220}" "$py" bench/gpu.py --only train-profile --out "$out/gpu" \
-        --profile-sweep strict-padded,nondeterministic --profile-budget-s "${PROFILE_BUDGET:-150}" $(flag) \
+    timeout "${PROFILE_TIMEOUT:-200}" "$py" bench/gpu.py --only train-profile --out "$out/gpu" \
+        --profile-sweep strict-padded,nondeterministic --profile-budget-s "${PROFILE_BUDGET:-130}" $(flag) \
         >"$out/gpu.log" 2>&1
     echo "train-profile exit $?"
     grep -v -i warn "$out/gpu.log" | tail -60
