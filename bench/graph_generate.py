@@ -22,9 +22,9 @@ mixture, never stopping at end-of-text (every run makes the same tokens):
 - `eager` (S in the setup's `eager` sizes): today's stacked step launched from Python per token (what issue 18's
   baseline measured: 292 tokens/s at S=8); 0 in the table where not measured.
 Each run is warmed up once at its full length (compilation and capture happen there), then timed `repeats`
-times, the runs taking turns; the median is reported. Each row also states the bytes one graph step reads
-(weights and cache) and the step time the H200's 4.3 TB/s would allow for them: how far the step is from the
-memory-bandwidth bound.
+times, the runs taking turns; the median is reported. Each row also gives the prefill and one decode step
+replayed alone, the bytes a decode step reads (weights and cache) and the step time the H200's 4.3 TB/s would
+allow for them: how far the step is from the memory-bandwidth bound.
 
 Numerics (S in the setup's `numerics` sizes): the loop over the constituents (transformers models, or the peft
 loop for LoRA; the mixture in float64) decodes greedily; the graph decoder is then fed the loop's tokens
@@ -177,6 +177,24 @@ def step_bytes(stacked: StackedLlama, batch: int, capacity: int) -> dict:
     }
 
 
+def replay_ms(dec: GraphDecoder, device: torch.device, steps: int) -> dict:
+    """Milliseconds of one prefill and of one decode step of the decoder's last shape, replayed alone (what a
+    generation's rate mixes): the decode step is what the bandwidth bound is compared with. Each prefill puts
+    the position back at the prompt's end, so the decode steps stay inside the cache, as a generation's do."""
+    shape = dec._shapes[dec.captured[-1]]
+    steps = min(steps, shape.capacity - shape.width - 1)
+    times = {}
+    for name, count in (("prefill", 3), ("decode", steps)):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            dec._run(shape, name)
+        sync(device)
+        times[name] = 1e3 * (time.perf_counter() - start) / count
+    assert int(shape.position) == shape.width + steps <= shape.capacity - 1  # never past the cache
+    return {"prefill_ms": times["prefill"], "decode_step_ms": times["decode"]}
+
+
 @torch.no_grad()
 def reference(
     runner, weights: torch.Tensor, prompt: torch.Tensor, new: int
@@ -264,13 +282,13 @@ def measure(
             row["compiled_vs_one"] = r["compiled"] / one_rate
             row["compile_seconds"] = compile_s
             row["compiled_failure"] = fused.failure
-        row["graph_step_ms"] = 1e3 * setup.batch / r["graph"]
-        row["step_vs_bound"] = row["graph_step_ms"] / row["bound_ms"]
+        row.update(replay_ms(dec, device, setup.new))
+        row["step_vs_bound"] = row["decode_step_ms"] / row["bound_ms"]
         rows.append(row)
         save()
         print(
             f"  S={s}: graph {r['graph']:,.0f} tok/s, {row['graph_vs_one']:.2f}x one model ({one_rate:,.0f}), "
-            f"step {row['graph_step_ms']:.2f} ms, bound {row['bound_ms']:.2f} ms",
+            f"decode step {row['decode_step_ms']:.2f} ms, bound {row['bound_ms']:.2f} ms",
             flush=True,
         )
         if s in setup.numerics:
@@ -362,8 +380,8 @@ def markdown(out: dict) -> str:
             f"generate() with a static cache{', compiled' if rows[0]['one_compiled'] else ', not compiled'}):",
             "",
             "| S | one model | graph | graph, compiled step | eager (today) | graph / one | compiled / one "
-            "| graph / eager | step ms | bound ms | step / bound |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| graph / eager | prefill ms | decode step ms | bound ms | step / bound |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in sorted(rows, key=lambda r: r["S"]):
             fused = (
@@ -376,8 +394,8 @@ def markdown(out: dict) -> str:
             )
             lines.append(
                 f"| {r['S']} | {r['one']:,.0f} | {r['graph']:,.0f} | {fused[0]} | {r.get('eager', 0):,.0f} "
-                f"| {r['graph_vs_one']:.2f} | {fused[1]} | {r['graph_vs_eager'] or 0:.1f} | {r['graph_step_ms']:.3g} "
-                f"| {r['bound_ms']:.3g} | {r['step_vs_bound']:.3g} |"
+                f"| {r['graph_vs_one']:.2f} | {fused[1]} | {r['graph_vs_eager'] or 0:.1f} | {r['prefill_ms']:.3g} "
+                f"| {r['decode_step_ms']:.3g} | {r['bound_ms']:.3g} | {r['step_vs_bound']:.3g} |"
             )
         nums = [r for r in rows if "numerics" in r]
         if nums:

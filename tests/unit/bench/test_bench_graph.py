@@ -35,7 +35,13 @@ def test_every_size_is_measured_three_ways_with_its_bandwidth_bound(smoke, secti
         assert min(r["one"], r["graph"]) > 0 and (r.get("eager", 0) > 0) == (r["S"] in s.eager)
         assert r["graph_vs_one"] == pytest.approx(r["graph"] / r["one"])
         assert not r["captured"] and r["capacity"] % 64 == 0 and r["capacity"] >= s.prompt + s.new
-        assert r["weights_bytes"] > 0 and r["cache_bytes"] > 0
+        assert (
+            r["weights_bytes"] > 0
+            and r["cache_bytes"] > 0
+            and r["prefill_ms"] > 0
+            and r["decode_step_ms"] > 0
+        )
+        assert r["step_vs_bound"] == pytest.approx(r["decode_step_ms"] / r["bound_ms"])
         assert r["bound_ms"] == pytest.approx(
             1e3 * (r["weights_bytes"] + r["cache_bytes"]) / bench.HBM_BYTES_PER_S
         )
