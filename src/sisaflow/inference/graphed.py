@@ -227,9 +227,8 @@ class GraphDecoder:
             return self._shapes[key]
         while len(self._shapes) >= MAX_GRAPHS:
             self._shapes.popitem(last=False)
-        self.stacked.reserve_positions(
-            capacity
-        )  # extend the rotary table now: a graph must never see it replaced
+        # extend the rotary table now: a graph must never see it replaced
+        self.stacked.reserve_positions(capacity)
         shape = _Shape(self.stacked, batch, width, capacity, self.mixture_dtype)
         if self.capture:
             try:
