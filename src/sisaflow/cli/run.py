@@ -31,6 +31,10 @@ def workspace_arg(args: argparse.Namespace) -> Workspace:
     return ws
 
 
+EPHEMERAL_STARTUP_S = 180
+"""How long a flow without a Prefect server waits for its throwaway one to start (Prefect's default: 20 s)."""
+
+
 def prefect_env(ws: Workspace) -> None:
     """Local defaults for Prefect: a workspace-local home, no analytics; a configured server wins."""
     if "PREFECT_HOME" not in os.environ:
@@ -39,6 +43,10 @@ def prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # without a server, each flow starts a throwaway one, whose first start in a fresh home creates and migrates
+    # its database: on a busy 2-core machine that took longer than Prefect's 20 s default, and the forget
+    # failed with "Timed out while attempting to connect to ephemeral Prefect API server"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
 
 
 def cmd_init(args) -> int:
