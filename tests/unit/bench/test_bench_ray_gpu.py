@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.procs import session_pids
+from tests.integration.procs import kill_session, session_pids
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "bench" / "ray_gpu.py"
@@ -30,17 +29,6 @@ RUNS = ("in_process", "ray_1", "ray_2")
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUBLAS_WORKSPACE_CONFIG")}
     return {**env, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _kill_session(sid: int) -> list[int]:
-    """Kill what is left of the session this test started (its Ray included); return those processes."""
-    left = [p for p in session_pids(sid) if p != os.getpid()]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +47,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str, list[int]]:
     try:
         log, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        _kill_session(proc.pid)
+        kill_session(proc)
         log, _ = proc.communicate()
         pytest.fail(f"bench/ray_gpu.py --smoke ran past 180 s:\n{log[-4000:]}")
     assert proc.returncode == 0, log[-4000:]
@@ -67,7 +55,8 @@ def smoke(tmp_path_factory) -> tuple[dict, str, list[int]]:
     deadline = time.monotonic() + 30
     while session_pids(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = _kill_session(proc.pid)
+    left = [pid for pid in session_pids(proc.pid) if pid != os.getpid()]
+    kill_session(proc)
     return json.loads((out / "ray_gpu.json").read_text()), (out / "ray_gpu.md").read_text(), left
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import session_pids
+from tests.integration.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -34,12 +33,7 @@ def _phase(number: int, out: Path) -> str:
     try:
         text, _ = proc.communicate(timeout=420)
     finally:
-        for pid in session_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.kill()
+        kill_session(proc)  # what the phase left (its Ray) goes with it
     assert proc.returncode == 0, text
     return text
 
