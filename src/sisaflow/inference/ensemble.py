@@ -33,7 +33,7 @@ from sisaflow.core.errors import WorkspaceError
 from sisaflow.core.ledger import read_ledger
 from sisaflow.core.paths import Workspace
 from sisaflow.inference.combine import combine_log_probs
-from sisaflow.inference.graphed import GraphDecoder
+from sisaflow.inference.graphed import GraphDecoder, draw
 from sisaflow.inference.registry import read_registry, serving_view
 from sisaflow.inference.runners import Runner, model_runner
 from sisaflow.inference.stacked import StackedLlama
@@ -332,8 +332,7 @@ class Ensemble(torch.nn.Module):
         if self._decoder is None or self._decoder_made_for != made_for:
             self._decoder = GraphDecoder(runner, self.weights, self.combine, compile=self.compile_decode)
             self._decoder_made_for = made_for
-        decoder = self._decoder
-        return decoder
+        return self._decoder
 
     def _generate_eager(
         self, x: torch.Tensor, mask: torch.Tensor | None, budget: int, temperature: float, seed: int
@@ -349,8 +348,7 @@ class Ensemble(torch.nn.Module):
         for _ in range(budget):
             lp = out.logits[:, -1]
             if temperature > 0:
-                probs = torch.softmax(lp / temperature, dim=-1).float().cpu()
-                tokens = [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
+                tokens = draw(lp, temperature, gens)
             else:
                 tokens = lp.argmax(-1).tolist()
             for i, token in enumerate(tokens):

@@ -66,6 +66,13 @@ def bucket(value: int, buckets: Sequence[int]) -> int:
     return next((b for b in buckets if b >= value), buckets[-1])
 
 
+def draw(log_probs: torch.Tensor, temperature: float, gens: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of `log_probs` (B, V), drawn on the host at `temperature` from the row's own generator:
+    how both decoding paths sample, so that a seed gives the same text either way."""
+    probs = torch.softmax(log_probs / temperature, dim=-1).float().cpu()
+    return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
+
+
 class _Shape:
     """One captured shape: the static cache, the steps' inputs and outputs (fixed addresses), and the graphs."""
 
@@ -301,8 +308,7 @@ class GraphDecoder:
     ) -> None:
         """Replace the greedy token at `position` of each real row by one drawn from the log-probabilities, as
         `Ensemble.generate` draws it (on the host, from the row's own generator)."""
-        probs = torch.softmax(shape.log_probs[:rows] / temperature, dim=-1).float().cpu()
-        drawn = torch.tensor([int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)])
+        drawn = torch.tensor(draw(shape.log_probs[:rows], temperature, gens))
         shape.tokens[:rows, 0] = drawn.to(shape.tokens.device)
         shape.sequence[:rows, position] = shape.tokens[:rows, 0]
 
