@@ -236,16 +236,53 @@ CLASSIFY_RULES: tuple[str, ...] = get_args(ClassifyRule)
 """How a classification corpus's constituents decide (ensemble.classify, `sisaflow classify --rule`)."""
 
 
+COMBINES: tuple[str, ...] = ("mixture", "posterior", "product", "merge")
+"""How an ensemble combines its constituents (ensemble.combine)."""
+
+
+@dataclass(frozen=True)
+class PosteriorParams:
+    """The posterior combination's settings (ensemble.combine: posterior; see sisaflow.inference.combine).
+
+    Constituent k's weight before token t is proportional to pi_k exp(beta * sum_{i<t} log p_k(x_i | x_<i)) over
+    the real tokens so far (the prompt and what was generated), then mixed with a uniform floor:
+    w <- (1 - floor) w + floor / S. beta 1 and floor 0 give the mixture of the constituents' whole-sequence
+    probabilities, exactly."""
+
+    beta: float = 1.0
+    """How sharply the context decides (0 would be the uniform mixture)."""
+    floor: float = 0.0
+    """Share of uniform weight under the posterior, in [0, 1): lets a change of topic mid-answer recover."""
+    top_k: int | None = None
+    """Keep only the k constituents with the highest weight once the prompt is read (and, in a forward over a
+    whole text, at each position); null: all of them."""
+
+    def __post_init__(self) -> None:
+        check_positive("ensemble.posterior.beta", self.beta)
+        if not 0 <= self.floor < 1:
+            raise ConfigError(
+                f"params: ensemble.posterior.floor = {self.floor!r} is not allowed; it must be >= 0 and < 1"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(
+                f"params: ensemble.posterior.top_k = {self.top_k!r} is not allowed; it must be null (every "
+                "constituent) or an integer from 1 to sharding.shards"
+            )
+
+
 @dataclass(frozen=True)
 class EnsembleParams:
     """How constituents' next-token distributions are combined."""
 
     weights: Literal["uniform", "size"] = "uniform"
-    combine: Literal["mixture", "product", "merge"] = "mixture"
-    """mixture: the weighted mean of the constituents' next-token probabilities; product: of their
+    combine: Literal["mixture", "posterior", "product", "merge"] = "mixture"
+    """mixture: the weighted mean of the constituents' next-token probabilities; posterior: the same mean with
+    each constituent weighted by how well it predicted the context so far (`posterior` below); product: of their
     log-probabilities, renormalised; merge (LoRA constituents only): one model, the base plus the weighted mean
-    of the adapters' weight deltas (alpha/r) B A. A merge is a fixed function of exact adapters, so it stays
-    exact after a forget, and it costs one model at inference."""
+    of the adapters' weight deltas (alpha/r) B A. Each is a fixed function of the exact constituents (and the
+    context), so it stays exact after a forget; a merge costs one model at inference."""
+    posterior: PosteriorParams = field(default_factory=PosteriorParams)
+    """With combine: posterior only."""
     batched: bool = True
     """Evaluate all constituents in one batched computation per step (stacked weights, or batched LoRA) where
     they allow it; false: a Python loop over the constituents. Same numbers within float rounding."""
@@ -263,7 +300,17 @@ class EnsembleParams:
 
     def __post_init__(self) -> None:
         check_choice("ensemble.weights", self.weights, ("uniform", "size"))
-        check_choice("ensemble.combine", self.combine, ("mixture", "product", "merge"))
+        check_choice("ensemble.combine", self.combine, COMBINES)
+        if self.combine != "posterior" and self.posterior != PosteriorParams():
+            changed = [
+                f.name
+                for f in dataclasses.fields(PosteriorParams)
+                if getattr(self.posterior, f.name) != getattr(PosteriorParams(), f.name)
+            ]
+            raise ConfigError(
+                f"params: ensemble.posterior.{changed[0]} is set but ensemble.combine = {self.combine!r} does not "
+                "route by the context; set ensemble.combine: posterior, or remove ensemble.posterior"
+            )
         check_choice("ensemble.classify", self.classify, CLASSIFY_RULES)
 
 
@@ -359,6 +406,12 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
+        top_k = self.ensemble.posterior.top_k
+        if top_k is not None and top_k > self.sharding.shards:
+            raise ConfigError(
+                f"params: ensemble.posterior.top_k = {top_k} is not allowed; it must be null (every constituent) "
+                f"or an integer from 1 to sharding.shards ({self.sharding.shards})"
+            )
         if self.ensemble.combine == "merge" and self.model.base is None:
             raise ConfigError(
                 "params: ensemble.combine = 'merge' needs LoRA constituents (model.base set): it averages adapters' "

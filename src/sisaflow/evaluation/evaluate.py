@@ -41,11 +41,18 @@ from sisaflow.core.hashing import workspace_hasher
 from sisaflow.core.paths import Workspace
 from sisaflow.core.progress import Meter, meter
 from sisaflow.data.corpus import Record, content_hash, from_table, read_records, read_table
+from sisaflow.data.sharding import shard_of as owner_shard
 from sisaflow.evaluation import metrics
 from sisaflow.evaluation.baseline import train_baseline
 from sisaflow.evaluation.tofu import load_perturbed, tofu_metrics, truth_ratios
-from sisaflow.inference.combine import combine_log_probs
+from sisaflow.inference.combine import (
+    combine_log_probs,
+    posterior_log_weights,
+    running_scores,
+    token_log_probs,
+)
 from sisaflow.inference.ensemble import Ensemble, length_batches
+from sisaflow.inference.routing import posterior_step
 
 log = logging.getLogger("sisaflow.evaluation.evaluate")
 Progress = Callable[[str], None]
@@ -62,6 +69,9 @@ class Scored:
     ensemble: metrics.TokenStats
     constituents: list[metrics.TokenStats]
     zlib_text: str = field(repr=False, default="")
+    route: list[float] | None = None
+    """ensemble.combine posterior: each served constituent's weight after the whole record (where the ensemble
+    would route what follows it); None for other combinations."""
 
 
 def sample(records: Sequence[Record], n: int) -> list[Record]:
@@ -94,14 +104,25 @@ def score_records(
         with torch.no_grad():
             logits, _ = ens.runner(x.to(ens.weights.device))
         lp = torch.log_softmax(logits.double(), dim=-1).cpu()  # (S, B, T, V)
-        combined = combine_log_probs(lp, ens.weights.cpu(), ens.combine)  # (B, T, V)
+        routes = None
+        if ens.combine == "posterior":  # right padding: a position never sees the padding after it
+            combined, _ = posterior_step(lp, x, None, ens.weights.cpu(), ens.posterior, None, None, False)
+            scores = running_scores(token_log_probs(lp, x), None)  # (S, B, T-1)
+            routes = posterior_log_weights(ens.weights.cpu(), scores, ens.posterior).exp()
+        else:
+            combined = combine_log_probs(lp, ens.weights.cpu(), ens.combine)  # (B, T, V)
         for row, i in enumerate(chunk):
             r, ids = encoded[i]
             n = len(ids) - 1
             target = x[row, 1 : n + 1]
             per = [metrics.token_stats(lp[s, row, :n], target) for s in range(lp.shape[0])]
             scored[i] = Scored(
-                shard_of.get(r.record_id, -1), n, metrics.token_stats(combined[row, :n], target), per, r.text
+                shard_of.get(r.record_id, -1),
+                n,
+                metrics.token_stats(combined[row, :n], target),
+                per,
+                r.text,
+                None if routes is None else routes[:, row, n - 1].tolist(),
             )
         if scored_meter is not None:
             scored_meter.advance(len(chunk))
@@ -251,9 +272,43 @@ def forgotten_aggregates(
         "attacks_vs_never_seen": attacks(scored, never, ep),
         "verbatim": verbatim(ens, forgotten, ep.rouge_records, ep.rouge_new_tokens),
     }
+    # score_records leaves out a record with no token to score; `former` follows it
+    tok = ens.tokenizer
+    former = [owner_shard(r.owner, params.sharding.shards) for r in forgotten if tok.encode(r.text)]
+    routing = routing_vs_never_seen(ens, scored, former, never, ep)
+    if routing is not None:
+        out["routing_vs_never_seen"] = routing
     if perturbed:
         out["truth_ratios"] = truth_ratios(ens, perturbed, forgotten, params.corpus.text_template)
     return out
+
+
+def routing_vs_never_seen(
+    ens: Ensemble, forgotten: Sequence[Scored], former: Sequence[int], never: Sequence[Scored], ep
+) -> dict | None:
+    """Whether the posterior's routing still singles out a forgotten owner's former shard: the weight that shard
+    gets after each forgotten record against the weight it gets after each never-seen record, as an AUC with a
+    95% bootstrap interval (0.5: no more than for anyone). None unless combine is posterior and both groups
+    have records. `former`: each forgotten record's shard, in `forgotten`'s order."""
+    if not forgotten or not never or forgotten[0].route is None:
+        return None
+    index = {shard: i for i, shard in enumerate(ens.shards)}
+
+    def weight(s: Scored, shard: int) -> float:
+        return s.route[index[shard]] if shard in index and s.route else 0.0  # excluded: routed nowhere
+
+    mine = [weight(s, shard) for s, shard in zip(forgotten, former, strict=True)]
+    theirs = [weight(s, shard) for shard in sorted(set(former)) for s in never]
+    auc, low, high = metrics.auc_with_ci(mine, theirs, n_boot=ep.bootstrap, seed=ep.seed)
+    return {
+        "auc": auc,
+        "low": low,
+        "high": high,
+        "mean_weight_forgotten": float(np.mean(mine)),
+        "mean_weight_never_seen": float(np.mean(theirs)),
+        "members": len(mine),
+        "nonmembers": len(theirs),
+    }
 
 
 def snapshot_before(ws: Workspace, params: Params, request_ids: list[str], run_id: str) -> Path | None:

@@ -151,6 +151,11 @@ def markdown(r: dict, plots: list[str]) -> str:
         lines.append(
             f"| ROUGE-L F1 / recall of continuations | {_rouge(b['verbatim'])} | {_rouge(a['verbatim'])} |"
         )
+        if "routing_vs_never_seen" in b or "routing_vs_never_seen" in a:
+            lines.append(
+                "| routing: former shard's weight, AUC vs never-seen | "
+                f"{_ci(b.get('routing_vs_never_seen'))} | {_ci(a.get('routing_vs_never_seen'))} |"
+            )
         if "priv_leak_before" in e:
             lines.append(
                 f"| PrivLeak (Min-K%, vs the retrained model) | {_f(e['priv_leak_before'])} | {_f(e['priv_leak_after'])} |"

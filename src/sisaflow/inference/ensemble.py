@@ -28,13 +28,14 @@ from typing import Any, overload
 
 import torch
 
-from sisaflow.core.config import ModelParams, Params
+from sisaflow.core.config import ModelParams, Params, PosteriorParams
 from sisaflow.core.errors import WorkspaceError
 from sisaflow.core.ledger import read_ledger
 from sisaflow.core.paths import Workspace
 from sisaflow.inference.combine import combine_log_probs
 from sisaflow.inference.graphed import GraphDecoder, draw
 from sisaflow.inference.registry import read_registry, serving_view
+from sisaflow.inference.routing import RoutedCache, context_weights, posterior_step
 from sisaflow.inference.runners import Runner, model_runner
 from sisaflow.inference.stacked import StackedLlama
 from sisaflow.models.scratch import build_model
@@ -109,6 +110,7 @@ class Ensemble(torch.nn.Module):
         *,
         runner: Runner | None = None,
         context_length: int | None = None,
+        posterior: PosteriorParams | None = None,
     ):
         super().__init__()
         if not models and runner is None:
@@ -117,6 +119,8 @@ class Ensemble(torch.nn.Module):
         total = float(sum(weights))
         self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float64))
         self.combine = combine
+        self.posterior = posterior or PosteriorParams()
+        """The posterior combination's settings (used with combine 'posterior' only)."""
         self.tokenizer = tokenizer
         self.version = ""
         self.shards: list[int] = []
@@ -185,6 +189,7 @@ class Ensemble(torch.nn.Module):
                 m.to(device=device, dtype=dtype)  # type: ignore[arg-type,call-arg]  # in place
                 models.append(m.eval())
             ens = cls(models, weights, reg["combine"], tok, batched)
+        ens.posterior = PosteriorParams(**reg.get("posterior", {}))
         ens.cuda_graphs = params.ensemble.cuda_graphs
         ens.compile_decode = params.ensemble.compile_decode
         ens.version = reg["version"]
@@ -252,17 +257,35 @@ class Ensemble(torch.nn.Module):
         self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0
     ) -> EnsembleOutput:
         """Combined log-probabilities (B, T, V) as `.logits` (the last `logits_to_keep` positions if > 0) and,
-        with `use_cache`, the cache to pass back as `past_key_values` for the next tokens."""
+        with `use_cache`, the cache to pass back as `past_key_values` for the next tokens.
+
+        With combine 'posterior' every position's log-probabilities are computed (each new token is context
+        that moves the weights) and the cache is a `RoutedCache` carrying the rows' running scores."""
+        routed = self.combine == "posterior"
+        state = past_key_values if isinstance(past_key_values, RoutedCache) else None
         logits, cache = self.runner(
             input_ids,
             attention_mask,
-            cache=past_key_values,
+            cache=state.inner if state is not None else past_key_values,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=0 if routed else logits_to_keep,
         )
         log_probs = torch.log_softmax(logits.double(), dim=-1)
-        combined = combine_log_probs(log_probs, self.weights, self.combine)
-        return EnsembleOutput(combined, cache if use_cache else None)
+        if not routed:
+            combined = combine_log_probs(log_probs, self.weights, self.combine)
+            return EnsembleOutput(combined, cache if use_cache else None)
+        combined, routed_cache = posterior_step(
+            log_probs, input_ids, attention_mask, self.weights, self.posterior, state, cache, use_cache
+        )
+        if 0 < logits_to_keep < combined.shape[1]:
+            combined = combined[:, -logits_to_keep:]
+        return EnsembleOutput(combined, routed_cache if use_cache else None)
+
+    def select_cache_rows(self, cache: Any, rows: torch.Tensor) -> Any:
+        """The cache `forward` returned, for the rows `rows` names, in that order (beam search)."""
+        if isinstance(cache, RoutedCache):
+            return cache.select_rows(self.runner.select_cache_rows(cache.inner, rows), rows)
+        return self.runner.select_cache_rows(cache, rows)
 
     @torch.no_grad()
     def score(self, text: str) -> dict[str, float]:
@@ -277,6 +300,20 @@ class Ensemble(torch.nn.Module):
         ll = float(token_lp.sum())
         n = len(ids) - 1
         return {"tokens": n, "log_likelihood": ll, "perplexity": math.exp(-ll / n)}
+
+    @torch.no_grad()
+    def routing_weights(self, prompt: str) -> list[float]:
+        """Each served constituent's weight (in `shards` order) for what follows `prompt`: with combine
+        'posterior', where a continuation of it is routed (its floor and top_k applied); otherwise the fixed
+        mixture weights. The prompt's tokens are all context (no end-of-text added)."""
+        self.check_current()
+        if self.combine != "posterior":
+            return [float(w) for w in self.weights]
+        ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eos_id])[-self._context() :]
+        x = torch.tensor([ids], device=self.weights.device)
+        logits, _ = self.runner(x)
+        weights = context_weights(torch.log_softmax(logits.double(), dim=-1), x, self.weights, self.posterior)
+        return [float(w) for w in weights[:, 0]]
 
     @overload
     def generate(
@@ -321,6 +358,8 @@ class Ensemble(torch.nn.Module):
         combination or compile setting."""
         runner = self.runner
         if not self.cuda_graphs or not isinstance(runner, StackedLlama) or self.weights.device.type != "cuda":
+            return None
+        if self.combine == "posterior":  # its running scores are not in the captured steps (yet): eager
             return None
         made_for = (
             self.weights.data_ptr(),

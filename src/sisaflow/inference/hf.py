@@ -242,7 +242,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search: keep the cached rows `beam_idx` names, in that order."""
-        return self.ensemble.runner.select_cache_rows(cache, beam_idx)
+        return self.ensemble.select_cache_rows(cache, beam_idx)
 
     def encode(self, prompts: str | Sequence[str], max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` of a batch of prompts, left-padded with end-of-text as `generate`

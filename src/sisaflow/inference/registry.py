@@ -89,6 +89,8 @@ def build_registry(ws: Workspace, params: Params) -> dict:
         "tokenizer": params.model.tokenizer,
         "model": dataclasses.asdict(params.model),
     }
+    if params.ensemble.combine == "posterior":  # other combinations keep the versions they had
+        body["posterior"] = dataclasses.asdict(params.ensemble.posterior)
     if params.model.base is not None:
         from sisaflow.core.base_files import base_identity
 

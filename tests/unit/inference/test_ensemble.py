@@ -108,6 +108,14 @@ def models(make_params):
     return _models(make_params)
 
 
+@pytest.fixture
+def models64(make_params):
+    """The same models in float64: an ensemble's stacked forward and the models' own forward sum in other orders,
+    which float32 shows at ~3e-6 (seen on a clean clone) and float64 at ~1e-13, so a comparison of the two
+    paths bounds only the combination's arithmetic, at 1e-9."""
+    return [m.double() for m in _models(make_params)]
+
+
 def _direct_log_probs(models, weights, ids: list[int], combine="mixture") -> torch.Tensor:
     """Per position, the combined next-token log-probabilities, computed straight from each model's logits."""
     x = torch.tensor([ids])
@@ -120,7 +128,8 @@ def _direct_log_probs(models, weights, ids: list[int], combine="mixture") -> tor
     return torch.log(q / q.sum(-1, keepdim=True))
 
 
-def test_weights_are_normalised_uniform_or_by_size(models):
+def test_weights_are_normalised_uniform_or_by_size(models64):
+    models = models64
     tok = load_tokenizer("byte")
     uniform = Ensemble(models, [1.0, 1.0, 1.0], "mixture", tok)
     sized = Ensemble(models, [30, 10, 60], "mixture", tok)
@@ -140,7 +149,8 @@ def test_empty_ensemble_is_refused():
 
 
 @pytest.mark.parametrize("combine", ["mixture", "product"])
-def test_score_equals_direct_per_token_computation(models, combine):
+def test_score_equals_direct_per_token_computation(models64, combine):
+    models = models64
     tok = load_tokenizer("byte")
     ens = Ensemble(models, [2.0, 1.0, 1.0], combine, tok)
     text = "Question: who? Answer: Ada ✓"
@@ -310,9 +320,11 @@ def test_load_from_registry_serves_the_trained_constituents(
             assert torch.equal(a, b)
     text = "Question: what is 1 plus 1?"
     ids = tok.encode(text) + [tok.eos_id]
-    lp = _direct_log_probs(direct_models, expected_w, ids)
+    # in float64 both ways: the stacked forward and the models' own sum in other orders (float32 rounding would
+    # show at ~1e-6 relative, float64 at ~1e-14), so 1e-9 bounds the combination and the weights alone
+    lp = _direct_log_probs([m.double() for m in direct_models], expected_w, ids)
     ll = sum(float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1))
-    assert ens.score(text)["log_likelihood"] == pytest.approx(ll, rel=1e-9)
+    assert Ensemble.load(ws, dtype=torch.float64).score(text)["log_likelihood"] == pytest.approx(ll, rel=1e-9)
 
 
 def test_a_loaded_ensemble_refuses_once_a_request_excludes_one_of_its_constituents(
