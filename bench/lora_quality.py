@@ -43,9 +43,10 @@ sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
 import cost_accounting as ca  # noqa: E402
 import forget_grid as fg  # noqa: E402
 
-from sisaflow.core.config import LoraParams, ModelParams, Params, TrainParams  # noqa: E402
+from sisaflow.core.config import LoraParams, ModelParams, Params, PosteriorParams, TrainParams  # noqa: E402
 from sisaflow.data.corpus import Record, content_hash  # noqa: E402
-from sisaflow.data.sharding import shard_corpus  # noqa: E402
+from sisaflow.data.sharding import shard_corpus, shard_of  # noqa: E402
+from sisaflow.inference.combine import posterior_log_weights, running_scores  # noqa: E402
 from sisaflow.inference.ensemble import Ensemble, length_batches  # noqa: E402
 from sisaflow.inference.registry import build_registry  # noqa: E402
 from sisaflow.models.pretrained import load_base_model  # noqa: E402
@@ -53,7 +54,32 @@ from sisaflow.models.tokenizer import load_tokenizer  # noqa: E402
 
 TOFU = REPO / "data" / "tofu"
 TEMPLATE = "Question: {question}\nAnswer: {answer}"
-COMBINES = ("mixture", "product", "merge")
+COMBINES = ("mixture", "posterior", "posterior-floor", "top-2", "top-1", "product", "merge")
+"""The rules every layout is served with; `posterior-floor` takes the beta and floor that `choose_posterior`
+picks on held-out records (the other posterior rules: beta 1)."""
+GRID_BETAS = (0.25, 0.5, 1.0)
+GRID_FLOORS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
+HELD_OUT = 2
+"""Of each author's 20 records, the last HELD_OUT are trained on by no layout: same-author held-out questions,
+on which (with never-seen authors) the posterior's beta and floor are chosen."""
+
+
+def rule(name: str, chosen: PosteriorParams | None = None) -> tuple[str, PosteriorParams]:
+    """The ensemble's combine and posterior settings of a rule name (`COMBINES`, or `posterior:BETA:FLOOR`)."""
+    if name.startswith("posterior:"):
+        _, beta, floor = name.split(":")
+        return "posterior", PosteriorParams(beta=float(beta), floor=float(floor))
+    if name == "posterior":
+        return "posterior", PosteriorParams()
+    if name == "posterior-floor":
+        return "posterior", chosen or PosteriorParams()
+    if name.startswith("top-"):
+        return "posterior", PosteriorParams(top_k=int(name[4:]))
+    return ("mixture" if name == "merge" else name), PosteriorParams()
+
+
+def grid_rules() -> list[str]:
+    return [f"posterior:{b}:{f}" for b in GRID_BETAS for f in GRID_FLOORS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +115,22 @@ def subset(plan: Plan, root: Path) -> tuple[Path, list[dict], list[dict]]:
     """The corpus subset as JSONL (the last `authors` authors), its rows, and the never-seen holdout rows."""
     rows = read_jsonl(TOFU / "records.jsonl")
     authors = sorted({r["author_id"] for r in rows})[-plan.authors :]
-    chosen = [r for r in rows if r["author_id"] in set(authors)]
+    chosen = [r for r in rows if r["author_id"] in set(authors) and not held_out(r)]
     source = root / "subset.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     return source, chosen, read_jsonl(TOFU / "holdout_records.jsonl")
+
+
+def held_out(row: dict) -> bool:
+    """Whether a record is one of its author's HELD_OUT last (TOFU ids run 0..19 per author)."""
+    return int(row["id"].rsplit("-", 1)[-1]) % 20 >= 20 - HELD_OUT
+
+
+def validation(plan: Plan) -> list[Record]:
+    """The subset's authors' held-out records: no layout trains on them."""
+    rows = read_jsonl(TOFU / "records.jsonl")
+    authors = set(sorted({r["author_id"] for r in rows})[-plan.authors :])
+    return [as_record(r) for r in rows if r["author_id"] in authors and held_out(r)]
 
 
 def as_record(row: dict) -> Record:
@@ -120,10 +158,14 @@ def params_for(plan: Plan, lr: float | None = None) -> Params:
 
 
 @torch.no_grad()
-def token_log_probs(ens: Ensemble, records: list[Record], combines: tuple[str, ...]) -> dict[str, list]:
-    """Per combine, per record: (log-likelihood of its tokens after the first, token count). One forward of all
+def token_log_probs(
+    ens: Ensemble, records: list[Record], combines: tuple[str, ...], chosen: PosteriorParams | None = None
+) -> dict[str, list]:
+    """Per rule, per record: (log-likelihood of its tokens after the first, token count). One forward of all
     constituents per batch; the combination runs constituent by constituent in float64, so memory holds one
-    (B, T, vocab) sum, not S of them (S=16 x the vocabulary would not fit)."""
+    (B, T, vocab) sum, not S of them (S=16 x the vocabulary would not fit). The posterior rules need each
+    constituent's probability of the target only: the library's weights (`posterior_log_weights`) over the
+    running scores of the tokens before each position."""
     tok = ens.tokenizer
     rows = [(tok.encode(r.text) + [tok.eos_id])[: ens.context_length] for r in records]
     out: dict[str, list] = {c: [None] * len(rows) for c in combines}
@@ -140,19 +182,40 @@ def token_log_probs(ens: Ensemble, records: list[Record], combines: tuple[str, .
             if "product" in combines:
                 total = lp * w[s] if total is None else total + lp * w[s]
         per_t = torch.stack(per)  # (S, B, T-1)
-        combined = {
-            # the mixture needs each constituent's probability of the target only; a merge is one model
-            "mixture": torch.logsumexp(per_t + torch.log(w).view(-1, 1, 1), dim=0),
-        }
-        combined["merge"] = combined["mixture"]
-        if total is not None:
-            combined["product"] = torch.log_softmax(total, dim=-1).gather(-1, target).squeeze(-1)
+        before = running_scores(per_t, None) - per_t  # the context each position has read
+        combined = {}
+        for c in combines:
+            kind, posterior = rule(c, chosen)
+            if kind == "posterior":
+                log_w = posterior_log_weights(w, before, posterior)
+                combined[c] = torch.logsumexp(per_t + log_w, dim=0)
+            elif kind == "mixture":  # a merge is one model: the "mixture" of one
+                combined[c] = torch.logsumexp(per_t + torch.log(w).view(-1, 1, 1), dim=0)
+            elif total is not None:
+                combined[c] = torch.log_softmax(total, dim=-1).gather(-1, target).squeeze(-1)
         for c in combines:
             values = combined[c].cpu()
             for row, i in enumerate(chunk):
                 n = len(rows[i]) - 1
                 out[c][i] = (values[row, :n].sum().item(), n)
     return out
+
+
+def choose_posterior(ens: Ensemble, data: dict, plan: Plan) -> dict:
+    """The posterior's beta and floor with the highest log-likelihood on records no constituent trained on:
+    the subset's authors' held-out questions and never-seen authors, weighted equally (a rule must both find an
+    owner's constituent and not hurt a stranger). The whole grid is kept."""
+    grid: dict = {}
+    for group in ("validation", "never_seen"):
+        scores = token_log_probs(ens, data[group], tuple(grid_rules()))
+        for name, sc in scores.items():
+            grid.setdefault(name, {})[group] = perplexity_ci(sc, plan.bootstrap, plan.seed)
+    objective = {
+        n: math.log(g["validation"]["ppl"]) + math.log(g["never_seen"]["ppl"]) for n, g in grid.items()
+    }
+    best = min(objective, key=objective.__getitem__)
+    _, beta, floor = best.split(":")
+    return {"beta": float(beta), "floor": float(floor), "grid": grid}
 
 
 def perplexity_ci(scores: list, resamples: int, seed: int) -> dict:
@@ -166,12 +229,29 @@ def perplexity_ci(scores: list, resamples: int, seed: int) -> dict:
     return {"ppl": math.exp(-ll.sum().item() / n.sum().item()), "ci": [lo, hi], "records": len(scores)}
 
 
-def answers(ens: Ensemble, questions: list[dict], new_tokens: int) -> list[str]:
-    prompts = [f"Question: {q['question']}\nAnswer:" for q in questions]
+def prompt_of(question: dict) -> str:
+    return f"Question: {question['question']}\nAnswer:"
+
+
+def answers(ens: Ensemble, questions: list[dict], new_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers in batches of 8, and the generated tokens per second."""
+    prompts = [prompt_of(q) for q in questions]
     out: list[str] = []
+    t0 = time.perf_counter()
     for i in range(0, len(prompts), 8):
         out += ens.generate(prompts[i : i + 8], max_new_tokens=new_tokens)
-    return [a.strip() for a in out]
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(ens.tokenizer.encode(a)) + 1 for a in out)  # + its end-of-text (or the cut)
+    return [a.strip() for a in out], tokens / seconds
+
+
+def routing_accuracy(ens: Ensemble, questions: list[dict], shards: int) -> float:
+    """The share of questions whose highest-weighted constituent after the question is its author's."""
+    hits = 0
+    for q in questions:
+        weights = ens.routing_weights(prompt_of(q))
+        hits += ens.shards[weights.index(max(weights))] == shard_of(str(q["author_id"]), shards)
+    return hits / len(questions)
 
 
 def rouge_recall(refs: list[str], cands: list[str], resamples: int, seed: int) -> dict:
@@ -195,19 +275,26 @@ def rouge_recall(refs: list[str], cands: list[str], resamples: int, seed: int) -
     }
 
 
-def evaluate(ens: Ensemble, combines: tuple[str, ...], data: dict, plan: Plan) -> dict:
-    """Perplexities and answer ROUGE of `ens` under each of `combines` (its runner's distributions combined)."""
+def evaluate(
+    ens: Ensemble, combines: tuple[str, ...], data: dict, plan: Plan, chosen: PosteriorParams | None = None
+) -> dict:
+    """Perplexities, answer ROUGE and generation speed of `ens` under each of `combines` (its runner's
+    distributions combined), and for an ensemble of several the posterior's routing accuracy."""
     t0 = time.perf_counter()
     out: dict = {c: {} for c in combines}
-    for group in ("retained", "never_seen"):
-        scores = token_log_probs(ens, data[group], combines)
+    for group in ("retained", "never_seen", "validation"):
+        scores = token_log_probs(ens, data[group], combines, chosen)
         for c in combines:
             out[c][group] = perplexity_ci(scores[c], plan.bootstrap, plan.seed)
     refs = [q["answer"] for q in data["questions"]]
     for c in combines:
-        ens.combine = "mixture" if c == "merge" else c
-        got = answers(ens, data["questions"], plan.new_tokens)
+        ens.combine, ens.posterior = rule(c, chosen)
+        got, tokens_per_s = answers(ens, data["questions"], plan.new_tokens)
         out[c]["rouge_l"] = rouge_recall(refs, got, plan.bootstrap, plan.seed)
+        out[c]["tokens_per_s"] = tokens_per_s
+    if ens.runner.num_models > 1:
+        ens.combine, ens.posterior = rule("posterior")
+        out["routing_accuracy"] = routing_accuracy(ens, data["questions"], ens.runner.num_models)
     out["eval_seconds"] = time.perf_counter() - t0
     return out
 
@@ -236,8 +323,14 @@ def layout(root: Path, setup: fg.Setup, plan: Plan, data: dict, shards: int, sli
     say(f"{name}: {full['tokens']:.0f} tokens in {full['seconds']:.1f} s; evaluating")
     row: dict = {"shards": shards, "slices": slices, "train": {k: full[k] for k in ("tokens", "seconds")}}
     ens = Ensemble.load(ws, device=plan.device)
-    combines = ("mixture",) if shards == 1 else ("mixture", "product")
-    row.update(evaluate(ens, combines, data, plan))
+    combines = ("mixture",) if shards == 1 else tuple(c for c in COMBINES if c != "merge")
+    chosen = None
+    if shards > 1:
+        choice = choose_posterior(ens, data, plan)
+        chosen = PosteriorParams(beta=choice["beta"], floor=choice["floor"])
+        row["posterior_choice"] = choice
+        say(f"{name}: held-out records chose beta {chosen.beta}, floor {chosen.floor}")
+    row.update(evaluate(ens, combines, data, plan, chosen))
     if shards > 1:
         row.update(evaluate(merged_ensemble(ws, plan.device), ("merge",), data, plan))
     del ens
@@ -294,6 +387,7 @@ def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
         data = {
             "retained": fg_sample(members, plan.eval_records),
             "never_seen": fg_sample([as_record(r) for r in holdout], plan.eval_records),
+            "validation": fg_sample(validation(plan), plan.eval_records),
             "questions": questions(chosen, plan.questions),
         }
         out["data"] = {
@@ -301,6 +395,7 @@ def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
             "records": len(chosen),
             "retained_eval": len(data["retained"]),
             "never_seen_eval": len(data["never_seen"]),
+            "validation_eval": len(data["validation"]),
             "questions": len(data["questions"]),
             # the order of every per-question list, by question_key
             "question_sha256": [question_key(q["question"]) for q in data["questions"]],
@@ -359,15 +454,20 @@ def markdown(out: dict) -> str:
         f"and {d['never_seen_eval']} never-seen records (TOFU holdout authors), ROUGE-L recall of greedy answers "
         f"to {d['questions']} retained questions; 95% bootstrap intervals. Run took {out.get('seconds', 0):.0f} s.",
         "",
-        "| model | combine | retained ppl | never-seen ppl | never-seen / monolithic | answer ROUGE-L recall | "
-        "full training | one forget (tokens / full) | expected forget | cost model |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | combine | retained ppl | retained / monolithic | never-seen ppl | same authors' held-out ppl | "
+        "answer ROUGE-L recall | tokens/s vs one model | routing accuracy | full training | one forget (tokens / "
+        "full) | expected forget | cost model |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    mono = out["layouts"].get("monolithic", {}).get("mixture", {}).get("never_seen", {}).get("ppl")
+    mono_row = out["layouts"].get("monolithic", {}).get("mixture", {})
+    mono_kept = mono_row.get("retained", {}).get("ppl")
+    mono_speed = mono_row.get("tokens_per_s")
 
-    def row(name: str, combine: str, r: dict, lay: dict | None) -> str:
-        ratio = f"{r['never_seen']['ppl'] / mono:.3f}x" if mono else "-"
+    def row(name: str, combine: str, r: dict, lay: dict | None, routing: float | None) -> str:
+        ratio = f"{r['retained']['ppl'] / mono_kept:.2f}x" if mono_kept else "-"
         rouge = f"{r['rouge_l']['recall']:.3f} [{r['rouge_l']['ci'][0]:.3f}, {r['rouge_l']['ci'][1]:.3f}]"
+        speed = f"{r['tokens_per_s'] / mono_speed:.2f}x" if mono_speed and "tokens_per_s" in r else "-"
+        held = fmt_ppl(r["validation"]) if "validation" in r else "-"
         train = forget = expected = model = "-"
         if lay:
             train = f"{lay['train']['tokens']:.0f} tok, {lay['train']['seconds']:.0f} s"
@@ -376,17 +476,60 @@ def markdown(out: dict) -> str:
                 forget = f"{f['tokens']:.0f} tok, {f['seconds']:.0f} s ({f['tokens_ratio']:.3f})"
             expected = f"{lay['expected_forget']['tokens']:.3f}"
             model = f"{lay['expected_forget']['model']:.3f}"
-        return f"| {name} | {combine} | {fmt_ppl(r['retained'])} | {fmt_ppl(r['never_seen'])} | {ratio} | {rouge} | {train} | {forget} | {expected} | {model} |"
+        acc = "-" if routing is None else f"{routing:.2f}"
+        return (
+            f"| {name} | {combine} | {fmt_ppl(r['retained'])} | {ratio} | {fmt_ppl(r['never_seen'])} | {held} | "
+            f"{rouge} | {speed} | {acc} | {train} | {forget} | {expected} | {model} |"
+        )
 
     if "zero_shot" in out:
-        lines.append(row("base alone (zero-shot)", "-", out["zero_shot"]["mixture"], None))
+        lines.append(row("base alone (zero-shot)", "-", out["zero_shot"]["mixture"], None, None))
     for name, lay in out["layouts"].items():
         for c in COMBINES:
             if c in lay:
-                lines.append(row(name, c, lay[c], lay if c in ("mixture",) else None))
+                label = c
+                if c == "posterior-floor" and "posterior_choice" in lay:
+                    ch = lay["posterior_choice"]
+                    label = f"posterior, beta {ch['beta']}, floor {ch['floor']} (held-out choice)"
+                routing = lay.get("routing_accuracy") if c == "posterior" else None
+                lines.append(row(name, label, lay[c], lay if c == "mixture" else None, routing))
+    lines += ["", *goal(out)]
     for s in out.get("skipped", []):
         lines.append(f"- skipped: {s}")
     return "\n".join(lines) + "\n"
+
+
+def goal(out: dict) -> list[str]:
+    """Issue 24's goal at S=8, per rule: met or not, with the numbers."""
+    mono = out["layouts"].get("monolithic", {}).get("mixture")
+    lay = out["layouts"].get("S=8")
+    if not mono or not lay:
+        return ["Goal (S=8): not measured in this run."]
+    lines = [
+        "Goal at S=8: retained perplexity within 1.1x of the monolithic fine-tune, answer ROUGE-L recall inside "
+        "its interval, never-seen perplexity no worse than the uniform mixture's, top-1 generation at >= 0.8x "
+        "one model's tokens/s.",
+        "",
+    ]
+    low, high = mono["rouge_l"]["ci"]
+    for c in COMBINES:
+        if c not in lay:
+            continue
+        r = lay[c]
+        checks = {
+            "retained": r["retained"]["ppl"] <= 1.1 * mono["retained"]["ppl"],
+            "ROUGE": low <= r["rouge_l"]["recall"],
+            "never-seen": r["never_seen"]["ppl"] <= lay["mixture"]["never_seen"]["ppl"],
+        }
+        if c == "top-1":
+            checks["speed"] = r["tokens_per_s"] >= 0.8 * mono["tokens_per_s"]
+        verdict = (
+            "met"
+            if all(checks.values())
+            else "not met (" + ", ".join(k for k, v in checks.items() if not v) + ")"
+        )
+        lines.append(f"- {c}: {verdict}")
+    return lines
 
 
 def plot(out: dict, path: Path) -> None:
@@ -473,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=str(REPO / "bases" / "smollm2-135m-instruct"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--authors", type=int, default=32)
-    ap.add_argument("--shards", default="1,2,4,8")
+    ap.add_argument("--shards", default="1,2,4,8,16")
     ap.add_argument("--slices", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)

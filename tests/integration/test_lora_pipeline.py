@@ -1,6 +1,8 @@
 """The pipeline with LoRA constituents over a frozen base: init, run, forget one owner; the retrained adapter is
 bitwise equal to one trained from scratch without that owner's records, untouched shards keep their adapters,
-and the served ensemble is the batched LoRA over one shared base.
+and the served ensemble is the batched LoRA over one shared base. The ensemble is served with the posterior
+combination (weights by the context): after the forget it gives the tokens, the log-probabilities, the
+membership scores and the routing of the ensemble trained from scratch without the owner, bit for bit.
 
 The base is in the format `make base` gives SmolLM2: a tiny GGUF (byte-level BPE, SmolLM2's special tokens)
 converted by `sisaflow.models.base_setup.convert_gguf` into a transformers directory, saved next to the workspaces and
@@ -37,6 +39,8 @@ def _lora_workspace(directory, corpus):
     make_workspace(directory, corpus, shards=SHARDS, slices=SLICES)
     params = yaml.safe_load((directory / "params.yaml").read_text())
     params["model"].update(LORA)
+    params["ensemble"]["combine"] = "posterior"
+    params["ensemble"]["posterior"] = {"floor": 0.1}
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     versioning.git_commit(Workspace(directory), "LoRA over the tiny base", ["params.yaml"])
     return directory
@@ -73,6 +77,7 @@ def story(tmp_path_factory, prefect_server):
     b = _lora_workspace(tmp / "b", write_corpus(tmp / "corpus_b.jsonl", AUTHORS, skip_owners={owner}))
     assert cli.main(["--workspace", str(b), "run", "--in-process"]) == 0
     s["scratch"] = {sh: tree_hashes(Workspace(b).model_dir(sh)) for sh in range(SHARDS)}
+    s["b"] = b
     s["base_unchanged"] = tree_hashes(tmp / "base") == base_files
     return s
 
@@ -121,3 +126,49 @@ def test_verify_exact_holds_for_lora(story):
 
     results = verify_exact(story["ws"], story["params"])
     assert [r.shard for r in results] == [0, 1] and all(r.equal for r in results)
+
+
+def test_the_routed_ensemble_after_a_forget_is_the_one_trained_without_the_owner(story, tmp_path):
+    """Tokens, log-probabilities (float64) and what evaluate reports of the forgotten owner's records (Min-K%
+    AUC against never-seen authors, the routing weight of her former shard) equal those of the ensemble
+    trained from scratch without her: the served model after the forget is the retrained reference itself."""
+    import torch
+
+    from sisaflow.core.hashing import workspace_hasher
+    from sisaflow.core.paths import Workspace
+    from sisaflow.data.corpus import read_records
+    from sisaflow.evaluation.evaluate import attacks, routing_vs_never_seen, score_records
+    from sisaflow.inference.ensemble import Ensemble
+
+    ep = story["params"].evaluate
+    a = Ensemble.load(story["ws"], dtype=torch.float64)
+    b = Ensemble.load(Workspace(story["b"]), dtype=torch.float64)
+    assert a.combine == b.combine == "posterior" and a.posterior.floor == 0.1
+    prompts = ["Question: Who is the author?\nAnswer:", "Question: Where was she born?\nAnswer:"]
+    assert a.generate(prompts, max_new_tokens=12) == b.generate(prompts, max_new_tokens=12)
+    assert a.generate(prompts, max_new_tokens=12, temperature=1.0, seed=5) == b.generate(
+        prompts, max_new_tokens=12, temperature=1.0, seed=5
+    )
+    x, mask = a.encode_prompts(prompts)
+    assert torch.equal(a(x, attention_mask=mask).logits, b(x, attention_mask=mask).logits)
+    assert a.routing_weights(prompts[0]) == b.routing_weights(prompts[0])
+
+    corpus = story["params"].corpus
+    lines = (story["a"].parent / "corpus.jsonl").read_text().splitlines()
+    owner = story["owner"]
+    mine_path, never_path = tmp_path / "mine.jsonl", tmp_path / "never.jsonl"
+    mine_path.write_text("\n".join(ln for ln in lines if f'"author_id": {owner},' in ln) + "\n")
+    from tests.integration.conftest import TOFU
+
+    never_path.write_text("\n".join(TOFU.read_text().splitlines()[AUTHORS * 20 : AUTHORS * 20 + 40]) + "\n")
+    hasher = workspace_hasher(story["ws"], corpus)
+    forgotten = read_records(mine_path, corpus, hasher)[:10]
+    never = read_records(never_path, corpus, hasher)[:20]
+    assert forgotten and all(r.owner == owner for r in forgotten)
+    reports = []
+    for ens in (a, b):
+        gone, seen = score_records(ens, forgotten, {}), score_records(ens, never, {})
+        assert gone[0].route is not None and sum(gone[0].route) == pytest.approx(1.0)
+        routing = routing_vs_never_seen(ens, gone, [story["shard"]] * len(gone), seen, ep)
+        reports.append((attacks(gone, seen, ep)["min_k"], routing))
+    assert reports[0] == reports[1]

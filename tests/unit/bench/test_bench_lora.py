@@ -4,6 +4,7 @@ combining is measured, the forget retrains what the placement predicts, and the 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,17 +24,40 @@ def smoke(tmp_path_factory):
 
 
 def test_every_layout_and_combination_is_measured(smoke):
+    import lora_quality as lq
+
     out, res = smoke
     assert set(res["layouts"]) == {"monolithic", "S=2"}
-    assert set(res["layouts"]["S=2"]) >= {"mixture", "product", "merge"}
-    for row in [res["zero_shot"]["mixture"]] + [
-        res["layouts"]["S=2"][c] for c in ("mixture", "product", "merge")
-    ]:
-        for group in ("retained", "never_seen"):
+    s2 = res["layouts"]["S=2"]
+    assert set(s2) >= set(lq.COMBINES)
+    for row in [res["zero_shot"]["mixture"]] + [s2[c] for c in lq.COMBINES]:
+        for group in ("retained", "never_seen", "validation"):
             lo, hi = row[group]["ci"]
             assert lo <= row[group]["ppl"] <= hi and row[group]["records"] == 8
         assert 0.0 <= row["rouge_l"]["recall"] <= 1.0 and row["rouge_l"]["questions"] == 3
-    assert (out / "lora.md").read_text().count("| S=2 |") == 3 and (out / "lora.png").stat().st_size > 0
+        assert row["tokens_per_s"] > 0
+    assert 0.0 <= s2["routing_accuracy"] <= 1.0
+    md = (out / "lora.md").read_text()
+    assert md.count("| S=2 |") == len(lq.COMBINES) and (out / "lora.png").stat().st_size > 0
+    assert "Goal (S=8): not measured in this run." in md
+
+
+def test_the_posterior_is_chosen_on_held_out_records_by_its_objective(smoke):
+    import lora_quality as lq
+
+    _, res = smoke
+    choice = res["layouts"]["S=2"]["posterior_choice"]
+    grid = choice["grid"]
+    assert set(grid) == set(lq.grid_rules())
+    objective = {
+        n: math.log(g["validation"]["ppl"]) + math.log(g["never_seen"]["ppl"]) for n, g in grid.items()
+    }
+    assert f"posterior:{choice['beta']}:{choice['floor']}" == min(objective, key=objective.__getitem__)
+    # beta 1 with no floor is the plain posterior rule, measured again in the table: the same numbers
+    plain = res["layouts"]["S=2"]["posterior"]["never_seen"]["ppl"]
+    assert grid["posterior:1.0:0.0"]["never_seen"]["ppl"] == pytest.approx(plain, rel=1e-12)
+    # no layout trains on the held-out records
+    assert res["data"]["validation_eval"] == 8 and res["data"]["records"] == 4 * (20 - lq.HELD_OUT)
 
 
 def test_training_has_equal_compute_and_the_forget_costs_what_the_placement_says(smoke):
