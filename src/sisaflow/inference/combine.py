@@ -46,13 +46,13 @@ def posterior_log_weights(
     posterior: PosteriorParams,
     selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The posterior rule's log-weights (S, B, ...) from the prior weights pi (S,) and the running
-    log-likelihoods L (S, B, ...) of the context so far.
+    """The posterior rule's log-weights (S, B, ...) from the prior weights pi (S,), or (S, B) per row, and the
+    running log-likelihoods L (S, B, ...) of the context so far.
 
     `selected` (B, k): the constituents each row keeps (chosen once, after the prompt); otherwise, with
     `posterior.top_k`, the k highest at each position. The floor is spread over the kept constituents only, and
     the others get weight exactly zero."""
-    shape = (-1, *([1] * (scores.dim() - 1)))
+    shape = (*prior.shape, *([1] * (scores.dim() - prior.dim())))  # (S,) or, routed per row, (k, B)
     logits = torch.log(prior.to(scores.dtype)).view(shape) + posterior.beta * scores
     n = logits.shape[0]
     keep: torch.Tensor | None = None

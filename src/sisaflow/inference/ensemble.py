@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 
@@ -138,6 +138,9 @@ class Ensemble(torch.nn.Module):
         self.context_length = context_length
         self.cuda_graphs = True
         """Generate on CUDA through `graph_decoder()` (params' ensemble.cuda_graphs)."""
+        self.routing_fast = True
+        """With posterior top_k: after the prompt, run only each row's kept constituents where the runner can
+        (`StackedLlama.routed`); false computes them all and weighs the rest zero (the same numbers)."""
         self.compile_decode = False
         """`graph_decoder()` compiles the step before capturing it (params' ensemble.compile_decode)."""
         self._decoder: GraphDecoder | None = None
@@ -263,7 +266,10 @@ class Ensemble(torch.nn.Module):
         that moves the weights) and the cache is a `RoutedCache` carrying the rows' running scores."""
         routed = self.combine == "posterior"
         state = past_key_values if isinstance(past_key_values, RoutedCache) else None
-        logits, cache = self.runner(
+        if state is not None and state.selected is not None and state.view is None and self._routes_rows():
+            state = state.to_slots(self.runner)  # after the prompt: each row's top_k constituents only
+        runner = state.view if state is not None and state.view is not None else self.runner
+        logits, cache = runner(
             input_ids,
             attention_mask,
             cache=state.inner if state is not None else past_key_values,
@@ -274,8 +280,9 @@ class Ensemble(torch.nn.Module):
         if not routed:
             combined = combine_log_probs(log_probs, self.weights, self.combine)
             return EnsembleOutput(combined, cache if use_cache else None)
+        prior = self.weights if state is None else state.prior(self.weights)
         combined, routed_cache = posterior_step(
-            log_probs, input_ids, attention_mask, self.weights, self.posterior, state, cache, use_cache
+            log_probs, input_ids, attention_mask, prior, self.posterior, state, cache, use_cache
         )
         if 0 < logits_to_keep < combined.shape[1]:
             combined = combined[:, -logits_to_keep:]
@@ -284,8 +291,20 @@ class Ensemble(torch.nn.Module):
     def select_cache_rows(self, cache: Any, rows: torch.Tensor) -> Any:
         """The cache `forward` returned, for the rows `rows` names, in that order (beam search)."""
         if isinstance(cache, RoutedCache):
-            return cache.select_rows(self.runner.select_cache_rows(cache.inner, rows), rows)
+            chosen = cache.select_rows((cache.view or self.runner).select_cache_rows(cache.inner, rows), rows)
+            if cache.view is not None and chosen.selected is not None:  # each row's deltas follow it
+                chosen.view = cast(StackedLlama, self.runner).routed(chosen.selected)
+            return chosen
         return self.runner.select_cache_rows(cache, rows)
+
+    def _routes_rows(self) -> bool:
+        """Whether, after the prompt, the runner can compute only each row's top_k constituents (LoRA over a
+        shared base, stacked); elsewhere every constituent runs and the others get weight zero."""
+        return (
+            self.routing_fast
+            and isinstance(self.runner, StackedLlama)
+            and self.runner.routing_refusal() is None
+        )
 
     @torch.no_grad()
     def score(self, text: str) -> dict[str, float]:

@@ -42,6 +42,9 @@ class RoutedCache:
     """(B,) bool: whether that last position was a real token."""
     selected: torch.Tensor | None = None
     """(B, k): the constituents each row keeps (posterior top_k), chosen after the prompt; None: all."""
+    view: Any = None
+    """The runner that computes only the kept constituents (`StackedLlama.routed`), once switched to it: then
+    `inner`, `scores` and `last` hold k slots per row (slot j of row b is constituent selected[b, j])."""
 
     def get_seq_length(self) -> int:
         """The cached length, as transformers' caches report it (generate() reads it)."""
@@ -59,6 +62,27 @@ class RoutedCache:
             self.last_real.index_select(0, rows),
             None if self.selected is None else self.selected.index_select(0, rows),
         )
+
+    def to_slots(self, runner: Any) -> RoutedCache:
+        """This state, after the prompt, moved onto `runner.routed(selected)`: each row's kept constituents only
+        (their cache, scores and last log-probabilities), so that every later step costs k constituents."""
+        assert self.selected is not None and self.view is None
+        slots = self.selected.T.to(self.scores.device)  # (k, B)
+        rows = torch.arange(slots.shape[1], device=slots.device)[None, :]
+        return RoutedCache(
+            self.inner.select_models(self.selected),
+            self.scores[slots, rows],
+            self.last[slots, rows],
+            self.last_real,
+            self.selected,
+            runner.routed(self.selected),
+        )
+
+    def prior(self, weights: torch.Tensor) -> torch.Tensor:
+        """The prior weights in this state's layout: (S,) as given, or (k, B) per slot once routed."""
+        if self.view is None or self.selected is None:
+            return weights
+        return weights[self.selected.T.to(weights.device)]
 
 
 def posterior_step(
@@ -92,14 +116,16 @@ def posterior_step(
         zero = torch.zeros(log_probs.shape[0], rows, 1, dtype=log_probs.dtype, device=device)
         scores = torch.cat([zero, running_scores(within, counted)], dim=-1)
     selected = state.selected if state is not None else None
-    log_w = posterior_log_weights(prior, scores, posterior, selected)
+    view = state.view if state is not None else None
+    # routed onto the kept constituents, every slot is kept: the mask is already in the layout
+    log_w = posterior_log_weights(prior, scores, posterior, selected if view is None else None)
     combined = mix_log_weights(log_probs, log_w)
     if not use_cache and state is None:
         return combined, None
     if selected is None and posterior.top_k is not None:  # the prompt is read: the rows choose
         selected = top_constituents(log_w[:, :, -1], posterior.top_k)
     return combined, RoutedCache(
-        inner, scores[:, :, -1].clone(), log_probs[:, :, -1].clone(), real[:, -1].clone(), selected
+        inner, scores[:, :, -1].clone(), log_probs[:, :, -1].clone(), real[:, -1].clone(), selected, view
     )
 
 

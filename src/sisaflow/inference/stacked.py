@@ -93,6 +93,8 @@ class StackedLlama(nn.Module):
         self.post_norm = nn.Parameter(weights["post_norm"], requires_grad=False)  # (L, S, 1, H)
         self.final_norm = nn.Parameter(weights["final_norm"], requires_grad=False)  # (S, 1, H)
         self._num_models = num_models or int(self.embed.shape[0])
+        self.routed_rows = 0
+        """> 0 in a view made by `routed`: the batch size, each row with its own constituents' deltas."""
         # low-rank terms per fused projection: A^T (L, S, in, R) and B^T (L, S, R, out)
         self.deltas = nn.ParameterDict(
             {
@@ -242,6 +244,55 @@ class StackedLlama(nn.Module):
                     raise ValueError(f"model {i} {name} changed since it was stacked")
                 p.data = view
 
+    def routing_refusal(self) -> str | None:
+        """Why `routed` cannot run only each row's chosen constituents, or None: every weight but the low-rank
+        deltas must be shared (LoRA over one base); stacked from-scratch models differ in every weight."""
+        shared = [self.embed, self.qkv, self.o, self.gate_up, self.down, self.input_norm, self.post_norm]
+        shared.append(self.final_norm)
+        if self.lm_head is not None:
+            shared.append(self.lm_head)
+        leading = [t.shape[0] if t.dim() == 3 else t.shape[1] for t in shared]
+        if any(n != 1 for n in leading) or not self.deltas:
+            return "only LoRA constituents over one shared base are routed per row"
+        if self.routed_rows:
+            return "this is a routed view already"
+        return None
+
+    def routed(self, selected: torch.Tensor) -> StackedLlama:
+        """A view that computes, for each row b of a batch, only the k constituents `selected[b]` (B, k): k
+        slots sharing the base's weights, each (slot, row) with its constituent's deltas (copied once: rank x
+        width numbers per projection). Logits are (k, B, T, V) in slot order; its cache is the full cache's
+        `select_models(selected)`. ValueError with `routing_refusal`'s reason when it cannot."""
+        refusal = self.routing_refusal()
+        if refusal:
+            raise ValueError(refusal)
+        index = selected.T.reshape(-1).to(self.embed.device)  # (slot, row) in slot-major order
+        weights = {
+            name: getattr(self, name).data
+            for name in ("embed", "qkv", "o", "gate_up", "down", "input_norm", "post_norm", "final_norm")
+        }
+        if self.lm_head is not None:
+            weights["lm_head"] = self.lm_head.data
+        names = {key.rsplit("_", 1)[0] for key in self.deltas}
+        deltas = {
+            n: (self.deltas[n + "_a"].index_select(1, index), self.deltas[n + "_b"].index_select(1, index))
+            for n in names
+        }
+        view = StackedLlama(
+            weights,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            context_length=self.context_length,
+            inv_freq=self._inv_freq,
+            attention_scaling=self.attention_scaling,
+            kv_heads=self.kv_heads,
+            num_models=int(selected.shape[1]),
+            deltas=deltas,
+        )
+        view.routed_rows = int(selected.shape[0])
+        return view
+
     def new_cache(self, batch_size: int, capacity: int | None = None) -> StackedCache:
         """An empty cache for `batch_size` rows; `capacity` defaults to the context length."""
         shape = (self.num_models, batch_size, self.kv_heads, capacity or self.context_length, self.head_dim)
@@ -319,15 +370,20 @@ class StackedLlama(nn.Module):
             cache.length = total
         return logits, cache
 
-    @staticmethod
     def _project(
-        h: torch.Tensor, weights: torch.Tensor, name: str, layer: int, deltas: dict[str, torch.Tensor]
+        self, h: torch.Tensor, weights: torch.Tensor, name: str, layer: int, deltas: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """h (S, N, in) through layer `layer` of a stacked (S) or shared (1) projection, plus its deltas."""
+        """h (S, N, in) through layer `layer` of a stacked (S) or shared (1) projection, plus its deltas (in a
+        routed view, each row's own: N is rows x tokens, row-major)."""
         w = weights[layer]
         y = F.linear(h, w[0]) if w.shape[0] == 1 else torch.bmm(h, w.transpose(1, 2))
         if name + "_a" in deltas:
-            y = torch.baddbmm(y, torch.bmm(h, deltas[name + "_a"][layer]), deltas[name + "_b"][layer])
+            a, b = deltas[name + "_a"][layer], deltas[name + "_b"][layer]
+            if self.routed_rows:
+                n, rows = h.shape[0], self.routed_rows
+                low = torch.bmm(h.reshape(n * rows, -1, h.shape[-1]), a)  # (slots x rows, tokens, rank)
+                return y + torch.bmm(low, b).view(y.shape)
+            y = torch.baddbmm(y, torch.bmm(h, a), b)
         return y
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,18 @@ class StackedCache:
                 [self.key_mask, self.key_mask.new_ones((self.key_mask.shape[0], extra))], 1
             )
 
+    def select_models(self, selected: torch.Tensor) -> StackedCache:
+        """A new cache holding, for each row b, only the constituents `selected[b]` (B, k), in slot order:
+        what `StackedLlama.routed(selected)` reads and extends."""
+        slots = selected.T.to(self.keys[0].device)  # (k, B)
+        rows = torch.arange(slots.shape[1], device=slots.device)[None, :]
+        return StackedCache(
+            keys=[k[slots, rows] for k in self.keys],
+            values=[v[slots, rows] for v in self.values],
+            length=self.length,
+            key_mask=None if self.key_mask is None else self.key_mask.clone(),
+        )
+
     def select_rows(self, rows: torch.Tensor) -> StackedCache:
         """Keep the rows `rows` names, in that order (beam search reorders its beams so), in place. Only the
         filled positions are copied: beam search does this every step, and the capacity is the whole context."""

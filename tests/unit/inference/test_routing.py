@@ -23,6 +23,7 @@ from tests.unit.inference.test_ensemble import (
     _models,
     assert_a_batch_generates_what_each_prompt_alone_does,
 )
+from tests.unit.models.test_lora import base_dir  # noqa: F401  (fixture)
 
 # float64 models: two computations of one function in float64 differ by ~1e-13 here (width 32, 2 layers, a few
 # dozen cached steps: rounding_bound in test_stacked.py), so 1e-9 bounds arithmetic, not luck
@@ -222,3 +223,121 @@ def test_bad_settings_name_the_key(make_params):
         make_params(ensemble={"combine": "posterior", "posterior": {"alpha": 0.1}})
     ok = make_params(sharding={"shards": 2}, ensemble={"combine": "posterior", "posterior": {"top_k": 2}})
     assert ok.ensemble.posterior == PosteriorParams(top_k=2)
+
+
+# ------------------------------------------------------------------- top_k over LoRA: only the kept constituents run
+
+
+@pytest.fixture(scope="module")
+def lora64(base_dir):  # noqa: F811
+    """Three random LoRA adapters over the tiny base, stacked, in float64; and their adapters."""
+    from sisaflow.core.config import LoraParams
+    from sisaflow.inference.lora_runners import stacked_lora
+    from sisaflow.models.pretrained import load_base_model
+    from tests.unit.models.test_lora import _random_adapters
+
+    adapters = [{k: v.double() for k, v in a.items()} for a in _random_adapters(base_dir, LoraParams(), 3)]
+    base = load_base_model(str(base_dir)).double()
+    return stacked_lora(base, adapters, 2.0, 96), adapters, base_dir
+
+
+def _lora_ensemble(lora64, **posterior) -> Ensemble:
+    from sisaflow.models.tokenizer import load_tokenizer
+
+    runner, _, base = lora64
+    tok = load_tokenizer("base", str(base))
+    return Ensemble(
+        [],
+        [1.0, 2.0, 3.0],
+        "posterior",
+        tok,
+        runner=runner,
+        context_length=96,
+        posterior=PosteriorParams(**posterior),
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_routed_top_k_runs_only_the_kept_constituents_and_gives_the_same_numbers(lora64, k):
+    from sisaflow.inference.stacked import StackedLlama
+
+    fast, slow = _lora_ensemble(lora64, top_k=k, floor=0.1), _lora_ensemble(lora64, top_k=k, floor=0.1)
+    slow.routing_fast = False
+    x, mask = fast.encode_prompts(["Question: who is she?", "Where"])
+    outs = []
+    for ens in (fast, slow):
+        out = ens(x, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        steps = [out.logits[:, -1]]
+        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(tokens)], dim=1) if mask is not None else None
+            out = ens(tokens, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+            tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        outs.append((torch.stack(steps, 1), out.past_key_values))
+        x, mask = fast.encode_prompts(["Question: who is she?", "Where"])
+    (a, cache_a), (b, cache_b) = outs
+    assert isinstance(cache_a.view, StackedLlama) and cache_a.view.num_models == k  # k slots ran, not 3
+    assert cache_a.inner.keys[0].shape[0] == k and cache_b.view is None
+    torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+    assert fast.generate(["Question: who is she?", "Where"], max_new_tokens=10) == slow.generate(
+        ["Question: who is she?", "Where"], max_new_tokens=10
+    )
+
+
+def test_routed_top_1_over_lora_is_the_chosen_adapter_alone_and_follows_beams(lora64):
+    from sisaflow.inference.hf import EnsembleForCausalLM
+    from sisaflow.inference.lora_runners import stacked_lora
+
+    runner, adapters, base = lora64
+    ens = _lora_ensemble(lora64, top_k=1)
+    prompt = "Question: who is she?"
+    weights = ens.routing_weights(prompt)
+    chosen = weights.index(max(weights))
+    from sisaflow.models.pretrained import load_base_model
+
+    one = stacked_lora(load_base_model(str(base)).double(), [adapters[chosen]], 2.0, 96)
+    alone = Ensemble([], [1.0], "mixture", ens.tokenizer, runner=one, context_length=96)
+    assert ens.generate(prompt, max_new_tokens=12) == alone.generate(prompt, max_new_tokens=12)
+    # beam search over the routed view: each beam's score is its sequence's log-probability under the ensemble
+    model = EnsembleForCausalLM(ens)
+    batch = model.encode(prompt)
+    width = batch["input_ids"].shape[1]
+    beams = model.generate(
+        **batch,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=False,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    scorer = EnsembleForCausalLM(alone)
+    for seq, score in zip(beams.sequences, beams.sequences_scores):
+        lp = scorer(seq[None]).logits[0]
+        total = float(sum(lp[t - 1, seq[t]] for t in range(width, len(seq))))
+        assert float(score) == pytest.approx(
+            total, abs=torch.finfo(torch.float32).eps * abs(total) * 8 + 1e-6
+        )
+
+
+def test_selecting_rows_of_a_routed_cache_moves_each_rows_constituents(lora64):
+    ens = _lora_ensemble(lora64, top_k=1)
+    tok = ens.tokenizer
+    prompts = [tok.encode("Question: who is she?"), tok.encode("The river ran north")]
+    width = min(map(len, prompts))
+    prompts = [p[:width] for p in prompts]
+    out = ens(torch.tensor(prompts), use_cache=True, logits_to_keep=1)
+    out = ens(torch.tensor([[11], [12]]), past_key_values=out.past_key_values, use_cache=True)
+    assert out.past_key_values.view is not None
+    assert out.past_key_values.selected[0, 0] != out.past_key_values.selected[1, 0], "rows must route apart"
+    rows = torch.tensor([1, 0, 1])
+    cache = ens.select_cache_rows(out.past_key_values, rows)
+    got = ens(torch.tensor([[13], [14], [15]]), past_key_values=cache, use_cache=True).logits[:, -1]
+    for i, r in enumerate(rows.tolist()):
+        alone = ens(torch.tensor([prompts[r]]), use_cache=True, logits_to_keep=1)
+        alone = ens(torch.tensor([[11 + r]]), past_key_values=alone.past_key_values, use_cache=True)
+        alone = ens(torch.tensor([[13 + i]]), past_key_values=alone.past_key_values, use_cache=True)
+        torch.testing.assert_close(got[i], alone.logits[0, -1], rtol=0, atol=ATOL)
