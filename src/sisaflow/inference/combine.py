@@ -67,7 +67,8 @@ def posterior_log_weights(
         logits = logits.masked_fill(~keep, -math.inf)
     log_w = logits - torch.logsumexp(logits, dim=0, keepdim=True)
     if posterior.floor > 0:
-        kept = n if keep is None else int(keep.sum(0).flatten()[0])
+        # known without reading the mask (a host synchronisation would break a captured CUDA graph)
+        kept = n if keep is None else selected.shape[1] if selected is not None else int(posterior.top_k or n)
         log_w = torch.logaddexp(
             log_w + math.log1p(-posterior.floor), torch.full_like(log_w, math.log(posterior.floor / kept))
         )

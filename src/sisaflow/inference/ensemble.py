@@ -378,17 +378,18 @@ class Ensemble(torch.nn.Module):
         runner = self.runner
         if not self.cuda_graphs or not isinstance(runner, StackedLlama) or self.weights.device.type != "cuda":
             return None
-        if self.combine == "posterior":  # its running scores are not in the captured steps (yet): eager
-            return None
         made_for = (
             self.weights.data_ptr(),
             runner.embed.data_ptr(),
             runner.embed.dtype,
             self.combine,
+            self.posterior,
             self.compile_decode,
         )
         if self._decoder is None or self._decoder_made_for != made_for:
-            self._decoder = GraphDecoder(runner, self.weights, self.combine, compile=self.compile_decode)
+            self._decoder = GraphDecoder(
+                runner, self.weights, self.combine, compile=self.compile_decode, posterior=self.posterior
+            )
             self._decoder_made_for = made_for
         return self._decoder
 

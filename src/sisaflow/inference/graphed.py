@@ -41,7 +41,14 @@ from collections.abc import Sequence
 
 import torch
 
-from sisaflow.inference.combine import combine_log_probs
+from sisaflow.core.config import PosteriorParams
+from sisaflow.inference.combine import (
+    combine_log_probs,
+    mix_log_weights,
+    posterior_log_weights,
+    token_log_probs,
+    top_constituents,
+)
 from sisaflow.inference.stacked import StackedLlama
 from sisaflow.inference.stacked_cache import StackedCache
 
@@ -76,7 +83,15 @@ def draw(log_probs: torch.Tensor, temperature: float, gens: Sequence[torch.Gener
 class _Shape:
     """One captured shape: the static cache, the steps' inputs and outputs (fixed addresses), and the graphs."""
 
-    def __init__(self, stacked: StackedLlama, batch: int, width: int, capacity: int, mixture: torch.dtype):
+    def __init__(
+        self,
+        stacked: StackedLlama,
+        batch: int,
+        width: int,
+        capacity: int,
+        mixture: torch.dtype,
+        posterior: PosteriorParams | None = None,
+    ):
         device = stacked.embed.device
         self.batch, self.width, self.capacity = batch, width, capacity
         self.cache: StackedCache = stacked.new_cache(batch, capacity)
@@ -97,6 +112,11 @@ class _Shape:
         self.sequence = torch.zeros(batch, capacity + 1, dtype=torch.long, device=device)
         vocab = (stacked.embed if stacked.lm_head is None else stacked.lm_head).shape[1]
         self.log_probs = torch.zeros(batch, vocab, dtype=mixture, device=device)
+        if posterior is not None:  # the posterior's running state, per row, on the device
+            n = stacked.num_models
+            self.scores = torch.zeros(n, batch, dtype=mixture, device=device)
+            self.last = torch.zeros(n, batch, vocab, dtype=mixture, device=device)
+            self.selected = torch.zeros(batch, posterior.top_k or n, dtype=torch.long, device=device)
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
 
@@ -105,7 +125,9 @@ class GraphDecoder:
     and decode step replayed from CUDA graphs on CUDA and run eagerly on the same static shapes elsewhere.
 
     `weights` are the mixture weights (float64, on the stacked model's device) and `combine` the ensemble's rule
-    (mixture or product). `capture` None captures where the model is on CUDA; `compile` runs torch.compile
+    (mixture, product, or posterior with `posterior`'s settings: the running scores live on the device, the
+    prefill scores every prompt position, each step adds the token it was fed; with top_k all S constituents
+    still run, the others weighted zero). `capture` None captures where the model is on CUDA; `compile` runs torch.compile
     over each step before it is captured (inductor fuses its elementwise work into fewer kernels, at a
     compilation per shape)."""
 
@@ -119,10 +141,12 @@ class GraphDecoder:
         mixture_dtype: torch.dtype | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        posterior: PosteriorParams | None = None,
     ):
         self.stacked = stacked
         self.weights = weights
         self.combine = combine
+        self.posterior = (posterior or PosteriorParams()) if combine == "posterior" else None
         cuda = stacked.embed.device.type == "cuda"
         self.capture = cuda if capture is None else capture
         if self.capture and not cuda:
@@ -236,7 +260,7 @@ class GraphDecoder:
             self._shapes.popitem(last=False)
         # extend the rotary table now: a graph must never see it replaced
         self.stacked.reserve_positions(capacity)
-        shape = _Shape(self.stacked, batch, width, capacity, self.mixture_dtype)
+        shape = _Shape(self.stacked, batch, width, capacity, self.mixture_dtype, self.posterior)
         if self.capture:
             try:
                 self._capture(shape)
@@ -248,22 +272,50 @@ class GraphDecoder:
     def _prefill_step(self, shape: _Shape) -> None:
         """The whole (padded) prompt at once, all on the device: the first new token of every row."""
         visible = (shape.key_mask[:, None, :] & shape.causal) | shape.itself
-        logits = self.stacked.static_step(shape.prompt, shape.prompt_positions, shape.cache, visible)
+        if self.posterior is None:
+            logits = self.stacked.static_step(shape.prompt, shape.prompt_positions, shape.cache, visible)
+            shape.position.fill_(shape.width)
+            self._choose(shape, torch.log_softmax(logits.to(self.mixture_dtype), dim=-1), None)
+            return
+        # the posterior reads the whole prompt: every position's log-probability of the next prompt token
+        logits = self.stacked.static_step(
+            shape.prompt, shape.prompt_positions, shape.cache, visible, every_position=True
+        )
+        lp = torch.log_softmax(logits.to(self.mixture_dtype), dim=-1)  # (S, B, W, V)
+        real = shape.key_mask[:, : shape.width]
+        counted = real[:, 1:] & real[:, :-1]
+        read = token_log_probs(lp, shape.prompt)
+        shape.scores.copy_(torch.where(counted, read, torch.zeros_like(read)).sum(-1))
+        shape.last.copy_(lp[:, :, -1])
+        log_w = posterior_log_weights(self.weights, shape.scores, self.posterior)
+        if self.posterior.top_k is not None:  # the prompt is read: each row keeps its k
+            shape.selected.copy_(top_constituents(log_w, self.posterior.top_k))
         shape.position.fill_(shape.width)
-        self._choose(shape, logits)
+        self._choose(shape, lp[:, :, -1], log_w)
 
     def _decode_step(self, shape: _Shape) -> None:
         """One token for every row, all on the device."""
         visible = (shape.key_mask & (shape.positions <= shape.position))[:, None, :]
         logits = self.stacked.static_step(shape.tokens, shape.position, shape.cache, visible)
         shape.position.add_(1)
-        self._choose(shape, logits)
-
-    def _choose(self, shape: _Shape, logits: torch.Tensor) -> None:
-        """Combine the constituents' logits (S, B, V), keep the log-probabilities, and put the greedy token at
-        the current position: the next step's input and the sequence's entry."""
         lp = torch.log_softmax(logits.to(self.mixture_dtype), dim=-1)
-        combined = combine_log_probs(lp, self.weights, self.combine)
+        log_w = None
+        if self.posterior is not None:  # the token fed now, as the last step's distributions scored it
+            fed = shape.tokens[None].expand(lp.shape[0], -1, -1)
+            shape.scores.add_(shape.last.gather(-1, fed).squeeze(-1))
+            shape.last.copy_(lp)
+            kept = shape.selected if self.posterior.top_k is not None else None
+            log_w = posterior_log_weights(self.weights, shape.scores, self.posterior, kept)
+        self._choose(shape, lp, log_w)
+
+    def _choose(self, shape: _Shape, lp: torch.Tensor, log_w: torch.Tensor | None) -> None:
+        """Combine the constituents' log-probabilities (S, B, V) (under the posterior's log-weights (S, B)
+        when given), keep the result, and put the greedy token at the current position: the next step's input
+        and the sequence's entry."""
+        if log_w is not None:
+            combined = mix_log_weights(lp, log_w)
+        else:
+            combined = combine_log_probs(lp, self.weights, self.combine)
         shape.log_probs.copy_(combined)
         chosen = combined.argmax(-1, keepdim=True)
         shape.tokens.copy_(chosen)

@@ -445,10 +445,16 @@ class StackedLlama(nn.Module):
 
     @torch.no_grad()
     def static_step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: StackedCache, visible: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: StackedCache,
+        visible: torch.Tensor,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """Logits (S, B, V) at the last of `tokens` (B, T), every shape fixed and the positions a device tensor:
-        the prefill and the decode step `sisaflow.inference.graphed` captures as CUDA graphs and replays.
+        """Logits (S, B, V) at the last of `tokens` (B, T) (with `every_position`, (S, B, T, V) at each of them),
+        every shape fixed and the positions a device tensor: the prefill and the decode step
+        `sisaflow.inference.graphed` captures as CUDA graphs and replays.
 
         `tokens` sit at `positions` (a (T,) long tensor); their keys and values are written there into `cache` in
         place (its `length` is neither read nor advanced: the caller keeps the positions), and query t of row b
@@ -491,9 +497,12 @@ class StackedLlama(nn.Module):
             h = self._rms_norm(x, self.post_norm[layer])
             gate, up = self._project(h, self.gate_up, "gate_up", layer, deltas).chunk(2, dim=-1)
             x = x + self._project(F.silu(gate) * up, self.down, "down", layer, deltas)
-        x = self._rms_norm(x.view(n, batch, steps, -1)[:, :, -1], self.final_norm)
+        x = x.view(n, batch, steps, -1)
+        x = x.reshape(n, batch * steps, -1) if every_position else x[:, :, -1]
+        x = self._rms_norm(x, self.final_norm)
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head[0]) if head.shape[0] == 1 else torch.bmm(x, head.transpose(1, 2))
+        logits = F.linear(x, head[0]) if head.shape[0] == 1 else torch.bmm(x, head.transpose(1, 2))
+        return logits.view(n, batch, steps, -1) if every_position else logits
 
     def _fold(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

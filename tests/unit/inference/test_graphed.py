@@ -48,6 +48,41 @@ def test_the_static_step_gives_the_eager_loops_tokens(combine):
     assert all(len(t.split(",")) >= 10 for t in got), "the test models must give long, varied output"
 
 
+@pytest.mark.parametrize(
+    "posterior", [{}, {"floor": 0.1, "beta": 0.5}, {"top_k": 1}, {"top_k": 2, "floor": 0.2}]
+)
+def test_the_posterior_on_static_steps_gives_the_eager_loops_tokens_and_distributions(posterior):
+    """combine posterior: the running scores on the device (the prefill scores each prompt position, each step
+    adds its fed token) give the eager loop's greedy and sampled tokens, and its distributions teacher-forced
+    within the rounding bound."""
+    from sisaflow.core.config import PosteriorParams
+
+    ens = _ensemble("posterior")
+    ens.posterior = PosteriorParams(**posterior)
+    dec = GraphDecoder(ens.runner, ens.weights, "posterior", capture=False, posterior=ens.posterior)
+    want = ens.generate(PROMPTS, max_new_tokens=24)
+    assert _graph_texts(ens, dec, PROMPTS, 24) == want
+    assert want != _ensemble("mixture").generate(PROMPTS, max_new_tokens=24)  # the weights moved
+    sampled = ens.generate(PROMPTS, max_new_tokens=16, temperature=0.9, seed=3)
+    assert _graph_texts(ens, dec, PROMPTS, 16, temperature=0.9, seed=3) == sampled
+    steps = 12
+    x, mask = ens.encode_prompts(PROMPTS, steps)
+    out = ens(x, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    expected, tokens = [], []
+    for _ in range(steps):
+        expected.append(out.logits[:, -1])
+        tokens.append(expected[-1].argmax(-1, keepdim=True))
+        mask = torch.cat([mask, mask.new_ones(len(PROMPTS), 1)], dim=1)
+        out = ens(tokens[-1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    got = dec.log_probs_along(x, ens.encode_prompts(PROMPTS, steps)[1], torch.cat(tokens, dim=1))
+    for step in range(steps):
+        # the weights sum every earlier step's rounding too: the bound of the whole prompt and the steps so far
+        bound = rounding_bound(float(expected[step].abs().max()), WIDTH, 2 * (step + 1)) * (
+            x.shape[1] + step + 1
+        )
+        assert float((got[:, step] - expected[step]).abs().max()) <= bound, step
+
+
 def test_sampling_draws_what_the_eager_loop_draws():
     ens = _ensemble()
     want = ens.generate(PROMPTS, max_new_tokens=20, temperature=0.9, seed=7)
