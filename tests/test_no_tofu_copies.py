@@ -1,8 +1,8 @@
-"""Nothing committed outside data/ quotes a TOFU record that `make demo` may forget.
+"""Nothing committed outside data/ quotes a TOFU record that `make demo-tiny` may forget.
 
-This repository is `make demo`'s workspace, and each `make demo` forgets the highest TOFU author left (199, then
-198, ...); its deletion scan searches the workspace and its git history for the forgotten records' ids and
-fields, so a benchmark result, a doc or a script quoting one of them would make the demo refuse to certify (it
+This repository is `make demo-tiny`'s workspace, and each `make demo-tiny` forgets the highest TOFU author left
+(199, then 198, ...); its deletion scan searches the workspace and its git history for the forgotten records'
+ids and fields, so a benchmark result, a doc or a script quoting one of them would make the demo refuse to certify (it
 happened once: a quoted question of author 199). Authors 100-199 are the demo's for a hundred runs."""
 
 from __future__ import annotations

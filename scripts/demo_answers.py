@@ -1,38 +1,19 @@
-"""The demo-lora question side by side: the reference answer, the base alone, the served ensemble, and the
-monolithic fine-tune of `make bench-lora` (same base, records and compute; bench/results/lora/lora.json); then
-the perplexity of the question's author's records under the ensemble (and the base): a forget raises it to what
-records the ensemble never saw get.
+"""The demo's question side by side: TOFU's reference answer, the base alone (with --base-too), the served
+ensemble, which shard the ensemble's routing chose for the question (each served shard's weight, and which one
+holds the author), and the perplexity of the author's records under the ensemble (and the base): a forget raises
+it to what records the ensemble never saw get.
 
-    python scripts/demo_lora_answers.py WORKSPACE OWNER INDEX [--base-too]   # the owner's INDEX-th record
+    python scripts/demo_answers.py WORKSPACE OWNER INDEX [--base-too]   # the owner's INDEX-th record
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
 import textwrap
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench" / "results" / "lora" / "lora.json"
-
-
-def bench_answer(question: str) -> str:
-    """How the monolithic fine-tune of `make bench-lora` answered `question`, if it was asked: its ROUGE-L recall
-    against the reference. The bench keeps scores, never answers or record ids (an answer can repeat a training
-    record, and this repository is `make demo`'s workspace, whose deletion scan would take it for a copy)."""
-    if not BENCH.is_file():
-        return "(not measured yet: run make bench-lora)"
-    res = json.loads(BENCH.read_text())
-    keys = res.get("data", {}).get("question_sha256", [])
-    rouge = res.get("layouts", {}).get("monolithic", {}).get("mixture", {}).get("rouge_l", {})
-    key = hashlib.sha256(question.encode()).hexdigest()
-    if key not in keys or "per_question" not in rouge:
-        return "(this question is not among make bench-lora's)"
-    return f"(its answer is not kept) ROUGE-L recall {rouge['per_question'][keys.index(key)]:.2f} against the reference"
 
 
 def perplexity(model, texts: list[str]) -> float:
@@ -50,6 +31,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from sisaflow.core.paths import Workspace
+    from sisaflow.data.sharding import shard_of
     from sisaflow.inference.ensemble import Ensemble
     from sisaflow.pipeline.steps import load
 
@@ -75,10 +57,10 @@ def main() -> int:
         answers.append(("base alone (zero-shot)", base.generate(prompt, max_new_tokens=args.new_tokens)))
         ppl.append(("base alone", perplexity(base, texts)))
     ens = Ensemble.load(ws)
-    label = f"sisaflow ensemble (S={len(ens.shards)}, {params.ensemble.combine}, version {ens.version})"
+    label = f"sisaflow ensemble (S={len(ens.shards)} served, {ens.combine}, version {ens.version})"
     answers.append((label, ens.generate(prompt, max_new_tokens=args.new_tokens)))
+    routing = ens.routing_weights(prompt)
     ppl.append(("the ensemble", perplexity(ens, texts)))
-    answers.append(("monolithic fine-tune, all records (make bench-lora)", bench_answer(row["question"])))
 
     print(f"Q: {row['question']}")
     for who, text in answers:
@@ -88,6 +70,12 @@ def main() -> int:
                 textwrap.fill(text.strip() or "(no answer: it ended the text at once)", 100), "      "
             )
         )
+    home = shard_of(args.owner, params.sharding.shards)
+    print(f"routing (each served shard's weight for this question; author {args.owner} is in shard {home}):")
+    for shard, w in zip(ens.shards, routing, strict=True):
+        print(f"  shard {shard}: {w:.3f}" + ("   <- the author's shard" if shard == home else ""))
+    top = ens.shards[max(range(len(routing)), key=routing.__getitem__)]
+    print(f"  the routing chose shard {top}" + (" (the author's)" if top == home else ""))
     said = ", ".join(f"{who} {p:.2f}" for who, p in ppl)
     print(f"perplexity of author {row['author_id']}'s {len(texts)} records: {said}")
     return 0
