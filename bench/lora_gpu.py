@@ -9,8 +9,8 @@ over two calls: bench/smollm2_gpu.sh) and is converted here once (sisaflow.model
 shard's training loads the base and a converted directory loads in a second where the GGUF takes 15 s.
 
 Time plan on one H200 (8 minutes in all): conversion ~20 s; zero-shot ~10 s; each layout trains 456k tokens (4,000
-records x ~57 tokens x 2 epochs) and is evaluated (200 retained, 200 never-seen records, 40 answers, three ways
-of combining); the S=8 and S=16 forgets. No layout starts after --budget-s (default 400 s), and lora.json is
+records x ~57 tokens x 2 epochs) and is evaluated (200 retained, 200 never-seen records, 40 answers, every
+rule of combining); the S=8 and S=16 forgets. No layout starts after --budget-s (default 400 s), and lora.json is
 rewritten after every layout, so a timeout keeps what was measured.
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sisaflow.core.config import PosteriorParams
 from sisaflow.inference.ensemble import Ensemble
 from sisaflow.inference.hf import EnsembleForCausalLM
 from sisaflow.inference.lora_runners import stacked_lora
@@ -18,9 +19,18 @@ from tests.unit.models.test_lora import LPS, _lora_ensembles, _random_adapters, 
 RUNNERS = ["stacked", "loop", "lora-batched", "lora-loop", "lora-stacked"]
 
 
-@pytest.fixture(params=RUNNERS)
+@pytest.fixture(params=[(r, c) for r in RUNNERS for c in ("mixture", "posterior")], ids="-".join)
 def ensemble(request, make_params, base_dir) -> Ensemble:  # noqa: F811
-    kind = request.param
+    """Every runner, combined as a fixed mixture or by the context (posterior, with a floor: the running scores
+    then travel in a RoutedCache around the runner's own cache, whatever that is)."""
+    kind, combine = request.param
+    ens = _runner_ensemble(kind, make_params, base_dir)
+    ens.combine = combine
+    ens.posterior = PosteriorParams(floor=0.1)
+    return ens
+
+
+def _runner_ensemble(kind: str, make_params, base_dir) -> Ensemble:  # noqa: F811
     if kind in ("stacked", "loop"):
         return Ensemble(
             _models(make_params), [1.0, 2.0, 3.0], "mixture", IdTokenizer(), batched=kind == "stacked"
@@ -243,13 +253,14 @@ def load_byte():
 # ------------------------------------------------------------------------------- an evaluation harness
 
 
-def test_lm_evaluation_harness_scores_and_generates_with_the_ensemble_unchanged(make_params):
+@pytest.mark.parametrize("combine", ["mixture", "posterior"])
+def test_lm_evaluation_harness_scores_and_generates_with_the_ensemble_unchanged(make_params, combine):
     """EleutherAI's lm-evaluation-harness takes the model as any transformers causal LM (`HFLM(pretrained=
     model, tokenizer=...)`): its log-likelihoods are the ensemble's, its generations `Ensemble.generate`'s."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    ens = Ensemble(_models(make_params), [1.0, 2.0, 3.0], "mixture", load_byte())
+    ens = Ensemble(_models(make_params), [1.0, 2.0, 3.0], combine, load_byte())
     model = EnsembleForCausalLM(ens)
     lm = HFLM(pretrained=model, tokenizer=model.hf_tokenizer(), batch_size=3)
     pairs = [("Question: who?\nAnswer:", " Ada"), ("Q", "uestion"), ("Hi", " there, Ça va?")]
