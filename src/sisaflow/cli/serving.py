@@ -52,8 +52,21 @@ def cmd_generate(args) -> int:
         ):
             if i:
                 print()  # a blank line between generations
+            if args.show_routing:
+                print(routing_line(ens, prompt), file=sys.stderr, flush=True)
             print(prompt + text, flush=True)
     return 0
+
+
+def routing_line(ens, prompt: str) -> str:
+    """Where the ensemble routes what follows `prompt`: each served shard's weight, the heaviest marked."""
+    weights = ens.routing_weights(prompt)
+    top = max(range(len(weights)), key=weights.__getitem__)
+    parts = [
+        f"{'*' if i == top else ''}shard {s} {w:.3f}" for i, (s, w) in enumerate(zip(ens.shards, weights))
+    ]
+    rule = "posterior" if ens.combine == "posterior" else f"{ens.combine} (fixed weights)"
+    return f"routing ({rule}): " + ", ".join(parts)
 
 
 def _decoding_options(args) -> dict | None:
@@ -237,6 +250,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--show-routing",
+        action="store_true",
+        help="print each prompt's weight per shard before its text, on stderr (ensemble.combine: posterior)",
+    )
     decoding = s.add_argument_group(
         "transformers' decoding (any of these decodes with transformers' generate over the same ensemble)"
     )

@@ -341,3 +341,42 @@ def test_selecting_rows_of_a_routed_cache_moves_each_rows_constituents(lora64):
         alone = ens(torch.tensor([[11 + r]]), past_key_values=alone.past_key_values, use_cache=True)
         alone = ens(torch.tensor([[13 + i]]), past_key_values=alone.past_key_values, use_cache=True)
         torch.testing.assert_close(got[i], alone.logits[0, -1], rtol=0, atol=ATOL)
+
+
+def test_a_posterior_workspace_serves_and_the_cli_shows_the_routing(
+    make_records, make_served, make_params, capsys
+):
+    """Registered with its settings, loaded back, and `generate --show-routing` prints each shard's weight."""
+    from sisaflow import cli
+    from sisaflow.inference.registry import read_registry
+
+    params = make_params(
+        sharding={"shards": 2, "slices": 1}, ensemble={"combine": "posterior", "posterior": {"floor": 0.25}}
+    )
+    ws = make_served(make_records(owners=4, per_owner=2), params)
+    assert read_registry(ws)["posterior"] == {"beta": 1.0, "floor": 0.25, "top_k": None}
+    ens = Ensemble.load(ws)
+    assert ens.combine == "posterior" and ens.posterior == PosteriorParams(floor=0.25)
+    weights = ens.routing_weights("Question: who?")
+    assert min(weights) >= 0.125 - 1e-12 and sum(weights) == pytest.approx(1.0)
+    assert (
+        cli.main(
+            [
+                "--workspace",
+                str(ws.root),
+                "generate",
+                "--show-routing",
+                "--max-new-tokens",
+                "4",
+                "Question: who?",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out == "Question: who?" + ens.generate("Question: who?", max_new_tokens=4) + "\n"
+    top = weights.index(max(weights))
+    parts = [
+        f"{'*' if i == top else ''}shard {s} {w:.3f}" for i, (s, w) in enumerate(zip(ens.shards, weights))
+    ]
+    assert captured.err.strip().endswith("routing (posterior): " + ", ".join(parts))
