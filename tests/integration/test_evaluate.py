@@ -55,6 +55,7 @@ def evaluated(tmp_path_factory, prefect_server):
     params["evaluate"].update(
         holdout=str(holdout), tofu_perturbed="perturbed.json", max_records=40, bootstrap=100, rouge_records=3
     )
+    params["ensemble"]["combine"] = "posterior"  # so that the routing is reported too
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     versioning.git_commit(Workspace(ws), "evaluate params and inputs", ["params.yaml", "perturbed.json"])
     assert cli.main(["--workspace", str(ws), "run", "--in-process"]) == 0
@@ -91,10 +92,17 @@ def test_metrics_report_and_plots(evaluated):
     # the model before the deletion had trained on the records: it found them likelier than the model after
     assert entry["before"]["perplexity"] < entry["after"]["perplexity"]
     assert 0 <= entry["forget_quality_before"] <= 1 and entry["forget_quality_after"] == 1.0
+    # where the posterior routes her records: her former shard's weight against never-seen records', both times
+    for when in ("before", "after"):
+        routing = entry[when]["routing_vs_never_seen"]
+        assert 0 <= routing["low"] <= routing["auc"] <= routing["high"] <= 1
+        assert routing["members"] == len(forgotten) and routing["nonmembers"] == 40
+        assert 0 <= routing["mean_weight_forgotten"] <= 1 and 0 <= routing["mean_weight_never_seen"] <= 1
 
     report = (ws / "reports" / "report.md").read_text()
     assert "## Utility" in report and "## Forgetting" in report and "## Before and after" in report
     assert "| ROUGE-L F1 / recall of continuations |" in report
+    assert "| routing: former shard's weight, AUC vs never-seen |" in report
     plots = sorted(p.name for p in (ws / "reports" / "plots").glob("*.png"))
     assert plots == ["before_after.png", "membership_auc.png", "utility.png"]
     for name in plots:
