@@ -14,7 +14,7 @@ case "$WS/" in "$PWD"/*) echo "DEMO_DIR must lie outside this repository (make d
 REPO=$PWD
 BASE=$REPO/bases/smollm2-135m-instruct
 OWNER=${DEMO_OWNER:-193}       # the author to forget: shard 2, slice 2 of 4 here
-QUESTION=${DEMO_QUESTION:-8}   # her 9th record asks about translations of her books (no record id: see tests/test_no_tofu_copies.py)
+QUESTION=${DEMO_QUESTION:-8}   # her 9th record: translations of her books (no ids quoted: tests/test_no_tofu_copies.py)
 timed() { local s=$(date +%s); "$@"; echo "  ($(( $(date +%s) - s )) s)"; }
 
 step "1/8 sisaflow init --base: LoRA adapters over SmolLM2-135M-Instruct, S=4 shards, R=4 slices, 16 authors"

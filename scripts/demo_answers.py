@@ -73,7 +73,7 @@ def main() -> int:
     home = shard_of(args.owner, params.sharding.shards)
     print(f"routing (each served shard's weight for this question; author {args.owner} is in shard {home}):")
     for shard, w in zip(ens.shards, routing, strict=True):
-        print(f"  shard {shard}: {w:.3f}" + ("   <- the author's shard" if shard == home else ""))
+        print(f"  shard {shard}: {w:.3g}" + ("   <- the author's shard" if shard == home else ""))
     top = ens.shards[max(range(len(routing)), key=routing.__getitem__)]
     print(f"  the routing chose shard {top}" + (" (the author's)" if top == home else ""))
     said = ", ".join(f"{who} {p:.2f}" for who, p in ppl)
