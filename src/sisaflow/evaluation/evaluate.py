@@ -84,6 +84,11 @@ def sample(records: Sequence[Record], n: int) -> list[Record]:
     return [ordered[int(i * step)] for i in range(n)]
 
 
+SCORE_BYTES = 1 << 30
+"""`score_records` keeps a batch's float64 log-probabilities (constituents x rows x positions x vocabulary)
+within this many bytes (their combination and the float32 logits come on top, about as much again)."""
+
+
 def score_records(
     ens: Ensemble,
     records: Sequence[Record],
@@ -99,6 +104,9 @@ def score_records(
     encoded = [(r, ids) for r, ids in encoded if len(ids) >= 2]
     if scored_meter is not None:
         scored_meter.advance(len(records) - len(encoded))
+    if encoded:  # every constituent's float64 distributions at every position of a batch: within SCORE_BYTES
+        per_row = 8 * ens.runner.num_models * max(len(ids) for _, ids in encoded) * tok.vocab_size
+        batch_size = max(1, min(batch_size, SCORE_BYTES // per_row))
     scored: dict[int, Scored] = {}
     for chunk, x in length_batches([ids for _, ids in encoded], batch_size, tok.eos_id):
         with torch.no_grad():
