@@ -49,6 +49,17 @@ def _text_log_prob(model, ids: list[int]) -> float:
     return float(sum(lp[t, ids[t + 1]] for t in range(len(ids) - 1)))
 
 
+def assert_beam_scores_are_sequence_log_probs(beams, width: int, ens: Ensemble) -> None:
+    """Each returned beam's score (length_penalty 0) is the sum of its new tokens' log-probabilities under `ens`,
+    from one forward over the finished sequence. generate() reads them as float32: n tokens, each rounded
+    (eps/2 relative) and summed in float32 (n eps of the running sum), so 2 n eps32 |total| bounds the rest."""
+    for seq, score in zip(beams.sequences, beams.sequences_scores):
+        lp = ens(seq[None]).logits[0]
+        n = len(seq) - width
+        total = float(sum(lp[t - 1, seq[t]] for t in range(width, len(seq))))
+        assert float(score) == pytest.approx(total, abs=2 * n * torch.finfo(torch.float32).eps * abs(total))
+
+
 def test_posterior_is_the_mixture_of_whole_text_probabilities(models64):
     ens = _ensemble(models64)
     ids = list(b"Question: who wrote it? Answer: Ada")
@@ -179,13 +190,7 @@ def test_transformers_generate_follows_the_posterior_greedy_sampled_and_beams(mo
         return_dict_in_generate=True,
     )
     assert len({tuple(r) for r in beams.sequences.tolist()}) == 3
-    for seq, score in zip(beams.sequences, beams.sequences_scores):
-        lp = ens(seq[None]).logits[0]
-        total = float(sum(lp[t - 1, seq[t]] for t in range(width, len(seq))))
-        # generate() reads the log-probabilities as float32
-        assert float(score) == pytest.approx(
-            total, abs=torch.finfo(torch.float32).eps * abs(total) * 8 + 1e-6
-        )
+    assert_beam_scores_are_sequence_log_probs(beams, width, ens)
 
 
 def test_selecting_cache_rows_carries_each_rows_scores(models64):
@@ -314,13 +319,7 @@ def test_routed_top_1_over_lora_is_the_chosen_adapter_alone_and_follows_beams(lo
         output_scores=True,
         return_dict_in_generate=True,
     )
-    scorer = EnsembleForCausalLM(alone)
-    for seq, score in zip(beams.sequences, beams.sequences_scores):
-        lp = scorer(seq[None]).logits[0]
-        total = float(sum(lp[t - 1, seq[t]] for t in range(width, len(seq))))
-        assert float(score) == pytest.approx(
-            total, abs=torch.finfo(torch.float32).eps * abs(total) * 8 + 1e-6
-        )
+    assert_beam_scores_are_sequence_log_probs(beams, width, alone)
 
 
 def test_selecting_rows_of_a_routed_cache_moves_each_rows_constituents(lora64):
