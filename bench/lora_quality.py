@@ -44,6 +44,7 @@ import cost_accounting as ca  # noqa: E402
 import forget_grid as fg  # noqa: E402
 
 from sisaflow.core.config import LoraParams, ModelParams, Params, PosteriorParams, TrainParams  # noqa: E402
+from sisaflow.core.memory import release_freed_memory  # noqa: E402
 from sisaflow.data.corpus import Record, content_hash  # noqa: E402
 from sisaflow.data.sharding import shard_corpus, shard_of  # noqa: E402
 from sisaflow.inference.combine import posterior_log_weights, running_scores  # noqa: E402
@@ -198,6 +199,8 @@ def token_log_probs(
             for row, i in enumerate(chunk):
                 n = len(rows[i]) - 1
                 out[c][i] = (values[row, :n].sum().item(), n)
+        del logits, per, per_t, total, before, combined
+        release_freed_memory()  # sisaflow.core.memory: else glibc's heap keeps every batch's tensors
     return out
 
 

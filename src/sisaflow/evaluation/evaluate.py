@@ -38,6 +38,7 @@ from sisaflow.core.config import Params
 from sisaflow.core.errors import WorkspaceError
 from sisaflow.core.fsio import write_json
 from sisaflow.core.hashing import workspace_hasher
+from sisaflow.core.memory import release_freed_memory
 from sisaflow.core.paths import Workspace
 from sisaflow.core.progress import Meter, meter
 from sisaflow.data.corpus import Record, content_hash, from_table, read_records, read_table
@@ -132,6 +133,8 @@ def score_records(
                 r.text,
                 None if routes is None else routes[:, row, n - 1].tolist(),
             )
+        del logits, lp, combined, routes
+        release_freed_memory()  # else glibc's heap keeps every batch's tensors: sisaflow.core.memory
         if scored_meter is not None:
             scored_meter.advance(len(chunk))
     return [scored[i] for i in range(len(encoded))]
@@ -211,6 +214,7 @@ def verbatim(
     for i in range(0, len(prompts), GENERATE_BATCH):  # one batched generation per GENERATE_BATCH records
         batch = prompts[i : i + GENERATE_BATCH]
         continuations += ens.generate(batch, max_new_tokens=new_tokens)
+        release_freed_memory()
         if continued_meter is not None:
             continued_meter.advance(len(batch))
     scores = [metrics.rouge_l_scores(ref, cont) for ref, cont in zip(references, continuations, strict=True)]
