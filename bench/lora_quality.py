@@ -79,6 +79,9 @@ def rule(name: str, chosen: PosteriorParams | None = None) -> tuple[str, Posteri
     return ("mixture" if name == "merge" else name), PosteriorParams()
 
 
+SCORED_GROUPS = ("retained", "never_seen", "validation")
+
+
 def grid_rules() -> list[str]:
     return [f"posterior:{b}:{f}" for b in GRID_BETAS for f in GRID_FLOORS]
 
@@ -158,59 +161,80 @@ def params_for(plan: Plan, lr: float | None = None) -> Params:
     return dataclasses.replace(base, corpus=corpus, model=model, train=train)
 
 
+@dataclasses.dataclass
+class Scores:
+    """One forward of every constituent over a group of records, kept per record: each constituent's
+    log-probability of each token after the first (S, n), and the product of experts' (n,), which needs the
+    whole vocabulary. Every rule of `COMBINES` and of the posterior grid is a function of these."""
+
+    per: list[torch.Tensor]
+    product: list[torch.Tensor]
+
+
 @torch.no_grad()
-def token_log_probs(
-    ens: Ensemble, records: list[Record], combines: tuple[str, ...], chosen: PosteriorParams | None = None
-) -> dict[str, list]:
-    """Per rule, per record: (log-likelihood of its tokens after the first, token count). One forward of all
-    constituents per batch; the combination runs constituent by constituent in float64, so memory holds one
-    (B, T, vocab) sum, not S of them (S=16 x the vocabulary would not fit). The posterior rules need each
-    constituent's probability of the target only: the library's weights (`posterior_log_weights`) over the
-    running scores of the tokens before each position."""
+def constituent_scores(ens: Ensemble, records: list[Record]) -> Scores:
+    """`Scores` of `records`: one forward of all constituents per batch of 4; the product runs constituent by
+    constituent in float64, so memory holds one (B, T, vocab) sum, not S of them."""
     tok = ens.tokenizer
     rows = [(tok.encode(r.text) + [tok.eos_id])[: ens.context_length] for r in records]
-    out: dict[str, list] = {c: [None] * len(rows) for c in combines}
-    device = ens.weights.device
-    w = ens.weights.to(device)
+    per_record: list = [None] * len(rows)
+    product: list = [None] * len(rows)
+    w = ens.weights.to(ens.weights.device)
     for chunk, x in length_batches(rows, 4, tok.eos_id):
-        x = x.to(device)
+        x = x.to(ens.weights.device)
         logits, _ = ens.runner(x)  # (S, B, T, V)
         target = x[:, 1:].unsqueeze(-1)
         per, total = [], None
         for s in range(logits.shape[0]):
             lp = torch.log_softmax(logits[s, :, :-1].double(), dim=-1)
             per.append(lp.gather(-1, target).squeeze(-1))  # (B, T-1)
-            if "product" in combines:
-                total = lp * w[s] if total is None else total + lp * w[s]
-        per_t = torch.stack(per)  # (S, B, T-1)
-        before = running_scores(per_t, None) - per_t  # the context each position has read
-        combined = {}
+            total = lp * w[s] if total is None else total + lp * w[s]
+        per_t = torch.stack(per).cpu()  # (S, B, T-1)
+        prod = torch.log_softmax(total, dim=-1).gather(-1, target).squeeze(-1).cpu()  # (B, T-1)
+        for row, i in enumerate(chunk):
+            n = len(rows[i]) - 1
+            per_record[i], product[i] = per_t[:, row, :n].clone(), prod[row, :n].clone()
+        del logits, per, per_t, total, prod
+        release_freed_memory()  # sisaflow.core.memory: else glibc's heap keeps every batch's tensors
+    return Scores(per_record, product)
+
+
+def rule_scores(
+    ens: Ensemble, scores: Scores, combines: tuple[str, ...], chosen: PosteriorParams | None = None
+) -> dict[str, list]:
+    """Per rule, per record: (log-likelihood of its tokens after the first, token count). The posterior rules
+    weight each constituent with the library's weights (`posterior_log_weights`) over the running scores of the
+    tokens before each position."""
+    w = ens.weights.cpu().double()
+    out: dict[str, list] = {c: [] for c in combines}
+    for per, product in zip(scores.per, scores.product, strict=True):
+        before = running_scores(per[:, None], None)[:, 0] - per  # (S, n): the context each position has read
         for c in combines:
             kind, posterior = rule(c, chosen)
             if kind == "posterior":
-                log_w = posterior_log_weights(w, before, posterior)
-                combined[c] = torch.logsumexp(per_t + log_w, dim=0)
+                combined = torch.logsumexp(per + posterior_log_weights(w, before, posterior), dim=0)
             elif kind == "mixture":  # a merge is one model: the "mixture" of one
-                combined[c] = torch.logsumexp(per_t + torch.log(w).view(-1, 1, 1), dim=0)
-            elif total is not None:
-                combined[c] = torch.log_softmax(total, dim=-1).gather(-1, target).squeeze(-1)
-        for c in combines:
-            values = combined[c].cpu()
-            for row, i in enumerate(chunk):
-                n = len(rows[i]) - 1
-                out[c][i] = (values[row, :n].sum().item(), n)
-        del logits, per, per_t, total, before, combined
-        release_freed_memory()  # sisaflow.core.memory: else glibc's heap keeps every batch's tensors
+                combined = torch.logsumexp(per + torch.log(w)[:, None], dim=0)
+            else:
+                combined = product
+            out[c].append((combined.sum().item(), per.shape[1]))
     return out
 
 
-def choose_posterior(ens: Ensemble, data: dict, plan: Plan) -> dict:
+def token_log_probs(
+    ens: Ensemble, records: list[Record], combines: tuple[str, ...], chosen: PosteriorParams | None = None
+) -> dict[str, list]:
+    """`rule_scores` of `records`, scored afresh."""
+    return rule_scores(ens, constituent_scores(ens, records), combines, chosen)
+
+
+def choose_posterior(ens: Ensemble, data: dict, plan: Plan, scored: dict[str, Scores]) -> dict:
     """The posterior's beta and floor with the highest log-likelihood on records no constituent trained on:
     the subset's authors' held-out questions and never-seen authors, weighted equally (a rule must both find an
     owner's constituent and not hurt a stranger). The whole grid is kept."""
     grid: dict = {}
     for group in ("validation", "never_seen"):
-        scores = token_log_probs(ens, data[group], tuple(grid_rules()))
+        scores = rule_scores(ens, scored[group], tuple(grid_rules()))
         for name, sc in scores.items():
             grid.setdefault(name, {})[group] = perplexity_ci(sc, plan.bootstrap, plan.seed)
     objective = {
@@ -279,14 +303,22 @@ def rouge_recall(refs: list[str], cands: list[str], resamples: int, seed: int) -
 
 
 def evaluate(
-    ens: Ensemble, combines: tuple[str, ...], data: dict, plan: Plan, chosen: PosteriorParams | None = None
+    ens: Ensemble,
+    combines: tuple[str, ...],
+    data: dict,
+    plan: Plan,
+    chosen: PosteriorParams | None = None,
+    scored: dict[str, Scores] | None = None,
 ) -> dict:
     """Perplexities, answer ROUGE and generation speed of `ens` under each of `combines` (its runner's
     distributions combined), and for an ensemble of several the posterior's routing accuracy."""
     t0 = time.perf_counter()
     out: dict = {c: {} for c in combines}
-    for group in ("retained", "never_seen", "validation"):
-        scores = token_log_probs(ens, data[group], combines, chosen)
+    scored = scored if scored is not None else {}
+    for group in SCORED_GROUPS:
+        if group not in scored:
+            scored[group] = constituent_scores(ens, data[group])
+        scores = rule_scores(ens, scored[group], combines, chosen)
         for c in combines:
             out[c][group] = perplexity_ci(scores[c], plan.bootstrap, plan.seed)
     refs = [q["answer"] for q in data["questions"]]
@@ -328,14 +360,17 @@ def layout(root: Path, setup: fg.Setup, plan: Plan, data: dict, shards: int, sli
     ens = Ensemble.load(ws, device=plan.device)
     combines = ("mixture",) if shards == 1 else tuple(c for c in COMBINES if c != "merge")
     chosen = None
+    t0 = time.perf_counter()
+    scored = {group: constituent_scores(ens, data[group]) for group in SCORED_GROUPS}  # one forward each
     if shards > 1:
-        choice = choose_posterior(ens, data, plan)
+        choice = choose_posterior(ens, data, plan, scored)
         chosen = PosteriorParams(beta=choice["beta"], floor=choice["floor"])
         row["posterior_choice"] = choice
         say(f"{name}: held-out records chose beta {chosen.beta}, floor {chosen.floor}")
-    row.update(evaluate(ens, combines, data, plan, chosen))
+    row.update(evaluate(ens, combines, data, plan, chosen, scored))
     if shards > 1:
         row.update(evaluate(merged_ensemble(ws, plan.device), ("merge",), data, plan))
+    row["eval_seconds"] = time.perf_counter() - t0  # every rule's, with the scoring they share
     del ens
     place = fg.placement(ws, params)
     own = fg.own_tokens(ws, params)

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The sisaflow demo (`make demo`, after `make base`): LoRA adapters over SmolLM2-135M-Instruct, one per shard, on
-# 16 TOFU authors (320 question/answer records), served as a per-token mixture (the posterior combination's scoring of
-# its before/after metrics ran out of memory on this 2-core, 24 GB machine: issue 24's note); it
+# 16 TOFU authors (320 question/answer records), served with the context-weighted (posterior) combination; it
 # asks one author's question, forgets the author, asks again, verifies the forget bitwise and evaluates it.
 # The workspace is $DEMO_DIR (default: sisaflow-demo in the temporary directory), outside this repository: this
 # repository is `make demo-tiny`'s workspace, whose deletion scan would find the TOFU records of any other
@@ -15,7 +14,7 @@ case "$WS/" in "$PWD"/*) echo "DEMO_DIR must lie outside this repository (make d
 REPO=$PWD
 BASE=$REPO/bases/smollm2-135m-instruct
 OWNER=${DEMO_OWNER:-193}       # the author to forget: shard 2, slice 2 of 4 here
-QUESTION=${DEMO_QUESTION:-8}   # her 9th record: translations of her books (no ids quoted: tests/test_no_tofu_copies.py)
+QUESTION=${DEMO_QUESTION:-8}   # her 9th record, on translations of her books (tests/test_no_tofu_copies.py)
 timed() { local s=$(date +%s); "$@"; echo "  ($(( $(date +%s) - s )) s)"; }
 
 step "1/8 sisaflow init --base: LoRA adapters over SmolLM2-135M-Instruct, S=4 shards, R=4 slices, 16 authors"
@@ -37,13 +36,12 @@ PY
 cp data/tofu/holdout_records.jsonl "$WS/holdout.jsonl"   # TOFU's never-seen authors, for evaluate
 sisaflow init "$WS" --corpus "$WS/tofu-16.jsonl" --owner-field author_id \
     --text-template 'Question: {question}\nAnswer: {answer}' --base "$BASE" --shards 4 --slices 4
-# The never-seen records, and a smaller evaluation than the default (time); ensemble.combine stays the mixture
-# (see the top).
+# The never-seen records, and a smaller evaluation than the default (time). `init --base` serves the adapters
+# with the context-weighted (posterior) combination: each weighted by how well it predicted the question so far.
 python - "$WS/params.yaml" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-for key, value in [("holdout", "holdout.jsonl"), ("max_records", "100"),
-                   ("rouge_records", "0")]:
+for key, value in [("holdout", "holdout.jsonl"), ("max_records", "100"), ("rouge_records", "0")]:
     text, n = re.subn(rf"^(  {key}:) .*$", rf"\1 {value}", text, flags=re.M)
     assert n == 1, key
 open(sys.argv[1], "w").write(text)

@@ -55,6 +55,8 @@ def prefect_yaml(name: str) -> str:
 # authors' log-perplexities), two epochs per slice, a short warm-up (a fixed step count weighs more on small
 # shards), rank 8 on the attention's query and value projections (the LoRA paper's choice)
 LORA_TRAIN = {"learning_rate": 3e-3, "epochs_per_slice": 2, "warmup_steps": 5, "batch_size": 8}
+LORA_ENSEMBLE = {"combine": "posterior", "posterior": {"beta": 1.0, "floor": 0.0, "top_k": None}}
+"""How `init --base` serves the adapters: weighted by the context, as `make bench-lora` chose (docs/lora.md)."""
 LORA_MODEL = {
     "context_length": 512,
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
@@ -78,7 +80,8 @@ def base_params(base: Path, directory: Path, raw: dict) -> dict:
         model["context_length"] = min(model["context_length"], int(limit))
     check_base(ModelParams(**{**model, "lora": LoraParams(**model["lora"])}))
     model["base"] = _relative_or_absolute(base, directory)
-    return {**raw, "model": model, "train": {**raw["train"], **LORA_TRAIN}}
+    ensemble = {**raw.get("ensemble", {}), **LORA_ENSEMBLE}
+    return {**raw, "model": model, "train": {**raw["train"], **LORA_TRAIN}, "ensemble": ensemble}
 
 
 def init_workspace(

@@ -117,7 +117,7 @@ def _tofu_corpus(path: Path, authors: int = 4) -> Path:
 def test_init_with_a_base_writes_lora_params(tiny_gguf, tmp_path):
     from sisaflow import cli
     from sisaflow.core.config import Params
-    from sisaflow.pipeline.create import LORA_TRAIN
+    from sisaflow.pipeline.create import LORA_ENSEMBLE, LORA_TRAIN
 
     base = tmp_path / "base"
     convert_gguf(tiny_gguf, base)
@@ -139,7 +139,9 @@ def test_init_with_a_base_writes_lora_params(tiny_gguf, tmp_path):
     assert {k: raw["train"][k] for k in LORA_TRAIN} == LORA_TRAIN
     params = Params.load(ws / "params.yaml")
     assert params.model.lora.target_modules == ["q_proj", "v_proj"]
-    assert params.ensemble.combine == "mixture"  # the posterior's scoring does not yet fit 24 GB (issue 24)
+    # served weighted by the context, with the settings make bench-lora chose
+    assert params.ensemble.combine == LORA_ENSEMBLE["combine"] == "posterior"
+    assert dataclasses.asdict(params.ensemble.posterior) == LORA_ENSEMBLE["posterior"]
 
 
 def test_init_with_a_missing_base_names_it_and_writes_nothing(tmp_path):
