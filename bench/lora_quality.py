@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
@@ -105,6 +106,9 @@ class Plan:
     bootstrap: int = 1000
     seed: int = 0
     forget: bool = True
+    match_steps: bool = False
+    """Train each of S constituents with batch size batch // S (at least 1): the monolithic's optimizer steps on
+    1/S of the records, at the same compute (tokens), instead of 1/S of its steps."""
 
 
 def say(message: str) -> None:
@@ -352,11 +356,16 @@ def layout(root: Path, setup: fg.Setup, plan: Plan, data: dict, shards: int, sli
     name = "monolithic" if (shards, slices) == (1, 1) else f"S={shards}"
     say(f"{name}: training {shards} shard(s) x {slices} slice(s)")
     ws, params = fg.workspace(root / name.replace("=", ""), setup, shards, slices)
+    if plan.match_steps and shards > 1:
+        batch = max(1, params.train.batch_size // shards)
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, batch_size=batch))
+        ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     shard_corpus(ws, params.sharding)
     full = fg.train(ws, params, params.sharding.shard_ids)
     build_registry(ws, params)
     say(f"{name}: {full['tokens']:.0f} tokens in {full['seconds']:.1f} s; evaluating")
     row: dict = {"shards": shards, "slices": slices, "train": {k: full[k] for k in ("tokens", "seconds")}}
+    row["batch_size"] = params.train.batch_size
     ens = Ensemble.load(ws, device=plan.device)
     combines = ("mixture",) if shards == 1 else tuple(c for c in COMBINES if c != "merge")
     chosen = None
@@ -490,7 +499,12 @@ def markdown(out: dict) -> str:
         f"{d['authors']} authors ({d['records']} records), {out['plan']['epochs']} epoch(s) per slice, lr "
         f"{out['plan']['learning_rate']}, LoRA r 8 on q_proj, v_proj; perplexity on {d['retained_eval']} retained "
         f"and {d['never_seen_eval']} never-seen records (TOFU holdout authors), ROUGE-L recall of greedy answers "
-        f"to {d['questions']} retained questions; 95% bootstrap intervals. Run took {out.get('seconds', 0):.0f} s.",
+        f"to {d['questions']} retained questions; 95% bootstrap intervals. Run took {out.get('seconds', 0):.0f} s."
+        + (
+            " Constituents train with the monolithic's batch size // S: its number of optimizer steps."
+            if out["plan"].get("match_steps")
+            else ""
+        ),
         "",
         "| model | combine | retained ppl | retained / monolithic | never-seen ppl | same authors' held-out ppl | "
         "answer ROUGE-L recall | tokens/s vs one model | routing accuracy | full training | one forget (tokens / "
@@ -665,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=2400.0, help="no layout starts after this many seconds")
     ap.add_argument("--no-forget", action="store_true")
+    ap.add_argument("--match-steps", action="store_true", help="constituents train with batch // S (Plan)")
     ap.add_argument("--sweep-lr", default=None, help="comma-separated learning rates: the sweep instead")
     ap.add_argument(
         "--smoke", action="store_true", help="a tiny random base, 4 authors, S in 1,2: checks the script"
@@ -691,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         bootstrap=200 if args.smoke else 1000,
         forget=not args.no_forget,
+        match_steps=args.match_steps,
     )
     if args.sweep_lr:
         sweep(plan, [float(x) for x in args.sweep_lr.split(",")], out_dir)

@@ -70,3 +70,22 @@ def test_training_has_equal_compute_and_the_forget_costs_what_the_placement_says
     f = s2["forget"]
     assert 0 < f["tokens"] < s2["train"]["tokens"] and len(f["owners"]) == 1
     assert f["tokens_ratio"] == pytest.approx(f["tokens"] / s2["train"]["tokens"])
+
+
+def test_matched_steps_give_each_constituent_the_monolithic_steps_at_the_same_compute(smoke, tmp_path):
+    import lora_quality as lq
+
+    _, plain = smoke
+    assert lq.main(["--smoke", "--match-steps", "--no-forget", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "lora.json").read_text())
+    mono, s2 = res["layouts"]["monolithic"], res["layouts"]["S=2"]
+    assert res["plan"]["match_steps"] and not plain["plan"]["match_steps"]
+    assert (
+        mono["batch_size"]
+        == plain["layouts"]["monolithic"]["batch_size"]
+        == plain["layouts"]["S=2"]["batch_size"]
+    )
+    assert s2["batch_size"] == max(1, mono["batch_size"] // 2)
+    assert s2["train"]["tokens"] == mono["train"]["tokens"] == plain["layouts"]["S=2"]["train"]["tokens"]
+    # the monolithic is trained the same way in both runs, bit for bit: the same perplexity
+    assert mono["mixture"]["retained"]["ppl"] == plain["layouts"]["monolithic"]["mixture"]["retained"]["ppl"]
