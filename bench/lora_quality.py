@@ -48,6 +48,8 @@ from sisaflow.core.config import LoraParams, ModelParams, Params, PosteriorParam
 from sisaflow.core.memory import release_freed_memory  # noqa: E402
 from sisaflow.data.corpus import Record, content_hash  # noqa: E402
 from sisaflow.data.sharding import shard_corpus, shard_of  # noqa: E402
+from sisaflow.evaluation.metrics import truth_ratio  # noqa: E402
+from sisaflow.evaluation.tofu import load_perturbed  # noqa: E402
 from sisaflow.inference.combine import posterior_log_weights, running_scores  # noqa: E402
 from sisaflow.inference.ensemble import Ensemble, length_batches  # noqa: E402
 from sisaflow.inference.registry import build_registry  # noqa: E402
@@ -81,6 +83,9 @@ def rule(name: str, chosen: PosteriorParams | None = None) -> tuple[str, Posteri
 
 
 SCORED_GROUPS = ("retained", "never_seen", "validation")
+PERTURBED = ("forget10_perturbed.json",)
+"""TOFU's paraphrased and perturbed answers for authors 180-199 (data/tofu): the truth ratio of every
+retained question they cover."""
 
 
 def grid_rules() -> list[str]:
@@ -107,8 +112,9 @@ class Plan:
     seed: int = 0
     forget: bool = True
     match_steps: bool = False
-    """Train each of S constituents with batch size batch // S (at least 1): the monolithic's optimizer steps on
-    1/S of the records, at the same compute (tokens), instead of 1/S of its steps."""
+    """Also train each S >= 2 with batch size batch // S (at least 1), side by side with the plain layout: each
+    constituent gets the monolithic's optimizer steps on 1/S of the records, at the same compute (tokens),
+    instead of 1/S of its steps."""
 
 
 def say(message: str) -> None:
@@ -175,12 +181,22 @@ class Scores:
     product: list[torch.Tensor]
 
 
-@torch.no_grad()
+def record_rows(ens: Ensemble, records: list[Record]) -> list[list[int]]:
+    """Each record's tokens and its end-of-text, cut to the context."""
+    tok = ens.tokenizer
+    return [(tok.encode(r.text) + [tok.eos_id])[: ens.context_length] for r in records]
+
+
 def constituent_scores(ens: Ensemble, records: list[Record]) -> Scores:
-    """`Scores` of `records`: one forward of all constituents per batch of 4; the product runs constituent by
+    """`Scores` of `records` (their tokens and end-of-text)."""
+    return row_scores(ens, record_rows(ens, records))
+
+
+@torch.no_grad()
+def row_scores(ens: Ensemble, rows: list[list[int]]) -> Scores:
+    """`Scores` of token rows: one forward of all constituents per batch of 4; the product runs constituent by
     constituent in float64, so memory holds one (B, T, vocab) sum, not S of them."""
     tok = ens.tokenizer
-    rows = [(tok.encode(r.text) + [tok.eos_id])[: ens.context_length] for r in records]
     per_record: list = [None] * len(rows)
     product: list = [None] * len(rows)
     w = ens.weights.to(ens.weights.device)
@@ -203,24 +219,29 @@ def constituent_scores(ens: Ensemble, records: list[Record]) -> Scores:
     return Scores(per_record, product)
 
 
+def combined_log_probs(
+    weights: torch.Tensor, per: torch.Tensor, product: torch.Tensor, kind: str, posterior: PosteriorParams
+) -> torch.Tensor:
+    """A rule's log-probability of each scored token (n,), from every constituent's (S, n) and the product's.
+    The posterior weights each constituent with the library's weights (`posterior_log_weights`) over the
+    running scores of the tokens before each position."""
+    if kind == "posterior":
+        before = running_scores(per[:, None], None)[:, 0] - per  # (S, n): the context each position has read
+        return torch.logsumexp(per + posterior_log_weights(weights, before, posterior), dim=0)
+    if kind == "mixture":  # a merge is one model: the "mixture" of one
+        return torch.logsumexp(per + torch.log(weights)[:, None], dim=0)
+    return product
+
+
 def rule_scores(
     ens: Ensemble, scores: Scores, combines: tuple[str, ...], chosen: PosteriorParams | None = None
 ) -> dict[str, list]:
-    """Per rule, per record: (log-likelihood of its tokens after the first, token count). The posterior rules
-    weight each constituent with the library's weights (`posterior_log_weights`) over the running scores of the
-    tokens before each position."""
+    """Per rule, per record: (log-likelihood of its tokens after the first, token count)."""
     w = ens.weights.cpu().double()
     out: dict[str, list] = {c: [] for c in combines}
     for per, product in zip(scores.per, scores.product, strict=True):
-        before = running_scores(per[:, None], None)[:, 0] - per  # (S, n): the context each position has read
         for c in combines:
-            kind, posterior = rule(c, chosen)
-            if kind == "posterior":
-                combined = torch.logsumexp(per + posterior_log_weights(w, before, posterior), dim=0)
-            elif kind == "mixture":  # a merge is one model: the "mixture" of one
-                combined = torch.logsumexp(per + torch.log(w)[:, None], dim=0)
-            else:
-                combined = product
+            combined = combined_log_probs(w, per, product, *rule(c, chosen))
             out[c].append((combined.sum().item(), per.shape[1]))
     return out
 
@@ -290,20 +311,63 @@ def rouge_recall(refs: list[str], cands: list[str], resamples: int, seed: int) -
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    values = torch.tensor(
-        [scorer.score(r, c)["rougeL"].recall for r, c in zip(refs, cands)], dtype=torch.float64
-    )
-    g = torch.Generator().manual_seed(seed)
-    boot = values[torch.randint(len(values), (resamples, len(values)), generator=g)].mean(1)
-    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    values = [scorer.score(r, c)["rougeL"].recall for r, c in zip(refs, cands)]
+    mean, ci = mean_ci(values, resamples, seed)
     # per question the score, not the answer: an answer can repeat a training record verbatim, and this file is
     # committed in `make demo`'s workspace, whose deletion scan would rightly take it for a copy
-    return {
-        "recall": values.mean().item(),
-        "ci": [lo, hi],
-        "questions": len(values),
-        "per_question": values.tolist(),
-    }
+    return {"recall": mean, "ci": ci, "questions": len(values), "per_question": values}
+
+
+def mean_ci(values: list[float], resamples: int, seed: int) -> tuple[float, list[float]]:
+    """The mean of `values` and its 95% bootstrap interval."""
+    v = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    boot = v[torch.randint(len(v), (resamples, len(v)), generator=g)].mean(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return v.mean().item(), [lo, hi]
+
+
+def truth_items(questions: list[dict]) -> list[dict]:
+    """The retained questions that TOFU's perturbed files cover, with their paraphrased and perturbed answers."""
+    by_question: dict[str, dict] = {}
+    for name in PERTURBED:
+        for e in load_perturbed(TOFU / name):
+            by_question.setdefault(e["question"], e)
+    return [by_question[q["question"]] for q in questions if q["question"] in by_question]
+
+
+def truth_rows(ens: Ensemble, items: list[dict]) -> tuple[list[list[int]], list[int]]:
+    """Per item 1 + len(perturbed) token rows, the question's prompt and then the paraphrased answer or a
+    perturbed one (encoded apart, as TOFU and sisaflow.evaluation.tofu do), and each answer's token count."""
+    tok = ens.tokenizer
+    prompt = TEMPLATE.split("{answer}")[0]
+    rows, lengths = [], []
+    for e in items:
+        head = tok.encode(prompt.format(question=e["question"]))
+        for answer in (e["paraphrased_answer"], *e["perturbed_answer"]):
+            tail = tok.encode(answer)
+            rows.append((head + tail)[-ens.context_length :])
+            lengths.append(min(len(tail), len(rows[-1]) - 1))
+    return rows, lengths
+
+
+def truth_ratio_ci(
+    ens: Ensemble, items: list[dict], lengths: list[int], scores: Scores, c: str, chosen, plan: Plan
+) -> dict:
+    """TOFU's truth ratio under rule `c` (sisaflow.evaluation.metrics.truth_ratio: below 1 the model prefers
+    the true answer), its mean over questions and the 95% bootstrap interval."""
+    w = ens.weights.cpu().double()
+    per_token = [
+        combined_log_probs(w, per, product, *rule(c, chosen))[-n:].mean().item()
+        for per, product, n in zip(scores.per, scores.product, lengths, strict=True)
+    ]
+    ratios, i = [], 0
+    for e in items:
+        k = 1 + len(e["perturbed_answer"])
+        ratios.append(truth_ratio(per_token[i], per_token[i + 1 : i + k]))
+        i += k
+    mean, ci = mean_ci(ratios, plan.bootstrap, plan.seed)
+    return {"mean": mean, "ci": ci, "questions": len(ratios)}
 
 
 def evaluate(
@@ -325,6 +389,14 @@ def evaluate(
         scores = rule_scores(ens, scored[group], combines, chosen)
         for c in combines:
             out[c][group] = perplexity_ci(scores[c], plan.bootstrap, plan.seed)
+    if data["truth"]:
+        rows, lengths = truth_rows(ens, data["truth"])
+        if "truth" not in scored:
+            scored["truth"] = row_scores(ens, rows)
+        for c in combines:
+            out[c]["truth_ratio"] = truth_ratio_ci(
+                ens, data["truth"], lengths, scored["truth"], c, chosen, plan
+            )
     refs = [q["answer"] for q in data["questions"]]
     for c in combines:
         ens.combine, ens.posterior = rule(c, chosen)
@@ -351,12 +423,28 @@ def merged_ensemble(ws, device: str) -> Ensemble:
     return ens
 
 
-def layout(root: Path, setup: fg.Setup, plan: Plan, data: dict, shards: int, slices: int, out: dict) -> dict:
-    """Train one layout, evaluate it served every way, and (S >= 2) forget one owner."""
-    name = "monolithic" if (shards, slices) == (1, 1) else f"S={shards}"
+def layout_name(shards: int, slices: int, matched: bool = False) -> str:
+    if (shards, slices) == (1, 1):
+        return "monolithic"
+    return f"S={shards}" + (", steps matched" if matched else "")
+
+
+def layout(
+    root: Path,
+    setup: fg.Setup,
+    plan: Plan,
+    data: dict,
+    shards: int,
+    slices: int,
+    out: dict,
+    matched: bool = False,
+) -> dict:
+    """Train one layout (`matched`: batch size // S, see `Plan.match_steps`), evaluate it served every way, and
+    (S >= 2) forget one owner."""
+    name = layout_name(shards, slices, matched)
     say(f"{name}: training {shards} shard(s) x {slices} slice(s)")
-    ws, params = fg.workspace(root / name.replace("=", ""), setup, shards, slices)
-    if plan.match_steps and shards > 1:
+    ws, params = fg.workspace(root / f"S{shards}{'m' if matched else ''}", setup, shards, slices)
+    if matched:
         batch = max(1, params.train.batch_size // shards)
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, batch_size=batch))
         ws.params_file.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
@@ -365,6 +453,7 @@ def layout(root: Path, setup: fg.Setup, plan: Plan, data: dict, shards: int, sli
     build_registry(ws, params)
     say(f"{name}: {full['tokens']:.0f} tokens in {full['seconds']:.1f} s; evaluating")
     row: dict = {"shards": shards, "slices": slices, "train": {k: full[k] for k in ("tokens", "seconds")}}
+    row["matched"] = matched
     row["batch_size"] = params.train.batch_size
     ens = Ensemble.load(ws, device=plan.device)
     combines = ("mixture",) if shards == 1 else tuple(c for c in COMBINES if c != "merge")
@@ -437,6 +526,7 @@ def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
             "validation": fg_sample(validation(plan), plan.eval_records),
             "questions": questions(chosen, plan.questions),
         }
+        data["truth"] = truth_items(data["questions"])
         out["data"] = {
             "authors": plan.authors,
             "records": len(chosen),
@@ -444,6 +534,7 @@ def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
             "never_seen_eval": len(data["never_seen"]),
             "validation_eval": len(data["validation"]),
             "questions": len(data["questions"]),
+            "truth_ratio_questions": len(data["truth"]),
             # the order of every per-question list, by question_key
             "question_sha256": [question_key(q["question"]) for q in data["questions"]],
         }
@@ -453,12 +544,17 @@ def run(plan: Plan, out_dir: Path, budget_s: float) -> dict:
         save()
         # the monolithic reference first, then the largest S (the goal's setting) before the smaller ones, so a
         # budget cuts the least informative layouts
-        layouts = [(1, 1)] + [(s, plan.slices) for s in sorted(plan.shards, reverse=True)]
-        for shards, slices in layouts:
+        layouts = [(1, 1, False)]
+        for s in sorted(plan.shards, reverse=True):
+            layouts += [(s, plan.slices, False)] + (
+                [(s, plan.slices, True)] if plan.match_steps and s > 1 else []
+            )
+        for shards, slices, matched in layouts:
             if time.perf_counter() - t_start > budget_s:
-                out.setdefault("skipped", []).append(f"S={shards}: past the {budget_s:.0f} s budget")
+                name = layout_name(shards, slices, matched)
+                out.setdefault("skipped", []).append(f"{name}: past the {budget_s:.0f} s budget")
                 continue
-            layout(root, setup, plan, data, shards, slices, out)
+            layout(root, setup, plan, data, shards, slices, out, matched)
             save()
     out["seconds"] = time.perf_counter() - t_start
     save()
@@ -499,17 +595,20 @@ def markdown(out: dict) -> str:
         f"{d['authors']} authors ({d['records']} records), {out['plan']['epochs']} epoch(s) per slice, lr "
         f"{out['plan']['learning_rate']}, LoRA r 8 on q_proj, v_proj; perplexity on {d['retained_eval']} retained "
         f"and {d['never_seen_eval']} never-seen records (TOFU holdout authors), ROUGE-L recall of greedy answers "
-        f"to {d['questions']} retained questions; 95% bootstrap intervals. Run took {out.get('seconds', 0):.0f} s."
+        f"to {d['questions']} retained questions, TOFU's truth ratio (below 1: the true answer preferred) on the "
+        f"{d.get('truth_ratio_questions', 0)} of them its perturbed answers cover; 95% bootstrap intervals. Run "
+        f"took {out.get('seconds', 0):.0f} s."
         + (
-            " Constituents train with the monolithic's batch size // S: its number of optimizer steps."
+            " Rows 'steps matched': the constituents train with the monolithic's batch size // S, its number of "
+            "optimizer steps at the same tokens."
             if out["plan"].get("match_steps")
             else ""
         ),
         "",
         "| model | combine | retained ppl | retained / monolithic | never-seen ppl | same authors' held-out ppl | "
-        "answer ROUGE-L recall | tokens/s vs one model | routing accuracy | full training | one forget (tokens / "
-        "full) | expected forget | cost model |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "answer ROUGE-L recall | truth ratio | tokens/s vs one model | routing accuracy | full training | one "
+        "forget (tokens / full) | expected forget | cost model |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     mono_row = out["layouts"].get("monolithic", {}).get("mixture", {})
     mono_kept = mono_row.get("retained", {}).get("ppl")
@@ -520,6 +619,8 @@ def markdown(out: dict) -> str:
         rouge = f"{r['rouge_l']['recall']:.3f} [{r['rouge_l']['ci'][0]:.3f}, {r['rouge_l']['ci'][1]:.3f}]"
         speed = f"{r['tokens_per_s'] / mono_speed:.2f}x" if mono_speed and "tokens_per_s" in r else "-"
         held = fmt_ppl(r["validation"]) if "validation" in r else "-"
+        t = r.get("truth_ratio")
+        truth = f"{t['mean']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]" if t else "-"
         train = forget = expected = model = "-"
         if lay:
             train = f"{lay['train']['tokens']:.0f} tok, {lay['train']['seconds']:.0f} s"
@@ -531,7 +632,7 @@ def markdown(out: dict) -> str:
         acc = "-" if routing is None else f"{routing:.2f}"
         return (
             f"| {name} | {combine} | {fmt_ppl(r['retained'])} | {ratio} | {fmt_ppl(r['never_seen'])} | {held} | "
-            f"{rouge} | {speed} | {acc} | {train} | {forget} | {expected} | {model} |"
+            f"{rouge} | {truth} | {speed} | {acc} | {train} | {forget} | {expected} | {model} |"
         )
 
     if "zero_shot" in out:
@@ -554,8 +655,8 @@ def markdown(out: dict) -> str:
 def goal(out: dict) -> list[str]:
     """Issue 24's goal at S=8, per rule: met or not, with the numbers."""
     mono = out["layouts"].get("monolithic", {}).get("mixture")
-    lay = out["layouts"].get("S=8")
-    if not mono or not lay:
+    eights = {n: lay for n, lay in out["layouts"].items() if lay["shards"] == 8}
+    if not mono or not eights:
         return ["Goal (S=8): not measured in this run."]
     lines = [
         "Goal at S=8: retained perplexity within 1.1x of the monolithic fine-tune, answer ROUGE-L recall inside "
@@ -564,6 +665,13 @@ def goal(out: dict) -> list[str]:
         "",
     ]
     low, high = mono["rouge_l"]["ci"]
+    for name, lay in eights.items():
+        lines += goal_of(name, lay, mono, low)
+    return lines
+
+
+def goal_of(name: str, lay: dict, mono: dict, low: float) -> list[str]:
+    lines = []
     for c in COMBINES:
         if c not in lay:
             continue
@@ -580,7 +688,7 @@ def goal(out: dict) -> list[str]:
             if all(checks.values())
             else "not met (" + ", ".join(k for k, v in checks.items() if not v) + ")"
         )
-        lines.append(f"- {c}: {verdict}")
+        lines.append(f"- {name}, {c}: {verdict}")
     return lines
 
 
@@ -591,7 +699,8 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    layouts = {k: v for k, v in out["layouts"].items() if k != "monolithic"}
+    layouts = {k: v for k, v in out["layouts"].items() if k != "monolithic" and not v.get("matched")}
+    matched = [v for v in out["layouts"].values() if v.get("matched")]
     panels = (
         ("never_seen", "never-seen perplexity (TOFU holdout authors)"),
         ("retained", "retained perplexity (training records)"),
@@ -606,6 +715,10 @@ def plot(out: dict, path: Path) -> None:
             pts = [(v["shards"], value(v[c])) for v in layouts.values() if c in v]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=c)
+        for c in ("mixture", "posterior"):
+            pts = [(v["shards"], value(v[c])) for v in matched if c in v]
+            if pts:
+                ax.plot(*zip(*pts), marker="s", ls="-.", label=f"{c}, steps matched")
         if "monolithic" in out["layouts"]:
             ax.axhline(
                 value(out["layouts"]["monolithic"]["mixture"]),
@@ -679,7 +792,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=2400.0, help="no layout starts after this many seconds")
     ap.add_argument("--no-forget", action="store_true")
-    ap.add_argument("--match-steps", action="store_true", help="constituents train with batch // S (Plan)")
+    ap.add_argument(
+        "--match-steps",
+        action="store_true",
+        help="also each S with batch // S, side by side (Plan.match_steps)",
+    )
     ap.add_argument("--sweep-lr", default=None, help="comma-separated learning rates: the sweep instead")
     ap.add_argument(
         "--smoke", action="store_true", help="a tiny random base, 4 authors, S in 1,2: checks the script"

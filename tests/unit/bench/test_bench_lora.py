@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -36,6 +37,9 @@ def test_every_layout_and_combination_is_measured(smoke):
             assert lo <= row[group]["ppl"] <= hi and row[group]["records"] == 8
         assert 0.0 <= row["rouge_l"]["recall"] <= 1.0 and row["rouge_l"]["questions"] == 3
         assert row["tokens_per_s"] > 0
+        # the smoke's 4 authors (196-199) are all in forget10_perturbed.json: every question has its ratio
+        assert row["truth_ratio"]["questions"] == res["data"]["truth_ratio_questions"] == 3
+        assert row["truth_ratio"]["ci"][0] <= row["truth_ratio"]["mean"] <= row["truth_ratio"]["ci"][1]
     assert 0.0 <= s2["routing_accuracy"] <= 1.0
     md = (out / "lora.md").read_text()
     assert md.count("| S=2 |") == len(lq.COMBINES) and (out / "lora.png").stat().st_size > 0
@@ -72,20 +76,49 @@ def test_training_has_equal_compute_and_the_forget_costs_what_the_placement_says
     assert f["tokens_ratio"] == pytest.approx(f["tokens"] / s2["train"]["tokens"])
 
 
-def test_matched_steps_give_each_constituent_the_monolithic_steps_at_the_same_compute(smoke, tmp_path):
+def test_matched_steps_give_each_constituent_the_monolithic_steps_at_the_same_compute(tmp_path):
     import lora_quality as lq
 
-    _, plain = smoke
     assert lq.main(["--smoke", "--match-steps", "--no-forget", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "lora.json").read_text())
-    mono, s2 = res["layouts"]["monolithic"], res["layouts"]["S=2"]
-    assert res["plan"]["match_steps"] and not plain["plan"]["match_steps"]
-    assert (
-        mono["batch_size"]
-        == plain["layouts"]["monolithic"]["batch_size"]
-        == plain["layouts"]["S=2"]["batch_size"]
+    lay = res["layouts"]
+    assert list(lay) == ["monolithic", "S=2", "S=2, steps matched"]  # side by side, in one run
+    mono, plain, matched = lay["monolithic"], lay["S=2"], lay["S=2, steps matched"]
+    assert mono["batch_size"] == plain["batch_size"] and not plain["matched"] and matched["matched"]
+    assert matched["batch_size"] == max(1, mono["batch_size"] // 2)
+    assert matched["train"]["tokens"] == mono["train"]["tokens"] == plain["train"]["tokens"]
+    # other steps on the same records: another model
+    assert matched["mixture"]["retained"]["ppl"] != plain["mixture"]["retained"]["ppl"]
+    table = (tmp_path / "lora.md").read_text()
+    assert "| S=2, steps matched | posterior |" in table and "- S=2, steps matched, top-1:" not in table
+
+
+def test_truth_ratio_is_the_library_s_on_one_model(tmp_path):
+    """The bench's truth ratio (from the kept per-token scores) is sisaflow.evaluation.tofu's on a one-model
+    ensemble, to float32 rounding of the log-probabilities it averages."""
+    import lora_quality as lq
+
+    from sisaflow.evaluation.tofu import truth_ratios
+    from sisaflow.inference.ensemble import Ensemble
+    from sisaflow.models.pretrained import load_base_model
+    from sisaflow.models.tokenizer import load_tokenizer
+
+    base = lq.smoke_base(tmp_path)
+    ens = Ensemble(
+        [load_base_model(base, "cpu")], [1.0], "mixture", load_tokenizer("base", base), batched=False
     )
-    assert s2["batch_size"] == max(1, mono["batch_size"] // 2)
-    assert s2["train"]["tokens"] == mono["train"]["tokens"] == plain["layouts"]["S=2"]["train"]["tokens"]
-    # the monolithic is trained the same way in both runs, bit for bit: the same perplexity
-    assert mono["mixture"]["retained"]["ppl"] == plain["layouts"]["monolithic"]["mixture"]["retained"]["ppl"]
+    rows = [r for r in lq.read_jsonl(lq.TOFU / "records.jsonl") if r["author_id"] == 199][:6]
+    items = lq.truth_items(rows)
+    assert len(items) == 6  # the last author's questions are in forget10_perturbed.json
+    plan = lq.Plan(base, 1, (1,), 1, 1, 1e-3, 1, 1, 1, "cpu", 1, bootstrap=50)
+    rows_, lengths = lq.truth_rows(ens, items)
+    got = lq.truth_ratio_ci(ens, items, lengths, lq.row_scores(ens, rows_), "mixture", None, plan)
+    want = truth_ratios(ens, items, [lq.as_record(r) for r in rows], lq.TEMPLATE)
+    assert got["questions"] == len(want) == 6
+    # each ratio is exp of a difference of two means of float32 log-probabilities, so its relative error is at
+    # most twice one log-probability's: a float32 log_softmax over V logits rounds by about (log2 V + 4) eps32
+    # times its magnitude, which for this untrained base is about log V (a near-uniform distribution)
+    v = ens.tokenizer.vocab_size
+    bound = 2 * (math.log2(v) + 4) * torch.finfo(torch.float32).eps * 2 * math.log(v)
+    assert got["mean"] == pytest.approx(sum(want) / len(want), rel=bound)
+    assert got["ci"][0] <= got["mean"] <= got["ci"][1]
