@@ -67,7 +67,8 @@ def _check_hasher(params: CorpusParams, hasher: Hasher) -> None:
 class Record:
     record_id: str
     owner: str
-    text: str
+    text: str = field(repr=False)
+    """Never in a repr, so never in a log line or a traceback that prints the record (it may be deleted)."""
     content_hash: str
 
 

@@ -12,7 +12,7 @@ forward of all constituents (`Ensemble.runner`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ class Prediction:
 @dataclass(frozen=True)
 class Input:
     record_id: str
-    prompt: str
+    prompt: str = field(repr=False)
     """The text before the class (never written anywhere by sisaflow)."""
     gold: str | None
     """The class the file gives, if it gives one."""

@@ -36,7 +36,8 @@ class Target:
     request_id: str
     record_id: str
     content_hash: str
-    text: str | None = None
+    text: str | None = field(default=None, repr=False)
+    """The deleted text: never in a repr, so never in a log line or a traceback that prints the target."""
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,9 @@ def _encodings(s: str) -> list[bytes]:
 class Needles:
     """Byte patterns to search, each naming the (target index, what) pairs it proves."""
 
-    patterns: dict[bytes, list[tuple[int, str]]] = field(default_factory=dict)
-    bounded: set[bytes] = field(default_factory=set)
+    patterns: dict[bytes, list[tuple[int, str]]] = field(default_factory=dict, repr=False)
+    bounded: set[bytes] = field(default_factory=set, repr=False)
+    """Both hold pieces of deleted texts: no repr."""
     exact_ids: dict[str, list[int]] = field(default_factory=dict)
     _index: PatternIndex | None = field(default=None, repr=False)
 
