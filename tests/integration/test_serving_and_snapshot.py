@@ -212,7 +212,7 @@ def test_a_flow_signs_with_the_key_of_a_prefect_secret_block(ws_root, tmp_path, 
     cert_file = result.report.certificates["req-signed"][0]
     cert = json.loads(Path(cert_file).read_text())
     assert cert["signature"]["alg"] == "ed25519" and cert["signature"]["public_key_sha256"] == fp
-    assert signing.SIGNING_KEY_PEM_ENV not in os.environ  # handed over for the run only
+    assert signing.SIGNING_KEY_PEM_ENV not in os.environ  # held in memory, never in the environment
     assert cli.main(["certificate", "--verify", cert_file, "--public-key", str(public)]) == 0
     assert not list(ws_root.rglob("*.pem"))  # never written into the workspace
 

@@ -14,10 +14,12 @@ is needed, readable by group or others) is a SigningKeyError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -30,8 +32,8 @@ from sisaflow.core.paths import Workspace
 SIGNING_KEY_ENV = "SISAFLOW_SIGNING_KEY"
 """Path of the Ed25519 private key (PEM) certificates are signed with."""
 SIGNING_KEY_PEM_ENV = "SISAFLOW_SIGNING_KEY_PEM"
-"""The Ed25519 private key's PEM text itself, as a secret store hands it over (the Prefect deployments fill it
-from a Secret block); used when no key file is named."""
+"""The Ed25519 private key's PEM text itself, as a secret store hands it over; used when no key file is named.
+(The Prefect deployments do not set it: they hand a Secret block's key over in memory, `run_signing_key`.)"""
 HMAC_KEY_ENV = "SISAFLOW_CERTIFICATE_KEY"
 """The HMAC secret of older certificates (UTF-8 bytes as they are): signs only where no Ed25519 key exists."""
 
@@ -193,13 +195,34 @@ def hmac_key_from_env() -> bytes | None:
     return value.encode("utf-8") if value else None
 
 
+_run_key: Ed25519PrivateKey | None = None
+"""The key `run_signing_key` holds for this process: in memory only."""
+
+
+@contextlib.contextmanager
+def run_signing_key(pem: str, where: str) -> Iterator[Ed25519PrivateKey]:
+    """The Ed25519 private key in `pem` (from a secret store; `where` names it in errors) signs this process's
+    certificates for the body of the `with`. It is held in this process's memory only, never in os.environ, so
+    no subprocess (git, dvc, a Ray worker) inherits it, and it is never written to disk."""
+    global _run_key
+    key = private_key_from_pem(pem, where)
+    before, _run_key = _run_key, key
+    try:
+        yield key
+    finally:
+        _run_key = before
+
+
 def signing_key(ws: Workspace | None, explicit: Path | None = None) -> Key | None:
     """The key a certificate is signed with: `explicit` (a private key file), else $SISAFLOW_SIGNING_KEY, else the
-    PEM text of $SISAFLOW_SIGNING_KEY_PEM, else the workspace's own key when `sisaflow keys init` wrote one, else the HMAC secret of $SISAFLOW_CERTIFICATE_KEY,
-    else None (unsigned). A named or default key file that cannot be used is an error, never a silent fallback."""
+    key `run_signing_key` holds, else the PEM text of $SISAFLOW_SIGNING_KEY_PEM, else the workspace's own key when
+    `sisaflow keys init` wrote one, else the HMAC secret of $SISAFLOW_CERTIFICATE_KEY, else None (unsigned). A
+    named or default key file that cannot be used is an error, never a silent fallback."""
     named = explicit or os.environ.get(SIGNING_KEY_ENV) or None
     if named:
         return load_private_key(Path(named))
+    if _run_key is not None:
+        return _run_key
     pem = os.environ.get(SIGNING_KEY_PEM_ENV)
     if pem:
         return private_key_from_pem(pem, f"${SIGNING_KEY_PEM_ENV}")

@@ -1,21 +1,20 @@
 """The signing key of a flow run, and what a run says about it when it starts.
 
 A deployment can take the Ed25519 private key from a Prefect Secret block (the flows' `signing_key_secret`
-parameter names it): the PEM text is handed to the library through $SISAFLOW_SIGNING_KEY_PEM for the run only, and
-never written to disk. Otherwise the library's order holds (`sisaflow.deletion.signing.signing_key`). A run that
+parameter names it): the key is handed to the library in memory for the run only (`run_signing_key`): never put in
+the environment, where every subprocess of the run would inherit it, and never written to disk. Otherwise the library's order holds (`sisaflow.deletion.signing.signing_key`). A run that
 would issue unsigned certificates, or HMAC ones (whose checker can forge them), says so in its first lines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
 from sisaflow.core.paths import Workspace
-from sisaflow.deletion.signing import SIGNING_KEY_PEM_ENV, fingerprint, signing_key
+from sisaflow.deletion.signing import fingerprint, run_signing_key, signing_key
 
 
 def notice(workspace: str) -> tuple[str, str]:
@@ -43,16 +42,8 @@ def signing_key_from_secret(secret_name: str | None) -> Iterator[None]:
     from prefect.blocks.system import Secret
 
     secret = cast(Secret, Secret.load(secret_name))  # a Secret in a sync flow (load is sync-compatible)
-    pem = secret.get()
-    before = os.environ.get(SIGNING_KEY_PEM_ENV)
-    os.environ[SIGNING_KEY_PEM_ENV] = str(pem)
-    try:
+    with run_signing_key(str(secret.get()), f"the Prefect Secret block {secret_name!r}"):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(SIGNING_KEY_PEM_ENV, None)
-        else:
-            os.environ[SIGNING_KEY_PEM_ENV] = before
 
 
 @contextlib.contextmanager

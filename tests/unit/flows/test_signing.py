@@ -43,3 +43,37 @@ def test_pem_text_from_a_secret_store_signs_before_the_workspace_key(tmp_path, m
     monkeypatch.setenv(signing.SIGNING_KEY_PEM_ENV, signing.public_key_path(other).read_text())
     with pytest.raises(signing.SigningKeyError, match=r"^\$SISAFLOW_SIGNING_KEY_PEM: not a PEM private key"):
         signing.signing_key(ws)
+
+
+def test_a_secret_store_s_key_is_held_in_memory_and_no_subprocess_inherits_it(tmp_path):
+    """Issue 25, point 3. Mutant: `run_signing_key` putting the PEM into os.environ (as the flows did through
+    $SISAFLOW_SIGNING_KEY_PEM): the environment and the subprocess's see it, and this fails."""
+    import os
+    import subprocess
+    import sys
+
+    ws = Workspace(tmp_path)
+    _, _, own = signing.write_key_pair(ws.signing_key_file)
+    vault = tmp_path / "vault" / "key.pem"
+    _, _, fp = signing.write_key_pair(vault)
+    pem = vault.read_text()
+    secret_line = pem.splitlines()[1]  # the base64 of the private key
+    with signing.run_signing_key(pem, "the Prefect Secret block 'k'") as key:
+        assert signing.fingerprint(key) == fp == signing.fingerprint(signing.signing_key(ws))
+        assert notice(str(tmp_path)) == ("info", f"certificates are signed with the Ed25519 key {fp[:16]}")
+        assert not any(secret_line in v for v in os.environ.values())
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(repr(dict(os.environ)))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert secret_line not in child.stdout and "SISAFLOW_SIGNING_KEY_PEM" not in child.stdout
+    assert signing.fingerprint(signing.signing_key(ws)) == own  # the run's key is gone after the run
+    with pytest.raises(
+        signing.SigningKeyError, match=r"^the Prefect Secret block 'k': not a PEM private key"
+    ):
+        with signing.run_signing_key(
+            signing.public_key_path(vault).read_text(), "the Prefect Secret block 'k'"
+        ):
+            pass
