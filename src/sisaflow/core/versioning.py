@@ -23,7 +23,7 @@ import yaml
 
 from sisaflow.core import dvc_rwlock
 from sisaflow.core.config import Params
-from sisaflow.core.errors import ExternalToolError
+from sisaflow.core.errors import ExternalToolError, WorkspaceError
 from sisaflow.core.fsio import write_text
 from sisaflow.core.paths import Workspace, shard_name
 
@@ -156,8 +156,23 @@ def init_repo(ws: Workspace, params: Params) -> None:
     configure_remote(ws, params)
 
 
+def refuse_tracked_keys(ws: Workspace) -> None:
+    """A WorkspaceError when git tracks a file under .sisaflow/keys/ (the hash key, the signing key): every commit
+    would carry the secret on. Names the files and the command that stops tracking them."""
+    keys = ws.keys_dir.relative_to(ws.root).as_posix()
+    tracked = run_tool(ws, "git", "ls-files", "--", keys).stdout.split()
+    if tracked:
+        raise WorkspaceError(
+            f"git tracks {', '.join(tracked)}: secret keys of this workspace are in its git repository; run "
+            f"`git rm --cached -r {keys}` and commit, then rotate the keys (whoever has the history has them) and "
+            "keep .sisaflow/ in .gitignore"
+        )
+
+
 def git_commit(ws: Workspace, message: str, paths: list[str]) -> None:
-    """Commit `paths` (configuration, never data) to the workspace's git repository."""
+    """Commit `paths` (configuration, never data) to the workspace's git repository; refused while git tracks a
+    key file (`refuse_tracked_keys`)."""
+    refuse_tracked_keys(ws)
     existing = [p for p in paths if (ws.root / p).exists()]
     run_tool(ws, "git", "add", "--", *existing)
     if run_tool(ws, "git", "diff", "--cached", "--quiet", check=False).returncode != 0:

@@ -31,6 +31,22 @@ __pycache__/
 """
 
 
+def ensure_gitignore(directory: Path) -> None:
+    """Every line of GITIGNORE in the directory's .gitignore: written whole where there is none, the missing lines
+    appended to one that exists (a workspace inside an existing repository must not let git take its keys)."""
+    gi = directory / ".gitignore"
+    text = gi.read_text(encoding="utf-8") if gi.is_file() else ""
+    have = {line.strip() for line in text.splitlines()}
+    missing = [line for line in GITIGNORE.splitlines() if line not in have]
+    if not missing:
+        return
+    if text and not text.endswith("\n"):
+        text += "\n"
+    write_text(
+        gi, text + ("# sisaflow: keys, state and data outputs\n" if text else "") + "\n".join(missing) + "\n"
+    )
+
+
 def _prefect_template() -> Path:
     """The deployments' template, shipped in the flows package (found by path: the library never imports the
     flows, only the CLI does; the deployments name them by module, so a workspace holds no copy of them)."""
@@ -151,10 +167,9 @@ def init_workspace(
         write_text(ws.prefect_file, prefect_yaml(workspace_name(directory)))
         ws.deletions_dir.mkdir(exist_ok=True)
         ws.ledger_file.touch()
-        gi = directory / ".gitignore"
-        if not gi.exists():
-            write_text(gi, GITIGNORE)
+        ensure_gitignore(directory)
         versioning.init_repo(ws, params)
+        versioning.refuse_tracked_keys(ws)
         from sisaflow.pipeline import steps
 
         steps.prepare(ws, params)

@@ -154,3 +154,34 @@ def test_init_can_reuse_a_key_or_keep_plain_hashes(tmp_path):
     os.chmod(key, 0o644)
     assert cli.main(["init", str(tmp_path / "c"), *common, "--hash-key", str(key)]) != 0
     assert not (tmp_path / "c").exists()  # nothing written
+
+
+def test_init_in_an_existing_repository_keeps_the_keys_out_of_git(tmp_path):
+    """Issue 25, point 8. In a repository whose .gitignore knows nothing of sisaflow, `init` adds its lines, so
+    `git add -A` cannot take the hash key; and once a key file is tracked anyway (`git add -f`), every command that
+    commits refuses, naming it. Mutants: `init` writing .gitignore only when none exists (the key is then added),
+    or `git_commit` without `refuse_tracked_keys` (the commit goes through)."""
+    from sisaflow import cli
+    from sisaflow.core import versioning
+    from sisaflow.core.errors import WorkspaceError
+    from sisaflow.core.paths import Workspace
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    (repo / ".gitignore").write_text("*.log")  # the user's own, without a final newline
+    rows = [{"id": f"r{i}", "author_id": f"p{i % 2}", "text": f"note {i}"} for i in range(6)]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--corpus", str(src), "--owner-field", "author_id", "--text-field", "text", "--shards", "2"]
+    assert cli.main(["init", str(repo), *common]) == 0
+    ws = Workspace(repo)
+    assert ws.hash_key_file.is_file()
+    lines = (repo / ".gitignore").read_text().splitlines()
+    assert lines[0] == "*.log" and "/.sisaflow/" in lines  # the user's line kept, sisaflow's added
+    git("add", "-A")
+    assert ".sisaflow" not in git("ls-files").stdout
+    git("add", "-f", ".sisaflow/keys/hash-key")
+    with pytest.raises(WorkspaceError, match=r"git tracks \.sisaflow/keys/hash-key: .*git rm --cached -r"):
+        versioning.git_commit(ws, "anything", ["params.yaml"])
