@@ -24,9 +24,6 @@ from numpy.typing import ArrayLike
 # Below this spread a next-token distribution is flat over its support (uniform, or a point mass): every token
 # in the support has log p = mu up to rounding, so Min-K%++ gives it 0 instead of dividing rounding noise.
 _SIGMA_FLOOR = 1e-12
-# scipy's ks_2samp(method="auto"), which TOFU calls, is exact up to this sample size; the exact recursion here
-# costs O((n+m) * min(n,m)), about two seconds at 10,000 each.
-_KS_EXACT_MAX_N = 10_000
 
 
 @dataclass(frozen=True)
@@ -269,70 +266,19 @@ def truth_ratio(paraphrased_ll_per_token: float, perturbed_ll_per_token: Sequenc
     return math.exp(float(np.mean(perturbed_ll_per_token)) - paraphrased_ll_per_token)
 
 
-def _kolmogorov_sf(x: float) -> float:
-    """P(K > x) for the Kolmogorov distribution."""
-    if x <= 0:
-        return 1.0
-    j = np.arange(1, 21)
-    if x < 1.18:
-        # the alternating series converges slowly for small x; the Jacobi-theta form converges fast there
-        s = np.exp(-((2 * j - 1) ** 2) * math.pi**2 / (8 * x * x)).sum()
-        q = 1 - math.sqrt(2 * math.pi) / x * s
-    else:
-        q = 2 * (((-1.0) ** (j - 1)) * np.exp(-2 * j**2 * x * x)).sum()
-    return float(min(1.0, max(0.0, q)))
-
-
-def _ks_exact_sf(n: int, m: int, d: int) -> float:
-    """P(n*m*D >= d) under the null for samples of sizes n and m without ties."""
-    # A uniformly random interleaving of the samples is a lattice path from (0, 0) to (n, m), x counting the
-    # first sample's values so far and y the second's; its D is max |m*x - n*y| / (n*m). Carry the
-    # probability of the paths that have not touched |m*x - n*y| >= d diagonal by diagonal and add up what
-    # touches: a sum of positive terms, so a small p-value keeps its relative precision (1 - P(inside) would
-    # cancel).
-    if n > m:
-        n, m = m, n
-    x = np.arange(n + 1)
-    mass = np.zeros(n + 1)
-    mass[0] = 1.0
-    hit = 0.0
-    for s in range(n + m):
-        left = n + m - s  # values not yet drawn
-        step_x, step_y = mass * (n - x) / left, mass * (m - (s - x)) / left
-        mass = step_y
-        mass[1:] += step_x[:-1]
-        out = np.abs(m * x - n * (s + 1 - x)) >= d
-        hit += float(mass[out].sum())
-        mass[out] = 0.0
-    return min(1.0, hit)
-
-
 def ks_two_sample(
     a: ArrayLike, b: ArrayLike, method: Literal["auto", "exact", "asymptotic"] = "auto"
 ) -> tuple[float, float]:
-    """Two-sided two-sample Kolmogorov-Smirnov test: (D, p-value), D = sup |F_a - F_b| computed exactly.
+    """Two-sided two-sample Kolmogorov-Smirnov test: (D, p-value), D = sup |F_a - F_b|: scipy's `ks_2samp`,
+    which TOFU's forget quality calls ("auto": exact when both samples have at most 10,000 values, else the
+    asymptotic distribution). NaN and empty samples are refused here, naming the sample."""
+    from scipy.stats import ks_2samp
 
-    "auto" is exact when both samples have at most 10,000 values (as scipy's ks_2samp, which TOFU calls),
-    else asymptotic. Exact: P(D' >= D) over all interleavings of the samples, by counting lattice paths
-    (Hodges 1958), assuming no ties, as scipy's method="exact" does. Asymptotic: the Kolmogorov distribution
-    with Stephens' correction, p = Q_KS((en + 0.12 + 0.11/en) * D), en = sqrt(n*m/(n+m)); below ~100 values
-    per sample it can be off by a third, hence exact wherever affordable.
-    """
     if method not in ("auto", "exact", "asymptotic"):
         raise ValueError(f"unknown method {method!r}; choose auto, exact or asymptotic")
-    x, y = np.sort(_values(a, "the first sample's values")), np.sort(_values(b, "the second sample's values"))
-    n, m = x.size, y.size
-    both = np.concatenate([x, y])
-    # integer numerators keep D exact: |F_a - F_b| = |m*count_a - n*count_b| / (n*m)
-    gap = np.abs(m * np.searchsorted(x, both, "right") - n * np.searchsorted(y, both, "right"))
-    d_int = int(gap.max())
-    d = d_int / (n * m)
-    if d_int == 0:
-        return 0.0, 1.0
-    if method == "exact" or (method == "auto" and max(n, m) <= _KS_EXACT_MAX_N):
-        return d, _ks_exact_sf(n, m, d_int)
-    en = math.sqrt(n * m / (n + m))
-    return d, _kolmogorov_sf((en + 0.12 + 0.11 / en) * d)
+    x, y = _values(a, "the first sample's values"), _values(b, "the second sample's values")
+    result = ks_2samp(x, y, alternative="two-sided", method="asymp" if method == "asymptotic" else method)
+    return float(result.statistic), float(result.pvalue)
 
 
 def forget_quality(unlearned_truth_ratios: ArrayLike, retrained_truth_ratios: ArrayLike) -> float:

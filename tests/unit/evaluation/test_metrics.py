@@ -1,5 +1,6 @@
 """metrics: known answers for every metric: hand-computed cases, a uniform model, a memorising model, and
-exact KS p-values checked against brute-force enumeration of all interleavings."""
+exact KS p-values checked against brute-force enumeration of all interleavings, and the KS test and AUC
+against scipy (TOFU calls ks_2samp)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from sisaflow.evaluation.metrics import (
     AttackResult,
     RougeL,
     TokenStats,
-    _kolmogorov_sf,
     _rouge_scorer,
     auc,
     auc_with_ci,
@@ -159,6 +159,20 @@ def test_auc_equals_the_pairwise_definition_with_many_ties():
     m, n = rng.integers(0, 6, 40), rng.integers(0, 6, 55)
     pairwise = ((m[:, None] > n[None, :]) + 0.5 * (m[:, None] == n[None, :])).mean()
     assert auc(m, n) == pytest.approx(pairwise, abs=1e-12)
+
+
+@pytest.mark.parametrize(("n", "m", "levels"), [(7, 3, 3), (40, 55, 6), (12_000, 9_000, 50), (15_000, 20, 0)])
+def test_auc_is_scipy_s_mann_whitney_u_over_n_m(n, m, levels):
+    """Issue 25, point 16: the hand-written AUC (vectorised, for the bootstrap) is scipy's Mann-Whitney U of the
+    members over n * m, ties counted one half, at sizes with many ties and none. Mutant: ranks without averaging
+    ties (`np.argsort` ranks): the tied cases differ."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(n)
+    draw = (lambda k: rng.integers(0, levels, k).astype(float)) if levels else (lambda k: rng.normal(size=k))
+    a, b = draw(n), draw(m) + (0.3 if not levels else 0)
+    u = mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").statistic
+    assert auc(a, b) == pytest.approx(u / (n * m), rel=4 * (n + m) * np.finfo(float).eps)
 
 
 def test_auc_rejects_empty_or_nan_groups():
@@ -369,23 +383,24 @@ def test_ks_large_samples():
     # the asymptotic approximation is close to the exact value at this size
     a, b = rng.normal(size=1000), rng.normal(0.1, size=1000)
     exact, asymptotic = ks_two_sample(a, b, "exact"), ks_two_sample(a, b, "asymptotic")
-    assert exact[0] == asymptotic[0] and abs(exact[1] - asymptotic[1]) < 0.02
+    # D is a count over n * m, which scipy's two methods round differently by an ulp or two
+    assert exact[0] == pytest.approx(asymptotic[0], rel=4 * np.finfo(float).eps)
+    assert abs(exact[1] - asymptotic[1]) < 0.02
 
 
-def test_kolmogorov_distribution_critical_values():
-    # the classical 10%, 5% and 1% points of the Kolmogorov distribution
-    for x, p in [(1.2239, 0.10), (1.3581, 0.05), (1.6276, 0.01)]:
-        assert _kolmogorov_sf(x) == pytest.approx(p, abs=1e-4)
-    # the two series used either side of 1.18 agree there
-    assert _kolmogorov_sf(1.18 - 1e-9) == pytest.approx(_kolmogorov_sf(1.18), abs=1e-9)
-    assert _kolmogorov_sf(0.0) == 1.0 and _kolmogorov_sf(0.1) == 1.0
+@pytest.mark.parametrize(("n", "m"), [(40, 55), (10_000, 10_000), (10_001, 12_000), (20_000, 3)])
+def test_forget_quality_is_scipy_s_ks_2samp_as_tofu_calls_it(n, m):
+    """Issue 25, point 16: TOFU's forget quality is scipy.stats.ks_2samp(...).pvalue, exact up to 10,000 values
+    per sample and asymptotic above, where a hand-written approximation differed. Mutant: method "asymptotic"
+    (or "exact") for "auto": the p-values differ on one side of 10,000."""
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(n + m)
+    a, b = rng.normal(size=n), rng.normal(0.05, size=m)
+    assert forget_quality(a, b) == ks_2samp(a, b).pvalue
+    assert ks_two_sample(a, b) == (ks_2samp(a, b).statistic, ks_2samp(a, b).pvalue)
 
 
-def test_ks_asymptotic_p_value_uses_stephens_correction():
-    # disjoint samples of 4 and 4: D = 1, en = sqrt(2), p = Q_KS((en + 0.12 + 0.11 / en) * D)
-    en = math.sqrt(2)
-    x = en + 0.12 + 0.11 / en
-    q = 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * x * x) for j in range(1, 101))
-    assert ks_two_sample([1, 2, 3, 4], [5, 6, 7, 8], "asymptotic") == pytest.approx((1.0, q), abs=1e-12)
+def test_ks_refuses_an_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         ks_two_sample([1.0], [2.0], "fast")  # type: ignore[arg-type]
