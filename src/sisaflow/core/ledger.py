@@ -63,6 +63,21 @@ class DeletionRequest:
         )
 
 
+def require_hash_key(requests: Iterable[DeletionRequest], key_id: str | None) -> None:
+    """A DeletionError when a request's hashes were keyed otherwise than the workspace hashes now (`key_id`, its
+    corpus.hash_key; None: plain sha256): its records would silently stop matching their content hashes, and
+    a record that came back under another id or owner would be imported again."""
+    other = [r for r in requests if r.hash_key != key_id]
+    if other:
+        named = ", ".join(f"{r.request_id} ({r.hash_key or 'plain sha256'})" for r in other[:5])
+        raise DeletionError(
+            f"{len(other)} deletion request(s) hold record hashes keyed otherwise than this workspace's "
+            f"corpus.hash_key ({key_id or 'none: plain sha256'}): {named}. Their records would no longer be "
+            "excluded by content; restore the key they were recorded under (params.yaml corpus.hash_key and "
+            ".sisaflow/keys/hash-key) before importing again"
+        )
+
+
 STATES = ("pending", "excluded", "retrained", "purged", "certified")
 
 

@@ -61,6 +61,7 @@ def prepare(
             "ledger (git log -- deletions/ledger.jsonl), then run again"
         )
     reqs = ledger.selected(ws.ledger_file, request_ids)  # read once
+    ledger.require_hash_key(reqs, params.corpus.hash_key)
     exclusions = Exclusions(
         owners=frozenset(o for r in reqs for o in r.owners),
         records=frozenset(i for r in reqs for i in r.records),

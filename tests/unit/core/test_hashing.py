@@ -185,3 +185,38 @@ def test_init_in_an_existing_repository_keeps_the_keys_out_of_git(tmp_path):
     git("add", "-f", ".sisaflow/keys/hash-key")
     with pytest.raises(WorkspaceError, match=r"git tracks \.sisaflow/keys/hash-key: .*git rm --cached -r"):
         versioning.git_commit(ws, "anything", ["params.yaml"])
+
+
+def test_a_request_keyed_otherwise_than_the_workspace_stops_the_import(tmp_path):
+    """Issue 25, point 6: a request's `hash_key` is compared at import. After the workspace's key changes, its
+    content hashes match nothing, so a deleted record that came back under another id would be imported again;
+    the import refuses instead, naming the request and both keys, and goes on once the key is restored.
+    Mutant: `prepare` without `ledger.require_hash_key`: the import goes through."""
+    from sisaflow import cli
+    from sisaflow.core.config import Params
+    from sisaflow.core.errors import DeletionError
+    from sisaflow.core.paths import Workspace
+    from sisaflow.pipeline import steps
+
+    rows = [{"id": f"r{i}", "author_id": f"p{i % 2}", "text": f"note {i}"} for i in range(6)]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "ws"
+    common = ["--corpus", str(src), "--owner-field", "author_id", "--text-field", "text", "--shards", "2"]
+    assert cli.main(["init", str(root), *common]) == 0
+    ws = Workspace(root)
+    assert (
+        cli.main(["--workspace", str(root), "forget", "--owner", "p1", "--request-id", "req-k", "--no-run"])
+        == 0
+    )
+    old_key, old_id = ws.hash_key_file.read_bytes(), Params.load(ws.params_file).corpus.hash_key
+    ws.hash_key_file.unlink()
+    new_id = write_new_key(ws.hash_key_file)
+    text = ws.params_file.read_text()
+    ws.params_file.write_text(text.replace(old_id, new_id))
+    with pytest.raises(DeletionError, match=rf"corpus.hash_key \({new_id}\): req-k \({old_id}\)"):
+        steps.prepare(ws, Params.load(ws.params_file).resolved(root))
+    ws.hash_key_file.write_bytes(old_key)  # the key restored: the import goes on
+    ws.params_file.write_text(text)
+    report = steps.prepare(ws, Params.load(ws.params_file).resolved(root))
+    assert report is not None
