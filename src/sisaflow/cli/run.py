@@ -272,21 +272,32 @@ def cmd_status(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from sisaflow.core import versioning
+    from sisaflow.core import lock, versioning
+    from sisaflow.core.errors import WorkspaceError
     from sisaflow.core.progress import echo, terminal_bars
     from sisaflow.evaluation.evaluate import evaluate
     from sisaflow.evaluation.report import write_reports
+    from sisaflow.inference.ensemble import served_stamp
     from sisaflow.pipeline import steps
 
     ws = workspace_arg(args)
     params = steps.load(ws)
-    with terminal_bars():
+    before = served_stamp(ws)
+    with terminal_bars():  # no lock while scoring (minutes): a forget must not wait for an evaluation
         result = evaluate(ws, params, baseline=False if args.no_baseline else None, progress=echo)
-    for path in write_reports(ws, result):
-        print(f"wrote {path.relative_to(ws.root)}")
-    if not args.no_dvc and (ws.root / ".dvc").is_dir():
-        versioning.write_dvc_yaml(ws, params)
-        versioning.commit(ws, ["evaluate"])
+    # writing does take it: a forget rewrites dvc.lock (read-modify-write) and the registry the reports describe
+    with lock.workspace_lock(ws, "sisaflow evaluate", waiting=print):
+        if served_stamp(ws) != before:
+            raise WorkspaceError(
+                f"{ws.root}: a deletion request was recorded or a new version promoted while the ensemble was "
+                "being evaluated, so the figures describe a model this workspace no longer serves; nothing was "
+                "written: run `sisaflow evaluate` again"
+            )
+        for path in write_reports(ws, result):
+            print(f"wrote {path.relative_to(ws.root)}")
+        if not args.no_dvc and (ws.root / ".dvc").is_dir():
+            versioning.write_dvc_yaml(ws, params)
+            versioning.commit(ws, ["evaluate"])
     u, f = result["utility"], result["forgetting"]
     print(
         f"ensemble perplexity: retained {u['ensemble']['retained']}, never-seen {u['ensemble']['never_seen']}"

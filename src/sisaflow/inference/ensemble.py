@@ -70,7 +70,7 @@ class StaleEnsembleError(WorkspaceError):
     """The workspace now serves something else than this loaded ensemble: load it again."""
 
 
-def _stamp(ws: Workspace) -> tuple:
+def served_stamp(ws: Workspace) -> tuple:
     """What changes when a request is recorded or a version promoted: the ledger's and the registry's files."""
     out: list[tuple[int, int, int] | None] = []
     for p in (ws.ledger_file, ws.registry_file):
@@ -162,7 +162,7 @@ class Ensemble(torch.nn.Module):
         constituent, excluded or not: for measuring the model a deletion is about to replace, never for serving.
         `dtype` (e.g. torch.bfloat16 on a GPU) casts the constituents' weights; the mixture weights and the
         combination stay float64."""
-        stamp = _stamp(ws)  # before reading: a change while loading shows at the first check
+        stamp = served_stamp(ws)  # before reading: a change while loading shows at the first check
         params = Params.load(ws.params_file) if ws.params_file.is_file() else Params()
         reg, served, excluded = _serving(ws, params.unlearn.mode if respect_requests else "keep")
         if not reg["constituents"]:
@@ -213,7 +213,7 @@ class Ensemble(torch.nn.Module):
         if self.served_from is None:
             return
         ws, mode = self.served_from
-        stamp = _stamp(ws)
+        stamp = served_stamp(ws)
         if stamp == self._stamp:
             return
         reg, served, _ = _serving(ws, mode)
