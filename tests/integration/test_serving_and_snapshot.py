@@ -193,6 +193,39 @@ def test_a_request_recorded_after_the_run_read_the_ledger_waits_for_the_next_run
     assert versioning.status(ws) == {}
 
 
+def test_a_request_for_records_already_gone_recorded_mid_run_waits_for_the_next_run(ws_root):
+    """Issue 25, point 5: a second request for the same owner, recorded after this run read the ledger and
+    recorded its impact, but before its import; the import then drops her records for the first request, so at
+    `mark_applied` the second one's records are gone too. This run must not mark it applied or certify it (it
+    has no impact record of this run). Mutant: `mark_applied(ws)` without the run's requests: the late request
+    is certified by this run."""
+    from sisaflow.core import ledger
+    from sisaflow.core.paths import Workspace
+    from sisaflow.pipeline import sequence
+
+    ws = Workspace(ws_root)
+    owner = _owner_per_shard()[1]
+    assert _forget(ws_root, "--owner", owner, "--request-id", "req-one", "--no-run") == 0
+
+    class SameOwnerAgainAfterTheImport(sequence.StepRunner):
+        arrived = False
+
+        def __call__(self, name, root, *args):
+            if name == "prepare" and not self.arrived:  # after the impact step, her records still imported
+                self.arrived = True
+                assert _forget(Path(root), "--owner", owner, "--request-id", "req-again", "--no-run") == 0
+            return super().__call__(name, root, *args)
+
+    runner = SameOwnerAgainAfterTheImport()
+    report = sequence.forget(str(ws_root), "req-one", in_process=True, runner=runner).report
+    assert runner.arrived
+    assert report.retrained_requests == ["req-one"] and set(report.certificates) == {"req-one"}
+    assert ledger.current_state(ws.ledger_file)["req-again"] in ("pending", "excluded")
+    again = sequence.drain(str(ws_root), in_process=True).report  # the next run records it, then certifies
+    assert again.retrained_requests == ["req-again"] and set(again.certificates) == {"req-again"}
+    assert ledger.current_state(ws.ledger_file) == {"req-one": "certified", "req-again": "certified"}
+
+
 def test_a_flow_signs_with_the_key_of_a_prefect_secret_block(ws_root, tmp_path, prefect_server, monkeypatch):
     from prefect.blocks.system import Secret
 

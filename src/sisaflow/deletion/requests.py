@@ -8,6 +8,7 @@ store; this module is where a request's state is decided.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,25 +177,32 @@ def request_deletion(
     return req, new, resolved.warnings
 
 
-def mark_applied(ws: Workspace) -> list[str]:
-    """After a promotion: every request not yet retrained whose records are gone is now retrained."""
+def mark_applied(ws: Workspace, among: Iterable[str] | None = None) -> list[str]:
+    """After a promotion: every request not yet retrained whose records are gone is now retrained. `among`: only
+    those requests (a run's, read when it started): one recorded meanwhile has no impact record of this run,
+    even when its records are gone (an earlier request took them), so it waits for the next run."""
     still = {r.request_id for r in pending_requests(ws)}
     state = ledger.current_state(ws.ledger_file)
+    limit = None if among is None else set(among)
     done = [
         r.request_id
         for r in ledger.read_ledger(ws.ledger_file)
-        if r.request_id not in still and state.get(r.request_id, "pending") in ("pending", "excluded")
+        if r.request_id not in still
+        and state.get(r.request_id, "pending") in ("pending", "excluded")
+        and (limit is None or r.request_id in limit)
     ]
     return ledger.mark(ws.ledger_file, done, "retrained")
 
 
-def unfinished_requests(ws: Workspace) -> list[str]:
-    """Requests retrained or purged but not certified: a forget killed after its promotion left them so."""
+def unfinished_requests(ws: Workspace, among: Iterable[str] | None = None) -> list[str]:
+    """Requests retrained or purged but not certified (a forget killed after its promotion left them so);
+    `among`: only those."""
     state = ledger.current_state(ws.ledger_file)
+    limit = None if among is None else set(among)
     return [
         r.request_id
         for r in ledger.read_ledger(ws.ledger_file)
-        if state.get(r.request_id) in ("retrained", "purged")
+        if state.get(r.request_id) in ("retrained", "purged") and (limit is None or r.request_id in limit)
     ]
 
 

@@ -118,9 +118,10 @@ def run_steps(root: str, kind: str, in_process: bool = False, runner: StepRunner
         with timed(report, "ensemble"):
             report.ensemble_version = run("ensemble", root)["version"]
         # requests this run applied, then any a killed forget left retrained or purged: purge, scan, certify both
-        applied = requests.mark_applied(ws)
+        # only the requests this run read: one recorded since has no impact record of this run
+        applied = requests.mark_applied(ws, known)
         report.retrained_requests = applied + [
-            r for r in requests.unfinished_requests(ws) if r not in applied
+            r for r in requests.unfinished_requests(ws, known) if r not in applied
         ]
         lock_before = steps.lock_entries(ws)
         with timed(report, "dvc"):
