@@ -63,5 +63,7 @@ serve: setup  ## a local Prefect server + process worker with this workspace's d
 	bash scripts/serve.sh
 
 clean-workspace:  ## remove everything `make demo-tiny` produced in this repository (keeps the code)
+	@echo "clean-workspace: removes the certificates and impact records that stop an import after a rolled-back"
+	@echo "  ledger, and restores the ledger as committed: every deletion of this workspace is forgotten with them"
 	rm -rf corpus shards models registry runs reports .sisaflow .dvc-remote .dvc/cache .dvc/tmp dvc.lock
 	git checkout -- deletions/ledger.jsonl deletions/states.jsonl

@@ -6,7 +6,7 @@ moments are running sums of the records' gradients, so they are a copy of the re
 written once: a run that finishes a killed one keeps what was true before the first touched anything).
 `retired_files` reads them back as the scan looks for them, `retired_file_hashes` as the certificate states them.
 Impact records written before optimizer state was recorded (no `retired_files`) name the weights only.
-`certified_but_unrecorded` guards the import against a ledger rolled back behind its certificates.
+`unrecorded_requests` guards the import against a ledger rolled back behind its certificates or impact records.
 """
 
 from __future__ import annotations
@@ -27,22 +27,27 @@ RETIRED_KINDS = {MODEL_FILE: "weights", OPTIMIZER_FILE: "optimizer-state"}
 """The files of a checkpoint that hold what training learnt from its records, and what the scan calls a copy."""
 
 
-def certified_but_unrecorded(ws: Workspace) -> list[str]:
-    """Request ids that reports/certificates/ certifies but the deletion ledger lacks: the ledger was rolled back
-    (a `git checkout` of deletions/, a restored backup), and importing now would bring their records back."""
-    directory = ws.certificates_dir
-    if not directory.is_dir():
+def unrecorded_requests(ws: Workspace) -> list[str]:
+    """Request ids that a certificate (reports/certificates/) or an impact record (runs/impact/, written when a
+    run first took a request up, certified or not) names but the deletion ledger lacks: the ledger was rolled
+    back (a `git checkout` of deletions/, a restored backup), and importing now would bring their records back."""
+    named: set[str] = set()
+    for directory, key in (
+        (ws.certificates_dir, ("request", "request_id")),
+        (ws.runs_dir / "impact", ("request_id",)),
+    ):
+        for path in directory.glob("*.json") if directory.is_dir() else ():
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))
+                for k in key:
+                    value = value[k]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a certificate or an impact record
+            if isinstance(value, str):
+                named.add(value)
+    if not named:
         return []
-    recorded = {r.request_id for r in ledger.read_ledger(ws.ledger_file)}
-    missing = set()
-    for path in directory.glob("*.json"):
-        try:
-            rid = json.loads(path.read_text(encoding="utf-8"))["request"]["request_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a certificate
-        if isinstance(rid, str) and rid not in recorded:
-            missing.add(rid)
-    return sorted(missing)
+    return sorted(named - {r.request_id for r in ledger.read_ledger(ws.ledger_file)})
 
 
 def impact_file(ws: Workspace, request_id: str) -> Path:

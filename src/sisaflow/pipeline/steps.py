@@ -47,16 +47,18 @@ def prepare(
 ) -> ImportReport:
     """Import the corpus source minus every record named in the deletion ledger and every record carrying a
     deleted record's text (under another id or owner). Refuses while the ledger lacks a request that a
-    certificate in the workspace certifies: the records it erased would come back.
+    certificate or an impact record in the workspace names: the records it erased (or was erasing) would come
+    back.
 
     `request_ids` limits the deletions to those requests: a run passes the ledger as it read it when it started,
     so a request recorded since waits for the next run (which records its impact before applying it)."""
-    from sisaflow.deletion.impact import certified_but_unrecorded
+    from sisaflow.deletion.impact import unrecorded_requests
 
-    lost = certified_but_unrecorded(ws)
+    lost = unrecorded_requests(ws)
     if lost:
         raise DeletionError(
-            f"{ws.ledger_file} lacks {len(lost)} certified request(s) ({', '.join(lost[:5])}): it was rolled back "
+            f"{ws.ledger_file} lacks {len(lost)} request(s) that a certificate or an impact record of this "
+            f"workspace names ({', '.join(lost[:5])}): it was rolled back "
             "(a git checkout, a restored backup?), and importing now would bring their records back. Restore the "
             "ledger (git log -- deletions/ledger.jsonl), then run again"
         )

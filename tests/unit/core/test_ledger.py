@@ -193,7 +193,21 @@ def test_importing_refuses_a_ledger_that_lost_a_certified_request(tmp_path):
     write_certificate(
         certs, build_certificate(**inputs(request={**inputs()["request"], "request_id": "req-lost"}))
     )
-    with pytest.raises(DeletionError, match=r"lacks 1 certified request\(s\) \(req-lost\)"):
+    with pytest.raises(DeletionError, match=r"lacks 1 request\(s\) that a certificate .* \(req-lost\)"):
+        steps.prepare(ws, params)
+    # issue 25, point 7: a request not yet certified has only its impact record (runs/impact/): a ledger rolled
+    # back behind it drops the request, and the import refuses just the same. Mutant: the guard reading
+    # certificates only: this import goes through and the pending request's records come back.
+    (certs / "req-lost.json").unlink()
+    assert steps.prepare(ws, params).records == 2
+    impact = tmp_path / "runs" / "impact"
+    impact.mkdir(parents=True)
+    (impact / "req-pending.json").write_text(
+        json.dumps({"request_id": "req-pending", "slices": 2, "shards": {}})
+    )
+    with pytest.raises(
+        DeletionError, match=r"lacks 1 request\(s\) that a certificate or an impact record .* \(req-pending\)"
+    ):
         steps.prepare(ws, params)
 
 
