@@ -5,6 +5,8 @@
 set -euo pipefail
 source "$(dirname "$0")/demo_env.sh"
 
+# this repository is a workspace that git ships without keys: make its signing key once, as `sisaflow init` does
+[ -f .sisaflow/keys/signing-key.pem ] || sisaflow keys init
 step "1/7 sisaflow run: import TOFU (200 authors, 4,000 Q&A), shard by author (S=4, R=4), train all shards on Ray"
 sisaflow run
 

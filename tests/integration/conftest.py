@@ -76,6 +76,8 @@ def make_workspace(
             str(slices),
             "--hash-key",
             str(shared_hash_key()),
+            # the tests choose each certificate's key themselves (HMAC, a key file, a Prefect Secret block)
+            "--no-signing-key",
         ]
     )
     assert rc == 0

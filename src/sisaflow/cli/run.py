@@ -80,12 +80,21 @@ def cmd_init(args) -> int:
         ShardingParams(args.shards, args.slices),
         base=base,
         hash_key=hash_key,
+        signing_key=not args.no_signing_key,
     )
     from sisaflow.data.corpus import read_import_report
 
     imported = read_import_report(ws.corpus_file)
     if imported is not None:
         print(imported.summary())
+    if ws.signing_key_file.exists():
+        from sisaflow.deletion.signing import fingerprint, load_private_key
+
+        fp = fingerprint(load_private_key(ws.signing_key_file))
+        print(
+            f"certificates are signed with the Ed25519 key {fp[:16]} ({ws.public_key_file.relative_to(ws.root)}: "
+            "hand it to auditors)"
+        )
     kind = f"LoRA adapters over {args.base}" if base else "small models trained from scratch"
     print(f"workspace ready in {ws.root} ({kind})\nnext: cd {ws.root} && sisaflow run")
     return 0
@@ -360,6 +369,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         "--plain-hashes",
         action="store_true",
         help="plain sha256 record hashes (anyone holding the ledger or a certificate can test a guessed record)",
+    )
+    s.add_argument(
+        "--no-signing-key",
+        action="store_true",
+        help="make no Ed25519 signing key in .sisaflow/keys/ (certificates are then unsigned, or signed with "
+        "$SISAFLOW_SIGNING_KEY or a deployment's signing_key_secret)",
     )
     s.add_argument("--shards", type=int, default=4)
     s.add_argument("--slices", type=int, default=4)

@@ -107,12 +107,15 @@ def init_workspace(
     sharding: ShardingParams | None = None,
     base: Path | None = None,
     hash_key: Path | bool = True,
+    signing_key: bool = True,
 ) -> Workspace:
     """Create a workspace in `directory` for `corpus`, with LoRA constituents over `base` if given. Validates the
     corpus and the base first; writes nothing on error.
 
     `hash_key`: True makes a new secret key the records' hashes are keyed with (core.hashing), a path reuses
-    that key (another workspace of the same operator), False keeps plain sha256 hashes."""
+    that key (another workspace of the same operator), False keeps plain sha256 hashes. `signing_key`: make the
+    Ed25519 key pair certificates are signed with (.sisaflow/keys/, as `sisaflow keys init`), unless one is
+    there; False leaves certificates unsigned until a key is given."""
     directory = Path(directory).expanduser().resolve()
     corpus = Path(corpus).expanduser().resolve()
     ws = Workspace(directory)
@@ -158,6 +161,10 @@ def init_workspace(
             key_id = write_key(ws.hash_key_file, key) if key is not None else write_new_key(ws.hash_key_file)
             written = Params.from_dict({**raw, "corpus": {**raw["corpus"], "hash_key": key_id}})
             params = written.resolved(directory)
+        if signing_key and not ws.signing_key_file.exists():
+            from sisaflow.deletion.signing import write_key_pair
+
+            write_key_pair(ws.signing_key_file)
         write_text(
             ws.params_file,
             "# sisaflow parameters: one section per stage (see the docs/ pages of sisaflow)\n"
@@ -193,6 +200,9 @@ def init_workspace(
         else:
             for p in (ws.params_file, ws.dvc_file, ws.prefect_file, ws.hash_key_file):
                 p.unlink(missing_ok=True)
+            if signing_key:  # only ever the pair this call made: an existing one is left alone above
+                for p in (ws.signing_key_file, ws.public_key_file):
+                    p.unlink(missing_ok=True)
         raise
     return ws
 

@@ -361,3 +361,29 @@ def test_the_readme_snippet_checks_a_certificate_without_sisaflow(tmp_path, pair
     _, other_public, _ = write_key_pair(tmp_path / "other.pem")
     bad = run_third_party_check(snippet, path, other_public, tmp_path / "other-key")
     assert bad.returncode != 0 and "AssertionError" in bad.stderr
+
+
+def test_init_makes_the_signing_key_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    """Issue 25, point 9a: a workspace's certificates are signed unless someone chose otherwise. Mutant: init
+    without the key pair: the notice says UNSIGNED and this fails."""
+    from sisaflow.flows.signing import notice
+
+    for name in ("SISAFLOW_SIGNING_KEY", "SISAFLOW_SIGNING_KEY_PEM", HMAC_KEY_ENV):
+        monkeypatch.delenv(name, raising=False)
+    src = tmp_path / "c.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": f"r{i}", "o": f"p{i % 2}", "text": f"note {i}"}) + "\n" for i in range(6))
+    )
+    common = ["--corpus", str(src), "--owner-field", "o", "--text-field", "text", "--shards", "2"]
+    rc, printed, _ = _cli(capsys, "init", str(tmp_path / "signed"), *common)
+    ws = Workspace(tmp_path / "signed")
+    assert rc == 0 and stat.S_IMODE(ws.signing_key_file.stat().st_mode) == 0o600
+    fp = fingerprint(load_private_key(ws.signing_key_file))
+    assert f"signed with the Ed25519 key {fp[:16]}" in printed
+    assert notice(str(ws.root)) == ("info", f"certificates are signed with the Ed25519 key {fp[:16]}")
+    assert (
+        subprocess.run(["git", "check-ignore", "-q", str(ws.signing_key_file)], cwd=ws.root).returncode == 0
+    )
+    rc, printed, _ = _cli(capsys, "init", str(tmp_path / "unsigned"), *common, "--no-signing-key")
+    assert rc == 0 and not Workspace(tmp_path / "unsigned").signing_key_file.exists()
+    assert notice(str(tmp_path / "unsigned"))[0] == "warning" and "signed with" not in printed
