@@ -168,7 +168,7 @@ def record_request(root: Path, owner: str, request_id: str) -> dict:
     asked = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "sisaflow.cli", "forget", "--no-run", "--owner", owner]
-        + ["--request-id", request_id, "--reason", "bench", "--workspace", str(root)],
+        + ["--request-id", request_id, "--reason", "test", "--workspace", str(root)],
         capture_output=True,
         text=True,
     )

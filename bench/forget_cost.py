@@ -67,7 +67,7 @@ def main() -> int:
     t0 = time.perf_counter()
     full = training_flow(workspace=str(ws.root))
     full_wall = time.perf_counter() - t0
-    request_deletion(ws, [args.owner], [], request_id="bench-forget", reason="benchmark")
+    request_deletion(ws, [args.owner], [], request_id="bench-forget", reason="test")
     t0 = time.perf_counter()
     forget = forget_flow(workspace=str(ws.root), request_id="bench-forget")
     forget_wall = time.perf_counter() - t0

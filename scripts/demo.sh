@@ -57,7 +57,7 @@ step "3/8 a question of author $OWNER, before the deletion: TOFU's answer, the b
 timed python "$REPO/scripts/demo_answers.py" "$WS" "$OWNER" "$QUESTION" --base-too
 
 step "4/8 sisaflow forget --owner $OWNER: retrain that author's adapter only, from the author's slice"
-timed sisaflow forget --owner "$OWNER" --reason "demo erasure request"
+timed sisaflow forget --owner "$OWNER" --reason erasure-request
 
 step "5/8 the forget's cost next to a full retraining"
 python - <<'PY'

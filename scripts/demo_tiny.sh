@@ -25,7 +25,7 @@ print(max(owners, key=int))
 PY
 )
 step "4/7 sisaflow forget --owner $OWNER: retrain only that author's shard, from the author's slice"
-sisaflow forget --owner "$OWNER" --reason "demo erasure request"
+sisaflow forget --owner "$OWNER" --reason erasure-request
 
 step "5/7 the request's states, and dvc status of the training pipeline (clean: dvc.lock records what is on disk)"
 sisaflow requests

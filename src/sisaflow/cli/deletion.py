@@ -28,7 +28,9 @@ def cmd_forget(args) -> int:
         o, r = read_request_file(Path(args.file))
         owners += o
         records += r
-    req, new, warnings = requests.request_deletion(ws, owners, records, args.request_id, args.reason)
+    req, new, warnings = requests.request_deletion(
+        ws, owners, records, args.request_id, args.reason, args.note
+    )
     for w in warnings:
         print(f"sisaflow: warning: {w}", file=sys.stderr)
     print(
@@ -286,7 +288,18 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     what.add_argument("--record", action="append")
     what.add_argument("--file", help='JSONL ({"owner": ...} or {"record": ...} per line) or one id per line')
     s.add_argument("--request-id")
-    s.add_argument("--reason")
+    from sisaflow.deletion.reasons import REASONS
+
+    s.add_argument(
+        "--reason",
+        metavar="CODE",
+        help="why, as a code the ledger and the certificate carry: " + ", ".join(REASONS),
+    )
+    s.add_argument(
+        "--note",
+        help="free text for the operator's file (.sisaflow/notes/): refused if it quotes one of the request's "
+        "records; never in the ledger, git or a certificate",
+    )
     s.add_argument("--no-run", action="store_true", help="only record the request")
     s.add_argument(
         "--here",

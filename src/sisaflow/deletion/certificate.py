@@ -5,7 +5,8 @@ recording the request (counts only), the timeline of its states, the content has
 slices retrained, the retired and new checkpoint weight hashes, the sha256 of every retired file (weights and
 optimizer state), what was purged, what the post-deletion scan found, and the code, params and ensemble that did
 it. It never holds an owner id, a record id or record text: `build_certificate` keeps only counts, hashes and
-numbers, redacts named ids from the reason, and refuses to return a certificate that still holds one.
+numbers, a reason only as its code (sisaflow.deletion.reasons), and refuses to return a certificate that still
+holds an id.
 
 The signature covers the canonical JSON (sorted keys, no whitespace, UTF-8) of the certificate without its
 `signature` field. Ed25519 (sisaflow.deletion.signing): {"alg": "ed25519", "public_key_sha256", "value"}, which
@@ -40,6 +41,7 @@ from sisaflow.deletion.certificate_schema import ED25519_ALG, FORMAT, HMAC_ALG, 
 from sisaflow.deletion.impact import impact_file, retired_file_hashes
 from sisaflow.deletion.leftovers import ScanSummary
 from sisaflow.deletion.purge import PurgeReport
+from sisaflow.deletion.reasons import REASONS
 from sisaflow.deletion.signing import (
     HMAC_KEY_ENV,
     Key,
@@ -52,7 +54,6 @@ from sisaflow.deletion.signing import (
 )
 
 KEY_ENV = HMAC_KEY_ENV
-REDACTED = "[redacted]"
 
 
 class CertificateError(SisaflowError):
@@ -170,15 +171,14 @@ def _ids(request: dict) -> set[str]:
     return out
 
 
-def _redact(text: str, ids: set[str]) -> str:
-    # longest first, so an id that contains another is redacted whole
-    for ident in sorted(ids, key=len, reverse=True):
-        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(ident)}(?![A-Za-z0-9])", REDACTED, text)
-    return text
+def _reason_code(reason: object) -> str | None:
+    """The request's reason code; free text (a request recorded before codes) is never copied: "other"."""
+    if reason in (None, ""):
+        return None
+    return reason if isinstance(reason, str) and reason in REASONS else "other"
 
 
 def _clean_request(request: dict) -> dict:
-    ids = _ids(request)
     reason = request.get("reason")
     owners = request.get("owner_count", request.get("owners"))
     records = request.get("record_count", request.get("records"))
@@ -187,7 +187,7 @@ def _clean_request(request: dict) -> dict:
         "owner_count": _count(owners, "owners"),
         "record_count": _count(records, "records"),
         "requested_at": request.get("requested_at"),
-        "reason": None if reason in (None, "") else _redact(str(reason), ids),
+        "reason": _reason_code(reason),
     }
 
 
@@ -278,7 +278,7 @@ def build_certificate(
     """An unsigned certificate (signature null) after checking every field; pass it to `sign` to sign it.
 
     `request` may be a ledger entry with owner and record ids: they become counts, any other key is dropped, and
-    a named id inside the reason is replaced by "[redacted]". `retired_files` ({"shard-N/slice-K": {file name:
+    the reason is kept as its code only (free text of an older request becomes "other"). `retired_files` ({"shard-N/slice-K": {file name:
     sha256}}, the weights and optimizer state of every retired checkpoint) defaults to the weights of
     `retired_checkpoints` alone. A CertificateError names the first bad field, and is raised too if any named id
     would still appear in the certificate (e.g. as the request id)."""

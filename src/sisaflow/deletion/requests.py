@@ -18,6 +18,7 @@ from sisaflow.core.errors import DeletionError
 from sisaflow.core.hashing import workspace_hasher
 from sisaflow.core.paths import Workspace
 from sisaflow.data.corpus import from_table, read_table, text_hash
+from sisaflow.deletion import reasons
 
 
 def read_request_file(path: Path) -> tuple[list[str], list[str]]:
@@ -144,8 +145,13 @@ def request_deletion(
     records: list[str],
     request_id: str | None = None,
     reason: str | None = None,
+    note: str | None = None,
 ) -> tuple[ledger.DeletionRequest, bool, list[str]]:
     """Validate and durably record a deletion request. Returns (request, newly_recorded, warnings).
+
+    `reason` is a code of `reasons.REASONS` (the ledger, git and certificates carry it); `note`, free text, is
+    checked against the request's own records first (`reasons.check_note`: refused if it quotes one) and kept
+    in .sisaflow/notes/ only.
 
     The same request id with the same owners and records as given changes nothing, even after it was applied
     (with unlearn.unknown: warn too, where the ledger keeps only the known ones); the same id with other
@@ -153,6 +159,7 @@ def request_deletion(
     generate or score call uses a constituent trained on its records.
     """
     params = Params.load(ws.params_file)
+    reasons.check_reason(reason)
     if request_id:
         for existing in ledger.read_ledger(ws.ledger_file):
             if existing.request_id == request_id:
@@ -161,6 +168,10 @@ def request_deletion(
                 return existing, False, []
     given = ledger.input_hash(owners, records)
     resolved = resolve_request(ws, owners, records, params.unlearn.unknown)
+    if note:
+        covered = set(resolved.content_hashes)
+        own = [r for r in from_table(read_table(ws.corpus_file)) if r.content_hash in covered]
+        reasons.check_note(note, own, params.corpus.text_template)
     req = ledger.DeletionRequest(
         request_id=request_id or ledger.new_request_id(),
         owners=resolved.owners,
@@ -172,6 +183,8 @@ def request_deletion(
         hash_key=params.corpus.hash_key,
     )
     new = ledger.append_request(ws.ledger_file, req)
+    if new and note:
+        reasons.write_note(ws, req.request_id, note)
     if new and params.unlearn.mode == "exclude":
         ledger.mark(ws.ledger_file, [req.request_id], "excluded")
     return req, new, resolved.warnings

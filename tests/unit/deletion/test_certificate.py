@@ -91,7 +91,7 @@ def test_build_keeps_counts_and_hashes_sorted_and_is_unsigned(cert):
         "owner_count": 1,
         "record_count": 1,
         "requested_at": "2025-01-02T03:04:05+00:00",
-        "reason": "GDPR Art. 17 request by [redacted]",
+        "reason": "other",  # a free-text reason of an older request is never copied
     }
     assert cert["content_hashes"] == sorted([h(1), h(2)])
     assert [a["shard"] for a in cert["affected"]] == [0, 3] and cert["affected"][1]["slices"] == [2, 3]
@@ -109,7 +109,20 @@ def test_no_raw_id_or_text_in_json_or_html(tmp_path, cert):
         body = path.read_text(encoding="utf-8")
         for secret in (OWNER, RECORD, "Alice", "secret village"):
             assert secret not in body, (path.name, secret)
-    assert "[redacted]" in html_path.read_text(encoding="utf-8")
+    assert "GDPR Art. 17 request by" not in html_path.read_text(encoding="utf-8")
+
+
+def test_a_reason_is_carried_as_its_code_only():
+    """Issue 25, point 1. Mutant: copying the reason as free text (redacting ids, as before): the quote of the
+    record stays in the certificate."""
+    quoting = inputs(request={**inputs()["request"], "reason": "she said: I live in the secret village"})
+    assert build_certificate(**quoting)["request"]["reason"] == "other"
+    coded = inputs(request={**inputs()["request"], "reason": "consent-withdrawn"})
+    assert build_certificate(**coded)["request"]["reason"] == "consent-withdrawn"
+    assert (
+        build_certificate(**inputs(request={**inputs()["request"], "reason": None}))["request"]["reason"]
+        is None
+    )
 
 
 def test_the_scan_coverage_is_stated_and_signed(tmp_path):
@@ -311,9 +324,10 @@ def test_not_json_is_malformed(tmp_path):
 
 
 def test_html_escapes_a_malicious_reason(tmp_path):
+    """A certificate of an older sisaflow carries free text as its reason: the page still escapes it."""
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
-    cert = build_certificate(**inputs(request={**inputs()["request"], "reason": evil}))
-    assert cert["request"]["reason"] == evil
+    cert = build_certificate(**inputs())
+    cert["request"]["reason"] = evil
     _, html_path = write_certificate(tmp_path, cert)
     page = html_path.read_text(encoding="utf-8")
     assert "<script" not in page and "<img" not in page
