@@ -17,11 +17,12 @@ import pytest
 
 
 def executable_beside(name: str) -> str:
-    """The console script `name` installed beside this Python (or on PATH); skips the test without it."""
+    """The console script `name` installed beside this Python (or on PATH); fails the test without it (`make
+    setup` installs every one the tests use)."""
     beside = Path(sys.executable).with_name(name)
     found = str(beside) if beside.is_file() else shutil.which(name)
     if not found:
-        pytest.skip(f"no `{name}` executable beside this Python or on PATH")
+        pytest.fail(f"no `{name}` executable beside this Python or on PATH: run `make setup`")
     return found
 
 

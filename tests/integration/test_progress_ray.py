@@ -5,9 +5,8 @@ by the driver; without them nothing but the usual lines reaches the output."""
 from __future__ import annotations
 
 import pytest
+import ray  # noqa: F401  (a dependency: its absence fails, never skips)
 import yaml
-
-pytest.importorskip("ray")
 
 from sisaflow.core import progress  # noqa: E402
 from sisaflow.core.config import CorpusParams, ShardingParams  # noqa: E402

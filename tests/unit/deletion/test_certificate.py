@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -390,7 +389,6 @@ def test_params_hash_is_of_the_loaded_params(tmp_path):
     assert len(params_hash(a)) == 64
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_code_version_is_the_commit_and_says_dirty(tmp_path):
     def git(*args):
         return subprocess.run(

@@ -145,7 +145,6 @@ def test_locating_a_base(tmp_path, base_dir):
 
 @pytest.fixture(scope="module")
 def gguf_base(tmp_path_factory):
-    pytest.importorskip("gguf")
     return save_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 

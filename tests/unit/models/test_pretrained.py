@@ -215,7 +215,6 @@ def test_a_target_module_the_base_lacks(workspace, lora_params, base_dir, monkey
 
 
 def test_a_gguf_base_is_checked_from_its_metadata(workspace, lora_params, tmp_path):
-    pytest.importorskip("gguf")
     gguf = save_tiny_gguf(tmp_path / "tiny.gguf")
     check_base(lora_params(gguf, lora={"target_modules": ["q_proj", "gate_proj"]}).model)
     _refused_everywhere(

