@@ -24,6 +24,23 @@ def test_plain_is_sha256_as_before_and_a_key_changes_every_hash():
     assert a(("ab", "c")) != a(("a", "bc"))
 
 
+def test_known_answers_pin_the_hash_format():
+    """Issue 25, point 13: every ledger and certificate already written holds these hashes, so a change of the
+    framing (prefix width or byte order, the encoding, HMAC for another MAC) would silently stop matching them.
+    Known answers, each part framed as 8-byte big-endian length + UTF-8 bytes, checked also against one-shot
+    hashlib/hmac over the framed bytes. Mutant: 4-byte prefixes (or little-endian): both answers differ."""
+    import hashlib
+    import hmac
+
+    parts = ("sisaflow-record-v1", "r1", "Alice Smith, diagnosed with X")
+    framed = b"".join(len(p.encode()).to_bytes(8, "big") + p.encode() for p in parts)
+    key = bytes(range(32))
+    assert digest(parts) == hashlib.sha256(framed).hexdigest()
+    assert digest(parts) == "3d6e4e9fb337ca78843aa0bc38c991ec4315600c45e4be49f0c08b4c1fb95302"
+    assert Hasher(key)(parts) == hmac.new(key, framed, hashlib.sha256).hexdigest()
+    assert Hasher(key)(parts) == "195fb10da647c7b241cb986bbbd269fdcffbd5307000de856ad667af942c41da"
+
+
 def test_a_key_file_is_private_and_named_by_an_id_that_does_not_reveal_it(tmp_path):
     path = tmp_path / "keys" / "hash-key"
     kid = write_new_key(path)

@@ -135,27 +135,37 @@ def test_states_move_forward_only_and_keep_their_times(tmp_path):
 
 
 def test_two_processes_append_at_once(tmp_path):
+    """Two processes record the same 40 requests (a client's retries) in lockstep, a barrier before each: the
+    ledger's lock serialises each check-then-append, so every request is recorded once and exactly one of the
+    two appends says it was new. Mutant: append_request without its flock: both read before either writes, and
+    requests are recorded twice (26 of the 40 in one run on this machine)."""
     import multiprocessing
 
     path = tmp_path / "ledger.jsonl"
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_append_many, args=(str(path), p)) for p in range(2)]
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_append_in_lockstep, args=(str(path), barrier, results)) for _ in range(2)]
     for p in procs:
         p.start()
+    news = [results.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
     ids = [r.request_id for r in read_ledger(path)]
-    assert sorted(ids) == sorted(f"p{p}-{i}" for p in range(2) for i in range(50))
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) == 40  # each once, in order
+    assert [a + b for a, b in zip(*news, strict=True)] == [1] * 40  # one of the two appends was the new one
     for line in path.read_text().splitlines():
         json.loads(line)  # no torn line
 
 
-def _append_many(path, p):
+def _append_in_lockstep(path, barrier, results):
     from sisaflow.core.ledger import DeletionRequest, append_request
 
-    for i in range(50):
-        append_request(path, DeletionRequest(request_id=f"p{p}-{i}", owners=[f"o{i}"]))
+    new = []
+    for i in range(40):
+        barrier.wait(60)
+        new.append(int(append_request(path, DeletionRequest(request_id=f"req-{i:02d}", owners=[f"o{i}"]))))
+    results.put(new)
 
 
 def test_importing_refuses_a_ledger_that_lost_a_certified_request(tmp_path):

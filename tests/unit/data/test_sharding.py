@@ -65,6 +65,17 @@ def test_slice_of_known_answer():
     assert slice_of("o-1", 5) == int.from_bytes(h[:8], "big") % 5
 
 
+def test_placements_are_pinned():
+    """Issue 25, point 13: the tests above restate the rule; these literals pin its results, which every existing
+    workspace's placement (and so its forget cost and its exactness against a retraining) depends on. Mutant:
+    another salt, digest slice or byte order in shard_of or slice_of: the table differs."""
+    owners = ("alice", "bob", "o-02", "4711")
+    assert [shard_of(o, n) for o in owners for n in (2, 3, 4, 8, 16)] == [
+        1, 0, 3, 7, 15, 1, 0, 1, 1, 9, 0, 0, 0, 0, 8, 0, 2, 0, 4, 12,
+    ]  # fmt: skip
+    assert [slice_of(o, n) for o in owners for n in (2, 3, 4)] == [1, 0, 1, 1, 0, 3, 0, 2, 0, 0, 1, 2]
+
+
 def test_shard_and_slice_hashes_are_independent():
     # a different domain tag: the same key may not be sent to the same bucket by both functions
     n = 97
