@@ -133,9 +133,10 @@ def test_stacked_forward_equals_each_model(s, tie):
         assert _max_diff(lp[i], want) <= _bound(want)
     if s > 1:  # the constituents really differ, so a mixed-up S order would fail
         assert _max_diff(lp[0], lp[1]) > 0.5
-    torch.testing.assert_close(stacked_log_probs(models, ids), lp, rtol=0, atol=1e-12)
-    last, _ = stacked(ids, logits_to_keep=1)
-    torch.testing.assert_close(last, logits[:, :, -1:], rtol=1e-5, atol=1e-5)
+    # the same computation as lp, or within its rounding
+    assert _max_diff(stacked_log_probs(models, ids), lp) <= _bound(lp)
+    last, _ = stacked(ids, logits_to_keep=1)  # the head on one position: another product shape, same values
+    assert _max_diff(last.double(), logits[:, :, -1:].double()) <= _bound(logits)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -201,7 +202,7 @@ def test_an_all_ones_mask_equals_no_mask_and_a_wrong_shape_is_refused():
     ids = _ids(3, 8)
     a, _ = stacked(ids)
     b, _ = stacked(ids, attention_mask=torch.ones(3, 8, dtype=torch.long))
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert _max_diff(a.double(), b.double()) <= _bound(a)  # another attention kernel (masked), same values
     with pytest.raises(ValueError, match="attention_mask"):
         stacked(ids, attention_mask=torch.ones(3, 7))
     _, cache = stacked(ids, use_cache=True)
@@ -320,7 +321,8 @@ def test_load_follows_params_ensemble_batched(make_served, make_records, make_pa
     assert isinstance(fast.runner, StackedLlama)
     text = "Question: what is 1 plus 1?"
     slow = Ensemble.load(ws, batched=False)
-    assert fast.score(text)["log_likelihood"] == pytest.approx(slow.score(text)["log_likelihood"], abs=1e-6)
+    want = slow.score(text)["log_likelihood"]
+    assert fast.score(text)["log_likelihood"] == pytest.approx(want, abs=rounding_bound(-want, WIDTH, LAYERS))
 
 
 def test_grouped_key_value_heads_equal_transformers_with_and_without_cache():

@@ -65,6 +65,7 @@ def test_smollm2_trains_an_adapter_and_serves_it_batched(device, base, make_work
     from sisaflow.models.tokenizer import load_tokenizer
     from sisaflow.training.checkpoint import MODEL_FILE
     from sisaflow.training.loop import train_shard
+    from tests.unit.inference.test_stacked import rounding_bound
 
     located = locate_base(base)
     assert located.gguf_file == GGUF
@@ -98,9 +99,13 @@ def test_smollm2_trains_an_adapter_and_serves_it_batched(device, base, make_work
     batched, loop = Ensemble.load(ws, device=device), Ensemble.load(ws, batched=False, device=device)
     assert isinstance(batched.runner, StackedLlama) and isinstance(loop.runner, PeftLoop)
     x = torch.tensor([tok.encode(text)], device=device)
-    diff = float((batched(x).logits - loop(x).logits).abs().max())
-    # float32 both; on CUDA the two paths' kernels sum in other orders over 30 layers
-    assert diff <= (1e-4 if device == "cpu" else 2e-3), diff
+    want = loop(x).logits
+    diff = float((batched(x).logits - want).abs().max())
+    # float32 both, the two paths' kernels summing in other orders over SmolLM2's 30 layers of width 576: on the
+    # CPU within the derived rounding bound (tests/unit/inference/test_stacked.py); CUDA's kernels (TF32 where
+    # allowed) are held to the bound the GPU sessions measured against
+    bound = rounding_bound(float(want.abs().max()), 576, 30) if device == "cpu" else 2e-3
+    assert diff <= bound, (diff, bound)
     assert math.exp(-batched.score(text)["log_likelihood"] / len(tok.encode(text))) < 50
     if device == "cuda":  # the served bf16 path answers too, and near float32
         half = Ensemble.load(ws, device=device, dtype=torch.bfloat16)
