@@ -38,8 +38,8 @@ AUTHORS = 6
 FORGET = "sisaflow-forget/ws-forget"
 DRAIN = "sisaflow-drain/ws-drain-deletions"
 POOL = "sisaflow-ws"
-CERTIFIED_TIMEOUT_S = 150
-FORGET_RETURN_LIMIT_S = 30
+CERTIFIED_TIMEOUT_S = 600
+"""A guard against a hang (the worker never picking the run up), not a measure: the times are printed."""
 
 
 def _healthy_after(proc: subprocess.Popen, server: Server) -> float:
@@ -157,7 +157,8 @@ def test_forget_event_and_drain_against_a_real_server(tmp_path: Path):
         assert r.returncode == 0, f"sisaflow forget failed:\n{r.stdout}\n{r.stderr}"
         assert "request req-srv-x recorded" in r.stdout, r.stdout
         assert "event sisaflow.deletion.requested sent" in r.stdout, r.stdout + r.stderr
-        assert forget_s < FORGET_RETURN_LIMIT_S, r.stdout
+        # it returned once recorded and emitted, not after the retraining (which is what a time limit here stood
+        # for): the request is not retrained yet when it returns
         assert "retrained" not in _states(ws)["req-srv-x"]  # recorded only; the worker retrains
 
         watch = [(server_proc, server.log), (worker, worker_log)]
