@@ -150,10 +150,22 @@ def cmd_verify(args) -> int:
     for note in rep.notes:
         if note.endswith("not searched"):  # a DVC remote or a Prefect place it could not reach or read
             print(f"  NOT SEARCHED: {note}")
+    for note in rep.skipped:  # a file too large, unreadable, a link out of the tree
+        print(f"  SKIPPED: {note}")
     for f in rep.findings:
         # where and what, with the request: never the text itself
         print(f"  FOUND {f.what} of request {f.request_id} in {f.where}")
-    print("clean: no copy of any deleted record" if rep.clean else f"{len(rep.findings)} copies found")
+    left_out = {k: v for k, v in rep.not_searched().items() if k not in ("corpus-source", "evaluation-input")}
+    if not rep.clean:
+        print(f"{len(rep.findings)} copies found")
+    elif left_out:  # never "clean" while a place or file was left out
+        print(
+            "no copy found in what was searched, but not everything was: "
+            + ", ".join(f"{n} {k}" for k, n in left_out.items())
+            + " (above)"
+        )
+    else:
+        print("clean: no copy of any deleted record")
     return 0 if rep.clean else 1
 
 

@@ -1,6 +1,10 @@
 """Searching one blob, file or stream for a scan's needles: raw bytes, Parquet string and binary columns (record
-ids as exact values), and decoded forms (gzip/lzma/bz2/zlib streams, base64 payloads inside JSON such as
-Prefect's persisted results). Large files and git objects are read in overlapping chunks.
+ids as exact values), and decoded forms (gzip/lzma/bz2/zlib streams, zip members, base64 payloads inside JSON
+such as Prefect's persisted results). Large files and git objects are read in overlapping chunks.
+
+Decoding is bounded: no stream or member is inflated past DECODED_MAX_BYTES (a small zip or gzip bomb would
+otherwise take the scan's memory), and what is cut there, what is compressed in a format this module cannot
+read (zstd), and a compressed file too large to decode are each named in a note, never passed over in silence.
 """
 
 from __future__ import annotations
@@ -9,13 +13,13 @@ import base64
 import binascii
 import bz2
 import contextlib
-import gzip
 import hashlib
 import io
 import json
 import lzma
 import os
 import re
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +29,9 @@ from sisaflow.scan.targets import Needles, ScanReport
 
 IN_MEMORY_BYTES = 64 << 20
 """Files (and git objects) up to this size are also decoded (compressed streams, base64 in JSON)."""
+DECODED_MAX_BYTES = 4 * IN_MEMORY_BYTES
+"""No decoded stream or zip member grows past this; a longer one is searched up to it, with a note."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 8 << 20
 _B64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
 
@@ -74,28 +81,95 @@ def _parquet_hits(source, nd: Needles) -> set[tuple[int, str]]:
     return hits
 
 
-def _decoded(data: bytes, depth: int = 0) -> Iterator[bytes]:
-    """Decoded forms of `data`: compressed streams and base64 payloads inside JSON (two levels deep)."""
+def compression(head: bytes) -> str | None:
+    """The compressed format whose magic bytes `head` starts with, if any."""
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:6] == b"\xfd7zXZ\x00" or head[:3] == b"\x5d\x00\x00":
+        return "xz"
+    if head[:3] == b"BZh":
+        return "bzip2"
+    if len(head) >= 2 and head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
+        return "zlib"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:4] == ZSTD_MAGIC:
+        return "zstd"
+    return None
+
+
+def _inflate(kind: str, data: bytes, limit: int) -> tuple[bytes, bool]:
+    """`data` decompressed, at most `limit` bytes, and whether the limit cut it. Concatenated gzip members are
+    all inflated, as gzip.decompress does."""
+    if kind == "xz":
+        dx = lzma.LZMADecompressor()
+        out = dx.decompress(data, max_length=limit)
+        return out, not dx.eof and not dx.needs_input
+    if kind == "bzip2":
+        db = bz2.BZ2Decompressor()
+        out = db.decompress(data, max_length=limit)
+        return out, not db.eof and not db.needs_input
+    parts, rest, size = [], data, 0
+    while rest:
+        if size >= limit:  # (max_length 0 would mean no limit)
+            return b"".join(parts), True
+        dz = zlib.decompressobj(31 if kind == "gzip" else 15)
+        part = dz.decompress(rest, limit - size)
+        parts.append(part)
+        size += len(part)
+        if dz.unconsumed_tail:
+            return b"".join(parts), True
+        rest = dz.unused_data if kind == "gzip" and dz.eof else b""
+    return b"".join(parts), False
+
+
+def _zip_members(data: bytes, limit: int, notes: list[str] | None, label: str) -> Iterator[bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            with zf.open(info) as member:
+                body = member.read(limit + 1)
+            if len(body) > limit and notes is not None:
+                notes.append(
+                    f"{label}: zip member {info.filename!r} searched in its first {limit} bytes only"
+                )
+            yield body[:limit]
+
+
+def _decoded(data: bytes, depth: int = 0, notes: list[str] | None = None, label: str = "") -> Iterator[bytes]:
+    """Decoded forms of `data`: compressed streams, zip members and base64 payloads inside JSON (two levels
+    deep), each at most DECODED_MAX_BYTES; a cut, an unreadable format or a damaged stream is noted."""
     if depth > 1 or len(data) < 4:
         return
     out: list[bytes] = []
-    head = data[:6]
-    with contextlib.suppress(Exception):
-        if head[:2] == b"\x1f\x8b":
-            out.append(gzip.decompress(data))
-        elif head == b"\xfd7zXZ\x00" or head[:3] == b"\x5d\x00\x00":
-            out.append(lzma.decompress(data))
-        elif head[:3] == b"BZh":
-            out.append(bz2.decompress(data))
-        elif head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
-            out.append(zlib.decompress(data))
+    kind = compression(data[:6])
+    if kind == "zstd":
+        if notes is not None:
+            notes.append(f"{label}: a zstd stream, not decoded (searched raw only)")
+    elif kind == "zip":
+        try:
+            out.extend(_zip_members(data, DECODED_MAX_BYTES, notes, label))
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+            if notes is not None:
+                notes.append(f"{label}: zip not readable ({exc}); searched raw only")
+    elif kind is not None:
+        try:
+            body, cut = _inflate(kind, data, DECODED_MAX_BYTES)
+            out.append(body)
+            if cut and notes is not None:
+                notes.append(
+                    f"{label}: {kind} stream searched in its first {DECODED_MAX_BYTES} decoded bytes only"
+                )
+        except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error):
+            pass  # bytes that only look like a stream's start: searched raw, as they are
     stripped = data.lstrip()
     if stripped[:1] in (b"{", b"[") and len(data) <= IN_MEMORY_BYTES:
         with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
             out.extend(_b64_values(json.loads(data)))
     for d in out:
         yield d
-        yield from _decoded(d, depth + 1)
+        yield from _decoded(d, depth + 1, notes, label)
 
 
 def _b64_values(obj) -> Iterator[bytes]:
@@ -131,7 +205,7 @@ def search_bytes(
         except Exception as exc:  # a damaged file is still searched raw
             if notes is not None:
                 notes.append(f"{label}: not readable as Parquet ({exc}); searched raw only")
-    for decoded in _decoded(data):
+    for decoded in _decoded(data, notes=notes, label=label):
         hits |= nd.search(decoded)
         if _is_parquet(decoded):
             with contextlib.suppress(Exception):
@@ -188,10 +262,15 @@ def search_handle(
         if key not in seen:
             seen[key] = search_bytes(data, nd, report.notes, label)
         return set(seen[key])
-    head = fh.read(4)
+    head = fh.read(6)
     fh.seek(-4, os.SEEK_END)
-    parquet = head == b"PAR1" and fh.read(4) == b"PAR1"
+    parquet = head[:4] == b"PAR1" and fh.read(4) == b"PAR1"
     fh.seek(0)
+    kind = compression(head)
+    if kind is not None:
+        report.notes.append(
+            f"{label}: {size} bytes of {kind}, over the {IN_MEMORY_BYTES}-byte limit for decoding: searched raw only"
+        )
     hits = search_stream(fh, nd)
     if parquet:
         fh.seek(0)

@@ -110,7 +110,14 @@ def _walk_files(
                 report.skipped.append(f"{label(p)}: unreadable ({exc.strerror})")
                 continue
             if stat.S_ISLNK(st.st_mode):
-                continue  # the target is scanned where it lives (DVC symlink/hardlink caches are scanned too)
+                # not followed: a target inside the tree is scanned where it lies (DVC's symlink caches); one
+                # outside it is named, since nothing else searches it
+                target = p.resolve()
+                if not target.is_relative_to(root.resolve()) and target.is_file():
+                    report.skipped.append(
+                        f"{label(p)}: a symbolic link to a file outside {root}: not followed"
+                    )
+                continue
             if not stat.S_ISREG(st.st_mode):
                 continue
             if st.st_size > MAX_FILE_BYTES:
