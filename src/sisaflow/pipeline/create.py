@@ -71,8 +71,10 @@ def prefect_yaml(name: str) -> str:
 # authors' log-perplexities), two epochs per slice, a short warm-up (a fixed step count weighs more on small
 # shards), rank 8 on the attention's query and value projections (the LoRA paper's choice)
 LORA_TRAIN = {"learning_rate": 3e-3, "epochs_per_slice": 2, "warmup_steps": 5, "batch_size": 8}
-LORA_ENSEMBLE = {"combine": "posterior", "posterior": {"beta": 1.0, "floor": 0.0, "top_k": None}}
-"""How `init --base` serves the adapters: weighted by the context, as `make bench-lora` chose (docs/lora.md)."""
+LORA_ENSEMBLE = {"combine": "posterior", "posterior": {"beta": 0.5, "floor": 0.5, "top_k": None}}
+"""How `init --base` serves the adapters: weighted by the context, with the beta and floor that `make bench-lora`
+chose on records no constituent trained on (the best sum of log-perplexities over S = 8 and S = 16; docs/lora.md):
+owners' records better than the uniform mixture, never-seen ones as well as it."""
 LORA_MODEL = {
     "context_length": 512,
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
