@@ -109,7 +109,8 @@ def _inflate(kind: str, data: bytes, limit: int) -> tuple[bytes, bool]:
         db = bz2.BZ2Decompressor()
         out = db.decompress(data, max_length=limit)
         return out, not db.eof and not db.needs_input
-    parts, rest, size = [], data, 0
+    parts: list[bytes] = []
+    rest, size = data, 0
     while rest:
         if size >= limit:  # (max_length 0 would mean no limit)
             return b"".join(parts), True
